@@ -1,0 +1,23 @@
+# spiscape: structural landscapes of heterogeneous samples from X-ray single particle imaging.
+# Thin on purpose: configuration, validation and input functions live in workflow/rules/common.smk,
+# one .smk per stage; every rule calls the `spiscape` command line, never an algorithm.
+from snakemake.utils import min_version
+
+min_version("8.20")
+
+
+configfile: "config/config.yaml"
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/simulate.smk"
+include: "workflow/rules/inspect.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

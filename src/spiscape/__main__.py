@@ -1,0 +1,3 @@
+from spiscape.cli import main
+
+raise SystemExit(main())

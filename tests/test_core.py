@@ -1,0 +1,78 @@
+"""The pieces every stage relies on: atomic outputs, the array module, the communicator, the CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from spiscape import backend, cli
+from spiscape.errors import InputError
+from spiscape.utils.atomic import atomic_path
+
+
+def test_atomic_path_renames_on_success(tmp_path):
+    target = tmp_path / "sub" / "out.h5"
+    with atomic_path(target) as tmp:
+        assert tmp.suffix == ".h5" and tmp.parent == target.parent
+        tmp.write_text("done")
+        assert not target.exists()
+    assert target.read_text() == "done"
+    assert list(target.parent.iterdir()) == [target]
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.json"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_array_module_cpu_and_missing_gpu():
+    assert backend.get_array_module("cpu") is np
+    xp = backend.get_array_module("auto")
+    assert xp.__name__ in ("numpy", "cupy")
+    if xp is np:
+        with pytest.raises(Exception, match="device=gpu"):
+            backend.get_array_module("gpu")
+
+
+def test_serial_comm_allreduce_and_detection(monkeypatch):
+    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS", "SPISCAPE_MPI"):
+        monkeypatch.delenv(var, raising=False)
+    assert not backend.launched_under_mpi()
+    comm = backend.get_comm()
+    send, recv = np.arange(4.0), np.zeros(4)
+    comm.Allreduce(send, recv)
+    assert np.array_equal(recv, send)
+    assert comm.allreduce(3) == 3 and comm.Get_size() == 1
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    assert backend.launched_under_mpi()
+    monkeypatch.setenv("SPISCAPE_MPI", "0")
+    assert not backend.launched_under_mpi()
+
+
+def test_input_error_names_file():
+    err = InputError("/data/run7/photons.emc", "truncated")
+    assert str(err) == "/data/run7/photons.emc: truncated"
+
+
+def test_cli_lists_every_stage(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for name in cli.COMMANDS:
+        assert name in out
+
+
+def test_cli_turns_input_errors_into_one_line(tmp_path, capsys):
+    bad = tmp_path / "det.h5"
+    bad.write_bytes(b"not a detector")
+    code = cli.main(
+        ["inspect", "--photons", str(bad), "--detector", str(bad), "--out-dir", str(tmp_path / "o")]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("spiscape inspect: error:") and str(bad) in err[0]
+    assert not (tmp_path / "o" / "summary.json").exists()

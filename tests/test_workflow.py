@@ -1,0 +1,134 @@
+"""The Snakemake workflow: lint, the DAG it plans, and a tiny end-to-end run on two datasets."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import REPO, venv_executable
+
+
+def snakemake(workdir, *args, env=None, check=True):
+    cmd = [venv_executable("snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(workdir)]
+    proc = subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def write_config(path, datasets, **extra):
+    path.write_text(yaml.safe_dump({"datasets": datasets, **extra}))
+    return path
+
+
+def planned_jobs(proc) -> dict[str, int]:
+    """Job counts from the 'Job stats' table of a dry run."""
+    lines = proc.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Job stats"))
+    counts = {}
+    for line in lines[start + 3 :]:
+        words = line.split()
+        if len(words) != 2 or not words[1].isdigit():
+            break
+        counts[words[0]] = int(words[1])
+    return counts
+
+
+def test_lint_is_clean(env_with_venv_path):
+    proc = subprocess.run(
+        [venv_executable("snakemake"), "--lint"], cwd=REPO, capture_output=True, text=True,
+        env=env_with_venv_path, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "good condition" in proc.stdout + proc.stderr
+
+
+def test_default_config_plans_the_pipeline(tmp_path):
+    proc = snakemake(tmp_path, "--configfile", str(REPO / "config/config.yaml"), "-n")
+    assert planned_jobs(proc) == {"simulate": 1, "inspect": 1, "all": 1, "total": 3}
+
+
+def test_measured_dataset_needs_no_simulation(tmp_path):
+    config = write_config(
+        tmp_path / "c.yaml",
+        {"run7": {"photons": ["a.emc", "b.emc"], "detector": "det.dat"},
+         "sim": {"simulate": {"num_frames": 10}}},
+    )
+    for name in ("a.emc", "b.emc", "det.dat"):
+        (tmp_path / name).write_text("x")
+    proc = snakemake(tmp_path, "--configfile", str(config), "-n")
+    assert planned_jobs(proc)["simulate"] == 1
+    assert planned_jobs(proc)["inspect"] == 2
+    assert "--photons a.emc b.emc --detector det.dat" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "datasets, message",
+    [
+        ({}, "datasets"),
+        ({"x": {"photons": "a.h5"}}, "detector"),
+        ({"x": {"simulate": {"num_frames": -5}}}, "num_frames"),
+        ({"bad/name": {"simulate": {}}}, "bad/name"),
+    ],
+)
+def test_impossible_config_is_refused(tmp_path, datasets, message):
+    config = write_config(tmp_path / "c.yaml", datasets)
+    proc = snakemake(tmp_path, "--configfile", str(config), "-n", check=False)
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr
+
+
+def test_tiny_run_end_to_end(tmp_path, env_with_venv_path):
+    """A simulated dataset and a 'measured' copy of it given as Dragonfly files run through."""
+    config = write_config(
+        tmp_path / "c.yaml",
+        {"sim": {"simulate": {"num_frames": 60, "seed": 3, "mean_photons": 300}}},
+    )
+    snakemake(tmp_path, "--configfile", str(config), "--cores", "2", env=env_with_venv_path)
+    summary = json.loads((tmp_path / "results/sim/inspect/summary.json").read_text())
+    assert summary["num_frames"] == 60
+    assert sum(summary["populations"].values()) == 60
+    assert 150 < summary["photons_per_frame_mean"] < 600
+    for name in ("powder.png", "photons_per_frame.png", "radial_profile.png"):
+        assert (tmp_path / "results/sim/inspect" / name).stat().st_size > 1000
+
+    data = tmp_path / "results/sim/data"
+    config = write_config(
+        tmp_path / "c2.yaml",
+        {"measured": {"photons": str(data / "photons.h5"), "detector": str(data / "detector.h5")}},
+    )
+    snakemake(tmp_path, "--configfile", str(config), "--cores", "1", env=env_with_venv_path)
+    measured = json.loads((tmp_path / "results/measured/inspect/summary.json").read_text())
+    assert measured["num_frames"] == 60 and "populations" not in measured
+    assert measured["photons_total"] == summary["photons_total"]
+
+    report = tmp_path / "report.html"
+    snakemake(
+        tmp_path, "--configfile", str(config), "--report", str(report), env=env_with_venv_path
+    )
+    assert report.stat().st_size > 10_000
+
+
+def test_detector_that_does_not_match_fails_cleanly(tmp_path, env_with_venv_path):
+    """Photons from one detector with another detector: one clear line, no finished output."""
+    from spiscape.io import Detector, SparsePhotons, write_detector, write_photons
+
+    rng = np.random.default_rng(0)
+    write_photons(SparsePhotons.from_dense(rng.poisson(0.2, (5, 30))), tmp_path / "p.h5")
+    n = 20
+    write_detector(
+        Detector(qx=np.arange(n, dtype=float), qy=np.zeros(n), qz=np.zeros(n), corr=np.ones(n),
+                 mask=np.zeros(n, np.uint8), detd=100.0, ewald_rad=100.0),
+        tmp_path / "d.h5",
+    )
+    config = write_config(tmp_path / "c.yaml", {"bad": {"photons": "p.h5", "detector": "d.h5"}})
+    proc = snakemake(tmp_path, "--configfile", str(config), "--cores", "1", check=False,
+                     env=env_with_venv_path)
+    assert proc.returncode != 0
+    log = (tmp_path / "results/logs/bad/inspect.log").read_text().strip().splitlines()
+    assert "p.h5" in log[-1] and "num_pix" in log[-1] and log[-1].startswith("spiscape inspect")
+    assert not (tmp_path / "results/bad/inspect/summary.json").exists()

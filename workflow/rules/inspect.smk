@@ -1,0 +1,43 @@
+# Dataset check: validates photons against the detector and shows what the frames hold.
+
+
+rule inspect:
+    input:
+        photons=photons_input,
+        detector=detector_input,
+        truth=truth_input,
+    output:
+        summary=f"{RESULTS}/{{ds}}/inspect/summary.json",
+        powder=report(
+            f"{RESULTS}/{{ds}}/inspect/powder.png",
+            caption="../report/powder.rst",
+            category="Dataset",
+            subcategory="{ds}",
+        ),
+        photons=report(
+            f"{RESULTS}/{{ds}}/inspect/photons_per_frame.png",
+            caption="../report/photons_per_frame.rst",
+            category="Dataset",
+            subcategory="{ds}",
+        ),
+        radial=report(
+            f"{RESULTS}/{{ds}}/inspect/radial_profile.png",
+            caption="../report/radial_profile.rst",
+            category="Dataset",
+            subcategory="{ds}",
+        ),
+    params:
+        cmd=SPISCAPE,
+        truth=lambda wc, input: f"--truth {input.truth}" if input.truth else "",
+        flags=lambda wc: cli_flags(config["inspect"]),
+        version=stage_version("inspect"),
+    conda:
+        "../../envs/cpu.yaml"
+    log:
+        f"{RESULTS}/logs/{{ds}}/inspect.log",
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "{params.cmd} inspect --photons {input.photons} --detector {input.detector} {params.truth} "
+        "--out-dir $(dirname {output.summary}) {params.flags} 2> {log}"
