@@ -66,8 +66,7 @@ def test_e_step_matches_direct_sums(small_problem):
     mr = p["m"] * p["num_rot"]
     flat = views.reshape(mr, -1)
     result = kernels.e_step_block(
-        counts, counts, np.log(flat).T.astype(np.float32), flat.sum(1), scale, beta, np,
-        drop_below=0,
+        counts, counts, np.log(flat).T.astype(np.float32), flat.sum(1), scale, beta, np
     )
     log_r = np.array([[np.sum(counts[d] * np.log(flat[j])) - scale[d] * flat[j].sum()
                        for j in range(mr)] for d in range(6)])
@@ -78,6 +77,20 @@ def test_e_step_matches_direct_sums(small_problem):
     np.testing.assert_allclose(result.denominator, prob.T @ scale, rtol=1e-6)
     expected = prob @ flat.sum(1)
     np.testing.assert_allclose(result.new_scale, counts.sum(1) / expected, rtol=1e-4)
+    mutual_info = np.sum(prob * np.log(prob * mr))
+    assert result.mutual_info == pytest.approx(mutual_info, rel=1e-4)
+    logsum = np.log(np.exp(log_r - log_r.max(1, keepdims=True)).sum(1)) + log_r.max(1)
+    assert result.log_likelihood == pytest.approx(np.sum(logsum - np.log(mr)), rel=1e-5)
+
+
+def test_sparse_m_step_matches_dense():
+    rng = np.random.default_rng(1)
+    prob = rng.random((50, 40)) ** 40  # nearly all the weight on few entries per frame
+    prob /= prob.sum(1, keepdims=True)
+    counts = rng.poisson(1.0, (50, 30)).astype(np.float32)
+    dense = prob.T @ counts
+    sparse = kernels.weighted_photon_sums(prob, counts, np, sparse_below=1.0, drop_below=1e-9)
+    np.testing.assert_allclose(sparse, dense, rtol=1e-5, atol=1e-8)
 
 
 def test_friedel_symmetry_and_rotation_span():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 
+import h5py
 import numpy as np
 import pytest
 import yaml
@@ -20,8 +21,12 @@ def snakemake(workdir, *args, env=None, check=True):
     return proc
 
 
+#: EMC small enough for a test: one replicate, a few classes, rotations and iterations
+TINY_EMC = {"replicates": 1, "options": {"num_classes": 3, "num_rot": 8, "iterations": 3}}
+
+
 def write_config(path, datasets, **extra):
-    path.write_text(yaml.safe_dump({"datasets": datasets, **extra}))
+    path.write_text(yaml.safe_dump({"datasets": datasets, "classify2d": TINY_EMC, **extra}))
     return path
 
 
@@ -48,8 +53,11 @@ def test_lint_is_clean(env_with_venv_path):
 
 
 def test_default_config_plans_the_pipeline(tmp_path):
+    """The embedded default: simulate, check, two EMC replicates, their averages."""
     proc = snakemake(tmp_path, "--configfile", str(REPO / "config/config.yaml"), "-n")
-    assert planned_jobs(proc) == {"simulate": 1, "inspect": 1, "all": 1, "total": 3}
+    assert planned_jobs(proc) == {
+        "simulate": 1, "inspect": 1, "classify2d": 2, "averages": 1, "all": 1, "total": 6
+    }
 
 
 def test_measured_dataset_needs_no_simulation(tmp_path):
@@ -63,6 +71,7 @@ def test_measured_dataset_needs_no_simulation(tmp_path):
     proc = snakemake(tmp_path, "--configfile", str(config), "-n")
     assert planned_jobs(proc)["simulate"] == 1
     assert planned_jobs(proc)["inspect"] == 2
+    assert planned_jobs(proc)["classify2d"] == 2
     assert "--photons a.emc b.emc --detector det.dat" in proc.stdout
 
 
@@ -95,6 +104,10 @@ def test_tiny_run_end_to_end(tmp_path, env_with_venv_path):
     assert 150 < summary["photons_per_frame_mean"] < 600
     for name in ("powder.png", "photons_per_frame.png", "radial_profile.png"):
         assert (tmp_path / "results/sim/inspect" / name).stat().st_size > 1000
+    with h5py.File(tmp_path / "results/sim/averages.h5") as f:
+        assert f["intens"].shape[0] >= 1 and set(f["replicate"][:]) == {0}
+    for name in ("convergence.png", "averages.png"):
+        assert (tmp_path / "results/sim/classify2d" / name).stat().st_size > 1000
 
     data = tmp_path / "results/sim/data"
     config = write_config(

@@ -93,5 +93,26 @@ def stage_version(stage):
     return f"spiscape-{spiscape.__version__}"
 
 
+def stage_config(ds, stage):
+    """A stage's config section with the dataset's own overrides merged over it.
+
+    The stage's `options` (flags of its `spiscape` subcommand) are merged key by key, so a dataset
+    can change one option and keep the rest.
+    """
+    merged = dict(config[stage])
+    override = dataset(ds).get(stage, {})
+    merged.update({k: v for k, v in override.items() if k != "options"})
+    merged["options"] = {**config[stage].get("options", {}), **override.get("options", {})}
+    return merged
+
+
+def replicates(ds):
+    return list(range(stage_config(ds, "classify2d")["replicates"]))
+
+
 def all_targets():
-    return [f"{RESULTS}/{ds}/inspect/summary.json" for ds in DATASETS]
+    targets = []
+    for ds in DATASETS:
+        targets.append(f"{RESULTS}/{ds}/inspect/summary.json")
+        targets.append(f"{RESULTS}/{ds}/averages.h5")
+    return targets

@@ -37,8 +37,8 @@ def read_replicate(path) -> dict:
     return rep
 
 
-def gather_averages(replicate_paths, out, min_frames: float = 5.0) -> dict:
-    """Concatenate the classes of every replicate holding at least ``min_frames`` frames."""
+def collect_averages(replicate_paths, min_frames: float = 5.0) -> dict:
+    """The classes of every replicate holding at least ``min_frames`` frames, concatenated."""
     intens, replicate, klass, frames = [], [], [], []
     size = None
     for number, path in enumerate(replicate_paths):
@@ -62,9 +62,19 @@ def gather_averages(replicate_paths, out, min_frames: float = 5.0) -> dict:
         "class": np.concatenate(klass),
         "frames": np.concatenate(frames),
     }
+    return result
+
+
+def write_averages(result: dict, out, replicate_paths, min_frames: float) -> None:
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
         for key, value in result.items():
             f[key] = value
         f.attrs["replicates"] = json.dumps([str(Path(p)) for p in replicate_paths])
         f.attrs["min_frames"] = min_frames
+
+
+def gather_averages(replicate_paths, out, min_frames: float = 5.0) -> dict:
+    """Collect the averages of the replicates and write averages.h5 (DESIGN.md contract)."""
+    result = collect_averages(replicate_paths, min_frames)
+    write_averages(result, out, replicate_paths, min_frames)
     return result

@@ -82,13 +82,39 @@ def log_views(views, xp):
 
 
 def responsibilities(log_r, beta, xp):
-    """P_dmr ∝ exp(β_d (R_dmr − max R_d)), normalised per frame; returns (P, logsumexp at β=1)."""
+    """Annealed probabilities from the log-likelihoods ``log_r`` (b, M·R), in place.
+
+    Returns P_dmr ∝ exp(β_d (R_dmr − max R_d)) normalised per frame, the log-sum-exp of R_d at
+    β = 1 (the frame's log-likelihood under the mixture, up to a constant) and the mutual
+    information Σ_j P_dj log(P_dj · M·R) per frame, computed from the shifted values so that no
+    log of P is taken.
+    """
     top = log_r.max(axis=1, keepdims=True)
-    shifted = log_r - top
-    prob = xp.exp(beta[:, None] * shifted)
-    prob /= prob.sum(axis=1, keepdims=True)
-    logsum = top[:, 0] + xp.log(xp.exp(shifted).sum(axis=1))
-    return prob, logsum
+    log_r -= top  # shifted, all <= 0
+    logsum = top[:, 0].astype(xp.float64) + xp.log(xp.exp(log_r).sum(axis=1, dtype=xp.float64))
+    scaled = log_r * beta[:, None].astype(log_r.dtype)
+    prob = xp.exp(scaled)
+    norm = prob.sum(axis=1, dtype=xp.float64)
+    prob /= norm[:, None].astype(prob.dtype)
+    mutual_info = (prob * scaled).sum(axis=1, dtype=xp.float64) - xp.log(norm)
+    mutual_info += np.log(log_r.shape[1])
+    return prob, logsum, mutual_info
+
+
+def weighted_photon_sums(prob, counts, xp, sparse_below: float = 0.02, drop_below: float = 1e-6):
+    """Σ_d P_dj K_dt (M·R, P) for the M-step.
+
+    Late in the annealing nearly all of a frame's probability sits on a few (class, rotation)
+    pairs; entries below ``drop_below`` (relative to the frame's largest) are then dropped and
+    the product is done with a sparse P when fewer than ``sparse_below`` of the entries remain.
+    This is what keeps the M-step cheap with hundreds of classes and rotations.
+    """
+    keep = prob >= drop_below * prob.max(axis=1, keepdims=True)
+    density = float(keep.mean())
+    if density >= sparse_below:
+        return prob.T @ counts
+    sparse = sparse_module(xp).csr_matrix(xp.where(keep, prob, 0).astype(xp.float32))
+    return xp.asarray((sparse.T @ counts))
 
 
 def e_step_block(
@@ -100,43 +126,33 @@ def e_step_block(
     beta,
     xp,
     need_scaling: bool = True,
-    drop_below: float = 1e-10,
 ):
     """E-step and M-step partial sums for one block of frames.
 
-    counts_used (b, P_used) and counts_merge (b, P_merge) are dense photon counts on the pixels
-    used in the likelihood and on those merged into the model; log_w_used (P_used, M·R) the
-    log-views on used pixels; view_sums (M·R,) Σ_t W_mrt over used pixels; scale (b,) φ_d.
+    counts_used (b, P_used) and counts_merge (b, P_merge) are dense float32 photon counts on the
+    pixels used in the likelihood and on those merged into the model; log_w_used (P_used, M·R)
+    the log-views on used pixels; view_sums (M·R,) Σ_t W_mrt over used pixels; scale (b,) φ_d;
+    beta (b,) β_d. The heavy work is two dense matrix products (BLAS / cuBLAS) in float32.
     """
-    num_mr = log_w_used.shape[1]
-    log_r = (counts_used @ log_w_used).astype(xp.float64)
-    log_r -= scale[:, None] * view_sums[None, :]
-    prob, logsum = responsibilities(log_r, beta, xp)
-    if drop_below > 0:
-        prob[prob < drop_below] = 0.0
-        prob /= prob.sum(axis=1, keepdims=True)
-    prob32 = prob.astype(xp.float32)
-    numerator = prob32.T @ counts_merge
-    denominator = prob.T @ scale
-    photons = counts_used.sum(axis=1).astype(xp.float64)
+    log_r = counts_used @ log_w_used
+    log_r -= (scale[:, None] * view_sums[None, :]).astype(log_r.dtype)
+    prob, logsum, mutual_info = responsibilities(log_r, beta, xp)
+    numerator = weighted_photon_sums(prob, counts_merge, xp)
+    denominator = prob.T.astype(xp.float64) @ scale
+    photons = counts_used.sum(axis=1, dtype=xp.float64)
     if need_scaling:
-        expected = prob @ view_sums
+        expected = prob.astype(xp.float64) @ view_sums
         new_scale = xp.where(expected > 0, photons / xp.maximum(expected, 1e-300), scale)
     else:
         new_scale = scale
-    log_likelihood = float((logsum - np.log(num_mr)).sum())
-    with np.errstate(divide="ignore", invalid="ignore"):
-        plogp = xp.where(prob > 0, prob * xp.log(prob * num_mr), 0.0)
-    mutual_info = float(plogp.sum())
-    best = prob.argmax(axis=1)
     return BlockResult(
         numerator=numerator,
         denominator=denominator,
         occupancies=prob,  # reduced to (b, M) by the caller, who knows R
-        best=best,
+        best=prob.argmax(axis=1),
         new_scale=new_scale,
-        log_likelihood=log_likelihood,
-        mutual_info=mutual_info,
+        log_likelihood=float((logsum - np.log(log_r.shape[1])).sum()),
+        mutual_info=float(mutual_info.sum()),
     )
 
 

@@ -147,7 +147,7 @@ class SparsePhotons:
         # (NaN and inf are non-zero too).
         where = np.flatnonzero(frames)
         counts = frames.reshape(-1)[where]
-        if counts.dtype.kind == "f" and not np.all(np.isfinite(counts) & (counts == np.rint(counts))):
+        if counts.dtype.kind == "f" and not np.all(np.isfinite(counts) & (counts % 1 == 0)):
             raise ValueError("dense frames hold non-integral photon counts")
         if counts.dtype.kind in "if" and counts.size and counts.min() < 0:
             raise ValueError("dense frames hold negative photon counts")
@@ -391,6 +391,21 @@ def _reading(path: Path):
         raise
     except (OSError, ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:
         raise InputError(path, f"unreadable ({_first_line(exc)})") from exc
+
+
+def _split_runs(frames: np.ndarray, max_gap: int, max_span: int) -> list[np.ndarray]:
+    """Split sorted frame numbers into groups covering at most ``max_span`` frames each,
+    breaking wherever two neighbours are more than ``max_gap`` apart."""
+    groups = np.split(frames, np.flatnonzero(np.diff(frames) > max_gap) + 1)
+    out = []
+    for group in groups:
+        while group.size and group[-1] - group[0] >= max_span:
+            cut = int(np.searchsorted(group, group[0] + max_span))
+            out.append(group[:cut])
+            group = group[cut:]
+        if group.size:
+            out.append(group)
+    return out
 
 
 class _Source:

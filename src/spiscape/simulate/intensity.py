@@ -88,18 +88,65 @@ def fibonacci_sphere(n: int) -> np.ndarray:
     return np.stack([rho * np.cos(phi), rho * np.sin(phi), z])
 
 
-def spherical_average(
-    volume: np.ndarray, radii: np.ndarray, points_per_area: float = 2.0
-) -> np.ndarray:
-    """Mean of the trilinearly interpolated intensity over spheres of the given radii (voxels).
+def trilinear_weights(points: np.ndarray, grid_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flat voxel indices and weights (8, P) of trilinear interpolation at points (3, P) (voxels).
 
-    This is the orientation average of the intensity at |q| = r, i.e. the expected intensity at a
-    pixel of a randomly oriented particle. Each sphere gets about points_per_area points per
-    square voxel (at least 64), placed on a golden-angle spiral.
+    Corners outside the grid get weight 0 (the grid reads 0 beyond its edges, as in
+    sample_volume).
     """
-    radii = np.asarray(radii, dtype=np.float64)
-    out = np.empty(radii.shape)
-    for i, r in enumerate(radii.ravel()):
-        n = max(64, int(np.ceil(points_per_area * 4.0 * np.pi * r * r)))
-        out.flat[i] = sample_volume(volume, r * fibonacci_sphere(n)).mean()
-    return out
+    coords = np.asarray(points, dtype=np.float64) + grid_centre(grid_size)
+    base = np.floor(coords).astype(np.int64)
+    frac = coords - base
+    index = np.empty((8,) + coords.shape[1:], dtype=np.int64)
+    weight = np.empty((8,) + coords.shape[1:])
+    for corner in range(8):
+        offset = np.array([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1])
+        idx = base + offset[:, None]
+        w = np.prod(np.where(offset[:, None] == 1, frac, 1.0 - frac), axis=0)
+        inside = np.all((idx >= 0) & (idx < grid_size), axis=0)
+        idx = np.clip(idx, 0, grid_size - 1)
+        index[corner] = (idx[0] * grid_size + idx[1]) * grid_size + idx[2]
+        weight[corner] = np.where(inside, w, 0.0)
+    return index, weight
+
+
+def spherical_average_operator(
+    grid_size: int, radii: np.ndarray, points_per_area: float = 0.5, min_points: int = 64
+):
+    """Sparse matrix (len(radii), N^3): row i averages a flattened intensity grid over the
+    sphere |q| = radii[i] (voxels), interpolating trilinearly.
+
+    Applied to an intensity this is its orientation average at |q| = r, i.e. the expected value at
+    a pixel of a randomly oriented particle. Each sphere gets points_per_area points per square
+    voxel (at least min_points) on a golden-angle spiral; one operator serves every volume.
+    """
+    from scipy.sparse import csr_matrix
+
+    radii = np.asarray(radii, dtype=np.float64).ravel()
+    counts = np.maximum(min_points, np.ceil(points_per_area * 4.0 * np.pi * radii**2)).astype(int)
+    points = np.concatenate(
+        [r * fibonacci_sphere(n) for r, n in zip(radii, counts, strict=True)], axis=1
+    )
+    rows = np.repeat(np.arange(radii.size), counts)
+    index, weight = trilinear_weights(points, grid_size)
+    weight /= counts[rows][None, :]
+    return csr_matrix(
+        (weight.ravel(), (np.broadcast_to(rows, index.shape).ravel(), index.ravel())),
+        shape=(radii.size, grid_size**3),
+    )
+
+
+def spherical_average(volume: np.ndarray, radii: np.ndarray, **kw) -> np.ndarray:
+    """Orientation average of one intensity grid at |q| = radii (see spherical_average_operator)."""
+    return spherical_average_operator(volume.shape[0], radii, **kw) @ volume.ravel()
+
+
+def profile_radii(r_max: float, fine_below: float = 8.0) -> np.ndarray:
+    """Radii (voxels) on which to tabulate spherical averages for cubic interpolation.
+
+    Steps of 0.05 voxel near the centre, where the intensity falls steeply from its peak, and 0.25
+    beyond; with a cubic spline through them the pixel sums are good to about 0.1 %.
+    """
+    fine = np.arange(0.0, min(fine_below, r_max), 0.05)
+    coarse = np.arange(fine_below, r_max + 1.0, 0.25)
+    return np.concatenate([fine, coarse])

