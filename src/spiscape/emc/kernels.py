@@ -114,7 +114,7 @@ def weighted_photon_sums(prob, counts, xp, sparse_below: float = 0.02, drop_belo
     if density >= sparse_below:
         return prob.T @ counts
     sparse = sparse_module(xp).csr_matrix(xp.where(keep, prob, 0).astype(xp.float32))
-    return xp.asarray((sparse.T @ counts))
+    return xp.asarray(sparse.T @ counts)
 
 
 def e_step_block(

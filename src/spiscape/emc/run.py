@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -301,6 +302,8 @@ class EMC2D:
         return {**keep, "frames": int(self.selection.size), "size": self.size}
 
     def write_result(self, path: Path, state: EMCState, frame_results: dict) -> None:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        peak_per_rank = self.comm.gather(peak_mb, root=0) if self.nranks > 1 else [peak_mb]
         occupancies = self.gather_frames(frame_results["occupancies"])
         best = self.gather_frames(frame_results["best"])
         scale = self.gather_frames(state.scale)
@@ -327,6 +330,12 @@ class EMC2D:
             f.attrs["size"] = self.size
             f.attrs["centre"] = (self.size - 1) / 2.0
             f.attrs["ranks"] = self.nranks
+            # before the gather of the per-frame arrays, which only rank 0 pays for
+            f.attrs["peak_memory_mb_per_rank"] = np.asarray(peak_per_rank)
+            f.attrs["frames_per_rank"] = np.asarray(
+                [np.subtract(*shard_bounds(self.selection.size, r, self.nranks)[::-1])
+                 for r in range(self.nranks)]
+            )
 
     def run(self, out: Path, checkpoint: Path | None = None, resume: bool = False) -> EMCState:
         p = self.params

@@ -100,7 +100,8 @@ class Detector:
         Each pixel goes to the integer grid point ``(round(cy), round(cx))``; the image has shape
         ``(..., ny, nx)`` with odd ``ny``, ``nx`` and the beam at the centre ``(ny // 2, nx // 2)``.
         Rows are ``y`` and columns ``x``, so ``plt.imshow(image, origin="lower")`` shows ``x``
-        to the right. Grid points without a pixel hold ``fill``.
+        to the right. Grid points without a pixel hold ``fill``; where pixels share a grid point
+        the last one wins.
         """
         values = np.asarray(values)
         if values.shape[-1:] != (self.num_pix,):

@@ -35,7 +35,6 @@ and one line saying what is wrong.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
 import tempfile
@@ -49,8 +48,6 @@ import numpy as np
 
 from spiscape.errors import InputError
 from spiscape.utils.atomic import atomic_path
-
-log = logging.getLogger(__name__)
 
 EMC_HEADER_BYTES = 1024
 HDF5_SUFFIXES = (".h5", ".hdf5")
@@ -147,8 +144,9 @@ class SparsePhotons:
         # (NaN and inf are non-zero too).
         where = np.flatnonzero(frames)
         counts = frames.reshape(-1)[where]
-        if counts.dtype.kind == "f" and not np.all(np.isfinite(counts) & (counts % 1 == 0)):
-            raise ValueError("dense frames hold non-integral photon counts")
+        if counts.dtype.kind == "f":
+            if not np.all(np.isfinite(counts) & (counts == np.rint(counts))):
+                raise ValueError("dense frames hold non-integral photon counts")
         if counts.dtype.kind in "if" and counts.size and counts.min() < 0:
             raise ValueError("dense frames hold negative photon counts")
         frame, pixel = np.divmod(where, num_pix)
@@ -504,7 +502,8 @@ class _EmcSource(_Source):
         return self._tables
 
     def _read_ints(self, offset: int, count: int) -> np.ndarray:
-        values = np.fromfile(self.path, dtype="<i4", count=count, offset=offset)
+        with _reading(self.path):
+            values = np.fromfile(self.path, dtype="<i4", count=count, offset=offset)
         if values.size != count:
             raise InputError(self.path, f"truncated: ends before byte {offset + 4 * count}")
         return values.astype(np.int32, copy=False)
@@ -531,7 +530,8 @@ class _EmcSource(_Source):
         ones_sel, ones_pos = _gather_positions(o_off, frames)
         multi_sel, multi_pos = _gather_positions(m_off, frames)
         # A memory map reads only the pages that hold the chosen frames.
-        words = np.memmap(self.path, dtype="<i4", mode="r", shape=(self.size // 4,))
+        with _reading(self.path):
+            words = np.memmap(self.path, dtype="<i4", mode="r", shape=(self.size // 4,))
         try:
             photons = SparsePhotons(
                 self.num_pix,
@@ -889,7 +889,7 @@ def _emc_header(num_frames: int, num_pix: int) -> np.ndarray:
 
 def _vlen_rows(flat: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """An object array of per-frame views, as h5py writes variable-length data."""
-    rows = np.empty(offsets.size - 1, dtype=object)
+    rows = np.empty(offsets.size - 1, dtype=_VLEN_INT32)
     for i in range(rows.size):
         rows[i] = flat[offsets[i]:offsets[i + 1]]
     return rows
@@ -960,10 +960,15 @@ class PhotonWriter:
         self._h5["multi"][n0:] = photons.multi
         for a in range(0, n, _HDF5_WRITE_FRAMES):
             block = photons.select(slice(a, min(a + _HDF5_WRITE_FRAMES, n)))
-            rows = slice(n0 + a, n0 + a + block.num_frames)
-            self._h5["place_ones"][rows] = _vlen_rows(block.place_ones, block.ones_offsets)
+            # write_direct: Dataset.__setitem__ mistakes rows of equal length for a 2-D array
+            rows = np.s_[n0 + a:n0 + a + block.num_frames]
+            self._h5["place_ones"].write_direct(
+                _vlen_rows(block.place_ones, block.ones_offsets), dest_sel=rows
+            )
             for name in ("place_multi", "count_multi"):
-                self._h5[name][rows] = _vlen_rows(getattr(block, name), block.multi_offsets)
+                self._h5[name].write_direct(
+                    _vlen_rows(getattr(block, name), block.multi_offsets), dest_sel=rows
+                )
 
     def _finish(self) -> None:
         if self.kind == "hdf5":
