@@ -57,6 +57,12 @@ def test_input_error_names_file():
     assert str(err) == "/data/run7/photons.emc: truncated"
 
 
+def test_cli_summaries_match_the_modules():
+    for name, (_, summary) in cli.COMMANDS.items():
+        doc = " ".join(cli.command_module(name).__doc__.strip().split("\n\n")[0].split())
+        assert doc.startswith(" ".join(summary.split())), name
+
+
 def test_cli_lists_every_stage(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--help"])
@@ -64,6 +70,10 @@ def test_cli_lists_every_stage(capsys):
     out = capsys.readouterr().out
     for name in cli.COMMANDS:
         assert name in out
+    for name in cli.COMMANDS:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([name, "--help"])
+        assert exit_info.value.code == 0
 
 
 def test_cli_turns_input_errors_into_one_line(tmp_path, capsys):

@@ -15,17 +15,41 @@ import sys
 from spiscape import __version__
 from spiscape.errors import SpiscapeError
 
-# name -> module under spiscape.commands; the order is the order of the pipeline.
+# name -> (module under spiscape.commands, one-line summary), in the order of the pipeline. The
+# summary is kept here so that `spiscape --help` and every job's start-up import only the command
+# that runs (tests check it matches the first line of the module's docstring).
 COMMANDS = {
-    "simulate": "simulate",
-    "inspect": "inspect_data",
-    "convert": "convert",
-    "classify2d": "classify2d",
-    "averages": "averages",
+    "simulate": (
+        "simulate",
+        "Simulate an SPI dataset of heterogeneous gold nanoparticles (cubes melting into spheres).",
+    ),
+    "inspect": (
+        "inspect_data",
+        "Check a dataset: validate photons against the detector, summarise the frames, draw "
+        "figures.",
+    ),
+    "convert": (
+        "convert",
+        "Convert photon files between Dragonfly HDF5, binary .emc and dense CXI frames.",
+    ),
+    "classify2d": (
+        "classify2d",
+        "EMC 2D classification of sparse photon frames into class averages (one bootstrap "
+        "replicate).",
+    ),
+    "averages": (
+        "averages",
+        "Gather the 2D class averages of all bootstrap replicates into averages.h5, with figures.",
+    ),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_module(name: str):
+    return importlib.import_module(f"spiscape.commands.{COMMANDS[name][0]}")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported (all of them when None)."""
     parser = argparse.ArgumentParser(
         prog="spiscape",
         description="Map the structural landscape of heterogeneous samples measured by X-ray "
@@ -33,16 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"spiscape {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, module_name in COMMANDS.items():
-        module = importlib.import_module(f"spiscape.commands.{module_name}")
-        doc = (module.__doc__ or "").strip()
-        summary = doc.splitlines()[0] if doc else name
+    for name, (_, summary) in COMMANDS.items():
         sub_parser = sub.add_parser(
-            name,
-            help=summary,
-            description=doc,
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            name, help=summary, formatter_class=argparse.ArgumentDefaultsHelpFormatter
         )
+        if command is not None and name != command:
+            continue
+        module = command_module(name)
+        sub_parser.description = (module.__doc__ or summary).strip()
         add_common_args(sub_parser)
         module.add_args(sub_parser)
         sub_parser.set_defaults(_main=module.main)
@@ -70,7 +92,9 @@ def setup_logging(verbose: bool = False, log_file: str | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((word for word in argv if not word.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
     setup_logging(args.verbose, args.log_file)
     try:

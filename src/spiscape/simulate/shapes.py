@@ -55,29 +55,35 @@ def sphere_diameter_for_volume(volume: float) -> float:
 
 
 def supersample_transfer(k, grid_size: int, supersample: int) -> np.ndarray:
-    """Fourier transfer function of averaging S sub-points per voxel, at grid frequency k.
+    """Fourier transfer function of the voxel averaging at grid frequency k (cycles per box).
 
-    Averaging f over sub-points at offsets delta_j multiplies its transform by
-    H(k) = (1/S) sum_j cos(2 pi k delta_j / N) per axis (delta_j in voxels, symmetric about 0).
-    H > 0 for |k| <= N/2, so it can be divided out.
+    The fill fractions made by voxelise are, up to a small residual, box averages of the solid
+    over each voxel, whose transfer function per axis is sinc(k / N). (Exact point sub-sampling
+    with S points at symmetric offsets delta_j would give (1/S) sum_j cos(2 pi k delta_j / N);
+    supersample=1 gives 1, i.e. point sampling.) H > 0 for |k| <= N/2, so it can be divided out.
     """
-    offsets = (np.arange(supersample) + 0.5) / supersample - 0.5
     k = np.asarray(k, dtype=np.float64)
-    return np.mean(np.cos(2.0 * np.pi * np.multiply.outer(k, offsets) / grid_size), axis=-1)
+    if supersample == 1:
+        return np.ones_like(k)
+    return np.sinc(k / grid_size)
 
 
 def voxelise(
-    inside: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray],
+    distance: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray],
     half_extent_nm: float,
     grid_size: int,
     voxel_nm: float,
     supersample: int = DEFAULT_SUPERSAMPLE,
 ) -> np.ndarray:
-    """Fill fraction of every voxel for the solid ``inside(x, y, z)`` (coordinates in nm).
+    """Fill fraction of every voxel for the solid {distance(x, y, z) <= 0} (coordinates in nm).
 
-    ``inside`` receives broadcastable 1D coordinate arrays (shapes (n,1,1), (1,n,1), (1,1,n)) and
-    returns a boolean array; only the cube of half-width half_extent_nm about the centre is
-    evaluated, so the cost does not grow with the grid.
+    ``distance`` is a signed distance to the surface in nm (negative inside; an estimate is
+    enough near the surface) evaluated on broadcastable 1D coordinate arrays (shapes (n,1,1),
+    (1,n,1), (1,1,n)) of S sub-points per voxel and axis. Each sub-point contributes
+    clip(1/2 - distance / spacing, 0, 1) rather than 0 or 1: a ramp one sub-point spacing wide
+    makes the sum exact for a plane at any offset, so flat faces do not snap to the sub-grid
+    and the fill fractions are the voxels' partial volumes. Only the cube of half-width
+    half_extent_nm about the centre is evaluated.
     """
     centre = grid_size // 2
     m = int(np.ceil(half_extent_nm / voxel_nm)) + 1
@@ -87,13 +93,14 @@ def voxelise(
             f"{grid_size}^3 grid of {voxel_nm:.3f} nm voxels; raise grid_size"
         )
     S = int(supersample)
+    spacing = voxel_nm / S
     sub = (np.arange(S) + 0.5) / S - 0.5
     coords = ((np.arange(-m, m + 1)[:, None] + sub[None, :]) * voxel_nm).ravel()
     n = coords.size
-    fill = inside(coords[:, None, None], coords[None, :, None], coords[None, None, :])
-    fill = np.broadcast_to(fill, (n, n, n)).astype(np.float32)
+    dist = distance(coords[:, None, None], coords[None, :, None], coords[None, None, :])
+    fill = np.clip(0.5 - np.broadcast_to(dist, (n, n, n)) / spacing, 0.0, 1.0)
     width = 2 * m + 1
-    fill = fill.reshape(width, S, width, S, width, S).mean(axis=(1, 3, 5), dtype=np.float64)
+    fill = fill.reshape(width, S, width, S, width, S).mean(axis=(1, 3, 5))
     density = np.zeros((grid_size,) * 3, dtype=np.float64)
     sl = slice(centre - m, centre + m + 1)
     density[sl, sl, sl] = fill
@@ -104,49 +111,61 @@ def cube_density(edge_nm: float, grid_size: int, voxel_nm: float, **kw) -> np.nd
     """Axis-aligned cube of edge edge_nm."""
     h = edge_nm / 2.0
 
-    def inside(x, y, z):
-        return (np.abs(x) <= h) & (np.abs(y) <= h) & (np.abs(z) <= h)
+    def distance(x, y, z):
+        return np.maximum(np.maximum(np.abs(x), np.abs(y)), np.abs(z)) - h
 
-    return voxelise(inside, h, grid_size, voxel_nm, **kw)
+    return voxelise(distance, h, grid_size, voxel_nm, **kw)
 
 
 def superball_density(
     radius_nm: float, p: float, grid_size: int, voxel_nm: float, **kw
 ) -> np.ndarray:
     """Superball |x|^p + |y|^p + |z|^p <= r^p (p = 2 sphere, p -> inf cube of edge 2r)."""
-    rp = radius_nm**p
+    r = float(radius_nm)
 
-    def inside(x, y, z):
-        # separable: the powers are taken on the 1D axes, only the sum is 3D
-        return (np.abs(x) ** p + np.abs(y) ** p) + np.abs(z) ** p <= rp
+    def distance(x, y, z):
+        # powers of the 1D axes only (separable); coordinates in units of r avoid overflow
+        ax = [np.abs(c / r) for c in (x, y, z)]
+        total = (ax[0] ** p + ax[1] ** p) + ax[2] ** p
+        norm = total ** (1.0 / p)
+        # first-order distance: (||u||_p - 1) / |grad ||u||_p|, exact on flat faces and spheres
+        grad = np.sqrt((ax[0] ** (2 * p - 2) + ax[1] ** (2 * p - 2)) + ax[2] ** (2 * p - 2))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            grad = grad / norm ** (p - 1)
+        grad = np.where(norm > 0.5, grad, 1.0)
+        return r * (norm - 1.0) / grad
 
-    return voxelise(inside, radius_nm, grid_size, voxel_nm, **kw)
+    return voxelise(distance, r, grid_size, voxel_nm, **kw)
 
 
 def sphere_density(diameter_nm: float, grid_size: int, voxel_nm: float, **kw) -> np.ndarray:
-    return superball_density(diameter_nm / 2.0, 2.0, grid_size, voxel_nm, **kw)
+    r = diameter_nm / 2.0
+
+    def distance(x, y, z):
+        return np.sqrt((x**2 + y**2) + z**2) - r
+
+    return voxelise(distance, r, grid_size, voxel_nm, **kw)
 
 
 def dimer_density(sphere_diameter_nm: float, grid_size: int, voxel_nm: float, **kw) -> np.ndarray:
     """Two touching spheres of diameter d along x, centres at x = -d/2 and +d/2."""
     r = sphere_diameter_nm / 2.0
-    r2 = r * r
 
-    def inside(x, y, z):
+    def distance(x, y, z):
         yz = y**2 + z**2
-        return ((x - r) ** 2 + yz <= r2) | ((x + r) ** 2 + yz <= r2)
+        return np.sqrt(np.minimum((x - r) ** 2 + yz, (x + r) ** 2 + yz)) - r
 
-    return voxelise(inside, 2.0 * r, grid_size, voxel_nm, **kw)
+    return voxelise(distance, 2.0 * r, grid_size, voxel_nm, **kw)
 
 
 def rod_density(
     length_nm: float, diameter_nm: float, grid_size: int, voxel_nm: float, **kw
 ) -> np.ndarray:
     """Cylinder of the given length along z and diameter (a nanorod)."""
-    r2 = (diameter_nm / 2.0) ** 2
+    r = diameter_nm / 2.0
     h = length_nm / 2.0
 
-    def inside(x, y, z):
-        return (x**2 + y**2 <= r2) & (np.abs(z) <= h)
+    def distance(x, y, z):
+        return np.maximum(np.sqrt(x**2 + y**2) - r, np.abs(z) - h)
 
-    return voxelise(inside, max(h, diameter_nm / 2.0), grid_size, voxel_nm, **kw)
+    return voxelise(distance, max(h, r), grid_size, voxel_nm, **kw)
