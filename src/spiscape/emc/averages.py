@@ -1,4 +1,11 @@
-"""Gather the class averages of all bootstrap replicates into one file (DESIGN.md contract)."""
+"""Gather the class averages of all bootstrap replicates into one file (DESIGN.md contract).
+
+``averages.h5``: ``intens (A, S, S)`` the class models (photons per pixel at scale 1, beam at
+grid index ((S-1)/2, (S-1)/2), first axis along the detector's x), ``replicate (A,)`` and
+``class (A,)`` where each came from, ``frames (A,)`` its summed occupancy (effective frames), and
+``support (S, S)`` the grid points the detector reaches at some rotation (outside it, and in the
+beamstop, an average holds no measurement: 0 there means "not measured", not "dark").
+"""
 
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ def read_replicate(path) -> dict:
                 "intens": f["intens"][:],
                 "occupancies": f["occupancies"][:],
                 "frames": f["frames"][:],
+                "support": f["support"][:].astype(bool),
                 "params": json.loads(f.attrs["params"]),
             }
     except (OSError, KeyError, ValueError) as exc:
@@ -40,13 +48,14 @@ def read_replicate(path) -> dict:
 def collect_averages(replicate_paths, min_frames: float = 5.0) -> dict:
     """The classes of every replicate holding at least ``min_frames`` frames, concatenated."""
     intens, replicate, klass, frames = [], [], [], []
-    size = None
+    size = support = None
     for number, path in enumerate(replicate_paths):
         rep = read_replicate(path)
         if size is None:
             size = rep["intens"].shape[1]
         elif rep["intens"].shape[1] != size:
             raise InputError(path, f"grid size {rep['intens'].shape[1]} differs from {size}")
+        support = rep["support"] if support is None else support & rep["support"]
         weight = rep["occupancies"].sum(axis=0)
         keep = np.flatnonzero(weight >= min_frames)
         intens.append(rep["intens"][keep])
@@ -61,6 +70,7 @@ def collect_averages(replicate_paths, min_frames: float = 5.0) -> dict:
         "replicate": np.concatenate(replicate),
         "class": np.concatenate(klass),
         "frames": np.concatenate(frames),
+        "support": support,
     }
     return result
 

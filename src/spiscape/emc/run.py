@@ -123,6 +123,12 @@ class EMC2D:
             cx[self.merge_pix], cy[self.merge_pix], self.angles, self.size
         )
         self.operator = kernels.view_operator(table.index, table.weight, self.size, self.xp)
+        # grid points that some merged pixel reaches at some rotation: where a model is measured
+        reach = kernels.merge(
+            self.xp.ones((1, p.num_rot, self.merge_pix.size), dtype=self.xp.float32),
+            self.operator,
+        )
+        self.support = (to_numpy(reach)[0] > 1e-3).reshape(self.size, self.size)
 
     def _setup_counts(self, photons) -> None:
         csr = photons.to_csr().tocsc()[:, self.merge_pix].tocsr().astype(np.float32)
@@ -324,6 +330,7 @@ class EMC2D:
             f["log"] = table
             f["angles"] = self.angles
             f["model_pixels"] = self.merge_pix
+            f["support"] = self.support
             f.attrs["params"] = json.dumps(asdict(p))
             f.attrs["photons"] = json.dumps([str(x) for x in self.photon_files])
             f.attrs["detector"] = self.detector_path
