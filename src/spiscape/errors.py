@@ -10,7 +10,7 @@ class SpiscapeError(Exception):
 
 
 class InputError(SpiscapeError):
-    """A bad input file: ``InputError(path, "num_pix is 4096 but the detector has 4000 pixels")``."""
+    """A bad input file, e.g. ``InputError(path, "num_pix 4096 but the detector has 4000")``."""
 
     def __init__(self, path: str | os.PathLike | None, problem: str):
         self.path = None if path is None else os.fspath(path)

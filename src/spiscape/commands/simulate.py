@@ -63,7 +63,9 @@ def _fraction_pair(text: str) -> tuple[str, float]:
     try:
         return name.strip(), float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"fraction of {name!r} is not a number: {value!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"fraction of {name!r} is not a number: {value!r}"
+        ) from None
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

@@ -52,7 +52,7 @@ def q_per_voxel_inv_nm(
 
 
 def real_space_voxel_nm(grid_size: int, **geometry) -> float:
-    """Real-space voxel size in nm of an N^3 grid for the geometry (keywords of q_per_voxel_inv_nm)."""
+    """Real-space voxel (nm) of an N^3 grid for a geometry (keywords of q_per_voxel_inv_nm)."""
     return 1.0 / (q_per_voxel_inv_nm(**geometry) * grid_size)
 
 

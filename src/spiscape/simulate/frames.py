@@ -89,5 +89,5 @@ def expected_photons(
 
 
 def sample_photons(lam: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Poisson counts (int32) with means lam, drawn in C order (so chunking does not change them)."""
+    """Poisson counts (int32) with means lam, drawn in C order: chunking does not change them."""
     return rng.poisson(lam).astype(np.int32)

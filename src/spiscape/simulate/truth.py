@@ -86,11 +86,11 @@ class Truth:
 def write_truth(
     path: str | os.PathLike,
     frames: dict[str, np.ndarray],
-    volumes: np.ndarray,
+    volumes,
     volume_info: dict[str, np.ndarray],
     attrs: dict,
 ) -> None:
-    """Write truth.h5 atomically (see the module docstring for the layout)."""
+    """Write truth.h5 atomically (layout in the module docstring); volumes: a sequence of N^3."""
     missing = set(FRAME_FIELDS) - set(frames)
     if missing:
         raise ValueError(f"truth frames lack {sorted(missing)}")
@@ -98,16 +98,19 @@ def write_truth(
         for name, dtype in FRAME_FIELDS.items():
             f.create_dataset(name, data=np.asarray(frames[name], dtype=dtype), track_times=False)
         grp = f.create_group("volumes")
-        vol = np.asarray(volumes, dtype=np.float32)
-        grp.create_dataset(
+        shape = (len(volumes),) + tuple(np.shape(volumes[0]))
+        dset = grp.create_dataset(
             "intens",
-            data=vol,
-            chunks=(1,) + vol.shape[1:],
+            shape=shape,
+            dtype=np.float32,
+            chunks=(1,) + shape[1:],
             compression="gzip",
             compression_opts=4,
             shuffle=True,
             track_times=False,
         )
+        for k, volume in enumerate(volumes):  # one at a time: no stacked copy in memory
+            dset[k] = np.asarray(volume, dtype=np.float32)
         for name, dtype in VOLUME_FIELDS.items():
             grp.create_dataset(name, data=np.asarray(volume_info[name], dtype=dtype),
                                track_times=False)
