@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--photons", nargs="+", default=None)
     parser.add_argument("--detector", default=None)
     parser.add_argument("--truth", default=None)
-    parser.add_argument("--num-classes", type=int, default=30)
+    parser.add_argument("--num-classes", type=int, default=50)
     parser.add_argument("--num-rot", type=int, default=36)
     parser.add_argument("--iterations", type=int, default=40)
     parser.add_argument("--size", type=int, default=None)
