@@ -82,6 +82,19 @@ def quality(rep: Path, truth: Path, detector: Path) -> dict:
     return score_replicate(rep, truth, read_detector(detector))
 
 
+def dragonfly_quality(output: Path, truth: Path) -> dict:
+    """Purity of Dragonfly's classes (its final occupancies), scored like ours."""
+    from spiscape.metrics.classification import purity_by_population
+
+    with h5py.File(output, "r") as f:
+        occupancies = f["occupancies"][:]
+    with h5py.File(truth, "r") as t:
+        labels = t["label"][:].astype(np.int64)
+        names = json.loads(t.attrs["label_names"])
+    classes = occupancies.argmax(axis=1)
+    return {"purity": purity_by_population(classes, labels, occupancies.shape[1], names)}
+
+
 def table(rows: list[tuple[str, str]]) -> str:
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
@@ -138,11 +151,18 @@ def main() -> None:
         if args.dragonfly:
             import dragonfly_baseline as dfb
 
+            # same data, classes, rotations (over pi, Friedel), grid, iterations and beta jumps;
+            # Dragonfly keeps its own automatic start beta
             df = dfb.run_emc2d(
                 photons[0], detector, tmp / "dragonfly", num_modes=args.num_classes,
                 num_rot=args.num_rot, size=ours["grid_size"], iterations=args.iterations,
-                threads=args.threads, seed=args.seed,
+                threads=args.threads, seed=args.seed, friedel=True, beta_jump=2**0.5,
+                beta_period=5,
             )
+            if truth is not None:
+                df["quality"] = dragonfly_quality(Path(df["output"]), truth)
+                rows += [(f"Dragonfly purity {k}", f"{v:.3f}")
+                         for k, v in df["quality"]["purity"].items()]
             secs = df["seconds_per_iteration"]
             df_per_iter = float(np.median(secs[1:] if len(secs) > 1 else secs))
             report["dragonfly"] = {k: v for k, v in df.items() if k != "intens"}

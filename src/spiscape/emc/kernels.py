@@ -138,10 +138,11 @@ def e_step_block(
     log_r -= (scale[:, None] * view_sums[None, :]).astype(log_r.dtype)
     prob, logsum, mutual_info = responsibilities(log_r, beta, xp)
     numerator = weighted_photon_sums(prob, counts_merge, xp)
-    denominator = prob.T.astype(xp.float64) @ scale
+    # float32 products (no float64 copy of P): sums of at most a block of positive terms
+    denominator = (prob.T @ scale.astype(prob.dtype)).astype(xp.float64)
     photons = counts_used.sum(axis=1, dtype=xp.float64)
     if need_scaling:
-        expected = prob.astype(xp.float64) @ view_sums
+        expected = (prob @ view_sums.astype(prob.dtype)).astype(xp.float64)
         new_scale = xp.where(expected > 0, photons / xp.maximum(expected, 1e-300), scale)
     else:
         new_scale = scale
