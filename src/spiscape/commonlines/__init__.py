@@ -1,0 +1,86 @@
+"""Common-line similarity of 2D class averages (Zhuang, Ayyer et al., IUCrJ 2022).
+
+Two class averages that are (noisy) central slices of one 3D intensity share a line through the
+origin. For every pair of averages the lines through the centre of each (``polar``) are compared
+by Pearson correlation over all line pairs and the highest value is kept with its two angles
+(``correlate``); the upper triangle of pairs is cut into tiles that run as separate jobs and are
+merged into the symmetric matrix (``tiles``).
+
+``compute_tile(averages, params, tile, num_tiles)`` is the whole computation of one tile;
+``compute_matrix(averages, params)`` that of the full matrix.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from spiscape.commonlines.correlate import correlate_pairs
+from spiscape.commonlines.polar import PolarParams, line_angles, polar_lines
+from spiscape.commonlines.tiles import (
+    merge_tiles,
+    read_averages,
+    tile_attrs,
+    tile_pairs,
+    write_commonlines,
+    write_tile,
+)
+
+log = logging.getLogger(__name__)
+
+
+def compute_tile(averages: dict, params: PolarParams, tile: int = 0, num_tiles: int = 1,
+                 device: str = "cpu", batch_pairs: int | None = None,
+                 precision: str = "float64", workers: int | None = None,
+                 progress: bool = True) -> dict:
+    """Pairs, CCs and angles of one tile of the upper triangle, with its file attributes.
+
+    ``averages`` as returned by :func:`read_averages`. The result has the datasets of a tile
+    file plus ``attrs``, ``path`` and ``seconds`` (time of the correlation itself).
+    """
+    pair_i, pair_j = tile_pairs(averages["intens"].shape[0], tile, num_tiles)
+    lines, mask, signed = polar_lines(averages["intens"], averages["support"], params)
+    if not mask.all():
+        log.info("line masks differ between angles: per line-pair overlap (5 products per pair)")
+    log.info("tile %d/%d: %d pairs of %d averages, %d lines x %d samples (radii %.1f..%.1f)",
+             tile, num_tiles, pair_i.size, lines.shape[0], lines.shape[1], lines.shape[2],
+             float(np.abs(signed).min()), float(np.abs(signed).max()))
+    start = time.perf_counter()
+    cc, line_i, line_j = correlate_pairs(lines, mask, pair_i, pair_j, device=device,
+                                         batch_pairs=batch_pairs, precision=precision,
+                                         workers=workers, progress=progress)
+    seconds = time.perf_counter() - start
+    log.info("tile %d: %d pairs in %.2f s (%.0f pairs/s)", tile, pair_i.size, seconds,
+             pair_i.size / max(seconds, 1e-9))
+    angles = line_angles(params.n_angles)
+    return {
+        "i": pair_i, "j": pair_j, "cc": cc, "angle_i": angles[line_i], "angle_j": angles[line_j],
+        "replicate": averages["replicate"], "class": averages["class"],
+        "attrs": {**tile_attrs(params.as_attrs(), averages, signed, tile, num_tiles),
+                  "precision": precision},
+        "path": averages["path"], "seconds": seconds,
+    }
+
+
+def compute_matrix(averages: dict, params: PolarParams, device: str = "cpu",
+                   batch_pairs: int | None = None, precision: str = "float64",
+                   workers: int | None = None, progress: bool = True) -> dict:
+    """The merged matrix (``cc``, ``angles``, labels, ``attrs``) computed as one tile."""
+    tile = compute_tile(averages, params, 0, 1, device, batch_pairs, precision, workers,
+                        progress)
+    merged = merge_tiles([tile])
+    merged["seconds"] = tile["seconds"]
+    return merged
+
+
+__all__ = [
+    "PolarParams",
+    "compute_matrix",
+    "compute_tile",
+    "merge_tiles",
+    "read_averages",
+    "write_commonlines",
+    "write_tile",
+]
