@@ -16,6 +16,8 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/simulate.smk"
 include: "workflow/rules/inspect.smk"
 include: "workflow/rules/classify2d.smk"
+include: "workflow/rules/commonlines.smk"
+include: "workflow/rules/embed.smk"
 
 
 rule all:

@@ -53,10 +53,11 @@ def test_lint_is_clean(env_with_venv_path):
 
 
 def test_default_config_plans_the_pipeline(tmp_path):
-    """The embedded default: simulate, check, two EMC replicates, their averages."""
+    """The embedded default: simulate, check, two EMC replicates, averages, common lines."""
     proc = snakemake(tmp_path, "--configfile", str(REPO / "config/config.yaml"), "-n")
     assert planned_jobs(proc) == {
-        "simulate": 1, "inspect": 1, "classify2d": 2, "averages": 1, "all": 1, "total": 6
+        "simulate": 1, "inspect": 1, "classify2d": 2, "averages": 1, "commonlines_tile": 2,
+        "commonlines_merge": 1, "all": 1, "total": 9,
     }
 
 
@@ -108,6 +109,10 @@ def test_tiny_run_end_to_end(tmp_path, env_with_venv_path):
         assert f["intens"].shape[0] >= 1 and set(f["replicate"][:]) == {0}
     for name in ("convergence.png", "averages.png"):
         assert (tmp_path / "results/sim/classify2d" / name).stat().st_size > 1000
+    with h5py.File(tmp_path / "results/sim/commonlines.h5") as f:
+        cc = f["cc"][:]
+        np.testing.assert_array_equal(cc, cc.T)
+        np.testing.assert_array_equal(np.diag(cc), 1.0)
 
     data = tmp_path / "results/sim/data"
     config = write_config(

@@ -41,6 +41,31 @@ COMMANDS = {
         "averages",
         "Gather the 2D class averages of all bootstrap replicates into averages.h5, with figures.",
     ),
+    "commonlines": (
+        "commonlines",
+        "Common-line similarity of 2D class averages: one tile of the upper triangle, or all.",
+    ),
+    "merge-commonlines": (
+        "merge_commonlines",
+        "Merge common-line tiles into the symmetric similarity matrix commonlines.h5.",
+    ),
+    "embed": (
+        "embed",
+        "Embed the common-line similarity matrix (CLPCA and others), cluster, train the regressor.",
+    ),
+    "embed-new": (
+        "embed_new",
+        "Place unseen 2D averages into an existing landscape with the absolute-embedding "
+        "regressor.",
+    ),
+    "landscape": (
+        "landscape",
+        "Per-frame landscape: each frame's embedding coordinates and cluster from its classes.",
+    ),
+    "select": (
+        "select",
+        "Select frames from the landscape (a cluster or a region) and write them as a photon list.",
+    ),
 }
 
 

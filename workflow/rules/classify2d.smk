@@ -30,11 +30,7 @@ rule classify2d:
 
 rule averages:
     input:
-        lambda wc: expand(
-            f"{RESULTS}/{{ds}}/classify2d/rep{{rep}}.h5",
-            ds=wc.ds,
-            rep=replicates(wc.ds),
-        ),
+        replicate_files,
     output:
         averages=f"{RESULTS}/{{ds}}/averages.h5",
         convergence=report(

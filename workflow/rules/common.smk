@@ -110,9 +110,23 @@ def replicates(ds):
     return list(range(stage_config(ds, "classify2d")["replicates"]))
 
 
+def replicate_files(wildcards):
+    """The classify2d replicate files of a dataset."""
+    return expand(
+        f"{RESULTS}/{{ds}}/classify2d/rep{{rep}}.h5",
+        ds=wildcards.ds,
+        rep=replicates(wildcards.ds),
+    )
+
+
+def truth_flag(input):
+    """--truth for stages that score against the simulator's truth when there is one."""
+    return f"--truth {input.truth}" if input.truth else ""
+
+
 def all_targets():
     targets = []
     for ds in DATASETS:
         targets.append(f"{RESULTS}/{ds}/inspect/summary.json")
-        targets.append(f"{RESULTS}/{ds}/averages.h5")
+        targets.append(f"{RESULTS}/{ds}/frames.h5")
     return targets

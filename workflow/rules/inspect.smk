@@ -28,7 +28,7 @@ rule inspect:
         ),
     params:
         cmd=SPISCAPE,
-        truth=lambda wc, input: f"--truth {input.truth}" if input.truth else "",
+        truth=lambda wc, input: truth_flag(input),
         flags=lambda wc: cli_flags(config["inspect"]),
         version=stage_version("inspect"),
     conda:

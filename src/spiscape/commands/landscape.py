@@ -1,0 +1,138 @@
+"""Per-frame landscape: each frame's embedding coordinates and cluster from its classes.
+
+A frame's coordinates are the occupancy-weighted mean of the embedding coordinates of the class
+averages it belongs to (weights renormalised over the classes kept in averages.h5), averaged over
+the bootstrap replicates that drew it; its cluster is the occupancy-weighted vote of those
+averages' clusters. Frames never placed get NaN coordinates and label -1. The result, frames.h5
+(clpca (N, k), label (N,), latent (N, 1) all NaN until the VAE stage), is what `spiscape select`
+picks frames from. With --truth (simulated data) the landscape is scored: adjusted Rand index of
+the frames' clusters against cube / sphere / contaminant (melting frames left out), and the best
+Spearman |rho| of a component with the melting parameter t among non-contaminant frames.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from spiscape.embed import figures
+from spiscape.embed.embedding import read_averages
+from spiscape.embed.landscape import frame_coordinates, read_replicates, write_landscape
+from spiscape.errors import InputError
+from spiscape.utils.atomic import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+def add_args(parser):
+    parser.add_argument("--embedding", required=True, help="embedding.h5 of `spiscape embed`")
+    parser.add_argument("--averages", required=True, help="averages.h5 the embedding was made of")
+    parser.add_argument("--replicates", nargs="+", required=True,
+                        help="classify2d replicate files (rep0.h5 rep1.h5 ...)")
+    parser.add_argument("--out", required=True, help="output frames.h5")
+    parser.add_argument("--num-frames", type=int, default=None,
+                        help="frames in the dataset N (default: from --photons or --truth, else "
+                             "the largest frame index in the replicates + 1)")
+    parser.add_argument("--photons", nargs="+", default=None,
+                        help="the dataset's photon files, to count its frames")
+    parser.add_argument("--truth", default=None,
+                        help="truth.h5 of a simulated dataset: score the landscape")
+    parser.add_argument("--metrics-json", default=None,
+                        help="write the scores against the truth (and frame counts) here")
+    parser.add_argument("--figure-dir", default=None, help="folder for the figures (PNG)")
+
+
+def read_embedding(path) -> dict:
+    try:
+        with h5py.File(path, "r") as f:
+            data = {"coords": f["coords"][()], "labels": f["labels"][()],
+                    "method": str(f.attrs.get("method", "pca"))}
+    except FileNotFoundError:
+        raise InputError(path, "no such file") from None
+    except KeyError as exc:
+        raise InputError(path, f"not an embedding file (missing {exc})") from None
+    except OSError as exc:
+        raise InputError(path, f"not a readable HDF5 file ({exc})") from None
+    if data["coords"].ndim != 2 or data["labels"].shape != (data["coords"].shape[0],):
+        raise InputError(path, f"coords {data['coords'].shape} and labels "
+                               f"{data['labels'].shape} do not match")
+    return data
+
+
+def dataset_size(args, reps) -> int:
+    largest = max(int(r.frames.max()) for r in reps if r.frames.size) + 1
+    if args.num_frames is not None:
+        count, source = args.num_frames, "--num-frames"
+    elif args.photons:
+        from spiscape.io import count_frames
+
+        count, source = count_frames(args.photons), args.photons[0]
+    elif args.truth:
+        from spiscape.simulate.truth import read_truth
+
+        count, source = read_truth(args.truth, volumes=False).num_frames, args.truth
+    else:
+        log.warning("dataset size not given: taking N = largest frame index + 1 = %d", largest)
+        return largest
+    if count < largest:
+        raise InputError(source, f"{count} frames, but the replicates name frame {largest - 1}")
+    return int(count)
+
+
+def main(args):
+    embedding = read_embedding(args.embedding)
+    averages = read_averages(args.averages, with_intens=False)
+    if averages["count"] != embedding["coords"].shape[0]:
+        raise InputError(args.embedding, f"{embedding['coords'].shape[0]} averages embedded but "
+                                         f"{args.averages} holds {averages['count']}")
+    reps = read_replicates(args.replicates)
+    known = set(np.unique(averages["replicate"]).tolist())
+    if not known & {r.number for r in reps}:
+        raise InputError(args.replicates[0], f"none of these replicates "
+                                             f"({[r.number for r in reps]}) made the averages "
+                                             f"(replicates {sorted(known)})")
+    num_frames = dataset_size(args, reps)
+    result = frame_coordinates(num_frames, reps, averages["replicate"], averages["class"],
+                               embedding["coords"], embedding["labels"])
+    placed = int(np.sum(result["num_replicates"] > 0))
+    log.info("%d of %d frames placed in the landscape; cluster sizes %s", placed, num_frames,
+             np.bincount(result["label"][result["label"] >= 0]).tolist())
+    summary = {"frames_total": num_frames, "frames_placed": placed,
+               "cluster_sizes": np.bincount(result["label"][result["label"] >= 0]).tolist()}
+    truth = None
+    if args.truth:
+        from spiscape.metrics.landscape import score_landscape
+        from spiscape.simulate.truth import read_truth
+
+        truth = read_truth(args.truth, volumes=False)
+        if truth.num_frames != num_frames:
+            raise InputError(args.truth, f"{truth.num_frames} frames, the dataset has "
+                                         f"{num_frames}")
+        summary.update(score_landscape(result["coords"], result["label"], truth.label, truth.t))
+        log.info("populations ARI %.3f; best Spearman |rho| with t %.3f (component %s)",
+                 summary["population_ari"]["ari"], summary["melting_spearman"]["best_abs_rho"],
+                 summary["melting_spearman"]["best_component"])
+    if args.figure_dir:
+        folder = Path(args.figure_dir)
+        prefix = "PC" if embedding["method"] == "pca" else f"{embedding['method']} "
+        figures.frame_scatter(result["coords"], result["label"], folder / "frames_clusters.png",
+                              prefix, "cluster", title="frames by cluster")
+        if truth is not None:
+            figures.frame_scatter(result["coords"], truth.label, folder / "frames_truth.png",
+                                  prefix, "label", names=truth.label_names,
+                                  title="frames by true population")
+            figures.frame_scatter(result["coords"], truth.t, folder / "frames_t.png", prefix,
+                                  "value", title="frames by melting parameter t (grey: "
+                                                 "contaminants)")
+    if args.metrics_json:
+        with atomic_path(args.metrics_json) as tmp:
+            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    attrs = {"method": embedding["method"], "embedding": str(args.embedding),
+             "averages": str(args.averages),
+             "replicates": json.dumps([str(p) for p in args.replicates])}
+    write_landscape(args.out, result, attrs)
+    log.info("wrote %s", args.out)

@@ -1,0 +1,122 @@
+"""Select frames from the landscape (a cluster or a region) and write them as a photon list.
+
+Picks the frames of one or more clusters (--cluster 2, or --cluster 0 3), or those inside a region
+of the landscape given as comma-separated conditions that must all hold, each a component, a
+comparison and a number: --region "pc1>0.1,pc2<0.3" (pcN: column N of clpca, counted from 1;
+zN: column N of the VAE latent; operators < <= > >=). Frames never placed in the landscape are
+never selected. The chosen frames are read from the dataset's photon files and written as one
+new photon file, so the subset can be reprocessed (classify2d, embed ...) like any dataset.
+
+Writes into --out (a folder): photons.h5 (Dragonfly HDF5 of just those frames, in increasing
+frame order; .emc with --format emc), photons.lst (a list file naming it, accepted wherever
+photon files are), and, last, indices.txt (the selected frame numbers of the original dataset,
+one per line, with a header comment saying how they were chosen).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+
+from spiscape.embed.landscape import read_landscape
+from spiscape.errors import ConfigError, InputError
+from spiscape.utils.atomic import atomic_path
+
+log = logging.getLogger(__name__)
+
+CONDITION = re.compile(r"^\s*(pc|z)(\d+)\s*(<=|>=|<|>)\s*([-+0-9.eE]+)\s*$", re.IGNORECASE)
+OPERATORS = {"<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal}
+
+
+def add_args(parser):
+    parser.add_argument("--landscape", required=True, help="frames.h5 of `spiscape landscape`")
+    parser.add_argument("--photons", nargs="+", required=True,
+                        help="the dataset's photon files (or a list file), in the same order as "
+                             "when it was classified")
+    choice = parser.add_mutually_exclusive_group(required=True)
+    choice.add_argument("--cluster", type=int, nargs="+", default=None,
+                        help="the cluster(s) to keep (label in frames.h5)")
+    choice.add_argument("--region", default=None,
+                        help='conditions that must all hold, e.g. "pc1>0.1,pc2<0.3"')
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--format", choices=["h5", "emc"], default="h5",
+                        help="photon file format of the subset")
+
+
+def parse_region(text: str) -> list[tuple[str, int, str, float]]:
+    """``"pc1>0.1,pc2<0.3"`` -> ``[("pc", 0, ">", 0.1), ("pc", 1, "<", 0.3)]`` (0-based)."""
+    conditions = []
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        match = CONDITION.match(part)
+        if not match:
+            raise ConfigError(f"region condition '{part.strip()}' is not like 'pc1>0.1' "
+                              "(pcN or zN, one of < <= > >=, a number)")
+        kind, number, op, value = match.groups()
+        if int(number) < 1:
+            raise ConfigError(f"region condition '{part.strip()}': components count from 1")
+        try:
+            threshold = float(value)
+        except ValueError:
+            raise ConfigError(f"region condition '{part.strip()}': '{value}' is not a "
+                              "number") from None
+        conditions.append((kind.lower(), int(number) - 1, op, threshold))
+    if not conditions:
+        raise ConfigError("--region is empty")
+    return conditions
+
+
+def select_frames(landscape: dict, clusters=None, region: str | None = None,
+                  path=None) -> np.ndarray:
+    """Sorted frame indices chosen by cluster(s) or region; InputError when none is chosen."""
+    coords = np.asarray(landscape["clpca"], dtype=np.float64)
+    placed = np.all(np.isfinite(coords), axis=1)
+    if clusters is not None:
+        chosen = np.isin(landscape["label"], clusters) & placed
+        what = f"cluster {', '.join(map(str, clusters))}"
+    else:
+        chosen = placed.copy()
+        for kind, column, op, value in parse_region(region):
+            table = coords if kind == "pc" else landscape.get("latent")
+            if table is None or column >= table.shape[1]:
+                width = 0 if table is None else table.shape[1]
+                raise ConfigError(f"region names {kind}{column + 1} but the landscape has "
+                                  f"{width} {'components' if kind == 'pc' else 'latent columns'}")
+            values = np.asarray(table[:, column], dtype=np.float64)
+            with np.errstate(invalid="ignore"):
+                chosen &= OPERATORS[op](values, value) & np.isfinite(values)
+        what = f"region {region}"
+    indices = np.flatnonzero(chosen)
+    if indices.size == 0:
+        raise InputError(path, f"the selection ({what}) holds no frames")
+    return indices
+
+
+def main(args):
+    from spiscape.io import count_frames, read_photons, write_photons
+
+    landscape = read_landscape(args.landscape)
+    total = landscape["clpca"].shape[0]
+    available = count_frames(args.photons)
+    if available != total:
+        raise InputError(args.photons[0], f"{available} frames, but the landscape describes "
+                                          f"{total}")
+    indices = select_frames(landscape, args.cluster, args.region, args.landscape)
+    log.info("selected %d of %d frames", indices.size, total)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    photon_name = f"photons.{args.format}"
+    write_photons(read_photons(args.photons, frames=indices), out / photon_name)
+    with atomic_path(out / "photons.lst") as tmp:
+        tmp.write_text(f"# frames selected from {args.landscape}\n{photon_name}\n")
+    how = f"cluster {' '.join(map(str, args.cluster))}" if args.cluster is not None \
+        else f"region {args.region}"
+    header = (f"# {indices.size} frames of {total} selected by {how} from {args.landscape}\n"
+              f"# photon files: {' '.join(map(str, args.photons))}\n")
+    with atomic_path(out / "indices.txt") as tmp:
+        tmp.write_text(header + "\n".join(map(str, indices.tolist())) + "\n")
+    log.info("wrote %s (%d frames) and %s", out / photon_name, indices.size, out / "indices.txt")

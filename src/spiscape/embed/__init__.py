@@ -1,0 +1,13 @@
+"""The structural landscape: embedding of the common-line matrix, clusters, per-frame coordinates.
+
+:mod:`.embedding` (CLPCA and alternatives), :mod:`.clustering`, :mod:`.features` and
+:mod:`.regressor` (the absolute-embedding regressor that places new averages), :mod:`.landscape`
+(per-frame coordinates, ``frames.h5``) and :mod:`.figures`.
+"""
+
+from spiscape.embed.clustering import cluster
+from spiscape.embed.embedding import clpca, embed, read_averages, read_commonlines
+from spiscape.embed.landscape import frame_coordinates, read_landscape, read_replicates
+
+__all__ = ["cluster", "clpca", "embed", "frame_coordinates", "read_averages", "read_commonlines",
+           "read_landscape", "read_replicates"]

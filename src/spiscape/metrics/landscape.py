@@ -1,0 +1,88 @@
+"""How well the per-frame landscape recovers the simulated populations and the melting parameter.
+
+Two scores against ``truth.h5``:
+
+* **populations**: the frames' clusters against the true populations cube, sphere and
+  contaminant (dimer and rod together), by the adjusted Rand index. Melting frames are a
+  continuum between cube and sphere with no right answer, so they are left out, as are frames
+  never placed in the landscape.
+* **melting order**: among non-contaminant frames (cube, melting, sphere) placed in the landscape,
+  the Spearman rank correlation of each embedding component with the melting parameter ``t``; the
+  best ``|rho|`` says whether some direction of the landscape orders the frames by structure.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# truth.h5 label numbers (spiscape.simulate.truth): 0 cube, 1 melting, 2 sphere, 3 dimer, 4 rod
+CUBE, MELTING, SPHERE, DIMER, ROD = range(5)
+POPULATIONS = ("cube", "sphere", "contaminant")
+
+
+def populations(truth_label: np.ndarray) -> np.ndarray:
+    """0 cube, 1 sphere, 2 contaminant (dimer or rod), -1 melting (or unknown)."""
+    label = np.asarray(truth_label)
+    out = np.full(label.shape, -1, dtype=np.int64)
+    out[label == CUBE] = 0
+    out[label == SPHERE] = 1
+    out[(label == DIMER) | (label == ROD)] = 2
+    return out
+
+
+def population_ari(cluster_label, truth_label, placed=None) -> dict:
+    """Adjusted Rand index of the frames' clusters against cube/sphere/contaminant.
+
+    ``placed`` (bool, N) marks the frames in the landscape (default: cluster label >= 0).
+    Also returns the contingency table (rows: populations; columns: clusters) for the report.
+    """
+    from sklearn.metrics import adjusted_rand_score
+
+    cluster_label = np.asarray(cluster_label)
+    pop = populations(truth_label)
+    placed = cluster_label >= 0 if placed is None else np.asarray(placed, dtype=bool)
+    use = placed & (pop >= 0)
+    if not use.any():
+        return {"ari": float("nan"), "frames": 0, "contingency": {}}
+    ari = float(adjusted_rand_score(pop[use], cluster_label[use]))
+    clusters = sorted(set(cluster_label[use].tolist()))
+    table = {name: {str(c): int(np.sum((pop[use] == p) & (cluster_label[use] == c)))
+                    for c in clusters} for p, name in enumerate(POPULATIONS)}
+    return {"ari": ari, "frames": int(use.sum()), "contingency": table}
+
+
+def melting_spearman(coords, truth_label, t) -> dict:
+    """Spearman rho of each embedding component with t over placed non-contaminant frames."""
+    from scipy.stats import spearmanr
+
+    coords = np.asarray(coords, dtype=np.float64)
+    if coords.ndim == 1:
+        coords = coords[:, None]
+    pop = populations(truth_label)
+    label = np.asarray(truth_label)
+    t = np.asarray(t, dtype=np.float64)
+    use = ((pop == 0) | (pop == 1) | (label == MELTING)) & np.isfinite(t) \
+        & np.all(np.isfinite(coords), axis=1)
+    rhos = []
+    for j in range(coords.shape[1]):
+        if use.sum() > 2 and np.ptp(coords[use, j]) > 0 and np.ptp(t[use]) > 0:
+            rhos.append(float(spearmanr(coords[use, j], t[use]).statistic))
+        else:
+            rhos.append(float("nan"))
+    finite = [abs(r) for r in rhos if np.isfinite(r)]
+    best = int(np.nanargmax(np.abs(rhos))) if finite else -1
+    return {"best_abs_rho": max(finite) if finite else float("nan"),
+            "best_component": best + 1 if best >= 0 else None,
+            "rho": rhos, "frames": int(use.sum())}
+
+
+def score_landscape(coords, cluster_label, truth_label, t) -> dict:
+    """Both scores, plus the share of frames placed in the landscape."""
+    coords = np.asarray(coords, dtype=np.float64)
+    placed = np.all(np.isfinite(coords), axis=1)
+    return {
+        "population_ari": population_ari(cluster_label, truth_label, placed),
+        "melting_spearman": melting_spearman(coords, truth_label, t),
+        "frames_placed": int(placed.sum()),
+        "frames_total": int(placed.size),
+    }

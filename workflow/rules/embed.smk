@@ -1,0 +1,68 @@
+# The CLPCA landscape: embedding of the common-line matrix, clusters, the absolute-embedding
+# regressor, then each frame's place in the landscape (what a user selects frames from).
+
+
+rule embed:
+    input:
+        commonlines=f"{RESULTS}/{{ds}}/commonlines.h5",
+        averages=f"{RESULTS}/{{ds}}/averages.h5",
+        replicates=replicate_files,
+        truth=truth_input,
+    output:
+        embedding=f"{RESULTS}/{{ds}}/embedding.h5",
+        model=f"{RESULTS}/{{ds}}/embedding_model.pt",
+        figures=report(
+            directory(f"{RESULTS}/{{ds}}/embed"),
+            patterns=["{name}.png"],
+            caption="../report/embed.rst",
+            category="Landscape",
+            subcategory="{ds}",
+        ),
+    params:
+        cmd=SPISCAPE,
+        truth=lambda wc, input: truth_flag(input),
+        flags=lambda wc: cli_flags(stage_config(wc.ds, "embed")["options"]),
+        version=stage_version("embed"),
+    conda:
+        "../../envs/cpu.yaml"
+    log:
+        f"{RESULTS}/logs/{{ds}}/embed.log",
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    shell:
+        "{params.cmd} embed --commonlines {input.commonlines} --averages {input.averages} "
+        "--replicates {input.replicates} {params.truth} --out {output.embedding} "
+        "--model {output.model} --figure-dir {output.figures} {params.flags} 2> {log}"
+
+
+rule landscape:
+    input:
+        embedding=f"{RESULTS}/{{ds}}/embedding.h5",
+        averages=f"{RESULTS}/{{ds}}/averages.h5",
+        replicates=replicate_files,
+        photons=photons_input,
+        truth=truth_input,
+    output:
+        frames=f"{RESULTS}/{{ds}}/frames.h5",
+        metrics=f"{RESULTS}/{{ds}}/landscape_metrics.json",
+        figures=report(
+            directory(f"{RESULTS}/{{ds}}/landscape"),
+            patterns=["{name}.png"],
+            caption="../report/landscape.rst",
+            category="Landscape",
+            subcategory="{ds}",
+        ),
+    params:
+        cmd=SPISCAPE,
+        truth=lambda wc, input: truth_flag(input),
+        version=stage_version("landscape"),
+    conda:
+        "../../envs/cpu.yaml"
+    log:
+        f"{RESULTS}/logs/{{ds}}/landscape.log",
+    shell:
+        "{params.cmd} landscape --embedding {input.embedding} --averages {input.averages} "
+        "--replicates {input.replicates} --photons {input.photons} {params.truth} "
+        "--out {output.frames} --metrics-json {output.metrics} --figure-dir {output.figures} "
+        "2> {log}"
