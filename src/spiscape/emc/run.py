@@ -111,11 +111,13 @@ class EMC2D:
     # -- set-up ------------------------------------------------------------------------------
     def _setup_geometry(self) -> None:
         det, p = self.detector, self.params
-        self.merge_pix = np.flatnonzero(det.mask < 2)
-        used = det.mask[self.merge_pix] == 0
-        self.used_in_merge = np.flatnonzero(used)
-        if self.used_in_merge.size == 0:
+        # pixels merged into the model, those used in the likelihood (mask 0) first, so that the
+        # used pixels of a dense block are a column slice (a view) rather than a copy
+        used_pix = np.flatnonzero(det.mask == 0)
+        if used_pix.size == 0:
             raise InputError(self.detector_path, "no pixel has mask 0 (used)")
+        self.merge_pix = np.concatenate([used_pix, np.flatnonzero(det.mask == 1)])
+        self.num_used = used_pix.size
         cx, cy = geometry.pixel_coords_2d(det)
         self.size = p.size or geometry.default_grid_size(det)
         self.angles = geometry.rotation_angles(p.num_rot, p.friedel)
@@ -133,7 +135,7 @@ class EMC2D:
     def _setup_counts(self, photons) -> None:
         csr = photons.to_csr().tocsc()[:, self.merge_pix].tocsr().astype(np.float32)
         self.counts = csr
-        self.photons_used = np.asarray(csr[:, self.used_in_merge].sum(axis=1)).ravel()
+        self.photons_used = np.asarray(csr[:, : self.num_used].sum(axis=1)).ravel()
         n_local = csr.shape[0]
         p = self.params
         mr = p.num_classes * p.num_rot
@@ -143,7 +145,17 @@ class EMC2D:
             per_frame = mr * 8 * 4 + self.merge_pix.size * 4 * 2
             budget = self._memory_budget()
             self.block = int(max(1, min(max(n_local, 1), budget // per_frame)))
-        log.debug("rank %d: %d frames, blocks of %d", self.rank, n_local, self.block)
+        # dense float32 blocks are rebuilt from the sparse counts every iteration unless they fit
+        # in the cache budget, in which case they are built once (on the GPU when there is one)
+        dense_bytes = n_local * self.merge_pix.size * 4
+        self.dense_blocks = None
+        if dense_bytes <= self._memory_budget() * 2:
+            self.dense_blocks = [
+                self.xp.asarray(csr[start : start + self.block].toarray())
+                for start in range(0, n_local, self.block)
+            ]
+        log.debug("rank %d: %d frames, blocks of %d, dense cache %s", self.rank, n_local,
+                  self.block, self.dense_blocks is not None)
 
     def _memory_budget(self) -> int:
         if self.xp is np:
@@ -194,8 +206,8 @@ class EMC2D:
         m, r, s = p.num_classes, p.num_rot, self.size
         models = xp.asarray(state.models.reshape(m, s * s).astype(np.float32))
         views = kernels.expand(models, self.operator, r)  # (M, R, P_merge)
-        used = xp.asarray(self.used_in_merge)
-        views_used = views[:, :, used]
+        used = self.num_used
+        views_used = views[:, :, :used]
         view_sums = views_used.sum(axis=2).reshape(m * r).astype(xp.float64)
         log_w = xp.ascontiguousarray(
             kernels.log_views(views_used, xp).reshape(m * r, -1).T.astype(xp.float32)
@@ -210,11 +222,14 @@ class EMC2D:
         best = np.zeros(n_local, dtype=np.int64)
         new_scale = state.scale.copy()
         log_likelihood = mutual_info = 0.0
-        for start in range(0, n_local, self.block):
+        for number, start in enumerate(range(0, n_local, self.block)):
             stop = min(start + self.block, n_local)
-            dense = xp.asarray(self.counts[start:stop].toarray())
+            if self.dense_blocks is not None:
+                dense = self.dense_blocks[number]
+            else:
+                dense = xp.asarray(self.counts[start:stop].toarray())
             result = kernels.e_step_block(
-                dense[:, used], dense, log_w, view_sums,
+                dense[:, :used], dense, log_w, view_sums,
                 xp.asarray(state.scale[start:stop]), xp.asarray(beta[start:stop]), xp,
                 need_scaling=p.need_scaling,
             )
