@@ -21,8 +21,9 @@ def snakemake(workdir, *args, env=None, check=True):
     return proc
 
 
-#: EMC small enough for a test: one replicate, a few classes, rotations and iterations
-TINY_EMC = {"replicates": 1, "options": {"num_classes": 3, "num_rot": 8, "iterations": 3}}
+#: EMC small enough for a test: two replicates, a few classes, rotations and iterations
+TINY_EMC = {"replicates": 2, "options": {"num_classes": 6, "num_rot": 8, "iterations": 4},
+            "min_frames": 1}
 
 
 def write_config(path, datasets, **extra):
@@ -53,11 +54,12 @@ def test_lint_is_clean(env_with_venv_path):
 
 
 def test_default_config_plans_the_pipeline(tmp_path):
-    """The embedded default: simulate, check, two EMC replicates, averages, common lines."""
+    """The embedded default: simulate, check, two EMC replicates, averages, common lines,
+    landscape."""
     proc = snakemake(tmp_path, "--configfile", str(REPO / "config/config.yaml"), "-n")
     assert planned_jobs(proc) == {
         "simulate": 1, "inspect": 1, "classify2d": 2, "averages": 1, "commonlines_tile": 2,
-        "commonlines_merge": 1, "all": 1, "total": 9,
+        "commonlines_merge": 1, "embed": 1, "landscape": 1, "all": 1, "total": 11,
     }
 
 
@@ -72,7 +74,7 @@ def test_measured_dataset_needs_no_simulation(tmp_path):
     proc = snakemake(tmp_path, "--configfile", str(config), "-n")
     assert planned_jobs(proc)["simulate"] == 1
     assert planned_jobs(proc)["inspect"] == 2
-    assert planned_jobs(proc)["classify2d"] == 2
+    assert planned_jobs(proc)["classify2d"] == 4  # two replicates per dataset
     assert "--photons a.emc b.emc --detector det.dat" in proc.stdout
 
 
@@ -106,13 +108,17 @@ def test_tiny_run_end_to_end(tmp_path, env_with_venv_path):
     for name in ("powder.png", "photons_per_frame.png", "radial_profile.png"):
         assert (tmp_path / "results/sim/inspect" / name).stat().st_size > 1000
     with h5py.File(tmp_path / "results/sim/averages.h5") as f:
-        assert f["intens"].shape[0] >= 1 and set(f["replicate"][:]) == {0}
+        assert f["intens"].shape[0] >= 2 and set(f["replicate"][:]) == {0, 1}
     for name in ("convergence.png", "averages.png"):
         assert (tmp_path / "results/sim/classify2d" / name).stat().st_size > 1000
     with h5py.File(tmp_path / "results/sim/commonlines.h5") as f:
         cc = f["cc"][:]
         np.testing.assert_array_equal(cc, cc.T)
         np.testing.assert_array_equal(np.diag(cc), 1.0)
+    with h5py.File(tmp_path / "results/sim/frames.h5") as f:
+        assert f["clpca"].shape[0] == 60 and f["label"].shape == (60,)
+    metrics = json.loads((tmp_path / "results/sim/landscape_metrics.json").read_text())
+    assert metrics["frames_total"] == 60
 
     data = tmp_path / "results/sim/data"
     config = write_config(
@@ -147,6 +153,11 @@ def test_detector_that_does_not_match_fails_cleanly(tmp_path, env_with_venv_path
     proc = snakemake(tmp_path, "--configfile", str(config), "--cores", "1", check=False,
                      env=env_with_venv_path)
     assert proc.returncode != 0
-    log = (tmp_path / "results/logs/bad/inspect.log").read_text().strip().splitlines()
-    assert "p.h5" in log[-1] and "num_pix" in log[-1] and log[-1].startswith("spiscape inspect")
-    assert not (tmp_path / "results/bad/inspect/summary.json").exists()
+    # whichever job reads the photons first fails: its log ends with the one-line error
+    logs = [p.read_text().strip().splitlines() for p in (tmp_path / "results/logs/bad").glob("*")]
+    failed = [lines[-1] for lines in logs if lines and "error:" in lines[-1]]
+    assert failed, logs
+    for line in failed:
+        assert line.startswith("spiscape ") and "p.h5" in line and "num_pix" in line
+    assert not list((tmp_path / "results/bad").rglob("*.json"))
+    assert not list((tmp_path / "results/bad").rglob("*.h5"))
