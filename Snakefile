@@ -18,9 +18,19 @@ include: "workflow/rules/inspect.smk"
 include: "workflow/rules/classify2d.smk"
 include: "workflow/rules/commonlines.smk"
 include: "workflow/rules/embed.smk"
+include: "workflow/rules/orient.smk"
+include: "workflow/rules/summary.smk"
 
 
 rule all:
     input:
         all_targets(),
     default_target: True
+
+
+# jobs too cheap to queue on a cluster
+localrules:
+    all,
+    averages,
+    commonlines_merge,
+    summary,

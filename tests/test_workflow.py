@@ -94,12 +94,17 @@ def test_impossible_config_is_refused(tmp_path, datasets, message):
     assert message in proc.stdout + proc.stderr
 
 
-def test_tiny_run_end_to_end(tmp_path, env_with_venv_path):
-    """A simulated dataset and a 'measured' copy of it given as Dragonfly files run through."""
-    config = write_config(
-        tmp_path / "c.yaml",
-        {"sim": {"simulate": {"num_frames": 60, "seed": 3, "mean_photons": 300}}},
-    )
+def test_three_datasets_end_to_end_and_partial_reruns(tmp_path, env_with_venv_path):
+    """Three datasets on the default profile: two simulated (one with its own EMC settings) and a
+    'measured' one given as Dragonfly files; then what a change of parameters reruns."""
+    datasets = {
+        "sim": {"simulate": {"num_frames": 60, "seed": 3, "mean_photons": 300}},
+        "sim2": {"simulate": {"num_frames": 50, "seed": 4, "mean_photons": 300},
+                 "classify2d": {"options": {"num_classes": 5}}},
+        "measured": {"photons": "results/sim/data/photons.h5",
+                     "detector": "results/sim/data/detector.h5"},
+    }
+    config = write_config(tmp_path / "c.yaml", datasets)
     snakemake(tmp_path, "--configfile", str(config), "--cores", "2", env=env_with_venv_path)
     summary = json.loads((tmp_path / "results/sim/inspect/summary.json").read_text())
     assert summary["num_frames"] == 60
@@ -109,6 +114,8 @@ def test_tiny_run_end_to_end(tmp_path, env_with_venv_path):
         assert (tmp_path / "results/sim/inspect" / name).stat().st_size > 1000
     with h5py.File(tmp_path / "results/sim/averages.h5") as f:
         assert f["intens"].shape[0] >= 2 and set(f["replicate"][:]) == {0, 1}
+    with h5py.File(tmp_path / "results/sim2/classify2d/rep0.h5") as f:
+        assert f["intens"].shape[0] == 5  # the dataset's own override
     for name in ("convergence.png", "averages.png"):
         assert (tmp_path / "results/sim/classify2d" / name).stat().st_size > 1000
     with h5py.File(tmp_path / "results/sim/commonlines.h5") as f:
@@ -119,16 +126,26 @@ def test_tiny_run_end_to_end(tmp_path, env_with_venv_path):
         assert f["clpca"].shape[0] == 60 and f["label"].shape == (60,)
     metrics = json.loads((tmp_path / "results/sim/landscape_metrics.json").read_text())
     assert metrics["frames_total"] == 60
-
-    data = tmp_path / "results/sim/data"
-    config = write_config(
-        tmp_path / "c2.yaml",
-        {"measured": {"photons": str(data / "photons.h5"), "detector": str(data / "detector.h5")}},
-    )
-    snakemake(tmp_path, "--configfile", str(config), "--cores", "1", env=env_with_venv_path)
     measured = json.loads((tmp_path / "results/measured/inspect/summary.json").read_text())
     assert measured["num_frames"] == 60 and "populations" not in measured
     assert measured["photons_total"] == summary["photons_total"]
+    index = (tmp_path / "results/summary.tsv").read_text().splitlines()
+    assert index[0].startswith("dataset\tframes") and len(index) == 4
+    assert {line.split("\t")[0] for line in index[1:]} == set(datasets)
+
+    # a stage's parameters rerun that stage and what follows, nothing upstream
+    changed = write_config(tmp_path / "c2.yaml", datasets,
+                           embed={"options": {"components": 2}})
+    plan = planned_jobs(snakemake(tmp_path, "--configfile", str(changed), "-n"))
+    assert plan == {"embed": 3, "landscape": 3, "summary": 1, "all": 1, "total": 8}
+    one = {**datasets, "sim2": {**datasets["sim2"], "commonlines": {"num_tiles": 3}}}
+    changed = write_config(tmp_path / "c3.yaml", one)
+    plan = planned_jobs(snakemake(tmp_path, "--configfile", str(changed), "-n"))
+    assert plan == {"commonlines_tile": 3, "commonlines_merge": 1, "embed": 1, "landscape": 1,
+                    "summary": 1, "all": 1, "total": 8}
+    plan = planned_jobs(snakemake(tmp_path, "--configfile", str(config), "-n",
+                                  "--forcerun", "averages", "--until", "averages"))
+    assert plan == {"averages": 3, "total": 3}
 
     report = tmp_path / "report.html"
     snakemake(

@@ -66,6 +66,24 @@ COMMANDS = {
         "select",
         "Select frames from the landscape (a cluster or a region) and write them as a photon list.",
     ),
+    "orient": (
+        "orient",
+        "Orientation and gain of each 2D class average against Ewald slices of a reference "
+        "intensity.",
+    ),
+    "vae": (
+        "vae",
+        "Train the VAE that turns 2D class averages into 3D intensities along a continuous latent.",
+    ),
+    "summarize": (
+        "summarize",
+        "One index table across datasets: frames, classes, clusters, key metrics, result paths.",
+    ),
+    "phase": (
+        "phase",
+        "Phase retrieval of 3D volumes or 2D averages (DM, RAAR, HIO, ER with shrink-wrap) and "
+        "particle volumes.",
+    ),
 }
 
 

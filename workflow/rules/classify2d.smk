@@ -9,7 +9,7 @@ rule classify2d:
         f"{RESULTS}/{{ds}}/classify2d/rep{{rep}}.h5",
     params:
         cmd=SPISCAPE,
-        launcher=lambda wc: stage_config(wc.ds, "classify2d")["launcher"],
+        launcher=lambda wc, resources: mpi_launcher(wc.ds, resources),
         fraction=lambda wc: stage_config(wc.ds, "classify2d")["fraction"],
         flags=lambda wc: cli_flags(stage_config(wc.ds, "classify2d")["options"]),
         version=stage_version("classify2d"),
@@ -21,6 +21,7 @@ rule classify2d:
     resources:
         mem_mb=8000,
         runtime=240,
+        tasks=1,
     shell:
         "OMP_NUM_THREADS={threads} OPENBLAS_NUM_THREADS={threads} "
         "{params.launcher} {params.cmd} classify2d --photons {input.photons} "

@@ -2,10 +2,58 @@
 import os
 import re
 import shlex
+from pathlib import Path
+
+import yaml
 
 from snakemake.utils import validate
 
 import spiscape
+
+
+def datasets_from_table(path):
+    """Datasets (runs) listed in a TSV/CSV table: name, photons, detector, optional truth, and
+    per-run overrides in columns named like `classify2d.options.num_classes` or
+    `commonlines.num_tiles`. Several photon files are separated by spaces or `;`. Values are
+    read as YAML scalars (numbers, booleans); empty cells are ignored.
+    """
+    import csv
+
+    text = Path(path).read_text()
+    dialect = "excel-tab" if "\t" in text.splitlines()[0] else "excel"
+    entries = {}
+    for number, row in enumerate(csv.DictReader(text.splitlines(), dialect=dialect), start=2):
+        name = (row.pop("name", "") or "").strip()
+        if not name:
+            raise ValueError(f"{path}: line {number} has no name")
+        if name in entries:
+            raise ValueError(f"{path}: dataset {name!r} is listed twice")
+        entry = {}
+        for key, value in row.items():
+            value = (value or "").strip()
+            if not value or key is None:
+                continue
+            if key == "photons":
+                entry["photons"] = value.replace(";", " ").split()
+                continue
+            if key in ("detector", "truth"):
+                entry[key] = value
+                continue
+            node = entry
+            *parents, leaf = key.strip().split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = yaml.safe_load(value)
+        entries[name] = entry
+    return entries
+
+
+if config.get("datasets_table"):
+    table = datasets_from_table(config["datasets_table"])
+    clash = set(table) & set(config.get("datasets") or {})
+    if clash:
+        raise ValueError(f"datasets {sorted(clash)} are both in the config and in the table")
+    config["datasets"] = {**(config.get("datasets") or {}), **table}
 
 validate(config, schema="../schemas/config.schema.yaml")
 
@@ -106,6 +154,32 @@ def stage_config(ds, stage):
     return merged
 
 
+def q_scale_flag(ds, input):
+    """The physical q scale of a dataset: from the simulator's truth, or the config's
+    `q_per_pixel` (1/nm per detector pixel at the centre = pixel size / (wavelength x distance))."""
+    if input.truth:
+        return f"--truth {input.truth}"
+    q = dataset(ds).get("q_per_pixel")
+    if q is None:
+        raise ValueError(
+            f"dataset {ds}: set q_per_pixel (1/nm per detector pixel) for the orientation stage"
+        )
+    return f"--q-per-pixel {q}"
+
+
+def mpi_launcher(ds, resources):
+    """How classify2d starts its MPI ranks.
+
+    On a cluster the profile sets the `mpi` resource (e.g. "srun") and `tasks` (ranks, one per
+    GPU); otherwise the config's `classify2d.launcher` (e.g. "mpiexec -n 4") or nothing, in which
+    case the EMC runs as one process.
+    """
+    mpi = getattr(resources, "mpi", "") or ""
+    if mpi:
+        return f"{mpi} -n {resources.tasks}"
+    return stage_config(ds, "classify2d")["launcher"]
+
+
 def replicates(ds):
     return list(range(stage_config(ds, "classify2d")["replicates"]))
 
@@ -125,8 +199,11 @@ def truth_flag(input):
 
 
 def all_targets():
-    targets = []
+    targets = [f"{RESULTS}/summary.tsv"]
     for ds in DATASETS:
         targets.append(f"{RESULTS}/{ds}/inspect/summary.json")
         targets.append(f"{RESULTS}/{ds}/frames.h5")
+        if is_simulated(ds) or "truth" in dataset(ds) or "q_per_pixel" in dataset(ds):
+            # orientation needs the physical q scale of the detector
+            targets.append(f"{RESULTS}/{ds}/orientation.h5")
     return targets

@@ -1,0 +1,218 @@
+"""Orientation and gain of each 2D class average against Ewald slices of a reference intensity.
+
+Each average is correlated with the reference's slices on the Ewald sphere over a near-uniform
+rotation grid (super-Fibonacci spiral, --step-deg apart) restricted to the asymmetric unit of
+the point group; the best grid rotations are refined on finer local grids (--refine-deg). The CC
+compares log intensities (log(I + 0.1 x median), centred) over the measured grid points only
+(the averages' `support`): raw intensities are dominated by the few central pixels. The gain is
+the best CC over the mean CC over all rotations: about 1 for a sphere-like average, higher the
+more clearly the average is one orientation of the reference (the paper's "cubicness").
+
+The reference is an ideal cube (--size-nm = edge; the paper used 42 nm), an ideal sphere
+(--size-nm = diameter; nothing to orient: identity and gain 1 are reported) or a 3D intensity
+file (--reference-file: HDF5 `intens (N,N,N)` centred on voxel N // 2 with attribute
+`q_per_voxel_inv_nm`). q per detector pixel comes from --truth (simulated data) or --q-per-pixel
+(pixel size x binning / (wavelength x distance), in 1/nm).
+
+Writes --out: `quaternion (A,4)` scalar first (w, x, y, z), w >= 0, in the point group's
+fundamental zone, such that average a shows I(R_a q) (the simulator's convention); `cc (A,)`,
+`gain (A,)`, `mean_cc (A,)`, `grid_cc (A,)`, with the settings as attributes; and, first,
+--figure: the gain histogram and a few averages beside their best-matching reference slices.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from spiscape.backend import get_array_module
+from spiscape.errors import ConfigError, InputError
+from spiscape.io import read_detector
+from spiscape.orient import rotations as rot
+from spiscape.orient.search import best_slices, orient_averages
+from spiscape.orient.slices import AnalyticReference, ewald_points, read_reference_volume
+from spiscape.utils.atomic import atomic_path
+
+log = logging.getLogger(__name__)
+
+QUATERNION_CONVENTION = ("scalar-first (w, x, y, z), w >= 0, fundamental zone of the point "
+                         "group; average a shows I(R_a q) at its grid points' Ewald q")
+
+
+def add_args(parser):
+    parser.add_argument("--averages", required=True, help="averages.h5 of `spiscape averages`")
+    parser.add_argument("--detector", required=True,
+                        help="Dragonfly detector file (for detd and ewald_rad)")
+    scale = parser.add_mutually_exclusive_group(required=True)
+    scale.add_argument("--truth", default=None,
+                       help="truth.h5 of a simulated dataset (q_per_voxel_inv_nm)")
+    scale.add_argument("--q-per-pixel", type=float, default=None,
+                       help="q step of one detector pixel at the centre, in 1/nm")
+    parser.add_argument("--out", required=True, help="output orientation.h5")
+    parser.add_argument("--reference", choices=["cube", "sphere"], default=None,
+                        help="analytic reference (default cube unless --reference-file)")
+    parser.add_argument("--size-nm", type=float, default=42.0,
+                        help="cube edge or sphere diameter of the analytic reference, nm")
+    parser.add_argument("--reference-file", default=None,
+                        help="3D intensity HDF5 (intens (N,N,N), attr q_per_voxel_inv_nm)")
+    parser.add_argument("--point-group", default="m-3m", choices=list(rot.POINT_GROUPS),
+                        help="symmetry of the reference (m-3m: cube; 1: none)")
+    parser.add_argument("--step-deg", type=float, default=3.0,
+                        help="spacing of the rotation grid, degrees")
+    parser.add_argument("--refine-deg", type=float, default=1.0,
+                        help="finest spacing of the local refinement, degrees (0: no refinement)")
+    parser.add_argument("--floor", type=float, default=0.1,
+                        help="log transform floor, as a fraction of each image's median")
+    parser.add_argument("--candidates", type=int, default=2,
+                        help="best grid rotations refined per average")
+    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
+                        help="where to slice and correlate (gpu: CuPy)")
+    parser.add_argument("--figure", default=None, help="PNG: gain histogram and best matches")
+
+
+def read_averages(path) -> tuple[np.ndarray, np.ndarray]:
+    """intens (A, S, S) and support (S, S) of averages.h5 (all True when absent)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "no such file")
+    try:
+        with h5py.File(path, "r") as f:
+            if "intens" not in f:
+                raise InputError(path, "no dataset 'intens' (not an averages.h5)")
+            intens = np.asarray(f["intens"][()], dtype=np.float64)
+            support = f["support"][()].astype(bool) if "support" in f else None
+    except OSError as exc:
+        raise InputError(path, f"unreadable HDF5 file ({exc.__class__.__name__})") from None
+    if intens.ndim != 3 or intens.shape[1] != intens.shape[2] or intens.shape[0] == 0:
+        raise InputError(path, f"'intens' must be (A, S, S) with A > 0, got {intens.shape}")
+    if support is None:
+        log.warning("%s has no 'support': every grid point is used", path)
+        support = np.ones(intens.shape[1:], dtype=bool)
+    if support.shape != intens.shape[1:]:
+        raise InputError(path, f"'support' {support.shape} does not match 'intens' "
+                         f"{intens.shape[1:]}")
+    if not support.any():
+        raise InputError(path, "'support' is empty")
+    if not np.all(np.isfinite(intens[:, support])):
+        raise InputError(path, "'intens' holds NaN or infinite values on the support")
+    return intens, support
+
+
+def q_per_pixel_from(args) -> float:
+    if args.q_per_pixel is not None:
+        if not args.q_per_pixel > 0:
+            raise ConfigError(f"--q-per-pixel must be positive, got {args.q_per_pixel}")
+        return float(args.q_per_pixel)
+    path = Path(args.truth)
+    if not path.exists():
+        raise InputError(path, "no such file")
+    try:
+        with h5py.File(path, "r") as f:
+            value = f.attrs.get("q_per_voxel_inv_nm")
+    except OSError as exc:
+        raise InputError(path, f"unreadable HDF5 file ({exc.__class__.__name__})") from None
+    if value is None:
+        raise InputError(path, "no attribute 'q_per_voxel_inv_nm' (not a spiscape truth.h5)")
+    return float(value)
+
+
+def make_reference(args, q_per_pixel: float, max_q: float):
+    if args.reference_file and args.reference:
+        raise ConfigError("give either --reference or --reference-file, not both")
+    if args.reference_file:
+        reference = read_reference_volume(args.reference_file, q_per_pixel)
+        if max_q > reference.reach():
+            log.warning("%s reaches |q| = %.1f pixels but the averages extend to %.1f: the "
+                        "corners read 0", args.reference_file, reference.reach(), max_q)
+        return reference
+    return AnalyticReference(args.reference or "cube", args.size_nm, q_per_pixel)
+
+
+def main(args):
+    if args.step_deg <= 0 or args.step_deg > 90:
+        raise ConfigError(f"--step-deg must be in (0, 90], got {args.step_deg}")
+    if args.refine_deg < 0:
+        raise ConfigError(f"--refine-deg must be >= 0, got {args.refine_deg}")
+    if args.floor <= 0:
+        raise ConfigError(f"--floor must be positive, got {args.floor}")
+    if args.candidates < 1:
+        raise ConfigError(f"--candidates must be >= 1, got {args.candidates}")
+    intens, support = read_averages(args.averages)
+    det = read_detector(args.detector)
+    q_per_pixel = q_per_pixel_from(args)
+    size = intens.shape[1]
+    points = ewald_points(size, det.detd, det.ewald_rad)
+    max_q = float(np.linalg.norm(points[support.reshape(-1)], axis=1).max())
+    reference = make_reference(args, q_per_pixel, max_q)
+    xp = get_array_module(args.device)
+    log.info("%d averages (%d x %d, %d measured points) against %s, point group %s, on %s",
+             intens.shape[0], size, size, int(support.sum()), reference.describe(),
+             args.point_group, "GPU" if xp is not np else "CPU")
+    result = orient_averages(intens, support, points, reference, args.point_group,
+                             args.step_deg, args.refine_deg, args.floor, args.candidates, xp)
+    if args.figure:
+        slices = best_slices(reference, points, result.quaternion).reshape(intens.shape)
+        orientation_figure(intens, slices, support, result, Path(args.figure))
+    write_orientation(Path(args.out), result, reference, q_per_pixel, args)
+    finite = np.isfinite(result.gain)
+    log.info("gain: median %.3f, range %.3f-%.3f; %.1f s -> %s",
+             float(np.median(result.gain[finite])) if finite.any() else float("nan"),
+             float(np.nanmin(result.gain)), float(np.nanmax(result.gain)),
+             result.info.get("seconds", 0.0), args.out)
+    return 0
+
+
+def write_orientation(path: Path, result, reference, q_per_pixel: float, args) -> None:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("quaternion", data=result.quaternion.astype(np.float64))
+        f.create_dataset("cc", data=result.cc.astype(np.float64))
+        f.create_dataset("gain", data=result.gain.astype(np.float64))
+        f.create_dataset("mean_cc", data=result.mean_cc.astype(np.float64))
+        f.create_dataset("grid_cc", data=result.grid_cc.astype(np.float64))
+        f.attrs["reference"] = reference.kind
+        f.attrs["reference_file"] = str(args.reference_file or "")
+        f.attrs["size_nm"] = float(reference.size_nm)
+        f.attrs["point_group"] = args.point_group
+        f.attrs["step_deg"] = float(args.step_deg)
+        f.attrs["refine_deg"] = float(args.refine_deg)
+        f.attrs["num_rotations"] = int(result.num_rotations)
+        f.attrs["transform"] = result.info["transform"]
+        f.attrs["floor"] = float(args.floor)
+        f.attrs["q_per_pixel_inv_nm"] = float(q_per_pixel)
+        f.attrs["quaternion_convention"] = QUATERNION_CONVENTION
+        f.attrs["averages"] = str(args.averages)
+        f.attrs["note"] = result.info.get("note", "")
+        f.attrs["info"] = json.dumps({k: v for k, v in result.info.items()
+                                      if isinstance(v, (int, float, str))})
+
+
+def orientation_figure(intens, slices, support, result, path: Path, count: int = 5) -> None:
+    """Gain histogram, and averages (top) above their best reference slices (bottom), log."""
+    from spiscape.plotting import plt, save
+
+    gain = result.gain
+    order = np.argsort(-np.where(np.isfinite(gain), gain, -np.inf), kind="stable")
+    picks = order[np.unique(np.linspace(0, len(order) - 1, min(count, len(order))).astype(int))]
+    fig = plt.figure(figsize=(3.2 + 2.0 * len(picks), 4.2))
+    grid = fig.add_gridspec(2, len(picks) + 1, width_ratios=[1.6] + [1.0] * len(picks))
+    ax = fig.add_subplot(grid[:, 0])
+    finite = gain[np.isfinite(gain)]
+    ax.hist(finite, bins=max(5, min(30, len(finite) // 3 or 5)), color="0.4")
+    ax.set_xlabel("gain (best CC / mean CC)")
+    ax.set_ylabel("averages")
+    for col, a in enumerate(picks, start=1):
+        for row, (image, title) in enumerate(
+                [(intens[a], f"#{a} gain {gain[a]:.2f}"), (slices[a], f"CC {result.cc[a]:.2f}")]):
+            sub = fig.add_subplot(grid[row, col])
+            shown = np.ma.masked_where(~support | (image <= 0), image)
+            sub.imshow(np.ma.log10(shown).T, origin="lower", cmap="magma")
+            sub.set_title(title, fontsize=8)
+            sub.set_xticks([])
+            sub.set_yticks([])
+    fig.suptitle("averages (top) and best-matching reference slices (bottom), log scale",
+                 fontsize=9)
+    save(fig, path)

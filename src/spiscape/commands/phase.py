@@ -1,0 +1,278 @@
+"""Phase retrieval of 3D volumes or 2D averages (DM, RAAR, HIO, ER with shrink-wrap) and particle volumes.
+
+3D (``--volumes vae/volumes.h5``: ``z (K, zdim)``, ``intens (K, V, V, V)``, attribute
+``q_per_voxel_inv_nm``; NaN marks unmeasured voxels) writes ``phasing.h5`` with ``density
+(K, V, V, V)`` (aligned average of the random starts, centred, non-negative), ``support`` (the
+shrink-wrap support), ``volume (K,)`` in nm^3, ``prtf (K, n_shells)``, ``prtf_q (n_shells,)`` in
+1/nm, ``resolution_nm (K,)`` (PRTF = 1/e), ``z``; and the volume-versus-latent curve
+``volume_curve.csv``. 2D (``--averages averages.h5``: ``intens (A, S, S)``, ``support (S, S)`` the
+measured pixels) writes projected densities ``density (A, S, S)`` and their areas.
+
+Unmeasured Fourier voxels (NaN, outside --q-max, inside --q-min, outside the 2D support) are left
+free. The particle volume rule is described in :mod:`spiscape.phasing.volume`.
+"""
+
+# ruff: noqa: E501 (the docstring's first line is the CLI summary, kept on one line)
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from spiscape.backend import get_array_module
+from spiscape.errors import ConfigError, InputError
+from spiscape.phasing import PhasingParams, measured_shell_mask, parse_recipe, phase_pattern
+from spiscape.phasing.algorithms import DEFAULT_RECIPE
+from spiscape.phasing.volume import (
+    DEFAULT_EROSION,
+    DEFAULT_RULE,
+    RULES,
+    particle_volume_nm3,
+    voxel_size_nm,
+)
+from spiscape.utils.atomic import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+def add_args(parser):
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--volumes", help="3D intensities along the latent space (vae/volumes.h5)")
+    src.add_argument("--averages", help="2D class averages (averages.h5)")
+    parser.add_argument("--out", required=True, help="output phasing.h5")
+    parser.add_argument("--curve", default=None, help="output volume_curve.csv (3D)")
+    parser.add_argument("--recipe", default=DEFAULT_RECIPE,
+                        help="iterations and algorithms in order, e.g. '100 DM 50 ER' "
+                        "(DM, RAAR, HIO, ER)")
+    parser.add_argument("--starts", type=int, default=8,
+                        help="random starts per pattern, aligned and averaged")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the random starts")
+    parser.add_argument("--beta", type=float, default=0.9, help="HIO / RAAR feedback parameter")
+    parser.add_argument("--shrinkwrap-every", type=int, default=20,
+                        help="iterations between support updates (0: fixed support)")
+    parser.add_argument("--shrinkwrap-threshold", type=float, default=0.2,
+                        help="support = blurred density above this fraction of its maximum")
+    parser.add_argument("--volume-rule", choices=RULES, default=DEFAULT_RULE,
+                        help="how the particle volume is measured (see spiscape.phasing.volume)")
+    parser.add_argument("--threshold-fraction", type=float, default=None,
+                        help="threshold as a fraction of the plateau (plateau, integrated) or "
+                        "maximum (max) density; default 0.5")
+    parser.add_argument("--mass-fraction", type=float, default=0.9,
+                        help="fraction of the total mass enclosed (volume rule 'mass' only)")
+    parser.add_argument("--q-per-voxel", type=float, default=None,
+                        help="q step in 1/nm (default: the input's q_per_voxel_inv_nm attribute)")
+    parser.add_argument("--q-min", type=float, default=0.0,
+                        help="treat |q| below this (voxels) as unmeasured (beamstop)")
+    parser.add_argument("--q-max", type=float, default=float("inf"),
+                        help="treat |q| above this (voxels) as unmeasured (detector edge)")
+    parser.add_argument("--indices", type=int, nargs="+", default=None,
+                        help="phase only these volumes / averages")
+    parser.add_argument("--figure-dir", default=None, help="directory for the figures")
+    parser.add_argument("--mrc-dir", default=None, help="also write each density as MRC")
+    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
+                        help="array device (CuPy on a GPU when available)")
+
+
+def _params(args) -> PhasingParams:
+    parse_recipe(args.recipe)
+    if args.starts < 1:
+        raise ConfigError(f"--starts must be at least 1, got {args.starts}")
+    return PhasingParams(recipe=args.recipe, starts=args.starts, seed=args.seed, beta=args.beta,
+                         shrinkwrap_every=args.shrinkwrap_every,
+                         shrinkwrap_threshold=args.shrinkwrap_threshold)
+
+
+def read_volumes(path, q_per_voxel=None, indices=None):
+    """z (K, zdim), intens (K, V, ...) lazily indexed, q step; InputError on a bad file."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "no such file")
+    try:
+        with h5py.File(path, "r") as f:
+            if "intens" not in f:
+                raise InputError(path, "no 'intens' dataset (expected vae/volumes.h5)")
+            shape = f["intens"].shape
+            idx = list(range(shape[0])) if indices is None else list(indices)
+            if any(i < 0 or i >= shape[0] for i in idx):
+                raise InputError(path, f"indices {idx} out of range 0..{shape[0] - 1}")
+            intens = np.stack([f["intens"][i] for i in idx]).astype(np.float32)
+            z = f["z"][()][idx] if "z" in f else np.arange(shape[0], dtype=np.float64)[idx, None]
+            dq = q_per_voxel or f.attrs.get("q_per_voxel_inv_nm")
+    except OSError as exc:
+        raise InputError(path, f"unreadable HDF5 file ({exc})") from None
+    if intens.ndim != 4 or len(set(intens.shape[1:])) != 1:
+        raise InputError(path, f"intens must be (K, V, V, V), got {intens.shape}")
+    if dq is None:
+        raise InputError(path, "no q_per_voxel_inv_nm attribute; pass --q-per-voxel")
+    z = np.asarray(z, dtype=np.float64)
+    return (z[:, None] if z.ndim == 1 else z), intens, float(dq), idx
+
+
+def read_averages(path, q_per_voxel=None, indices=None):
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "no such file")
+    try:
+        with h5py.File(path, "r") as f:
+            if "intens" not in f:
+                raise InputError(path, "no 'intens' dataset (expected averages.h5)")
+            intens = f["intens"][()].astype(np.float32)
+            support = f["support"][()].astype(bool) if "support" in f else None
+            dq = q_per_voxel or f.attrs.get("q_per_voxel_inv_nm")
+    except OSError as exc:
+        raise InputError(path, f"unreadable HDF5 file ({exc})") from None
+    if intens.ndim != 3 or intens.shape[1] != intens.shape[2]:
+        raise InputError(path, f"intens must be (A, S, S), got {intens.shape}")
+    if intens.shape[-1] % 2 == 0:
+        raise InputError(path, f"S = {intens.shape[-1]} is even: the beam centre (S-1)/2 is not "
+                         "a pixel, phasing needs an odd grid")
+    idx = list(range(intens.shape[0])) if indices is None else list(indices)
+    if any(i < 0 or i >= intens.shape[0] for i in idx):
+        raise InputError(path, f"indices {idx} out of range 0..{intens.shape[0] - 1}")
+    return intens[idx], support, (float(dq) if dq else None), idx
+
+
+def main(args):
+    params = _params(args)
+    xp = get_array_module(args.device)
+    if args.volumes:
+        z, intens, dq, idx = read_volumes(args.volumes, args.q_per_voxel, args.indices)
+        extra = None
+    else:
+        intens, extra, dq, idx = read_averages(args.averages, args.q_per_voxel, args.indices)
+        z = np.asarray(idx, dtype=np.float64)[:, None]
+    shape = intens.shape[1:]
+    measured = measured_shell_mask(shape, args.q_min, args.q_max)
+    if extra is not None:
+        measured &= extra
+    fraction = args.mass_fraction if args.volume_rule == "mass" else args.threshold_fraction
+    results, volumes, seconds = [], [], []
+    for k in range(intens.shape[0]):
+        start = time.perf_counter()
+        res = phase_pattern(intens[k], params, xp=xp, measured=measured)
+        seconds.append(time.perf_counter() - start)
+        vol = (particle_volume_nm3(res.density, dq, args.volume_rule, fraction, DEFAULT_EROSION)
+               if dq else float("nan"))
+        results.append(res)
+        volumes.append(vol)
+        log.info("pattern %d/%d: %.1f s, support error %.2g, volume %.4g, PRTF 1/e at shell %s",
+                 k + 1, intens.shape[0], seconds[-1], float(res.errors[-1].mean()), vol,
+                 res.resolution_q)
+    voxel = voxel_size_nm(shape[-1], dq) if dq else float("nan")
+    n_shells = max(r.prtf.size for r in results)
+    prtf = np.full((len(results), n_shells), np.nan)
+    for k, r in enumerate(results):
+        prtf[k, : r.prtf.size] = r.prtf
+    prtf_q = np.arange(n_shells) * (dq if dq else 1.0)
+    resolution = np.array([1.0 / (r.resolution_q * dq) if dq and np.isfinite(r.resolution_q)
+                           and r.resolution_q > 0 else np.nan for r in results])
+    volumes = np.asarray(volumes)
+    attrs = {
+        "recipe": args.recipe, "starts": args.starts, "seed": args.seed,
+        "volume_rule": args.volume_rule,
+        "threshold_fraction": -1.0 if fraction is None else float(fraction),
+        "voxel_size_nm": voxel, "q_per_voxel_inv_nm": dq if dq else np.nan,
+        "q_min_voxels": args.q_min, "q_max_voxels": args.q_max,
+        "mode": "3d" if args.volumes else "2d",
+        "source": str(args.volumes or args.averages),
+        "params": json.dumps(params.__dict__),
+        "seconds_per_pattern": float(np.mean(seconds)),
+    }
+    if args.figure_dir:
+        _figures(Path(args.figure_dir), results, z, volumes, prtf, prtf_q, bool(dq))
+    if args.mrc_dir:
+        _write_mrc(Path(args.mrc_dir), results, voxel)
+    if args.curve:
+        write_curve(Path(args.curve), idx, z, volumes, resolution)
+    with atomic_path(args.out) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("density", data=np.stack([r.density for r in results]),
+                         compression="gzip", shuffle=True)
+        f.create_dataset("support", data=np.stack([r.support for r in results]),
+                         compression="gzip")
+        f.create_dataset("volume" if args.volumes else "area", data=volumes)
+        f.create_dataset("prtf", data=prtf)
+        f.create_dataset("prtf_q", data=prtf_q)
+        f.create_dataset("resolution_nm", data=resolution)
+        f.create_dataset("z", data=z)
+        f.create_dataset("index", data=np.asarray(idx))
+        f.create_dataset("error", data=np.stack([r.errors.mean(axis=1) for r in results]))
+        for key, value in attrs.items():
+            f.attrs[key] = value
+    log.info("%d patterns phased (%.1f s each) -> %s", len(results), np.mean(seconds), args.out)
+    return 0
+
+
+def write_curve(path, idx, z, volumes, resolution):
+    """volume_curve.csv: index, z0..z{d-1}, volume_nm3, volume_relative (to the first), PRTF
+    resolution."""
+    first = volumes[0] if volumes.size and volumes[0] > 0 else np.nan
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["index"] + [f"z{j}" for j in range(z.shape[1])]
+                        + ["volume_nm3", "volume_relative", "prtf_resolution_nm"])
+        for k, i in enumerate(idx):
+            writer.writerow([i] + [f"{v:.6g}" for v in z[k]]
+                            + [f"{volumes[k]:.6g}", f"{volumes[k] / first:.6g}",
+                               f"{resolution[k]:.4g}"])
+
+
+def _write_mrc(directory, results, voxel):
+    import mrcfile
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for k, r in enumerate(results):
+        if r.density.ndim != 3:
+            return
+        with atomic_path(directory / f"density_{k:03d}.mrc") as tmp:
+            with mrcfile.new(tmp, overwrite=True) as m:
+                m.set_data(r.density.astype(np.float32))
+                if np.isfinite(voxel):
+                    m.voxel_size = voxel
+
+
+def _figures(directory, results, z, volumes, prtf, prtf_q, physical):
+    from spiscape.plotting import plt, save
+
+    directory.mkdir(parents=True, exist_ok=True)
+    n = len(results)
+    shown = np.unique(np.linspace(0, n - 1, min(n, 8)).round().astype(int))
+    ndim = results[0].density.ndim
+    rows = 3 if ndim == 3 else 1
+    fig, axes = plt.subplots(rows, len(shown), figsize=(1.8 * len(shown), 1.8 * rows),
+                             squeeze=False)
+    for col, k in enumerate(shown):
+        d = results[k].density
+        c = d.shape[0] // 2
+        sections = [d[c], d[:, c], d[:, :, c]] if ndim == 3 else [d]
+        for row, sec in enumerate(sections):
+            ax = axes[row, col]
+            ax.imshow(sec, cmap="gray_r", origin="lower")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[0, col].set_title(f"#{k} z0={z[k, 0]:.3g}", fontsize=7)
+    if ndim == 3:
+        for row, name in enumerate("xyz"):
+            axes[row, 0].set_ylabel(f"{name} = 0", fontsize=7)
+    save(fig, directory / "densities.png")
+
+    fig, ax = plt.subplots(figsize=(4, 3))
+    order = np.argsort(z[:, 0])
+    ax.plot(z[order, 0], volumes[order], "o-")
+    ax.set_xlabel("latent z0")
+    ax.set_ylabel("particle volume (nm³)" if ndim == 3 else "projected area (nm²)")
+    save(fig, directory / "volume_vs_latent.png")
+
+    fig, ax = plt.subplots(figsize=(4, 3))
+    cmap = plt.get_cmap("viridis")
+    for k in range(n):
+        ax.plot(prtf_q, prtf[k], color=cmap(k / max(n - 1, 1)), lw=0.8)
+    ax.axhline(1 / np.e, color="k", ls=":", lw=0.8)
+    ax.set_xlabel("q (1/nm)" if physical else "q (voxels)")
+    ax.set_ylabel("PRTF")
+    ax.set_ylim(0, 1.1)
+    save(fig, directory / "prtf.png")

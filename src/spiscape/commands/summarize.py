@@ -1,0 +1,84 @@
+"""One index table across datasets: frames, classes, clusters, key metrics, result paths.
+
+The entry point of a facility-wide reprocessing: one row per dataset (run), read from the
+outputs of its stages, written as a tab-separated table (and JSON) that a spreadsheet or pandas
+reads directly. Stages a dataset has not reached are left empty.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import h5py
+
+from spiscape.errors import InputError
+from spiscape.utils.atomic import atomic_path
+
+log = logging.getLogger(__name__)
+
+COLUMNS = (
+    "dataset", "frames", "photons_per_frame", "empty_frames", "averages", "replicates",
+    "clusters", "explained_variance_pc1", "frames_placed", "ari_populations",
+    "spearman_t", "results",
+)
+
+
+def add_args(parser):
+    parser.add_argument("--results", required=True, help="the results folder (results/)")
+    parser.add_argument("--datasets", nargs="+", required=True, help="dataset names")
+    parser.add_argument("--out", required=True, help="output table (.tsv); JSON beside it")
+
+
+def _json(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise InputError(path, f"not valid JSON ({exc})") from None
+
+
+def dataset_row(results: Path, name: str) -> dict:
+    """The index row of one dataset from whatever stages it has finished."""
+    folder = results / name
+    row = {"dataset": name, "results": str(folder)}
+    summary = _json(folder / "inspect" / "summary.json")
+    row["frames"] = summary.get("num_frames")
+    mean = summary.get("photons_per_frame_mean")
+    row["photons_per_frame"] = None if mean is None else round(mean, 1)
+    row["empty_frames"] = summary.get("empty_frames")
+    averages = folder / "averages.h5"
+    if averages.exists():
+        with h5py.File(averages, "r") as f:
+            row["averages"] = int(f["intens"].shape[0])
+            row["replicates"] = len(set(f["replicate"][:].tolist()))
+    embedding = folder / "embedding.h5"
+    if embedding.exists():
+        with h5py.File(embedding, "r") as f:
+            row["clusters"] = int(f.attrs["num_clusters"])
+            ratio = f["explained_variance_ratio"][:] if "explained_variance_ratio" in f else []
+            row["explained_variance_pc1"] = round(float(ratio[0]), 3) if len(ratio) else None
+    metrics = _json(folder / "landscape_metrics.json")
+    row["frames_placed"] = metrics.get("frames_placed")
+    ari = metrics.get("population_ari", {}).get("ari")
+    row["ari_populations"] = None if ari is None else round(ari, 3)
+    rho = metrics.get("melting_spearman", {}).get("best_abs_rho")
+    row["spearman_t"] = None if rho is None else round(rho, 3)
+    return row
+
+
+def main(args):
+    results = Path(args.results)
+    rows = [dataset_row(results, name) for name in args.datasets]
+    out = Path(args.out)
+    with atomic_path(out.with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps(rows, indent=2))
+    with atomic_path(out) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS, delimiter="\t")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in COLUMNS})
+    log.info("%d datasets -> %s", len(rows), out)

@@ -1,0 +1,232 @@
+"""Train the VAE that turns 2D class averages into 3D intensities along a continuous latent.
+
+The SPIEncoder of Zhuang, Ayyer et al. (IUCrJ 2022). A 2D CNN encodes each average (divided by
+its gain and by the dataset's radial mean intensity, then log), with its orientation quaternion
+and log gain concatenated to the CNN features, into a latent z (mean and log variance). A decoder
+turns z into a V^3 intensity volume (fully connected, then 3D transposed convolutions; log
+intensity relative to the radial mean profile, so positive), averages it over the point group
+(m-3m: the 48 axis permutations and sign flips), and slices it on the Ewald sphere at the
+average's orientation (trilinear, differentiable). The loss is the Poisson deviance of the
+average given the slice times a per-average scale fitted in closed form, on the measured pixels
+inside the volume, plus kl_weight * KL(q(z|x) || N(0, 1)).
+
+Outputs in --out-dir: model.pt, checkpoint.pt (every epoch; --resume continues from it),
+latent.h5 (mu, logvar of every average), volumes.h5 (z, intens at --num-volumes points spanning
+the latent range, has_data), volumes/*.mrc, training.json (loss and convergence history, scores),
+figures (volumes.png, latent_hist.png, loss.png, convergence.png), and with --replicates
+frame_latent.h5 (per-frame latent, NaN where never assigned). Under torchrun the training is
+DistributedDataParallel (nccl on GPU, gloo on CPU); rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from spiscape.errors import ConfigError, InputError
+from spiscape.utils.atomic import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+def add_args(parser):
+    g = parser.add_argument_group("inputs")
+    g.add_argument("--averages", required=True, help="averages.h5 (intens, support, ...)")
+    g.add_argument("--orientation", required=True,
+                   help="orientation.h5 (quaternion (A, 4) scalar first, gain (A,))")
+    g.add_argument("--detector", required=True, help="detector file (for detd and ewald_rad)")
+    g.add_argument("--out-dir", required=True, help="output folder, e.g. results/{ds}/vae")
+    g.add_argument("--embedding", default=None,
+                   help="embedding.h5: with --clusters, train only on those clusters' averages")
+    g.add_argument("--clusters", default="all",
+                   help="'all' or cluster numbers (e.g. '0 2') to train on (excludes "
+                        "contaminants)")
+    g.add_argument("--replicates", nargs="+", default=None,
+                   help="classify2d rep*.h5: write the per-frame latents frame_latent.h5")
+    g.add_argument("--num-frames", type=int, default=None,
+                   help="frames in the dataset (default: the largest frame index + 1)")
+    g.add_argument("--truth", default=None,
+                   help="truth.h5 of a simulated dataset: q per voxel, and score the latent and "
+                        "the cube volume against the truth")
+    g.add_argument("--q-per-pixel", type=float, default=None,
+                   help="q per voxel (1/nm) to record in volumes.h5 and the MRC headers")
+    m = parser.add_argument_group("model and training")
+    m.add_argument("--zdim", type=int, default=1, help="latent dimension (the paper: 1 or 2)")
+    m.add_argument("--volume-size", type=int, default=61,
+                   help="V, odd: side of the decoded volume in voxels (paper: 81, 161, 243)")
+    m.add_argument("--point-group", default="m-3m", choices=["1", "-1", "m-3m"],
+                   help="symmetry imposed on the volumes (1: none)")
+    m.add_argument("--epochs", type=int, default=40)
+    m.add_argument("--batch-size", type=int, default=8)
+    m.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    m.add_argument("--kl-weight", type=float, default=0.01,
+                   help="beta: weight of the KL term against the per-pixel Poisson deviance")
+    m.add_argument("--seed", type=int, default=1)
+    m.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    m.add_argument("--threads", type=int, default=2, help="CPU threads of torch")
+    m.add_argument("--check-every", type=int, default=5,
+                   help="epochs between convergence checks")
+    m.add_argument("--dec-channels", type=int, default=32, help="decoder channels at the base")
+    m.add_argument("--enc-channels", type=int, default=16, help="encoder channels, first layer")
+    m.add_argument("--resume", action="store_true", help="continue from out-dir/checkpoint.pt")
+    m.add_argument("--num-volumes", type=int, default=11,
+                   help="volumes written along the latent (zdim 2: a grid of about this many)")
+    m.add_argument("--no-figures", action="store_true", help="skip the figures")
+
+
+def config_from_args(args):
+    from spiscape.vae.train import TrainConfig
+
+    if args.volume_size < 9 or args.volume_size % 2 == 0:
+        raise ConfigError(f"--volume-size must be odd and >= 9, got {args.volume_size}")
+    for name in ("zdim", "epochs", "batch_size", "num_volumes"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+    return TrainConfig(zdim=args.zdim, volume_size=args.volume_size, point_group=args.point_group,
+                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                       kl_weight=args.kl_weight, seed=args.seed, device=args.device,
+                       check_every=args.check_every, enc_channels=args.enc_channels,
+                       dec_channels=args.dec_channels, threads=args.threads)
+
+
+def main(args):
+    import torch
+
+    from spiscape.io import read_detector
+    from spiscape.vae import analysis, data, train
+    from spiscape.vae.model import ewald_grid
+
+    cfg = config_from_args(args)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    det = read_detector(args.detector)
+    inputs = data.read_inputs(args.averages, args.orientation, args.embedding, args.clusters)
+    size = inputs.intens.shape[-1]
+    q = ewald_grid(size, det.detd, det.ewald_rad)
+    qnorm = np.linalg.norm(q, axis=0)
+    sel = inputs.selected
+    profile = data.radial_profile(inputs.intens[sel], inputs.support, qnorm, inputs.gain[sel],
+                                  nbins=cfg.volume_size + 2)
+    weight = data.loss_weight(inputs.support, qnorm, cfg.volume_size)
+    if weight.sum() < 10:
+        raise InputError(args.averages, "fewer than 10 measured pixels inside the volume")
+    q_per_voxel = args.q_per_pixel
+    truth = None
+    if args.truth:
+        from spiscape.simulate.truth import read_truth
+
+        truth = read_truth(args.truth)
+        q_per_voxel = q_per_voxel or truth.attrs.get("q_per_voxel_inv_nm")
+    out = Path(args.out_dir)
+    ctx = train.setup_distributed(cfg.device)
+    tens = data.tensors(inputs, q, profile)
+    log.info("training on %d of %d averages (%d x %d, %d pixels in the loss), V = %d, zdim %d, "
+             "%s, device %s, world %d", int(sel.sum()), sel.size, size, size, int(weight.sum()),
+             cfg.volume_size, cfg.zdim, cfg.point_group, ctx.device, ctx.world)
+    model, result = train.train(cfg, tens, weight, q, profile, out, resume=args.resume, ctx=ctx)
+    if not ctx.main:
+        return 0
+    model.eval()
+    train.save_model(out / "model.pt", model, profile, q, {"train_config": vars(cfg)})
+    every = data.tensors(inputs, q, profile, index=np.arange(sel.size))
+    wt = torch.as_tensor(weight, dtype=torch.float32)
+    mu, logvar = train.encode(model, every, wt, ctx.device)
+    analysis.write_latent(out / "latent.h5", mu, logvar, sel)
+    z, has_data = analysis.latent_points(mu[sel], args.num_volumes)
+    vols = analysis.decode_volumes(model, z, ctx.device)
+    analysis.write_volumes(out / "volumes.h5", z, vols, has_data, q_per_voxel, cfg.point_group)
+    analysis.write_mrc(out / "volumes", vols, q_per_voxel)
+    scores = {}
+    if args.replicates:
+        from spiscape.embed.landscape import read_replicates
+
+        reps = read_replicates(args.replicates)
+        num_frames = args.num_frames or (truth.num_frames if truth is not None else None) or (
+            max(int(r.frames.max()) for r in reps if r.frames.size) + 1)
+        latent = analysis.frame_latents(args.replicates, {"replicate": inputs.replicate,
+                                                          "class": inputs.klass}, mu, num_frames)
+        analysis.write_frame_latent(out / "frame_latent.h5", latent,
+                                    {"averages": str(args.averages), "zdim": cfg.zdim})
+        scores["frames_assigned"] = int(np.isfinite(latent[:, 0]).sum())
+    colour = None
+    if truth is not None:
+        scores.update(score_against_truth(args, inputs, truth, mu, model, weight, qnorm, ctx,
+                                          out))
+        colour = scores.pop("_average_t", None)
+    with atomic_path(out / "training.json") as tmp:
+        tmp.write_text(json.dumps({"config": vars(cfg), **result, "scores": scores},
+                                  indent=1, default=_jsonable))
+    if not args.no_figures:
+        from spiscape.vae import figures
+
+        figures.all_figures(out, intens=vols, z=z, has_data=has_data, mu=mu, selected=sel,
+                            colour=colour, history=result["history"],
+                            convergence=result["convergence"])
+    log.info("wrote %s (model.pt, latent.h5, volumes.h5, %d MRC)%s", out, len(vols),
+             "; scores " + json.dumps(scores) if scores else "")
+    return 0
+
+
+def _jsonable(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
+
+
+def average_truth_t(args, inputs, truth):
+    """(true t, true label majority, cube fraction) per average: from averages.h5's truth keys
+    (synthetic averages) or from the replicates' occupancies of the truth's frames."""
+    import h5py
+
+    with h5py.File(args.averages, "r") as f:
+        if "truth_t" in f and "truth_label" in f:
+            t, lab = f["truth_t"][()], f["truth_label"][()]
+            return t, lab, (lab == 0).astype(float)
+    if not args.replicates:
+        return None
+    from spiscape.embed.landscape import average_truth, read_replicates
+
+    res = average_truth(inputs.intens.shape[0], read_replicates(args.replicates),
+                        inputs.replicate, inputs.klass, truth.label, truth.t,
+                        len(truth.label_names) or 5)
+    frac = res["fractions"]
+    return res["mean_t"], frac.argmax(1), frac[:, 0]
+
+
+def score_against_truth(args, inputs, truth, mu, model, weight, qnorm, ctx, out) -> dict:
+    from spiscape.metrics.volumes import best_rotation_shell_correlation, centre_crop
+    from spiscape.vae import analysis
+
+    scores = {}
+    got = average_truth_t(args, inputs, truth)
+    if got is None:
+        log.warning("--truth without replicates or truth keys in averages.h5: no latent score")
+        return scores
+    t, label, cube_frac = got
+    ok = np.isfinite(t) & (label <= 2)
+    rho = analysis.spearman(mu[ok, 0], t[ok])
+    scores["spearman_mu0_t"] = rho
+    scores["spearman_averages"] = int(ok.sum())
+    scores["_average_t"] = np.where(ok, t, np.nan)
+    cube = cube_frac >= 0.9
+    if cube.any() and truth.volumes is not None:
+        zc = mu[cube].mean(0, keepdims=True)
+        vol = analysis.decode_volumes(model, zc, ctx.device)[0]
+        ref = centre_crop(truth.volumes[0], vol.shape[0])
+        qmax = float(qnorm[weight].max())
+        qmin = float(np.floor(qnorm[weight].min()))
+        res = best_rotation_shell_correlation(vol, ref, fraction=0.7, qmax=qmax, qmin=qmin)
+        scores.update(cube_shell_cc_min=res["min"], cube_shell_cc_mean=res["mean"],
+                      cube_shell_qmin=qmin, cube_shell_qmax=qmax, cube_averages=int(cube.sum()),
+                      cube_shell_cc=[None if not np.isfinite(c) else float(c) for c in res["cc"]])
+        if not args.no_figures:
+            from spiscape.vae import figures
+
+            figures.shell_cc(out / "cube_shell_cc.png", res["q"], res["cc"], qmax, 0.7)
+            figures.latent_vs_truth(out / "latent_vs_t.png", mu[ok, 0], t[ok], rho)
+    return scores

@@ -1,0 +1,75 @@
+"""Phase retrieval of 3D intensity volumes and 2D class averages, and particle volumes.
+
+:func:`phase_pattern` runs the recipe on several random starts at once, aligns them (shift and
+inversion) to the first, averages them and measures the PRTF; :mod:`.volume` turns a density into
+a particle volume. See :mod:`.algorithms` for the update rules and conventions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from spiscape.backend import to_numpy
+from spiscape.phasing.algorithms import DEFAULT_RECIPE, Phaser, PhasingParams, parse_recipe
+from spiscape.phasing.align import align_starts, centre_density, prtf, prtf_resolution
+
+__all__ = [
+    "DEFAULT_RECIPE",
+    "PhasingParams",
+    "PhasingResult",
+    "measured_shell_mask",
+    "parse_recipe",
+    "phase_pattern",
+]
+
+
+@dataclass
+class PhasingResult:
+    density: np.ndarray  # aligned average of the starts, centred, non-negative
+    support: np.ndarray  # bool, support of the reference start moved with the density
+    prtf: np.ndarray  # (n_shells,)
+    prtf_q: np.ndarray  # (n_shells,) shell |q| in voxels
+    resolution_q: float  # shell (voxels) where the PRTF crosses 1/e, NaN if it never does
+    errors: np.ndarray  # (iterations, starts) support error
+    inverted: np.ndarray  # (starts,) which starts were twins of the reference
+
+
+def measured_shell_mask(shape, q_min: float = 0.0, q_max: float = np.inf) -> np.ndarray:
+    """Mask of the centred grid voxels with q_min <= |q| <= q_max (voxels, q = 0 at n // 2)."""
+    grids = np.meshgrid(*[np.arange(n) - n // 2 for n in shape], indexing="ij")
+    q = np.sqrt(sum(g.astype(np.float64) ** 2 for g in grids))
+    return (q >= q_min) & (q <= q_max)
+
+
+def phase_pattern(intens, params: PhasingParams, xp=np, measured=None) -> PhasingResult:
+    """Phase one centred intensity pattern (2D or 3D) from ``params.starts`` random starts."""
+    phaser = Phaser(intens, params, xp=xp, measured=measured)
+    densities, supports, errors = phaser.run()
+    aligned, specs, _, inverted = align_starts(xp, densities)
+    mean = xp.maximum(xp.mean(aligned, axis=0), 0)
+    values, q = prtf(xp, specs, intens, measured)
+    # centre the average for figures; move the reference's support the same way
+    density = to_numpy(mean)
+    centred = to_numpy(centre_density(xp, mean))
+    support = to_numpy(supports[0])
+    shift = _integer_shift(density, centred)
+    support = np.roll(support, shift, axis=tuple(range(support.ndim)))
+    return PhasingResult(
+        density=centred.astype(np.float32),
+        support=support,
+        prtf=values,
+        prtf_q=q,
+        resolution_q=prtf_resolution(values, q),
+        errors=to_numpy(errors),
+        inverted=inverted,
+    )
+
+
+def _integer_shift(before, after):
+    """The whole-voxel roll that maps ``before`` onto ``after`` (both from centre_density)."""
+    spec = np.fft.fftn(after) * np.conj(np.fft.fftn(before))
+    cc = np.fft.ifftn(spec).real
+    idx = np.unravel_index(int(np.argmax(cc)), cc.shape)
+    return tuple(int(i) for i in idx)

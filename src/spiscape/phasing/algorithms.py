@@ -1,0 +1,257 @@
+"""Iterative phase retrieval: projections, DM / RAAR / HIO / ER, recipes and shrink-wrap.
+
+Conventions
+-----------
+Intensities arrive on the centred grid of the other stages (q = 0 at index n // 2 on every axis,
+1D, 2D or 3D); they are moved to FFT order once (``ifftshift``) and only the half-space of
+``rfftn`` is kept, since the density is real and its transform Hermitian. The measured amplitude
+is sqrt(max(I, 0)); voxels that were not measured (NaN, beyond the detector's q range, behind the
+beamstop, or masked by the caller) are left free by the Fourier projection.
+
+Several random starts are phased at once as a batch ``(starts, *grid)``: every operation acts on
+the last ``ndim`` axes, so one call keeps a GPU busy and the CPU path is the same code. The array
+module is NumPy or CuPy (:func:`spiscape.backend.get_array_module`); on NumPy the FFTs go through
+``scipy.fft`` to use several threads.
+
+Update rules (P_M the Fourier-magnitude projection, P_S the support-and-positivity projection,
+rho the iterate):
+
+``ER``    rho <- P_S P_M rho
+``HIO``   p = P_M rho; rho <- p inside S where p > 0, rho - beta p elsewhere (Fienup 1982)
+``DM``    rho <- rho + P_S(2 P_M rho - rho) - P_M rho (Elser 2003 with beta = 1, the form used
+          by Dragonfly's phaser; one Fourier projection per iteration)
+``RAAR``  rho <- beta (rho + P_S(2 p - rho) - p) + (1 - beta) p, p = P_M rho (Luke 2005)
+
+The solution estimate of every algorithm is P_S P_M rho. Shrink-wrap (Marchesini et al. 2003):
+every ``shrinkwrap_every`` iterations the support becomes {blur_sigma(max(P_M rho, 0)) >=
+threshold * max}, the Gaussian width shrinking geometrically from ``sigma_start`` to ``sigma_end``
+voxels; it is off during the last stage of a recipe, so that a closing ER stage refines the
+density on a fixed support.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from spiscape.errors import ConfigError
+
+ALGORITHMS = ("DM", "RAAR", "HIO", "ER")
+DEFAULT_RECIPE = "100 DM 100 RAAR 100 ER"
+
+
+def parse_recipe(text: str) -> list[tuple[int, str]]:
+    """Parse a recipe like ``"100 DM 50 ER"`` into [(100, "DM"), (50, "ER")].
+
+    Pairs of a positive iteration count and an algorithm name (case-insensitive); ConfigError with
+    the offending word otherwise.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError("phasing recipe is empty; write e.g. '100 DM 50 ER'")
+    words = text.replace(",", " ").split()
+    if len(words) % 2:
+        raise ConfigError(
+            f"phasing recipe {text!r}: expected pairs '<iterations> <algorithm>', "
+            f"got an odd number of words"
+        )
+    stages = []
+    for count, name in zip(words[::2], words[1::2], strict=True):
+        if not re.fullmatch(r"\d+", count) or int(count) <= 0:
+            raise ConfigError(
+                f"phasing recipe {text!r}: {count!r} is not a positive iteration count"
+            )
+        if name.upper() not in ALGORITHMS:
+            raise ConfigError(
+                f"phasing recipe {text!r}: unknown algorithm {name!r} "
+                f"(choose from {', '.join(ALGORITHMS)})"
+            )
+        stages.append((int(count), name.upper()))
+    return stages
+
+
+@dataclass
+class PhasingParams:
+    """Settings of one phasing run (all from config)."""
+
+    recipe: str = DEFAULT_RECIPE
+    starts: int = 8
+    seed: int = 1
+    beta: float = 0.9  # HIO and RAAR feedback
+    positivity: bool = True
+    shrinkwrap_every: int = 20
+    shrinkwrap_threshold: float = 0.2  # fraction of the blurred maximum
+    sigma_start: float = 3.0  # voxels
+    sigma_end: float = 1.0
+    sigma_decay: float = 0.9  # per shrink-wrap update
+    initial_support_threshold: float = 0.04  # of the blurred autocorrelation's maximum
+
+
+class FFT:
+    """rfftn / irfftn over the last ``ndim`` axes for NumPy (scipy.fft, threaded) or CuPy."""
+
+    def __init__(self, xp, shape):
+        self.xp = xp
+        self.shape = tuple(shape)
+        self.axes = tuple(range(-len(shape), 0))
+        if xp is np:
+            import scipy.fft
+
+            self._mod = scipy.fft
+            self._kw = {"workers": -1}
+        else:
+            self._mod = xp.fft
+            self._kw = {}
+
+    def forward(self, rho):
+        return self._mod.rfftn(rho, axes=self.axes, **self._kw)
+
+    def inverse(self, spectrum):
+        return self._mod.irfftn(spectrum, s=self.shape, axes=self.axes, **self._kw)
+
+
+def half_spectrum(xp, centred):
+    """A centred grid (q = 0 at n // 2) in the FFT order of rfftn's half-space."""
+    arr = xp.fft.ifftshift(xp.asarray(centred))
+    return arr[..., : arr.shape[-1] // 2 + 1]
+
+
+def frequency_sq(xp, shape):
+    """|k|^2 in cycles per voxel on rfftn's half-space grid of ``shape``."""
+    ks = [xp.fft.fftfreq(n) for n in shape[:-1]] + [xp.fft.rfftfreq(shape[-1])]
+    grids = xp.meshgrid(*ks, indexing="ij")
+    return sum(g * g for g in grids)
+
+
+def amplitudes_and_mask(intens, measured=None):
+    """Measured amplitude sqrt(max(I, 0)) and the measured mask (finite and, if given, measured)."""
+    intens = np.asarray(intens, dtype=np.float64)
+    mask = np.isfinite(intens)
+    if measured is not None:
+        mask &= np.asarray(measured, dtype=bool)
+    amp = np.sqrt(np.clip(np.where(mask, intens, 0.0), 0.0, None))
+    return amp, mask
+
+
+class Phaser:
+    """Phase a batch of random starts of one intensity pattern (1D, 2D or 3D, centred grid)."""
+
+    def __init__(self, intens, params: PhasingParams, xp=np, measured=None):
+        self.xp = xp
+        self.params = params
+        self.stages = parse_recipe(params.recipe)
+        amp, mask = amplitudes_and_mask(intens, measured)
+        if not mask.any():
+            raise ConfigError("no measured intensity to phase")
+        self.shape = amp.shape
+        self.fft = FFT(xp, self.shape)
+        self.amp = half_spectrum(xp, amp.astype(np.float32))
+        self.mask = half_spectrum(xp, mask)
+        self.k2 = frequency_sq(xp, self.shape).astype(xp.float32)
+        self.errors: list[float] = []
+
+    # -- projections -------------------------------------------------------------------------
+    def project_fourier(self, rho):
+        xp = self.xp
+        spec = self.fft.forward(rho)
+        mag = xp.abs(spec)
+        scaled = spec * (self.amp / xp.maximum(mag, 1e-30))
+        spec = xp.where(self.mask, scaled, spec)
+        return self.fft.inverse(spec).astype(rho.dtype)
+
+    def project_support(self, rho, support):
+        keep = support & (rho > 0) if self.params.positivity else support
+        return self.xp.where(keep, rho, 0).astype(rho.dtype)
+
+    def blur(self, rho, sigma: float):
+        """Gaussian blur of width sigma voxels (periodic, via the FFT)."""
+        xp = self.xp
+        transfer = xp.exp(-2.0 * np.pi**2 * sigma**2 * self.k2).astype(xp.float32)
+        return self.fft.inverse(self.fft.forward(rho) * transfer).astype(rho.dtype)
+
+    def threshold_support(self, rho, sigma: float, fraction: float):
+        xp = self.xp
+        blurred = self.blur(xp.maximum(rho, 0), sigma)
+        axes = tuple(range(1, blurred.ndim))
+        peak = xp.max(blurred, axis=axes, keepdims=True)
+        return blurred >= fraction * peak
+
+    def initial_support(self):
+        """Blurred autocorrelation (Patterson map, unmeasured voxels set to 0) thresholded."""
+        xp = self.xp
+        patterson = self.fft.inverse(xp.where(self.mask, self.amp**2, 0).astype(xp.complex64))
+        patterson = xp.fft.fftshift(patterson)  # the object is placed about the grid centre
+        return self.threshold_support(
+            patterson[None], self.params.sigma_start, self.params.initial_support_threshold
+        )[0]
+
+    def start_scale(self, rho):
+        """Factor bringing random starts to the measured amplitudes' scale (per start).
+
+        Without it the free Fourier voxels (the beamstop, q = 0 among them) keep the start's much
+        larger values and DM / RAAR take many iterations just to shed them.
+        """
+        xp = self.xp
+        axes = tuple(range(1, rho.ndim))
+        spec = xp.abs(self.fft.forward(rho)) * self.mask
+        target = xp.sqrt(xp.sum(self.amp**2 * self.mask))
+        norm = xp.sqrt(xp.sum(spec * spec, axis=axes, keepdims=True))
+        return (target / xp.maximum(norm, 1e-30)).astype(rho.dtype)
+
+    # -- iteration ---------------------------------------------------------------------------
+    def step(self, name: str, rho, support):
+        """One iteration of algorithm ``name``; returns (new iterate, P_M rho)."""
+        beta = self.params.beta
+        p = self.project_fourier(rho)
+        if name == "ER":
+            new = self.project_support(p, support)
+        elif name == "HIO":
+            keep = support & (p > 0) if self.params.positivity else support
+            new = self.xp.where(keep, p, rho - beta * p)
+        elif name == "DM":
+            new = rho + self.project_support(2 * p - rho, support) - p
+        elif name == "RAAR":
+            new = beta * (rho + self.project_support(2 * p - rho, support) - p) + (1 - beta) * p
+        else:  # parse_recipe guards this
+            raise ConfigError(f"unknown phasing algorithm {name!r}")
+        return new.astype(rho.dtype), p
+
+    def support_error(self, p, support):
+        """||P_M rho - P_S P_M rho|| / ||P_M rho|| per start: 0 when both constraints hold."""
+        xp = self.xp
+        axes = tuple(range(1, p.ndim))
+        outside = p - self.project_support(p, support)
+        num = xp.sqrt(xp.sum(outside * outside, axis=axes))
+        den = xp.sqrt(xp.sum(p * p, axis=axes))
+        return num / xp.maximum(den, 1e-30)
+
+    def run(self):
+        """Phase ``params.starts`` random starts; returns (densities, supports, error history).
+
+        densities ``(starts, *shape)`` real, non-negative; supports bool of the same shape;
+        errors ``(iterations, starts)`` the support error of P_M rho at every iteration.
+        """
+        xp, prm = self.xp, self.params
+        rng = np.random.default_rng(prm.seed)
+        support0 = self.initial_support()
+        supports = xp.broadcast_to(support0, (prm.starts,) + self.shape).copy()
+        noise = xp.asarray(rng.random((prm.starts,) + self.shape, dtype=np.float32))
+        rho = xp.where(supports, noise, 0).astype(xp.float32)
+        rho *= self.start_scale(rho)
+        sigma = prm.sigma_start
+        history = []
+        n_stages = len(self.stages)
+        it = 0
+        for s, (count, name) in enumerate(self.stages):
+            wrap = prm.shrinkwrap_every > 0 and (s < n_stages - 1 or n_stages == 1)
+            for _ in range(count):
+                rho, p = self.step(name, rho, supports)
+                it += 1
+                history.append(self.support_error(p, supports))
+                if wrap and it % prm.shrinkwrap_every == 0:
+                    supports = self.threshold_support(p, sigma, prm.shrinkwrap_threshold)
+                    sigma = max(prm.sigma_end, sigma * prm.sigma_decay)
+        final = self.project_support(self.project_fourier(rho), supports)
+        errors = xp.stack(history) if history else xp.zeros((0, prm.starts))
+        return final, supports, errors

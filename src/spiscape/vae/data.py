@@ -1,0 +1,192 @@
+"""Inputs of the VAE: averages, orientations, cluster selection and the radial normalisation.
+
+The encoder sees each average divided by its gain and by the dataset's radial mean intensity
+profile (the mean over all averages of the measured pixels in |q| shells), then log(x + 0.1):
+diffraction falls off by orders of magnitude with q, and without this the CNN would only see the
+few central pixels. The decoder starts from the same profile (see model.Decoder).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+import torch
+
+from spiscape.errors import ConfigError, InputError
+
+LOG_FLOOR = 0.1
+
+
+@dataclass
+class VAEData:
+    intens: np.ndarray        # (A, S, S) photons per pixel
+    support: np.ndarray       # (S, S) bool, measured grid points
+    quaternion: np.ndarray    # (A, 4) scalar first
+    gain: np.ndarray          # (A,)
+    replicate: np.ndarray     # (A,)
+    klass: np.ndarray         # (A,)
+    frames: np.ndarray        # (A,)
+    selected: np.ndarray      # (A,) bool, averages the VAE trains on
+
+
+def _read(path, keys, optional=()):
+    try:
+        with h5py.File(path, "r") as f:
+            out = {k: f[k][()] for k in keys}
+            out.update({k: f[k][()] for k in optional if k in f})
+    except FileNotFoundError:
+        raise InputError(path, "no such file") from None
+    except KeyError as exc:
+        raise InputError(path, f"missing dataset {exc}") from None
+    except OSError as exc:
+        raise InputError(path, f"not a readable HDF5 file ({exc})") from None
+    return out
+
+
+def read_inputs(averages, orientation, embedding=None, clusters="all") -> VAEData:
+    """Read averages.h5 + orientation.h5 (+ embedding.h5 labels for a cluster selection)."""
+    av = _read(averages, ["intens", "support"], ["replicate", "class", "frames"])
+    ori = _read(orientation, ["quaternion"], ["gain", "cc"])
+    intens = np.asarray(av["intens"], dtype=np.float32)
+    if intens.ndim != 3 or intens.shape[1] != intens.shape[2]:
+        raise InputError(averages, f"intens has shape {intens.shape}, expected (A, S, S)")
+    A = intens.shape[0]
+    support = np.asarray(av["support"], dtype=bool)
+    if support.shape != intens.shape[1:]:
+        raise InputError(averages, f"support {support.shape} does not match intens {intens.shape}")
+    quat = np.asarray(ori["quaternion"], dtype=np.float64)
+    if quat.shape != (A, 4):
+        raise InputError(orientation, f"quaternion has shape {quat.shape} but {averages} has "
+                                      f"{A} averages")
+    gain = np.asarray(ori.get("gain", np.ones(A)), dtype=np.float64)
+    if gain.shape != (A,):
+        raise InputError(orientation, f"gain has shape {gain.shape}, expected ({A},)")
+    if not np.all(np.isfinite(quat)) or np.any(np.linalg.norm(quat, axis=1) < 1e-6):
+        raise InputError(orientation, "quaternions must be finite and nonzero")
+    gain = np.where(np.isfinite(gain) & (gain > 0), gain, 1.0)
+    selected = np.ones(A, dtype=bool)
+    if embedding is not None and clusters not in (None, "all", ["all"]):
+        labels = _read(embedding, ["labels"])["labels"]
+        if labels.shape != (A,):
+            raise InputError(embedding, f"labels has shape {labels.shape}, expected ({A},)")
+        wanted = parse_clusters(clusters)
+        selected = np.isin(labels, wanted)
+        if not selected.any():
+            raise ConfigError(f"no average is in the clusters {wanted}")
+    return VAEData(
+        intens=intens, support=support, quaternion=quat, gain=gain,
+        replicate=np.asarray(av.get("replicate", np.zeros(A)), dtype=np.int64),
+        klass=np.asarray(av.get("class", np.arange(A)), dtype=np.int64),
+        frames=np.asarray(av.get("frames", np.ones(A)), dtype=np.float64),
+        selected=selected,
+    )
+
+
+def parse_clusters(clusters) -> list[int]:
+    if isinstance(clusters, str):
+        clusters = [c for c in clusters.replace(",", " ").split() if c]
+    try:
+        return [int(c) for c in clusters]
+    except (TypeError, ValueError):
+        raise ConfigError(f"clusters must be 'all' or a list of cluster numbers, got "
+                          f"{clusters!r}") from None
+
+
+def radial_profile(intens: np.ndarray, support: np.ndarray, qnorm: np.ndarray,
+                   gain: np.ndarray | None = None, nbins: int | None = None) -> np.ndarray:
+    """Mean intensity of all averages (divided by gain) in integer |q| shells of the measured
+    points; shells without data take their nearest filled neighbour's value. Index = |q|."""
+    gain = np.ones(intens.shape[0]) if gain is None else gain
+    shell = np.rint(qnorm).astype(int)
+    nbins = int(shell.max()) + 2 if nbins is None else int(nbins)
+    shell = np.minimum(shell, nbins - 1)
+    mean_image = (intens / gain[:, None, None]).mean(0)
+    sums = np.bincount(shell[support], weights=mean_image[support], minlength=nbins)
+    counts = np.bincount(shell[support], minlength=nbins)
+    filled = (counts > 0) & (sums > 0)
+    if not filled.any():
+        raise InputError(None, "the averages have no measured intensity")
+    prof = np.zeros(nbins)
+    prof[filled] = sums[filled] / counts[filled]
+    idx = np.flatnonzero(filled)
+    nearest = idx[np.abs(np.arange(nbins)[:, None] - idx[None, :]).argmin(1)]
+    return prof[nearest]
+
+
+def normalise(intens, support, qnorm, profile, gain) -> np.ndarray:
+    """log(I / (gain I_0(|q|)) + 0.1) on measured points, 0 elsewhere (float32)."""
+    ref = np.interp(qnorm, np.arange(profile.size), profile)
+    x = np.log(intens / (gain[:, None, None] * ref[None]) + LOG_FLOOR)
+    return np.where(support[None], x, 0.0).astype(np.float32)
+
+
+def loss_weight(support: np.ndarray, qnorm: np.ndarray, volume_size: int) -> np.ndarray:
+    """Pixels in the loss: measured and inside the sphere the V^3 volume holds at any rotation."""
+    return support & (qnorm <= volume_size // 2 - 1)
+
+
+def tensors(data: VAEData, q: np.ndarray, profile: np.ndarray, index=None) -> dict:
+    """Torch tensors of the selected averages (or of ``index``)."""
+    index = np.flatnonzero(data.selected) if index is None else np.asarray(index)
+    qnorm = np.linalg.norm(q, axis=0)
+    image = normalise(data.intens[index], data.support, qnorm, profile, data.gain[index])
+    return {
+        "index": torch.as_tensor(index, dtype=torch.long),
+        "image": torch.as_tensor(image),
+        "counts": torch.as_tensor(data.intens[index], dtype=torch.float32),
+        "quaternion": torch.as_tensor(data.quaternion[index], dtype=torch.float32),
+        "log_gain": torch.as_tensor(np.log(data.gain[index]), dtype=torch.float32),
+    }
+
+
+def synthetic_averages(volumes: np.ndarray, size: int, detd: float, ewald_rad: float,
+                       num: int, rng: np.random.Generator, photons: float = 300.0,
+                       beamstop: float = 2.0, shapes=None) -> dict:
+    """Noisy class averages of known volumes at random orientations (a stand-in for EMC averages).
+
+    ``volumes (K, N, N, N)`` centred intensities; each average picks a volume (among ``shapes``,
+    default all), a uniformly random orientation, is sliced on the Ewald points of an S x S grid
+    (:func:`spiscape.simulate.frames.slice_volume`, the simulator's convention), scaled so that
+    the mean volume gives ``photons`` per pixel at |q| = beamstop, and drawn from a Poisson law.
+    The support is the ring beamstop <= |(cx, cy)| <= (S - 1) / 2.
+    """
+    from spiscape.simulate.frames import quaternion_to_matrix, random_quaternions, slice_volume
+    from spiscape.vae.model import ewald_grid
+
+    shapes = np.arange(volumes.shape[0]) if shapes is None else np.asarray(shapes)
+    q = ewald_grid(size, detd, ewald_rad).reshape(3, -1)
+    c = (size - 1) / 2.0
+    cx, cy = np.meshgrid(np.arange(size) - c, np.arange(size) - c, indexing="ij")
+    radius = np.hypot(cx, cy)
+    support = (radius >= beamstop) & (radius <= c)
+    which = rng.choice(shapes, size=num)
+    quats = random_quaternions(num, rng)
+    rots = quaternion_to_matrix(quats)
+    clean = np.empty((num, size, size))
+    for k in np.unique(which):
+        sel = which == k
+        clean[sel] = slice_volume(volumes[k], q, rots[sel]).reshape(-1, size, size)
+    ring = support & (radius < beamstop + 1.0)
+    scale = photons / clean[:, ring].mean()
+    counts = rng.poisson(clean * scale).astype(np.float32)
+    counts[:, ~support] = 0.0
+    return {"intens": counts, "support": support, "quaternion": quats, "shape_index": which,
+            "gain": np.ones(num), "replicate": np.zeros(num, dtype=np.int32),
+            "class": np.arange(num, dtype=np.int32), "frames": np.ones(num, dtype=np.float32)}
+
+
+def write_synthetic(sim: dict, averages_path, orientation_path, extra: dict | None = None):
+    """Write synthetic averages in the averages.h5 / orientation.h5 layout (plus truth keys)."""
+    from spiscape.utils.atomic import atomic_path
+
+    with atomic_path(averages_path) as tmp, h5py.File(tmp, "w") as f:
+        for key in ("intens", "support", "replicate", "class", "frames", "shape_index"):
+            f[key] = sim[key]
+        for key, value in (extra or {}).items():
+            f[key] = value
+    with atomic_path(orientation_path) as tmp, h5py.File(tmp, "w") as f:
+        f["quaternion"] = sim["quaternion"]
+        f["gain"] = sim["gain"]
+        f["cc"] = np.ones(len(sim["gain"]))

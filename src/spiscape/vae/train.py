@@ -1,0 +1,293 @@
+"""Training loop: Adam on the Poisson ELBO, DistributedDataParallel under torchrun, bf16 autocast
+on GPU, a checkpoint per epoch with everything needed to resume bit-for-bit on CPU, and the
+convergence checks cryoDRGN users expect (volumes at fixed latent points and the latents of the
+data compared between checks).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from tqdm import tqdm
+
+from spiscape.errors import ConfigError, InputError
+from spiscape.utils.atomic import atomic_path
+from spiscape.vae.model import SPIVAE, kl_divergence, poisson_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    zdim: int = 1
+    volume_size: int = 61
+    point_group: str = "m-3m"
+    epochs: int = 50
+    batch_size: int = 8
+    lr: float = 1e-3
+    kl_weight: float = 0.01
+    seed: int = 1
+    device: str = "auto"
+    check_every: int = 5
+    enc_channels: int = 16
+    dec_channels: int = 32
+    hidden: int = 256
+    threads: int = 2
+    extra: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- distributed
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto") -> Dist:
+    """Rank, world size and device; initialises the process group when launched by torchrun
+    (WORLD_SIZE > 1): nccl on GPU, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda but no GPU is visible")
+        dev = torch.device("cuda", local_rank if world > 1 else (torch.device(device).index or 0))
+        torch.cuda.set_device(dev)
+    elif device == "cpu":
+        dev = torch.device("cpu")
+    else:
+        raise ConfigError(f"unknown device {device!r} (auto, cpu, cuda)")
+    rank = 0
+    if world > 1:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        rank = dist.get_rank()
+    return Dist(rank=rank, world=world, local_rank=local_rank, device=dev)
+
+
+def _all_sum(values: torch.Tensor, ctx: Dist) -> torch.Tensor:
+    if ctx.world > 1:
+        dist.all_reduce(values)
+    return values
+
+
+# --------------------------------------------------------------------------- checkpoints
+def rng_states() -> dict:
+    out = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(path, model, optimiser, epoch, history, convergence, extra) -> None:
+    with atomic_path(path) as tmp:
+        torch.save({"model": model.state_dict(), "optimiser": optimiser.state_dict(),
+                    "epoch": epoch, "rng": rng_states(), "history": history,
+                    "convergence": convergence, **extra}, tmp)
+
+
+def load_checkpoint(path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise InputError(path, f"unreadable checkpoint ({exc})") from None
+
+
+def save_model(path, model: SPIVAE, profile: np.ndarray, q: np.ndarray, extra: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save({"config": model.config, "state_dict": model.state_dict(),
+                    "profile": np.asarray(profile), "q": np.asarray(q), **extra}, tmp)
+
+
+def load_model(path, device="cpu") -> SPIVAE:
+    """The trained VAE of model.pt."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise InputError(path, f"unreadable model ({exc})") from None
+    cfg = blob["config"]
+    model = SPIVAE(q=blob["q"], radial_log_profile=np.log(blob["profile"]), **cfg)
+    model.load_state_dict(blob["state_dict"])
+    return model.to(device).eval()
+
+
+# --------------------------------------------------------------------------- checks
+def fixed_latents(zdim: int) -> torch.Tensor:
+    """Latent points where the convergence check decodes volumes: a line (zdim 1) or a 3^zdim
+    grid over [-1.5, 1.5] of the prior."""
+    ax = torch.linspace(-1.5, 1.5, 5 if zdim == 1 else 3)
+    grids = torch.meshgrid(*([ax] * zdim), indexing="ij")
+    return torch.stack([g.reshape(-1) for g in grids], dim=1)
+
+
+def pearson(a, b) -> float:
+    a = np.asarray(a, dtype=np.float64).ravel()
+    b = np.asarray(b, dtype=np.float64).ravel()
+    a, b = a - a.mean(), b - b.mean()
+    den = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / den) if den > 0 else float("nan")
+
+
+@torch.no_grad()
+def encode(model: SPIVAE, tensors: dict, support, device, batch: int = 64):
+    """mu, logvar (n, zdim) of the given averages (eval mode, no sampling)."""
+    was = model.training
+    model.eval()
+    mus, lvs = [], []
+    for s in range(0, tensors["image"].shape[0], batch):
+        sl = slice(s, s + batch)
+        mu, lv = model.encoder(tensors["image"][sl].to(device), support.to(device),
+                               tensors["quaternion"][sl].to(device),
+                               tensors["log_gain"][sl].to(device))
+        mus.append(mu.float().cpu())
+        lvs.append(lv.float().cpu())
+    model.train(was)
+    return torch.cat(mus).numpy(), torch.cat(lvs).numpy()
+
+
+@torch.no_grad()
+def convergence_check(model: SPIVAE, tensors, support, device, previous: dict | None) -> dict:
+    """Volumes at fixed latent points and the data's mu, compared with the previous check:
+    Pearson of log volumes (mean over the points) and of mu per latent dimension."""
+    was = model.training
+    model.eval()
+    vols = torch.log(model.volumes(fixed_latents(model.zdim).to(device)).float()).cpu().numpy()
+    model.train(was)
+    mu, _ = encode(model, tensors, support, device)
+    out = {"volumes": vols, "mu": mu, "volume_cc": float("nan"),
+           "latent_pearson": [float("nan")] * mu.shape[1]}
+    if previous is not None:
+        out["volume_cc"] = float(np.mean([pearson(a, b) for a, b in
+                                          zip(vols, previous["volumes"], strict=True)]))
+        out["latent_pearson"] = [pearson(mu[:, k], previous["mu"][:, k])
+                                 for k in range(mu.shape[1])]
+    return out
+
+
+# --------------------------------------------------------------------------- training
+def build_model(cfg: TrainConfig, image_size: int, q: np.ndarray, profile: np.ndarray) -> SPIVAE:
+    return SPIVAE(cfg.zdim, cfg.volume_size, image_size, q, np.log(profile), cfg.point_group,
+                  cfg.enc_channels, cfg.dec_channels, cfg.hidden)
+
+
+def train(cfg: TrainConfig, tensors: dict, weight: np.ndarray, q: np.ndarray,
+          profile: np.ndarray, out_dir, resume: bool = False, ctx: Dist | None = None,
+          stop_after: int | None = None) -> tuple[SPIVAE, dict]:
+    """Train on ``tensors`` (from data.tensors); returns the model (unwrapped) and the history.
+
+    ``weight`` (S, S) marks the pixels in the loss. ``stop_after`` ends after that many epochs of
+    this call (tests of --resume). Checkpoint: ``out_dir/checkpoint.pt`` after every epoch.
+    """
+    ctx = ctx or setup_distributed(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / "checkpoint.pt"
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    device = ctx.device
+    image_size = tensors["image"].shape[-1]
+    model = build_model(cfg, image_size, q, profile).to(device)
+    optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    history = {"epoch": [], "loss": [], "recon": [], "kl": [], "seconds": []}
+    convergence = {"epoch": [], "volume_cc": [], "latent_pearson": []}
+    previous = None
+    start = 0
+    if resume and ckpt_path.exists():
+        ck = load_checkpoint(ckpt_path)
+        if ck.get("config", {}).get("zdim") != cfg.zdim or \
+                ck.get("config", {}).get("volume_size") != cfg.volume_size:
+            raise ConfigError(f"{ckpt_path} was made with other settings "
+                              f"({ck.get('config')}); remove it or drop --resume")
+        model.load_state_dict(ck["model"])
+        optimiser.load_state_dict(ck["optimiser"])
+        history, convergence, previous = ck["history"], ck["convergence"], ck.get("previous")
+        start = int(ck["epoch"])
+        set_rng_states(ck["rng"])
+        log.info("resuming from %s after epoch %d", ckpt_path, start)
+    elif resume:
+        log.info("--resume: no checkpoint in %s, starting afresh", out_dir)
+    net = model
+    if ctx.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    dataset = TensorDataset(tensors["image"], tensors["counts"], tensors["quaternion"],
+                            tensors["log_gain"])
+    sampler = DistributedSampler(dataset, num_replicas=ctx.world, rank=ctx.rank, shuffle=True,
+                                 seed=cfg.seed, drop_last=False)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler)
+    support = torch.as_tensor(weight, dtype=torch.float32).to(device)
+    use_bf16 = device.type == "cuda"
+    meta = {"config": asdict(cfg), "profile": profile}
+    done = 0
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        sampler.set_epoch(epoch)
+        sums = torch.zeros(4, dtype=torch.float64, device=device)
+        model.train()
+        for image, counts, quat, log_gain in tqdm(loader, desc=f"epoch {epoch + 1}",
+                                                  leave=False, disable=not ctx.main,
+                                                  mininterval=5):
+            image, counts = image.to(device), counts.to(device)
+            quat, log_gain = quat.to(device), log_gain.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                pred, mu, logvar = net(image, support, quat, log_gain)
+            recon, _ = poisson_loss(pred, counts, support)
+            kl = kl_divergence(mu.float(), logvar.float())
+            loss = (recon + cfg.kl_weight * kl).mean()
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            n = image.shape[0]
+            sums += torch.stack([loss.detach() * n, recon.detach().sum(), kl.detach().sum(),
+                                 torch.tensor(float(n), device=device)]).double()
+        sums = _all_sum(sums, ctx).cpu().numpy()
+        total, rec, kl_mean = sums[:3] / max(sums[3], 1)
+        seconds = time.perf_counter() - t0
+        for key, value in zip(("epoch", "loss", "recon", "kl", "seconds"),
+                              (epoch + 1, total, rec, kl_mean, seconds), strict=True):
+            history[key].append(float(value))
+        line = (f"epoch {epoch + 1}/{cfg.epochs} loss {total:.5g} recon {rec:.5g} "
+                f"kl {kl_mean:.4g} ({seconds:.1f} s, {sums[3] / seconds:.1f} averages/s)")
+        if cfg.check_every and ((epoch + 1) % cfg.check_every == 0 or epoch + 1 == cfg.epochs):
+            check = convergence_check(model, tensors, support, device, previous)
+            previous = {"volumes": check["volumes"], "mu": check["mu"]}
+            convergence["epoch"].append(epoch + 1)
+            convergence["volume_cc"].append(check["volume_cc"])
+            convergence["latent_pearson"].append(check["latent_pearson"])
+            line += (f"; vs previous check: volume CC {check['volume_cc']:.4f}, latent r "
+                     + " ".join(f"{v:.3f}" for v in check["latent_pearson"]))
+        if ctx.main:
+            log.info(line)
+            save_checkpoint(ckpt_path, model, optimiser, epoch + 1, history, convergence,
+                            {**meta, "previous": previous})
+        if ctx.world > 1:
+            dist.barrier()
+        done += 1
+        if stop_after is not None and done >= stop_after:
+            break
+    return model, {"history": history, "convergence": convergence}

@@ -1,0 +1,239 @@
+"""The VAE stage: symmetry, Ewald slicing, loss, checkpoint/resume, per-frame latents, CLI."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from spiscape.simulate.frames import quaternion_to_matrix as np_quat_to_matrix
+from spiscape.simulate.frames import random_quaternions, slice_volume
+from spiscape.simulate.intensity import cube_form_factor, sphere_form_factor
+from spiscape.vae import model as vm
+from spiscape.vae.analysis import frame_latents, latent_points
+from spiscape.vae.data import synthetic_averages, write_synthetic
+from spiscape.vae.train import TrainConfig, setup_distributed, train
+
+torch.set_num_threads(2)
+V = 15
+S = 13
+DETD = EWALD = 60.0
+
+
+def analytic_volumes(n: int = V) -> np.ndarray:
+    """Cube and sphere intensities (2, n, n, n), centred at n // 2, |F|^2 of unit-volume shapes
+    about 4 voxels across in real space (form factors from spiscape.simulate.intensity)."""
+    ax = (np.arange(n) - n // 2) / n
+    q = np.stack(np.meshgrid(ax, ax, ax, indexing="ij"), axis=-1)
+    cube = cube_form_factor(q, 4.0) ** 2
+    sphere = sphere_form_factor(np.linalg.norm(q, axis=-1), 2.5) ** 2
+    return np.stack([cube, sphere]) * 1e3 + 1e-3
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vae")
+    vols = analytic_volumes()
+    sim = synthetic_averages(vols, S, DETD, EWALD, 24, np.random.default_rng(3), photons=200.0,
+                             beamstop=1.0)
+    write_synthetic(sim, out / "averages.h5", out / "orientation.h5",
+                    {"truth_t": sim["shape_index"].astype(float),
+                     "truth_label": np.where(sim["shape_index"] == 0, 0, 2)})
+    with h5py.File(out / "detector.h5", "w") as f:
+        ax = np.arange(S) - (S - 1) / 2
+        cx, cy = np.meshgrid(ax, ax, indexing="ij")
+        q = vm.ewald_grid(S, DETD, EWALD).reshape(3, -1)
+        for k, name in enumerate(("qx", "qy", "qz")):
+            f[name] = q[k]
+        f["corr"] = np.ones(S * S)
+        f["mask"] = np.zeros(S * S, dtype=np.uint8)
+        f["detd"] = DETD
+        f["ewald_rad"] = EWALD
+    return out, sim
+
+
+def small_cfg(**kw):
+    base = dict(zdim=1, volume_size=V, epochs=3, batch_size=8, lr=3e-3, kl_weight=0.01, seed=7,
+                device="cpu", check_every=1, enc_channels=4, dec_channels=8, hidden=32,
+                threads=2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def training_inputs(sim, cfg):
+    from spiscape.vae.data import VAEData, loss_weight, radial_profile, tensors
+
+    n = sim["intens"].shape[0]
+    data = VAEData(intens=sim["intens"], support=sim["support"], quaternion=sim["quaternion"],
+                   gain=sim["gain"], replicate=sim["replicate"], klass=sim["class"],
+                   frames=sim["frames"], selected=np.ones(n, bool))
+    q = vm.ewald_grid(S, DETD, EWALD)
+    qn = np.linalg.norm(q, axis=0)
+    prof = radial_profile(data.intens, data.support, qn, nbins=cfg.volume_size + 2)
+    return tensors(data, q, prof), loss_weight(data.support, qn, cfg.volume_size), q, prof
+
+
+# --------------------------------------------------------------------------- symmetry
+def test_m3m_symmetrisation_idempotent_and_invariant():
+    ops = vm.group_operations("m-3m")
+    assert len(ops) == 48 and len(set(ops)) == 48
+    v = torch.randn(2, 9, 9, 9, dtype=torch.float64)
+    s = vm.symmetrise(v, "m-3m")
+    assert torch.allclose(vm.symmetrise(s, "m-3m"), s, atol=1e-12)
+    for perm, flips in ops:
+        assert torch.allclose(vm.apply_operation(s, perm, flips), s, atol=1e-12)
+    brute = sum(vm.apply_operation(v, p, f) for p, f in ops) / 48
+    assert torch.allclose(brute, s, atol=1e-12)
+    # a non-symmetric volume is changed; point group 1 leaves it alone
+    assert not torch.allclose(s, v)
+    assert vm.symmetrise(v, "1") is v
+
+
+def test_model_volumes_are_m3m_symmetric():
+    q = vm.ewald_grid(S, DETD, EWALD)
+    model = vm.SPIVAE(1, V, S, q, np.zeros(V + 2), "m-3m", 4, 8, 16)
+    with torch.no_grad():
+        vols = model.volumes(torch.tensor([[0.3], [-1.0]]))
+    assert vols.shape == (2, V, V, V) and bool((vols > 0).all())
+    for perm, flips in vm.group_operations("m-3m"):
+        assert torch.allclose(vm.apply_operation(vols, perm, flips), vols, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- slicing
+def test_slicing_matches_simulator_convention():
+    rng = np.random.default_rng(0)
+    ax = np.arange(V) - V // 2
+    # an analytic, asymmetric volume: orientation errors would show
+    vol = np.exp(-((ax[:, None, None] - 1.5) ** 2 / 9 + ax[None, :, None] ** 2 / 4
+                   + (ax[None, None, :] + 2) ** 2 / 16))
+    q = vm.ewald_grid(S, DETD, EWALD).reshape(3, -1)
+    quats = random_quaternions(4, rng)
+    expected = slice_volume(vol, q, np_quat_to_matrix(quats))
+    rot = vm.quaternion_to_matrix(torch.tensor(quats))
+    assert np.allclose(rot.numpy(), np_quat_to_matrix(quats), atol=1e-12)
+    got = vm.slice_volumes(torch.tensor(vol).expand(4, V, V, V), torch.tensor(q), rot)
+    # within the volume (the loss uses only |q| <= V // 2 - 1; at the very edge scipy reads the
+    # constant 0 where grid_sample blends with the zero padding)
+    inside = np.linalg.norm(q, axis=0) <= V // 2 - 1
+    assert inside.sum() > 100
+    assert np.allclose(got.numpy()[:, inside], expected[:, inside], atol=1e-10)
+    # the octant read at |R q| equals the full symmetric volume (the m-3m fast path)
+    sym = vm.symmetrise(torch.tensor(vol)[None], "m-3m")
+    full = vm.slice_volumes(sym.expand(4, V, V, V), torch.tensor(q), rot)
+    octant = sym[:, V // 2:, V // 2:, V // 2:].expand(4, -1, -1, -1)
+    folded = vm.slice_volumes(octant, torch.tensor(q), rot, folded=True)
+    assert np.allclose(full.numpy(), folded.numpy(), atol=1e-10)
+
+
+def test_ewald_grid_matches_detector_formula():
+    q = vm.ewald_grid(5, 100.0, 80.0)
+    c = 2.0
+    fac = np.sqrt(2.0**2 + 1.0**2 + 100.0**2)  # grid point (4, 1): cx = 2, cy = -1
+    assert np.allclose(q[:, 4, 1], [2 * 80 / fac, -80 / fac, 80 * (100 / fac - 1)])
+    assert np.allclose(q[:, int(c), int(c)], 0.0)
+
+
+# --------------------------------------------------------------------------- training
+def test_loss_decreases(tiny, tmp_path):
+    _, sim = tiny
+    cfg = small_cfg(epochs=6, check_every=3, lr=1e-2)
+    tens, weight, q, prof = training_inputs(sim, cfg)
+    _, result = train(cfg, tens, weight, q, prof, tmp_path, ctx=setup_distributed("cpu"))
+    loss = result["history"]["loss"]
+    print(loss)
+    assert len(loss) == 6 and np.all(np.isfinite(loss))
+    assert loss[-1] < 0.8 * loss[0]
+    conv = result["convergence"]
+    assert conv["epoch"] == [3, 6] and np.isfinite(conv["volume_cc"][1])
+
+
+def test_resume_continues_to_same_result(tiny, tmp_path):
+    _, sim = tiny
+    cfg = small_cfg(epochs=3)
+    tens, weight, q, prof = training_inputs(sim, cfg)
+    ctx = setup_distributed("cpu")
+    full, res_full = train(cfg, tens, weight, q, prof, tmp_path / "a", ctx=ctx)
+    train(cfg, tens, weight, q, prof, tmp_path / "b", ctx=ctx, stop_after=1)
+    ck = torch.load(tmp_path / "b/checkpoint.pt", weights_only=False)
+    assert ck["epoch"] == 1 and {"model", "optimiser", "rng", "history"} <= set(ck)
+    resumed, res_resumed = train(cfg, tens, weight, q, prof, tmp_path / "b", resume=True,
+                                 ctx=ctx)
+    assert res_resumed["history"]["epoch"] == [1.0, 2.0, 3.0]
+    assert np.allclose(res_full["history"]["loss"], res_resumed["history"]["loss"], rtol=1e-6)
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(),
+                                 strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), name
+
+
+# --------------------------------------------------------------------------- analysis
+def test_frame_latents_weighting(tmp_path):
+    # replicate 0: frames 0, 1, 2 over classes 0, 1; replicate 1: frames 1, 3 over classes 0, 1
+    with h5py.File(tmp_path / "rep0.h5", "w") as f:
+        f["frames"] = np.array([0, 1, 2])
+        f["occupancies"] = np.array([[1.0, 0.0], [0.25, 0.75], [0.0, 0.0]])
+    with h5py.File(tmp_path / "rep1.h5", "w") as f:
+        f["frames"] = np.array([1, 3])
+        f["occupancies"] = np.array([[0.5, 0.5], [0.2, 0.8]])
+    # averages: (rep 0, class 0) mu 0, (rep 0, class 1) mu 4, (rep 1, class 0) mu 2; rep 1's
+    # class 1 is not an average (dropped), so its weight is renormalised onto class 0
+    averages = {"replicate": np.array([0, 0, 1]), "class": np.array([0, 1, 0])}
+    mu = np.array([[0.0], [4.0], [2.0]])
+    lat = frame_latents([tmp_path / "rep0.h5", tmp_path / "rep1.h5"], averages, mu, 5)
+    assert lat.shape == (5, 1)
+    assert lat[0, 0] == pytest.approx(0.0)
+    assert lat[1, 0] == pytest.approx(0.5 * (0.25 * 0 + 0.75 * 4) + 0.5 * 2.0)
+    assert np.isnan(lat[2, 0])  # zero occupancy: never assigned
+    assert lat[3, 0] == pytest.approx(2.0)
+    assert np.isnan(lat[4, 0])
+
+
+def test_latent_points_grid_marks_empty_cells():
+    mu = np.array([[0.0, 0.0], [0.1, 0.0], [1.0, 1.0]])
+    z, has = latent_points(mu, 9)
+    assert z.shape == (9, 2) and has[0] and has[-1] and not has.all()
+    z1, has1 = latent_points(mu[:, :1], 5)
+    assert z1[0, 0] == 0.0 and z1[-1, 0] == 1.0 and has1.all()
+
+
+def test_shell_correlation_identity_and_rotation():
+    from spiscape.metrics.volumes import best_rotation_shell_correlation, shell_correlation
+
+    vols = analytic_volumes(17)
+    q, cc = shell_correlation(vols[0], vols[0] * 3.0)
+    assert np.nanmin(cc[1:]) > 0.999
+    rotated = np.transpose(vols[0] * (1 + np.arange(17))[:, None, None], (1, 0, 2))
+    res = best_rotation_shell_correlation(rotated, vols[0] * (1 + np.arange(17))[:, None, None],
+                                          qmin=1.0)
+    assert res["min"] > 0.999
+
+
+# --------------------------------------------------------------------------- CLI
+def test_cli_runs_and_rejects_mismatched_orientation(tiny, tmp_path, capsys):
+    from spiscape.cli import main
+
+    out, sim = tiny
+    args = ["vae", "--averages", str(out / "averages.h5"), "--detector",
+            str(out / "detector.h5"), "--epochs", "1", "--volume-size", str(V),
+            "--batch-size", "8", "--dec-channels", "8", "--enc-channels", "4",
+            "--num-volumes", "3", "--device", "cpu"]
+    bad = tmp_path / "orientation_bad.h5"
+    with h5py.File(bad, "w") as f:
+        f["quaternion"] = sim["quaternion"][:-1]
+        f["gain"] = sim["gain"][:-1]
+    rc = main(args + ["--orientation", str(bad), "--out-dir", str(tmp_path / "bad")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "orientation_bad.h5" in err[0] and "23" in err[0]
+    rc = main(args + ["--orientation", str(out / "orientation.h5"), "--out-dir",
+                      str(tmp_path / "vae"), "--no-figures", "--volume-size", "14"])
+    assert rc == 2  # even V
+    rc = main(args + ["--orientation", str(out / "orientation.h5"),
+                      "--out-dir", str(tmp_path / "vae"), "--no-figures"])
+    assert rc == 0
+    with h5py.File(tmp_path / "vae/volumes.h5") as f:
+        assert f["intens"].shape == (3, V, V, V) and f["z"].shape == (3, 1)
+        assert f["has_data"][()].all()
+    with h5py.File(tmp_path / "vae/latent.h5") as f:
+        assert f["mu"].shape == (24, 1) and f["logvar"].shape == (24, 1)
+    assert len(list((tmp_path / "vae/volumes").glob("*.mrc"))) == 3
+    assert (tmp_path / "vae/model.pt").exists() and (tmp_path / "vae/checkpoint.pt").exists()

@@ -1,0 +1,25 @@
+# One index table across all datasets of the config (facility-wide reprocessing).
+
+
+rule summary:
+    input:
+        [f"{RESULTS}/{ds}/inspect/summary.json" for ds in DATASETS],
+        [f"{RESULTS}/{ds}/frames.h5" for ds in DATASETS],
+    output:
+        table=report(
+            f"{RESULTS}/summary.tsv",
+            caption="../report/summary.rst",
+            category="Summary",
+        ),
+        json=f"{RESULTS}/summary.json",
+    params:
+        cmd=SPISCAPE,
+        datasets=list(DATASETS),
+        version=stage_version("summarize"),
+    conda:
+        "../../envs/cpu.yaml"
+    log:
+        f"{RESULTS}/logs/summary.log",
+    shell:
+        "{params.cmd} summarize --results $(dirname {output.table}) --datasets {params.datasets} "
+        "--out {output.table} 2> {log}"
