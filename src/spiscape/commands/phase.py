@@ -55,8 +55,9 @@ def add_args(parser):
     parser.add_argument("--beta", type=float, default=0.9, help="HIO / RAAR feedback parameter")
     parser.add_argument("--shrinkwrap-every", type=int, default=20,
                         help="iterations between support updates (0: fixed support)")
-    parser.add_argument("--shrinkwrap-threshold", type=float, default=0.2,
-                        help="support = blurred density above this fraction of its maximum")
+    parser.add_argument("--shrinkwrap-threshold", type=float, default=0.15,
+                        help="support = blurred density above this fraction of its maximum at the last "
+                        "update (falling linearly from 0.3 at the first)")
     parser.add_argument("--volume-rule", choices=RULES, default=DEFAULT_RULE,
                         help="how the particle volume is measured (see spiscape.phasing.volume)")
     parser.add_argument("--threshold-fraction", type=float, default=None,

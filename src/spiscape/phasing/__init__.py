@@ -1,8 +1,9 @@
 """Phase retrieval of 3D intensity volumes and 2D class averages, and particle volumes.
 
-:func:`phase_pattern` runs the recipe on several random starts at once, aligns them (shift and
-inversion) to the first, averages them and measures the PRTF; :mod:`.volume` turns a density into
-a particle volume. See :mod:`.algorithms` for the update rules and conventions.
+:func:`phase_pattern` runs the recipe on several random starts at once, keeps those whose final
+error is within twice the best, aligns them (shift and inversion) to the best, averages them and
+measures the PRTF; :mod:`.volume` turns a density into a particle volume. See :mod:`.algorithms`
+for the update rules and conventions.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ class PhasingResult:
     prtf: np.ndarray  # (n_shells,)
     prtf_q: np.ndarray  # (n_shells,) shell |q| in voxels
     resolution_q: float  # shell (voxels) where the PRTF crosses 1/e, NaN if it never does
-    errors: np.ndarray  # (iterations, starts) support error
-    inverted: np.ndarray  # (starts,) which starts were twins of the reference
+    errors: np.ndarray  # (iterations, starts) support error, every start
+    inverted: np.ndarray  # (kept,) which averaged starts were twins of the reference
+    kept: np.ndarray | None = None  # indices of the starts averaged, the reference first
 
 
 def measured_shell_mask(shape, q_min: float = 0.0, q_max: float = np.inf) -> np.ndarray:
@@ -47,6 +49,8 @@ def phase_pattern(intens, params: PhasingParams, xp=np, measured=None) -> Phasin
     """Phase one centred intensity pattern (2D or 3D) from ``params.starts`` random starts."""
     phaser = Phaser(intens, params, xp=xp, measured=measured)
     densities, supports, errors = phaser.run()
+    kept = select_starts(to_numpy(errors[-1]) if errors.shape[0] else None, densities.shape[0])
+    densities, supports = densities[kept], supports[kept]  # the best start first
     aligned, specs, _, inverted = align_starts(xp, densities)
     mean = xp.maximum(xp.mean(aligned, axis=0), 0)
     values, q = prtf(xp, specs, intens, measured)
@@ -64,7 +68,23 @@ def phase_pattern(intens, params: PhasingParams, xp=np, measured=None) -> Phasin
         resolution_q=prtf_resolution(values, q),
         errors=to_numpy(errors),
         inverted=inverted,
+        kept=np.asarray(kept),
     )
+
+
+def select_starts(final_errors, starts: int, factor: float = 2.0) -> np.ndarray:
+    """Indices of the starts averaged: final support error within ``factor`` of the best.
+
+    A start that stagnated (a twin mixture, or an offset filling a loose support) has an error
+    several times the converged ones and would blur the average; the best start comes first
+    and is the reference of the alignment.
+    """
+    if final_errors is None:
+        return np.arange(starts)
+    err = np.nan_to_num(np.asarray(final_errors, dtype=np.float64), nan=np.inf)
+    order = np.argsort(err, kind="stable")
+    best = err[order[0]]
+    return order[err[order] <= factor * best + 1e-6]
 
 
 def _integer_shift(before, after):

@@ -22,10 +22,16 @@ rho the iterate):
           by Dragonfly's phaser; one Fourier projection per iteration)
 ``RAAR``  rho <- beta (rho + P_S(2 p - rho) - p) + (1 - beta) p, p = P_M rho (Luke 2005)
 
-The solution estimate of every algorithm is P_S P_M rho. Shrink-wrap (Marchesini et al. 2003):
-every ``shrinkwrap_every`` iterations the support becomes {blur_sigma(max(P_M rho, 0)) >=
-threshold * max}, the Gaussian width shrinking geometrically from ``sigma_start`` to ``sigma_end``
-voxels; it is off during the last stage of a recipe, so that a closing ER stage refines the
+The solution estimate of every algorithm is P_S P_M rho; the density returned is that estimate
+without its (unconstrained) components beyond the outermost measured |q|.
+
+Starts are the measured amplitudes with random phases (free voxels zero) on the initial support:
+the central peak of the autocorrelation (unmeasured voxels zero), enlarged twice about the centre.
+Shrink-wrap (Marchesini et al. 2003): every ``shrinkwrap_every`` iterations the support becomes
+{blur_sigma(P_S P_M rho) >= threshold * max} within the initial support (so it cannot grow to
+absorb an offset), sigma falling geometrically from ``sigma_start`` to ``sigma_end`` and the
+threshold linearly from ``shrinkwrap_threshold_start`` to ``shrinkwrap_threshold`` over the
+updates; it is off during the last stage of a recipe, so that a closing ER stage refines the
 density on a fixed support.
 """
 
@@ -81,11 +87,13 @@ class PhasingParams:
     beta: float = 0.9  # HIO and RAAR feedback
     positivity: bool = True
     shrinkwrap_every: int = 20
-    shrinkwrap_threshold: float = 0.2  # fraction of the blurred maximum
+    shrinkwrap_threshold: float = 0.15  # fraction of the blurred maximum, at the last update
+    shrinkwrap_threshold_start: float = 0.3  # ... at the first update (linear in between)
     sigma_start: float = 3.0  # voxels
     sigma_end: float = 1.0
-    sigma_decay: float = 0.9  # per shrink-wrap update
-    initial_support_threshold: float = 0.04  # of the blurred autocorrelation's maximum
+    initial_support_threshold: float = 0.02  # of the (lightly blurred) autocorrelation's peak
+    initial_support_scale: float = 2.0  # enlargement of the autocorrelation's central peak
+    initial_support_dilation: int = 1  # voxels added around it
 
 
 class FFT:
@@ -164,6 +172,20 @@ class Phaser:
         keep = support & (rho > 0) if self.params.positivity else support
         return self.xp.where(keep, rho, 0).astype(rho.dtype)
 
+    def band_limit(self, rho):
+        """Remove the Fourier components beyond the outermost measured |q|.
+
+        Nothing constrains them but support and positivity, which leave a band of free modes
+        that fill the particle's interior with grid-scale fluctuations (the corners of the
+        Fourier cube beyond the detector's edge); the density is reported at the resolution
+        of the data. The free low-q voxels (beamstop) are kept: they hold the particle's mass.
+        """
+        xp = self.xp
+        k2_max = float(xp.max(xp.where(self.mask, self.k2, 0)))
+        spec = self.fft.forward(rho)
+        spec = xp.where(self.k2 <= k2_max * (1 + 1e-6), spec, 0)
+        return self.fft.inverse(spec).astype(rho.dtype)
+
     def blur(self, rho, sigma: float):
         """Gaussian blur of width sigma voxels (periodic, via the FFT)."""
         xp = self.xp
@@ -178,13 +200,56 @@ class Phaser:
         return blurred >= fraction * peak
 
     def initial_support(self):
-        """Blurred autocorrelation (Patterson map, unmeasured voxels set to 0) thresholded."""
+        """Support from the autocorrelation (Patterson map, unmeasured voxels set to 0).
+
+        The autocorrelation of an object is zero beyond twice the object's extent, so its
+        support, shifted to be centred on the grid, contains the object (placed about the
+        centre). Without the low-q voxels the map is the autocorrelation minus a smooth
+        low-pass version of it: a central peak on a negative moat, with positive ripples
+        beyond. The support is the connected region about the centre where the lightly
+        blurred map exceeds ``initial_support_threshold`` of its peak; the ripples, which
+        are not connected to it, are dropped.
+        """
+        from scipy import ndimage
+
+        from spiscape.backend import to_numpy
+
         xp = self.xp
         patterson = self.fft.inverse(xp.where(self.mask, self.amp**2, 0).astype(xp.complex64))
-        patterson = xp.fft.fftshift(patterson)  # the object is placed about the grid centre
-        return self.threshold_support(
-            patterson[None], self.params.sigma_start, self.params.initial_support_threshold
-        )[0]
+        patterson = xp.fft.fftshift(self.blur(patterson[None], 1.0)[0])
+        above = to_numpy(patterson >= self.params.initial_support_threshold
+                         * xp.max(patterson))
+        labels, _ = ndimage.label(above)
+        centre = labels[tuple(n // 2 for n in self.shape)]
+        core = labels == centre if centre else above
+        # the central peak is about the object's own size (the moat cuts the rest): enlarge it
+        # about the centre by initial_support_scale (2: the autocorrelation's extent)
+        scale = float(self.params.initial_support_scale)
+        grids = np.meshgrid(*[np.arange(n) - n // 2 for n in self.shape], indexing="ij")
+        index = tuple(
+            np.clip(np.rint(g / scale).astype(np.int64) + n // 2, 0, n - 1)
+            for g, n in zip(grids, self.shape, strict=True)
+        )
+        support = core[index]
+        if self.params.initial_support_dilation > 0:
+            support = ndimage.binary_dilation(
+                support, iterations=self.params.initial_support_dilation
+            )
+        return xp.asarray(support)
+
+    def random_start(self, rng, supports):
+        """Random starts: the measured amplitudes with random phases, projected on the support.
+
+        Unmeasured voxels (q = 0 among them) start at zero, so a start carries no offset of its
+        own, and its scale is the data's: a uniform-noise start puts most of its power in the
+        free low-q voxels, which only the support constraint can then remove.
+        """
+        xp = self.xp
+        shape = (self.params.starts,) + tuple(self.amp.shape)
+        phase = xp.asarray(rng.random(shape, dtype=np.float32)) * np.float32(2 * np.pi)
+        spec = xp.where(self.mask, self.amp, 0) * xp.exp(1j * phase)
+        rho = self.fft.inverse(spec.astype(xp.complex64)).astype(xp.float32)
+        return self.project_support(rho, supports)
 
     def start_scale(self, rho):
         """Factor bringing random starts to the measured amplitudes' scale (per start).
@@ -198,6 +263,25 @@ class Phaser:
         target = xp.sqrt(xp.sum(self.amp**2 * self.mask))
         norm = xp.sqrt(xp.sum(spec * spec, axis=axes, keepdims=True))
         return (target / xp.maximum(norm, 1e-30)).astype(rho.dtype)
+
+    def shrinkwrap_schedule(self, update: int, n_updates: int):
+        """(blur sigma, threshold fraction) of shrink-wrap update ``update`` of ``n_updates``.
+
+        Sigma falls geometrically from sigma_start to sigma_end and the threshold linearly from
+        shrinkwrap_threshold_start to shrinkwrap_threshold. The high early threshold removes a
+        uniform offset filling a loose support (the unmeasured low-q voxels leave it nearly
+        free); the low final threshold with a narrow blur keeps the corners and edges of a
+        faceted particle, which a wide blur lowers to an eighth (corners) or a quarter (edges)
+        of the plateau.
+        """
+        prm = self.params
+        u = update / (n_updates - 1) if n_updates > 1 else 1.0
+        u = min(max(u, 0.0), 1.0)
+        sigma = prm.sigma_start * (prm.sigma_end / prm.sigma_start) ** u
+        fraction = prm.shrinkwrap_threshold_start + u * (
+            prm.shrinkwrap_threshold - prm.shrinkwrap_threshold_start
+        )
+        return sigma, fraction
 
     # -- iteration ---------------------------------------------------------------------------
     def step(self, name: str, rho, support):
@@ -236,22 +320,29 @@ class Phaser:
         rng = np.random.default_rng(prm.seed)
         support0 = self.initial_support()
         supports = xp.broadcast_to(support0, (prm.starts,) + self.shape).copy()
-        noise = xp.asarray(rng.random((prm.starts,) + self.shape, dtype=np.float32))
-        rho = xp.where(supports, noise, 0).astype(xp.float32)
-        rho *= self.start_scale(rho)
-        sigma = prm.sigma_start
+        rho = self.random_start(rng, supports)
         history = []
         n_stages = len(self.stages)
+        wrapped = [s < n_stages - 1 or n_stages == 1 for s in range(n_stages)]
+        n_updates = sum(c for (c, _), w in zip(self.stages, wrapped, strict=True) if w)
+        n_updates = n_updates // prm.shrinkwrap_every if prm.shrinkwrap_every > 0 else 0
+        update = 0
         it = 0
         for s, (count, name) in enumerate(self.stages):
-            wrap = prm.shrinkwrap_every > 0 and (s < n_stages - 1 or n_stages == 1)
+            wrap = prm.shrinkwrap_every > 0 and wrapped[s]
             for _ in range(count):
                 rho, p = self.step(name, rho, supports)
                 it += 1
                 history.append(self.support_error(p, supports))
                 if wrap and it % prm.shrinkwrap_every == 0:
-                    supports = self.threshold_support(p, sigma, prm.shrinkwrap_threshold)
-                    sigma = max(prm.sigma_end, sigma * prm.sigma_decay)
-        final = self.project_support(self.project_fourier(rho), supports)
+                    # the solution estimate, not P_M rho: outside the support P_M rho carries
+                    # whatever DM / RAAR / HIO have not yet shed, and a support grown to cover
+                    # it absorbs an offset that the free low-q voxels leave unconstrained;
+                    # the autocorrelation's support bounds every later one
+                    sigma, fraction = self.shrinkwrap_schedule(update, n_updates)
+                    update += 1
+                    estimate = self.project_support(p, supports)
+                    supports = support0 & self.threshold_support(estimate, sigma, fraction)
+        final = self.band_limit(self.project_support(self.project_fourier(rho), supports))
         errors = xp.stack(history) if history else xp.zeros((0, prm.starts))
         return final, supports, errors
