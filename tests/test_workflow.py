@@ -59,7 +59,8 @@ def test_default_config_plans_the_pipeline(tmp_path):
     proc = snakemake(tmp_path, "--configfile", str(REPO / "config/config.yaml"), "-n")
     assert planned_jobs(proc) == {
         "simulate": 1, "inspect": 1, "classify2d": 2, "averages": 1, "commonlines_tile": 2,
-        "commonlines_merge": 1, "embed": 1, "landscape": 1, "all": 1, "total": 11,
+        "commonlines_merge": 1, "embed": 1, "landscape": 1, "orient": 1, "summary": 1,
+        "all": 1, "total": 13,
     }
 
 
