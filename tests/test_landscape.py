@@ -116,6 +116,7 @@ def test_bootstrap_stability_of_identical_replicates():
 def write_landscape_inputs(folder):
     with h5py.File(folder / "averages.h5", "w") as f:
         f["intens"] = np.ones((3, 5, 5), np.float32)
+        f["support"] = np.ones((5, 5), bool)
         f["replicate"] = REPLICATE_OF
         f["class"] = CLASS_OF
     with h5py.File(folder / "embedding.h5", "w") as f:

@@ -16,13 +16,13 @@ import json
 import logging
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from spiscape.embed import figures
 from spiscape.embed.embedding import read_averages
 from spiscape.embed.landscape import frame_coordinates, read_replicates, write_landscape
 from spiscape.errors import InputError
+from spiscape.io.hdf5 import open_input
 from spiscape.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -47,16 +47,9 @@ def add_args(parser):
 
 
 def read_embedding(path) -> dict:
-    try:
-        with h5py.File(path, "r") as f:
-            data = {"coords": f["coords"][()], "labels": f["labels"][()],
-                    "method": str(f.attrs.get("method", "pca"))}
-    except FileNotFoundError:
-        raise InputError(path, "no such file") from None
-    except KeyError as exc:
-        raise InputError(path, f"not an embedding file (missing {exc})") from None
-    except OSError as exc:
-        raise InputError(path, f"not a readable HDF5 file ({exc})") from None
+    with open_input(path, "an embedding file") as f:
+        data = {"coords": f["coords"][()], "labels": f["labels"][()],
+                "method": str(f.attrs.get("method", "pca"))}
     if data["coords"].ndim != 2 or data["labels"].shape != (data["coords"].shape[0],):
         raise InputError(path, f"coords {data['coords'].shape} and labels "
                                f"{data['labels'].shape} do not match")

@@ -30,6 +30,7 @@ import h5py
 import numpy as np
 
 from spiscape.backend import get_array_module
+from spiscape.emc.averages import read_averages as read_averages_file
 from spiscape.errors import ConfigError, InputError
 from spiscape.io import read_detector
 from spiscape.orient import rotations as rot
@@ -75,31 +76,9 @@ def add_args(parser):
 
 
 def read_averages(path) -> tuple[np.ndarray, np.ndarray]:
-    """intens (A, S, S) and support (S, S) of averages.h5 (all True when absent)."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(path, "no such file")
-    try:
-        with h5py.File(path, "r") as f:
-            if "intens" not in f:
-                raise InputError(path, "no dataset 'intens' (not an averages.h5)")
-            intens = np.asarray(f["intens"][()], dtype=np.float64)
-            support = f["support"][()].astype(bool) if "support" in f else None
-    except OSError as exc:
-        raise InputError(path, f"unreadable HDF5 file ({exc.__class__.__name__})") from None
-    if intens.ndim != 3 or intens.shape[1] != intens.shape[2] or intens.shape[0] == 0:
-        raise InputError(path, f"'intens' must be (A, S, S) with A > 0, got {intens.shape}")
-    if support is None:
-        log.warning("%s has no 'support': every grid point is used", path)
-        support = np.ones(intens.shape[1:], dtype=bool)
-    if support.shape != intens.shape[1:]:
-        raise InputError(path, f"'support' {support.shape} does not match 'intens' "
-                         f"{intens.shape[1:]}")
-    if not support.any():
-        raise InputError(path, "'support' is empty")
-    if not np.all(np.isfinite(intens[:, support])):
-        raise InputError(path, "'intens' holds NaN or infinite values on the support")
-    return intens, support
+    """intens (A, S, S) and support (S, S) of averages.h5, validated."""
+    data = read_averages_file(path)
+    return data["intens"], data["support"]
 
 
 def q_per_pixel_from(args) -> float:

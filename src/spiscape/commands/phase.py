@@ -25,6 +25,7 @@ import h5py
 import numpy as np
 
 from spiscape.backend import get_array_module
+from spiscape.emc.averages import read_averages as read_averages_file
 from spiscape.errors import ConfigError, InputError
 from spiscape.phasing import PhasingParams, measured_shell_mask, parse_recipe, phase_pattern
 from spiscape.phasing.algorithms import DEFAULT_RECIPE
@@ -115,27 +116,16 @@ def read_volumes(path, q_per_voxel=None, indices=None):
 
 
 def read_averages(path, q_per_voxel=None, indices=None):
-    path = Path(path)
-    if not path.exists():
-        raise InputError(path, "no such file")
-    try:
-        with h5py.File(path, "r") as f:
-            if "intens" not in f:
-                raise InputError(path, "no 'intens' dataset (expected averages.h5)")
-            intens = f["intens"][()].astype(np.float32)
-            support = f["support"][()].astype(bool) if "support" in f else None
-            dq = q_per_voxel or f.attrs.get("q_per_voxel_inv_nm")
-    except OSError as exc:
-        raise InputError(path, f"unreadable HDF5 file ({exc})") from None
-    if intens.ndim != 3 or intens.shape[1] != intens.shape[2]:
-        raise InputError(path, f"intens must be (A, S, S), got {intens.shape}")
+    """averages.h5 for 2D phasing: intens (float32), support, q step (None: not in the file)."""
+    data = read_averages_file(path)
+    intens = data["intens"].astype(np.float32)
     if intens.shape[-1] % 2 == 0:
         raise InputError(path, f"S = {intens.shape[-1]} is even: the beam centre (S-1)/2 is not "
                          "a pixel, phasing needs an odd grid")
     idx = list(range(intens.shape[0])) if indices is None else list(indices)
     if any(i < 0 or i >= intens.shape[0] for i in idx):
         raise InputError(path, f"indices {idx} out of range 0..{intens.shape[0] - 1}")
-    return intens[idx], support, (float(dq) if dq else None), idx
+    return intens[idx], data["support"], (float(q_per_voxel) if q_per_voxel else None), idx
 
 
 def main(args):

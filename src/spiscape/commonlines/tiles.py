@@ -29,7 +29,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from spiscape.emc.averages import read_averages as read_averages_file
 from spiscape.errors import ConfigError, InputError
+from spiscape.io.hdf5 import plain_attr
 from spiscape.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -82,44 +84,12 @@ def averages_checksum(intens: np.ndarray, support: np.ndarray) -> str:
 
 
 def read_averages(path) -> dict:
-    """``intens``, ``support`` and the labels of averages.h5, validated (InputError otherwise).
-
-    A file without ``support`` (written before it was part of the contract) gets the pixels
-    non-zero in some average, with a warning.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise InputError(path, "no such file")
-    try:
-        with h5py.File(path, "r") as f:
-            intens = f["intens"][()]
-            support = f["support"][()].astype(bool) if "support" in f else None
-            count = intens.shape[0] if intens.ndim else 0
-            labels = {key: f[key][()] if key in f else np.full(count, -1, np.int32)
-                      for key in ("replicate", "class")}
-    except KeyError as exc:
-        raise InputError(path, f"not an averages file (missing {exc})") from None
-    except OSError as exc:
-        raise InputError(path, f"unreadable averages file ({exc})") from None
-    if intens.ndim != 3 or intens.shape[1] != intens.shape[2]:
-        raise InputError(path, f"intens has shape {intens.shape}, expected (A, S, S)")
-    if intens.shape[0] < 2:
-        raise InputError(path, f"{intens.shape[0]} average(s): common lines need at least 2")
-    bad = ~np.isfinite(intens)
-    if bad.any():
-        first = int(np.argwhere(bad.any(axis=(1, 2)))[0, 0])
-        raise InputError(path, f"intens holds NaN or infinite values ({int(bad.sum())} pixels, "
-                               f"first in average {first})")
-    if support is None:
-        log.warning("%s has no support; using the pixels non-zero in some average", path)
-        support = np.any(intens != 0, axis=0)
-    if support.shape != intens.shape[1:]:
-        raise InputError(path, f"support {support.shape} does not match intens {intens.shape}")
-    for key, value in labels.items():
-        if value.shape != (intens.shape[0],):
-            raise InputError(path, f"{key} has shape {value.shape}, expected ({intens.shape[0]},)")
-    return {"intens": intens, "support": support, **labels, "path": str(path),
-            "sha256": averages_checksum(intens, support)}
+    """averages.h5 (see :func:`spiscape.emc.averages.read_averages`) with the checksum tiles
+    carry; common lines need at least two averages."""
+    data = read_averages_file(path)
+    if data["count"] < 2:
+        raise InputError(path, f"{data['count']} average(s): common lines need at least 2")
+    return {**data, "sha256": averages_checksum(data["intens"], data["support"])}
 
 
 # ----------------------------------------------------------------------------- tile files
@@ -146,7 +116,7 @@ def read_tile(path) -> dict:
     try:
         with h5py.File(path, "r") as f:
             data = {key: f[key][()] for key in PAIR_DATASETS + ("replicate", "class")}
-            attrs = {key: _plain(value) for key, value in f.attrs.items()}
+            attrs = {key: plain_attr(value) for key, value in f.attrs.items()}
     except KeyError as exc:
         raise InputError(path, f"not a common-line tile (missing {exc})") from None
     except OSError as exc:
@@ -158,14 +128,6 @@ def read_tile(path) -> dict:
     data["attrs"] = attrs
     data["path"] = str(path)
     return data
-
-
-def _plain(value):
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def _short(value, width: int = 40) -> str:

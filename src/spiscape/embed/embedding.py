@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import h5py
 import numpy as np
 
+from spiscape.emc.averages import read_averages as read_averages_file
 from spiscape.errors import ConfigError, InputError
 
 METHODS = ("pca", "isomap", "spectral", "tsne", "umap")
@@ -76,30 +77,7 @@ def read_commonlines(path) -> np.ndarray:
 
 def read_averages(path, with_intens: bool = True) -> dict:
     """``averages.h5``: ``intens`` (optional), ``replicate``, ``class``, ``frames``, ``support``."""
-    try:
-        with h5py.File(path, "r") as f:
-            data = {key: f[key][()] for key in ("replicate", "class")}
-            data["frames"] = f["frames"][()] if "frames" in f else None
-            shape = f["intens"].shape
-            data["intens"] = f["intens"][()] if with_intens else None
-            data["support"] = f["support"][()].astype(bool) if "support" in f else None
-    except FileNotFoundError:
-        raise InputError(path, "no such file") from None
-    except KeyError as exc:
-        raise InputError(path, f"not an averages file (missing {exc})") from None
-    except OSError as exc:
-        raise InputError(path, f"not a readable HDF5 file ({exc})") from None
-    if len(shape) != 3 or shape[1] != shape[2]:
-        raise InputError(path, f"intens has shape {shape}, expected (A, S, S)")
-    if data["replicate"].shape != (shape[0],) or data["class"].shape != (shape[0],):
-        raise InputError(path, f"replicate/class do not have one entry per average ({shape[0]})")
-    if data["support"] is None:
-        data["support"] = np.ones(shape[1:], dtype=bool)
-    if with_intens and not np.all(np.isfinite(data["intens"])):
-        raise InputError(path, "intens holds NaN or infinite values")
-    data["count"] = shape[0]
-    data["size"] = shape[1]
-    return data
+    return read_averages_file(path, with_intens=with_intens)
 
 
 def transform_cc(cc: np.ndarray, transform: str = "fisher") -> np.ndarray:

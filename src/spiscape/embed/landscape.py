@@ -32,6 +32,7 @@ import h5py
 import numpy as np
 
 from spiscape.errors import ConfigError, InputError
+from spiscape.io.hdf5 import open_input
 from spiscape.utils.atomic import atomic_path
 
 
@@ -156,17 +157,10 @@ def write_landscape(path, result: dict, attrs: dict, latent_dim: int = 1) -> Non
 def read_landscape(path) -> dict:
     """``clpca``, ``label``, ``latent`` and attributes of a frames.h5."""
     path = Path(path)
-    try:
-        with h5py.File(path, "r") as f:
-            data = {key: f[key][()] for key in ("clpca", "label")}
-            data["latent"] = f["latent"][()] if "latent" in f else None
-            data["attrs"] = dict(f.attrs)
-    except FileNotFoundError:
-        raise InputError(path, "no such file") from None
-    except KeyError as exc:
-        raise InputError(path, f"not a landscape file (missing {exc})") from None
-    except OSError as exc:
-        raise InputError(path, f"not a readable HDF5 file ({exc})") from None
+    with open_input(path, "a landscape file") as f:
+        data = {key: f[key][()] for key in ("clpca", "label")}
+        data["latent"] = f["latent"][()] if "latent" in f else None
+        data["attrs"] = dict(f.attrs)
     if data["clpca"].ndim != 2 or data["label"].shape != (data["clpca"].shape[0],):
         raise InputError(path, f"clpca {data['clpca'].shape} and label {data['label'].shape} "
                                "do not describe the same frames")

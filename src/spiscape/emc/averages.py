@@ -10,28 +10,29 @@ beamstop, an average holds no measurement: 0 there means "not measured", not "da
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from spiscape.errors import InputError
+from spiscape.io.hdf5 import open_input
 from spiscape.utils.atomic import atomic_path
+
+log = logging.getLogger(__name__)
 
 
 def read_replicate(path) -> dict:
     """The parts of a classify2d replicate file that later stages use, validated."""
-    try:
-        with h5py.File(path, "r") as f:
-            rep = {
-                "intens": f["intens"][:],
-                "occupancies": f["occupancies"][:],
-                "frames": f["frames"][:],
-                "support": f["support"][:].astype(bool),
-                "params": json.loads(f.attrs["params"]),
-            }
-    except (OSError, KeyError, ValueError) as exc:
-        raise InputError(path, f"not a readable classify2d replicate ({exc})") from None
+    with open_input(path, "a classify2d replicate") as f:
+        rep = {
+            "intens": f["intens"][:],
+            "occupancies": f["occupancies"][:],
+            "frames": f["frames"][:],
+            "support": f["support"][:].astype(bool),
+            "params": json.loads(f.attrs["params"]),
+        }
     intens, occ = rep["intens"], rep["occupancies"]
     if intens.ndim != 3 or intens.shape[1] != intens.shape[2]:
         raise InputError(path, f"intens has shape {intens.shape}, expected (M, S, S)")
@@ -43,6 +44,44 @@ def read_replicate(path) -> dict:
     if rep["frames"].size == 0:
         raise InputError(path, "empty replicate: no frames")
     return rep
+
+
+def read_averages(path, with_intens: bool = True) -> dict:
+    """averages.h5 for the stages that read it, validated (InputError otherwise).
+
+    Returns ``intens`` (A, S, S) float64 (None unless ``with_intens``), ``support`` (S, S),
+    ``replicate``, ``class``, ``frames`` (A,) (-1 / NaN when a file lacks them), ``count``,
+    ``size`` and ``path``. A file without ``support`` (written before it was in the contract) gets
+    the grid points non-zero in some average, with a warning.
+    """
+    with open_input(path, "an averages file") as f:
+        shape = f["intens"].shape
+        count = shape[0] if len(shape) else 0
+        intens = f["intens"][()].astype(np.float64) if with_intens or "support" not in f else None
+        support = f["support"][()].astype(bool) if "support" in f else None
+        data = {key: f[key][()] if key in f else np.full(count, -1, np.int32)
+                for key in ("replicate", "class")}
+        data["frames"] = f["frames"][()] if "frames" in f else np.full(count, np.nan)
+    if len(shape) != 3 or shape[1] != shape[2] or shape[0] == 0:
+        raise InputError(path, f"intens has shape {shape}, expected (A, S, S) with A > 0")
+    if intens is not None:
+        bad = ~np.isfinite(intens)
+        if bad.any():
+            first = int(np.argwhere(bad.any(axis=(1, 2)))[0, 0])
+            raise InputError(path, f"intens holds NaN or infinite values ({int(bad.sum())} "
+                                   f"pixels, first in average {first})")
+    if support is None:
+        log.warning("%s has no support; using the grid points non-zero in some average", path)
+        support = np.any(intens != 0, axis=0)
+    if support.shape != tuple(shape[1:]):
+        raise InputError(path, f"support {support.shape} does not match intens {shape}")
+    if not support.any():
+        raise InputError(path, "support is empty: no grid point was measured")
+    for key in ("replicate", "class", "frames"):
+        if data[key].shape != (count,):
+            raise InputError(path, f"{key} has shape {data[key].shape}, expected ({count},)")
+    return {**data, "intens": intens if with_intens else None, "support": support,
+            "count": count, "size": shape[1], "path": str(path)}
 
 
 def collect_averages(replicate_paths, min_frames: float = 5.0) -> dict:

@@ -42,6 +42,7 @@ import h5py
 import numpy as np
 
 from spiscape.errors import InputError
+from spiscape.io.hdf5 import plain_attr
 from spiscape.utils.atomic import atomic_path
 
 FRAME_FIELDS = {
@@ -128,18 +129,10 @@ def read_truth(path: str | os.PathLike, volumes: bool = True) -> Truth:
             frames = {name: f[name][()] for name in FRAME_FIELDS}
             info = {name: f["volumes"][name][()] for name in VOLUME_FIELDS}
             vol = f["volumes/intens"][()] if volumes else None
-            attrs = {key: _plain(value) for key, value in f.attrs.items()}
+            attrs = {key: plain_attr(value) for key, value in f.attrs.items()}
     except KeyError as exc:
         raise InputError(path, f"not a spiscape truth file (missing {exc})") from None
     except OSError as exc:
         raise InputError(path, f"unreadable truth file ({exc})") from None
     names = json.loads(attrs.get("label_names", "[]"))
     return Truth(frames=frames, volume_info=info, attrs=attrs, volumes=vol, label_names=names)
-
-
-def _plain(value):
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
