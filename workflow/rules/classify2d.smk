@@ -15,7 +15,7 @@ rule classify2d:
         version=stage_version("classify2d"),
     threads: 2
     conda:
-        "../../envs/cpu.yaml"
+        "../../envs/gpu.yaml"
     log:
         f"{RESULTS}/logs/{{ds}}/classify2d_rep{{rep}}.log",
     resources:

@@ -14,7 +14,7 @@ rule commonlines_tile:
         version=stage_version("commonlines"),
     threads: 1
     conda:
-        "../../envs/cpu.yaml"
+        "../../envs/gpu.yaml"
     log:
         f"{RESULTS}/logs/{{ds}}/commonlines_tile{{tile}}.log",
     resources:
