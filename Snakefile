@@ -19,6 +19,7 @@ include: "workflow/rules/classify2d.smk"
 include: "workflow/rules/commonlines.smk"
 include: "workflow/rules/embed.smk"
 include: "workflow/rules/orient.smk"
+include: "workflow/rules/vae.smk"
 include: "workflow/rules/summary.smk"
 
 

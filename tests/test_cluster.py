@@ -76,3 +76,16 @@ def test_batches_split_the_runs(run_files):
     config = write_config(run_files / "c.yaml", datasets)
     proc = dry_run(run_files, config, "--batch", "all=1/2")
     assert planned_jobs(proc)["inspect"] < 4
+
+
+def test_slurm_profile_runs_the_vae_with_torchrun_per_gpu(run_files):
+    config = write_config(run_files / "c.yaml", {"sim": {"simulate": {"num_frames": 10}}})
+    slurm = str(REPO / "profiles/slurm")
+    proc = dry_run(run_files, config, "--profile", slurm, "--cores", "64",
+                   "results/sim/volume_curve.csv")
+    vae = [x for x in proc.stdout.splitlines() if " vae --averages" in x]
+    assert len(vae) == 1 and "torchrun --standalone --nproc_per_node=4 -m spiscape vae" in vae[0]
+    # without a profile the VAE is one process
+    vae = [x for x in dry_run(run_files, config, "results/sim/volume_curve.csv").stdout
+           .splitlines() if " vae --averages" in x]
+    assert vae and "torchrun" not in vae[0]

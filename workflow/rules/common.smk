@@ -180,6 +180,15 @@ def mpi_launcher(ds, resources):
     return stage_config(ds, "classify2d")["launcher"]
 
 
+def torch_launcher(resources, command):
+    """The VAE on the GPUs of one node: torchrun with one process per GPU when the profile gives
+    the job more than one GPU (`gpu` resource), the plain command otherwise."""
+    gpus = int(getattr(resources, "gpu", 0) or 0)
+    if gpus > 1:
+        return f"torchrun --standalone --nproc_per_node={gpus} -m spiscape"
+    return command
+
+
 def replicates(ds):
     return list(range(stage_config(ds, "classify2d")["replicates"]))
 

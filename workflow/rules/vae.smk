@@ -1,0 +1,67 @@
+# Continuous heterogeneity in 3D: the VAE from class averages (with their orientation and gain)
+# to 3D intensities along a latent coordinate, then phase retrieval of the decoded volumes.
+# Not in the default targets yet (see README, "What runs today"): request them explicitly, e.g.
+#   snakemake results/demo/volume_curve.csv
+
+
+rule vae:
+    input:
+        averages=f"{RESULTS}/{{ds}}/averages.h5",
+        orientation=f"{RESULTS}/{{ds}}/orientation.h5",
+        embedding=f"{RESULTS}/{{ds}}/embedding.h5",
+        replicates=replicate_files,
+        detector=detector_input,
+        truth=truth_input,
+    output:
+        model=f"{RESULTS}/{{ds}}/vae/model.pt",
+        latent=f"{RESULTS}/{{ds}}/vae/latent.h5",
+        volumes=f"{RESULTS}/{{ds}}/vae/volumes.h5",
+        frame_latent=f"{RESULTS}/{{ds}}/vae/frame_latent.h5",
+    params:
+        launcher=lambda wc, resources: torch_launcher(resources, SPISCAPE),
+        geometry=lambda wc, input: q_scale_flag(wc.ds, input),
+        flags=lambda wc: cli_flags(stage_config(wc.ds, "vae")["options"]),
+        version=stage_version("vae"),
+    threads: 1
+    conda:
+        "../../envs/gpu.yaml"
+    log:
+        f"{RESULTS}/logs/{{ds}}/vae.log",
+    resources:
+        mem_mb=8000,
+        runtime=240,
+    shell:
+        "{params.launcher} vae --averages {input.averages} --orientation {input.orientation} "
+        "--detector {input.detector} --embedding {input.embedding} "
+        "--replicates {input.replicates} {params.geometry} "
+        "--out-dir $(dirname {output.volumes}) {params.flags} --resume 2> {log}"
+
+
+rule phase:
+    input:
+        f"{RESULTS}/{{ds}}/vae/volumes.h5",
+    output:
+        phasing=f"{RESULTS}/{{ds}}/phasing.h5",
+        curve=f"{RESULTS}/{{ds}}/volume_curve.csv",
+        figures=report(
+            directory(f"{RESULTS}/{{ds}}/phasing"),
+            patterns=["{name}.png"],
+            caption="../report/phasing.rst",
+            category="3D",
+            subcategory="{ds}",
+        ),
+    params:
+        cmd=SPISCAPE,
+        flags=lambda wc: cli_flags(stage_config(wc.ds, "phase")["options"]),
+        version=stage_version("phase"),
+    threads: 2
+    conda:
+        "../../envs/gpu.yaml"
+    log:
+        f"{RESULTS}/logs/{{ds}}/phase.log",
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    shell:
+        "OMP_NUM_THREADS={threads} {params.cmd} phase --volumes {input} --out {output.phasing} "
+        "--curve {output.curve} --figure-dir {output.figures} {params.flags} 2> {log}"
