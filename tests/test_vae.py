@@ -15,7 +15,7 @@ from spiscape.vae.analysis import frame_latents, latent_points
 from spiscape.vae.data import synthetic_averages, write_synthetic
 from spiscape.vae.train import TrainConfig, setup_distributed, train
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: one thread avoids OpenMP spin on a busy box
 V = 15
 S = 13
 DETD = EWALD = 60.0
@@ -56,7 +56,7 @@ def tiny(tmp_path_factory):
 def small_cfg(**kw):
     base = dict(zdim=1, volume_size=V, epochs=3, batch_size=8, lr=3e-3, kl_weight=0.01, seed=7,
                 device="cpu", check_every=1, enc_channels=4, dec_channels=8, hidden=32,
-                threads=2)
+                threads=1)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -141,7 +141,6 @@ def test_loss_decreases(tiny, tmp_path):
     tens, weight, q, prof = training_inputs(sim, cfg)
     _, result = train(cfg, tens, weight, q, prof, tmp_path, ctx=setup_distributed("cpu"))
     loss = result["history"]["loss"]
-    print(loss)
     assert len(loss) == 6 and np.all(np.isfinite(loss))
     assert loss[-1] < 0.8 * loss[0]
     conv = result["convergence"]
@@ -193,7 +192,8 @@ def test_latent_points_grid_marks_empty_cells():
     z, has = latent_points(mu, 9)
     assert z.shape == (9, 2) and has[0] and has[-1] and not has.all()
     z1, has1 = latent_points(mu[:, :1], 5)
-    assert z1[0, 0] == 0.0 and z1[-1, 0] == 1.0 and has1.all()
+    assert z1[0, 0] == 0.0 and z1[-1, 0] == 1.0
+    assert has1.tolist() == [True, True, False, True, True]  # 0.5 is 0.4 from any mu
 
 
 def test_shell_correlation_identity_and_rotation():

@@ -14,8 +14,8 @@ Outputs in --out-dir: model.pt, checkpoint.pt (every epoch; --resume continues f
 latent.h5 (mu, logvar of every average), volumes.h5 (z, intens at --num-volumes points spanning
 the latent range, has_data), volumes/*.mrc, training.json (loss and convergence history, scores),
 figures (volumes.png, latent_hist.png, loss.png, convergence.png), and with --replicates
-frame_latent.h5 (per-frame latent, NaN where never assigned). Under torchrun the training is
-DistributedDataParallel (nccl on GPU, gloo on CPU); rank 0 writes.
+frame_latent.h5 (per-frame latent from the averages trained on, NaN where never assigned).
+Under torchrun the training is DistributedDataParallel (nccl on GPU, gloo on CPU); rank 0 writes.
 """
 
 from __future__ import annotations
@@ -66,7 +66,9 @@ def add_args(parser):
                    help="beta: weight of the KL term against the per-pixel Poisson deviance")
     m.add_argument("--seed", type=int, default=1)
     m.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    m.add_argument("--threads", type=int, default=2, help="CPU threads of torch")
+    m.add_argument("--threads", type=int, default=1,
+                   help="CPU threads of torch (on a shared 2-core box one thread was 20x faster "
+                        "than two: OpenMP threads spin against other jobs)")
     m.add_argument("--check-every", type=int, default=5,
                    help="epochs between convergence checks")
     m.add_argument("--dec-channels", type=int, default=32, help="decoder channels at the base")
@@ -123,10 +125,18 @@ def main(args):
     out = Path(args.out_dir)
     ctx = train.setup_distributed(cfg.device)
     tens = data.tensors(inputs, q, profile)
-    log.info("training on %d of %d averages (%d x %d, %d pixels in the loss), V = %d, zdim %d, "
-             "%s, device %s, world %d", int(sel.sum()), sel.size, size, size, int(weight.sum()),
-             cfg.volume_size, cfg.zdim, cfg.point_group, ctx.device, ctx.world)
-    model, result = train.train(cfg, tens, weight, q, profile, out, resume=args.resume, ctx=ctx)
+    (log.info if ctx.main else log.debug)(
+        "training on %d of %d averages (%d x %d, %d pixels in the loss), V = %d, zdim %d, %s, "
+        "device %s, world %d", int(sel.sum()), sel.size, size, size, int(weight.sum()),
+        cfg.volume_size, cfg.zdim, cfg.point_group, ctx.device, ctx.world)
+    try:
+        model, result = train.train(cfg, tens, weight, q, profile, out, resume=args.resume,
+                                    ctx=ctx)
+    finally:
+        if ctx.world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     if not ctx.main:
         return 0
     model.eval()
@@ -137,7 +147,9 @@ def main(args):
     analysis.write_latent(out / "latent.h5", mu, logvar, sel)
     z, has_data = analysis.latent_points(mu[sel], args.num_volumes)
     vols = analysis.decode_volumes(model, z, ctx.device)
-    analysis.write_volumes(out / "volumes.h5", z, vols, has_data, q_per_voxel, cfg.point_group)
+    analysis.write_volumes(out / "volumes.h5", z, vols, has_data, q_per_voxel, cfg.point_group,
+                           {"q_min_measured": float(qnorm[weight].min()),
+                            "q_max_measured": float(qnorm[weight].max())})
     analysis.write_mrc(out / "volumes", vols, q_per_voxel)
     scores = {}
     if args.replicates:
@@ -146,8 +158,11 @@ def main(args):
         reps = read_replicates(args.replicates)
         num_frames = args.num_frames or (truth.num_frames if truth is not None else None) or (
             max(int(r.frames.max()) for r in reps if r.frames.size) + 1)
-        latent = analysis.frame_latents(args.replicates, {"replicate": inputs.replicate,
-                                                          "class": inputs.klass}, mu, num_frames)
+        # only the averages trained on: frames of excluded clusters (contaminants) stay NaN, and
+        # mixed frames are renormalised over the kept classes
+        latent = analysis.frame_latents(args.replicates, {"replicate": inputs.replicate[sel],
+                                                          "class": inputs.klass[sel]}, mu[sel],
+                                        num_frames)
         analysis.write_frame_latent(out / "frame_latent.h5", latent,
                                     {"averages": str(args.averages), "zdim": cfg.zdim})
         scores["frames_assigned"] = int(np.isfinite(latent[:, 0]).sum())

@@ -4,7 +4,9 @@ outputs' files (latent.h5, volumes.h5, volumes/*.mrc, frame_latent.h5).
 ``volumes.h5``: ``z (K, zdim)``, ``intens (K, V, V, V)`` f4 (centred at V // 2, one voxel = one
 detector pixel at the centre, arbitrary overall scale ~ photons per pixel of a mean average),
 ``has_data (K,)`` (a data mu lies within one grid step of z), attrs ``q_per_voxel_inv_nm`` when
-known, ``point_group``.
+known, ``point_group``, ``q_min_measured`` / ``q_max_measured`` (voxels: the |q| range of the
+pixels in the loss; outside it, inside the beamstop and beyond the detector, the volume is the
+decoder's extrapolation and should be treated as unmeasured, e.g. by phase retrieval).
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from spiscape.utils.atomic import atomic_path
 
 def latent_points(mu: np.ndarray, num: int) -> tuple[np.ndarray, np.ndarray]:
     """K points spanning the data's latent range: a line (zdim 1) or an n x n grid (zdim 2, n =
-    round(sqrt(num)); higher zdim: a line along the first principal axis). has_data: a data point
-    lies within one grid step (zdim 1: every point between the extremes has data)."""
+    round(sqrt(num)); higher zdim: a line along the first principal axis). has_data: a data mu
+    lies within one grid step (the diagonal step for a grid) of the point."""
     mu = np.asarray(mu, dtype=np.float64)
     zdim = mu.shape[1]
     lo, hi = mu.min(0), mu.max(0)
@@ -84,7 +86,8 @@ def write_latent(path, mu, logvar, selected) -> None:
         f.attrs["note"] = "selected: the averages the VAE was trained on (others only encoded)"
 
 
-def write_volumes(path, z, intens, has_data, q_per_voxel=None, point_group="m-3m") -> None:
+def write_volumes(path, z, intens, has_data, q_per_voxel=None, point_group="m-3m",
+                  attrs: dict | None = None) -> None:
     import h5py
 
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
@@ -96,6 +99,8 @@ def write_volumes(path, z, intens, has_data, q_per_voxel=None, point_group="m-3m
         f.attrs["centre_voxel"] = intens.shape[1] // 2
         if q_per_voxel is not None:
             f.attrs["q_per_voxel_inv_nm"] = float(q_per_voxel)
+        for key, value in (attrs or {}).items():
+            f.attrs[key] = value
 
 
 def write_mrc(folder, intens, q_per_voxel=None) -> list:

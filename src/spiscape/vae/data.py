@@ -66,6 +66,8 @@ def read_inputs(averages, orientation, embedding=None, clusters="all") -> VAEDat
     if not np.all(np.isfinite(quat)) or np.any(np.linalg.norm(quat, axis=1) < 1e-6):
         raise InputError(orientation, "quaternions must be finite and nonzero")
     gain = np.where(np.isfinite(gain) & (gain > 0), gain, 1.0)
+    quat = quat / np.linalg.norm(quat, axis=1, keepdims=True)
+    quat[quat[:, 0] < 0] *= -1.0  # q and -q are one rotation: the encoder sees one of them
     selected = np.ones(A, dtype=bool)
     if embedding is not None and clusters not in (None, "all", ["all"]):
         labels = _read(embedding, ["labels"])["labels"]

@@ -192,6 +192,9 @@ class Decoder(nn.Module):
         r = torch.sqrt(ax[:, None, None] ** 2 + ax[None, :, None] ** 2 + ax[None, None, :] ** 2)
         prof = torch.as_tensor(np.asarray(radial_log_profile, dtype=np.float32))
         self.register_buffer("log_profile", _interp_profile(prof, r))
+        # a free log-volume shared by all z: fine structure common to the data (fringes) need
+        # not pass through the coarse transposed convolutions; z only models the changes
+        self.mean_log = nn.Parameter(torch.zeros(V, V, V))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.fc(z).reshape(-1, self.channels, self.base, self.base, self.base)
@@ -200,7 +203,7 @@ class Decoder(nn.Module):
         lo = 0 if self.octant else (n - self.volume_size) // 2
         sl = slice(lo, lo + self.volume_size)
         x = x[:, sl, sl, sl].float()
-        return torch.exp(torch.clamp(x + self.log_profile, max=60.0))
+        return torch.exp(torch.clamp(x + self.mean_log + self.log_profile, max=60.0))
 
 
 def _interp_profile(profile: torch.Tensor, r: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,7 @@ class TrainConfig:
     enc_channels: int = 16
     dec_channels: int = 32
     hidden: int = 256
-    threads: int = 2
+    threads: int = 1
     extra: dict = field(default_factory=dict)
 
 
