@@ -9,7 +9,8 @@ shrink-wrap support), ``volume (K,)`` in nm^3, ``prtf (K, n_shells)``, ``prtf_q 
 measured pixels) writes projected densities ``density (A, S, S)`` and their areas.
 
 Unmeasured Fourier voxels (NaN, outside --q-max, inside --q-min, outside the 2D support) are left
-free. The particle volume rule is described in :mod:`spiscape.phasing.volume`.
+free; for 3D the limits default to the input's ``q_min_measured`` / ``q_max_measured`` attributes
+(voxels; the VAE decoder extrapolates beyond them). The particle volume rule is described in :mod:`spiscape.phasing.volume`.
 """
 
 # ruff: noqa: E501 (the docstring's first line is the CLI summary, kept on one line)
@@ -30,8 +31,8 @@ from spiscape.errors import ConfigError, InputError
 from spiscape.phasing import PhasingParams, measured_shell_mask, parse_recipe, phase_pattern
 from spiscape.phasing.algorithms import DEFAULT_RECIPE
 from spiscape.phasing.volume import (
-    DEFAULT_EROSION,
     DEFAULT_RULE,
+    DEFAULT_SMOOTHING,
     RULES,
     particle_volume_nm3,
     voxel_size_nm,
@@ -62,16 +63,21 @@ def add_args(parser):
     parser.add_argument("--volume-rule", choices=RULES, default=DEFAULT_RULE,
                         help="how the particle volume is measured (see spiscape.phasing.volume)")
     parser.add_argument("--threshold-fraction", type=float, default=None,
-                        help="threshold as a fraction of the plateau (plateau, integrated) or "
+                        help="threshold as a fraction of the plateau (plateau) or "
                         "maximum (max) density; default 0.5")
+    parser.add_argument("--smoothing", type=float, default=DEFAULT_SMOOTHING,
+                        help="Gaussian sigma (voxels) of the low-pass whose maximum is the plateau "
+                        "density (volume rule 'integrated')")
     parser.add_argument("--mass-fraction", type=float, default=0.9,
                         help="fraction of the total mass enclosed (volume rule 'mass' only)")
     parser.add_argument("--q-per-voxel", type=float, default=None,
                         help="q step in 1/nm (default: the input's q_per_voxel_inv_nm attribute)")
-    parser.add_argument("--q-min", type=float, default=0.0,
-                        help="treat |q| below this (voxels) as unmeasured (beamstop)")
-    parser.add_argument("--q-max", type=float, default=float("inf"),
-                        help="treat |q| above this (voxels) as unmeasured (detector edge)")
+    parser.add_argument("--q-min", type=float, default=None,
+                        help="treat |q| below this (voxels) as unmeasured (beamstop); default: the "
+                        "input's q_min_measured attribute (VAE volumes), else 0")
+    parser.add_argument("--q-max", type=float, default=None,
+                        help="treat |q| above this (voxels) as unmeasured (detector edge); default: "
+                        "the input's q_max_measured attribute (VAE volumes), else none")
     parser.add_argument("--indices", type=int, nargs="+", default=None,
                         help="phase only these volumes / averages")
     parser.add_argument("--figure-dir", default=None, help="directory for the figures")
@@ -87,6 +93,16 @@ def _params(args) -> PhasingParams:
     return PhasingParams(recipe=args.recipe, starts=args.starts, seed=args.seed, beta=args.beta,
                          shrinkwrap_every=args.shrinkwrap_every,
                          shrinkwrap_threshold=args.shrinkwrap_threshold)
+
+
+def read_q_limits(path):
+    """(q_min_measured, q_max_measured) attributes of a volumes file in voxels, None if absent.
+
+    The VAE decoder extrapolates outside the measured q range; those voxels must be left free.
+    """
+    with h5py.File(path, "r") as f:
+        return tuple(float(f.attrs[key]) if key in f.attrs else None
+                     for key in ("q_min_measured", "q_max_measured"))
 
 
 def read_volumes(path, q_per_voxel=None, indices=None):
@@ -131,14 +147,22 @@ def read_averages(path, q_per_voxel=None, indices=None):
 def main(args):
     params = _params(args)
     xp = get_array_module(args.device)
+    q_min = 0.0 if args.q_min is None else args.q_min
+    q_max = float("inf") if args.q_max is None else args.q_max
     if args.volumes:
         z, intens, dq, idx = read_volumes(args.volumes, args.q_per_voxel, args.indices)
         extra = None
+        file_min, file_max = read_q_limits(args.volumes)
+        if args.q_min is None and file_min is not None:
+            q_min = file_min
+        if args.q_max is None and file_max is not None:
+            q_max = file_max
+        log.info("unmeasured: |q| < %.3g or |q| > %.3g voxels", q_min, q_max)
     else:
         intens, extra, dq, idx = read_averages(args.averages, args.q_per_voxel, args.indices)
         z = np.asarray(idx, dtype=np.float64)[:, None]
     shape = intens.shape[1:]
-    measured = measured_shell_mask(shape, args.q_min, args.q_max)
+    measured = measured_shell_mask(shape, q_min, q_max)
     if extra is not None:
         measured &= extra
     fraction = args.mass_fraction if args.volume_rule == "mass" else args.threshold_fraction
@@ -147,8 +171,8 @@ def main(args):
         start = time.perf_counter()
         res = phase_pattern(intens[k], params, xp=xp, measured=measured)
         seconds.append(time.perf_counter() - start)
-        vol = (particle_volume_nm3(res.density, dq, args.volume_rule, fraction, DEFAULT_EROSION)
-               if dq else float("nan"))
+        vol = (particle_volume_nm3(res.signed_density, dq, args.volume_rule, fraction,
+                                   args.smoothing) if dq else float("nan"))
         results.append(res)
         volumes.append(vol)
         log.info("pattern %d/%d: %.1f s, support error %.2g, volume %.4g, PRTF 1/e at shell %s",
@@ -168,7 +192,7 @@ def main(args):
         "volume_rule": args.volume_rule,
         "threshold_fraction": -1.0 if fraction is None else float(fraction),
         "voxel_size_nm": voxel, "q_per_voxel_inv_nm": dq if dq else np.nan,
-        "q_min_voxels": args.q_min, "q_max_voxels": args.q_max,
+        "q_min_voxels": q_min, "q_max_voxels": q_max, "smoothing_voxels": args.smoothing,
         "mode": "3d" if args.volumes else "2d",
         "source": str(args.volumes or args.averages),
         "params": json.dumps(params.__dict__),

@@ -2,8 +2,9 @@
 
 :func:`phase_pattern` runs the recipe on several random starts at once, keeps those whose final
 error is within twice the best, aligns them (shift and inversion) to the best, averages them and
-measures the PRTF; :mod:`.volume` turns a density into a particle volume. See :mod:`.algorithms`
-for the update rules and conventions.
+measures the PRTF; :mod:`.volume` turns a density into a particle volume (from the signed
+average: its negative ringing is part of the band-limited image and of its mass). See
+:mod:`.algorithms` for the update rules and conventions.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class PhasingResult:
     errors: np.ndarray  # (iterations, starts) support error, every start
     inverted: np.ndarray  # (kept,) which averaged starts were twins of the reference
     kept: np.ndarray | None = None  # indices of the starts averaged, the reference first
+    signed_density: np.ndarray | None = None  # ``density`` before clipping its negative ringing
 
 
 def measured_shell_mask(shape, q_min: float = 0.0, q_max: float = np.inf) -> np.ndarray:
@@ -52,14 +54,17 @@ def phase_pattern(intens, params: PhasingParams, xp=np, measured=None) -> Phasin
     kept = select_starts(to_numpy(errors[-1]) if errors.shape[0] else None, densities.shape[0])
     densities, supports = densities[kept], supports[kept]  # the best start first
     aligned, specs, _, inverted = align_starts(xp, densities)
-    mean = xp.maximum(xp.mean(aligned, axis=0), 0)
+    signed = xp.mean(aligned, axis=0)
+    mean = xp.maximum(signed, 0)
     values, q = prtf(xp, specs, intens, measured)
     # centre the average for figures; move the reference's support the same way
     density = to_numpy(mean)
     centred = to_numpy(centre_density(xp, mean))
     support = to_numpy(supports[0])
     shift = _integer_shift(density, centred)
-    support = np.roll(support, shift, axis=tuple(range(support.ndim)))
+    axes = tuple(range(support.ndim))
+    support = np.roll(support, shift, axis=axes)
+    signed = np.roll(to_numpy(signed), shift, axis=axes)
     return PhasingResult(
         density=centred.astype(np.float32),
         support=support,
@@ -69,6 +74,7 @@ def phase_pattern(intens, params: PhasingParams, xp=np, measured=None) -> Phasin
         errors=to_numpy(errors),
         inverted=inverted,
         kept=np.asarray(kept),
+        signed_density=signed.astype(np.float32),
     )
 
 
