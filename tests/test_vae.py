@@ -237,3 +237,68 @@ def test_cli_runs_and_rejects_mismatched_orientation(tiny, tmp_path, capsys):
         assert f["mu"].shape == (24, 1) and f["logvar"].shape == (24, 1)
     assert len(list((tmp_path / "vae/volumes").glob("*.mrc"))) == 3
     assert (tmp_path / "vae/model.pt").exists() and (tmp_path / "vae/checkpoint.pt").exists()
+
+
+# --------------------------------------------------------------------------- selection, weights
+def test_auto_clusters_drop_small_clusters_and_outliers():
+    from spiscape.errors import ConfigError
+    from spiscape.vae.data import auto_clusters
+
+    labels = np.array([0, 0, 1, 1, 2, 3, -1])
+    frames = np.array([40.0, 40.0, 30.0, 40.0, 10.0, 9.0, 50.0])
+    assert auto_clusters(labels, frames, 0.15) == [0, 1]
+    assert auto_clusters(labels, np.zeros(7), 0.2) == [0, 1]  # no counts: averages count
+    with pytest.raises(ConfigError):
+        auto_clusters(labels, frames, 0.9)
+
+
+def test_frame_weights_and_loss_q_min():
+    from spiscape.vae.data import frame_weights, loss_weight
+
+    frames = np.array([1.0, 4.0, 16.0, np.nan])
+    assert np.allclose(frame_weights(frames, "none"), 1.0)
+    w = frame_weights(frames, "sqrt")
+    assert np.isclose(w.mean(), 1.0) and w[3] == 0.0 and np.isclose(w[2] / w[1], 2.0)
+    assert np.isclose(frame_weights(frames, "frames")[2] / frame_weights(frames, "frames")[1], 4)
+    qn = np.array([[1.0, 2.5, 4.0, 9.0]])
+    sup = np.ones_like(qn, dtype=bool)
+    assert loss_weight(sup, qn, 11, q_min=2.0).tolist() == [[False, True, True, False]]
+
+
+def test_pure_cube_averages_rule():
+    from spiscape.commands.vae import pure_cube_averages
+
+    mask, rule = pure_cube_averages(np.array([0.85, 0.1, 0.95, np.nan]))
+    assert mask.tolist() == [True, False, True, False] and "0.8" in rule
+    mask, rule = pure_cube_averages(np.array([0.5, 0.1, 0.7, 0.6, 0.2]), fallback=3)
+    assert mask.tolist() == [True, False, True, True, False] and "most cube-like" in rule
+
+
+def test_weighted_training_runs_and_ignores_zero_weight(tiny, tmp_path):
+    # an average of weight 0 has no pull: garbage counts in it change nothing
+    _, sim = tiny
+    cfg = small_cfg(epochs=2, check_every=0)
+    tens, weight, q, prof = training_inputs(sim, cfg)
+    tens["weight"] = torch.ones(tens["image"].shape[0])
+    tens["weight"][0] = 0.0
+    ctx = setup_distributed("cpu")
+    m1, _ = train(cfg, tens, weight, q, prof, tmp_path / "a", ctx=ctx)
+    tens["counts"] = tens["counts"].clone()
+    tens["counts"][0] = tens["counts"][0] * 7.0 + 3.0
+    m2, _ = train(cfg, tens, weight, q, prof, tmp_path / "b", ctx=ctx)
+    for a, b in zip(m1.decoder.parameters(), m2.decoder.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_size_averaged_reference():
+    from spiscape.metrics.volumes import size_averaged
+
+    vol = analytic_volumes(11)[0]
+    assert np.allclose(size_averaged(vol, np.ones(5)), vol)
+    # one size s: s^6 I(s q); at q = 0 the centre voxel scales by s^6 exactly
+    out = size_averaged(vol, np.full(3, 0.5))
+    assert np.isclose(out[5, 5, 5], 0.5**6 * vol[5, 5, 5])
+    assert np.isclose(out[5, 5, 7], 0.5**6 * vol[5, 5, 6])
+    # a spread lowers the contrast of the fringes, never the centre's share
+    spread = size_averaged(vol, 1.0 + 0.05 * np.random.default_rng(0).standard_normal(200))
+    assert spread.shape == vol.shape and np.all(np.isfinite(spread))

@@ -92,3 +92,36 @@ def best_rotation_shell_correlation(volume: np.ndarray, reference: np.ndarray,
             best = {"mean": score, "min": float(np.nanmin(cc[inner])), "q": q, "cc": cc,
                     "rotation": (perm, flips), "qmax": qmax, "fraction": fraction}
     return best
+
+
+def size_averaged(volume: np.ndarray, sizes, bins: int = 15) -> np.ndarray:
+    """The mean over a population of particle sizes of s^6 I(s q): what the intensity of a
+    shape with a size spread looks like, the true target of a reconstruction from such data.
+
+    A particle scaled by s in real space has s^3 times the electrons, so its intensity at q is
+    s^6 I(s q) (the simulator's convention, see :mod:`spiscape.simulate.frames`). The sizes are
+    binned (``bins`` equal-width bins, weighted by count); trilinear interpolation, 0 beyond the
+    grid. Fringes that the spread blurs (deep minima along the cube's faces) keep only their
+    blurred contrast, which no reconstruction from such frames can beat.
+    """
+    from scipy.ndimage import map_coordinates
+
+    sizes = np.asarray(sizes, dtype=np.float64)
+    sizes = sizes[np.isfinite(sizes) & (sizes > 0)]
+    volume = np.asarray(volume, dtype=np.float64)
+    if sizes.size == 0 or np.ptp(sizes) == 0:
+        s = float(sizes[0]) if sizes.size else 1.0
+        sizes, weights = np.array([s]), np.array([1.0])
+    else:
+        weights, edges = np.histogram(sizes, bins=bins)
+        sizes = 0.5 * (edges[:-1] + edges[1:])
+        sizes, weights = sizes[weights > 0], weights[weights > 0].astype(float)
+    n = volume.shape[0]
+    c = n // 2
+    ax = np.arange(n) - c
+    grid = np.stack(np.meshgrid(ax, ax, ax, indexing="ij")).reshape(3, -1).astype(np.float64)
+    out = np.zeros(volume.size)
+    for s, w in zip(sizes, weights, strict=True):
+        out += w * s**6 * map_coordinates(volume, grid * s + c, order=1, mode="constant",
+                                          cval=0.0)
+    return (out / weights.sum()).reshape(volume.shape)

@@ -45,8 +45,10 @@ def _read(path, keys, optional=()):
     return out
 
 
-def read_inputs(averages, orientation, embedding=None, clusters="all") -> VAEData:
-    """Read averages.h5 + orientation.h5 (+ embedding.h5 labels for a cluster selection)."""
+def read_inputs(averages, orientation, embedding=None, clusters="all",
+                min_cluster_fraction: float = 0.15) -> VAEData:
+    """Read averages.h5 + orientation.h5 (+ embedding.h5 labels for a cluster selection:
+    ``clusters`` "all", "auto" (see :func:`auto_clusters`) or cluster numbers)."""
     av = _read(averages, ["intens", "support"], ["replicate", "class", "frames"])
     ori = _read(orientation, ["quaternion"], ["gain", "cc"])
     intens = np.asarray(av["intens"], dtype=np.float32)
@@ -68,12 +70,18 @@ def read_inputs(averages, orientation, embedding=None, clusters="all") -> VAEDat
     gain = np.where(np.isfinite(gain) & (gain > 0), gain, 1.0)
     quat = quat / np.linalg.norm(quat, axis=1, keepdims=True)
     quat[quat[:, 0] < 0] *= -1.0  # q and -q are one rotation: the encoder sees one of them
+    frames = np.asarray(av.get("frames", np.ones(A)), dtype=np.float64)
     selected = np.ones(A, dtype=bool)
-    if embedding is not None and clusters not in (None, "all", ["all"]):
+    if clusters not in (None, "all", ["all"]):
+        if embedding is None:
+            raise ConfigError(f"--clusters {clusters!r} needs --embedding (its cluster labels)")
         labels = _read(embedding, ["labels"])["labels"]
         if labels.shape != (A,):
             raise InputError(embedding, f"labels has shape {labels.shape}, expected ({A},)")
-        wanted = parse_clusters(clusters)
+        if clusters in ("auto", ["auto"]):
+            wanted = auto_clusters(labels, frames, min_cluster_fraction)
+        else:
+            wanted = parse_clusters(clusters)
         selected = np.isin(labels, wanted)
         if not selected.any():
             raise ConfigError(f"no average is in the clusters {wanted}")
@@ -81,9 +89,25 @@ def read_inputs(averages, orientation, embedding=None, clusters="all") -> VAEDat
         intens=intens, support=support, quaternion=quat, gain=gain,
         replicate=np.asarray(av.get("replicate", np.zeros(A)), dtype=np.int64),
         klass=np.asarray(av.get("class", np.arange(A)), dtype=np.int64),
-        frames=np.asarray(av.get("frames", np.ones(A)), dtype=np.float64),
-        selected=selected,
+        frames=frames, selected=selected,
     )
+
+
+def auto_clusters(labels: np.ndarray, frames: np.ndarray, min_fraction: float) -> list[int]:
+    """Clusters holding at least ``min_fraction`` of the frames (the frame counts of their
+    averages): the populations the landscape is made of. Contaminants (dimers, rods, other
+    species) form small clusters of their own in the common-line embedding; the orientation gain
+    cannot find them, as spheres (no orientation at all) have the lowest gain. Negative labels
+    (outliers of the clustering) are never kept."""
+    labels = np.asarray(labels)
+    frames = np.where(np.isfinite(frames) & (frames > 0), frames, 0.0)
+    total = frames.sum() if frames.sum() > 0 else float(labels.size)
+    weights = frames if frames.sum() > 0 else np.ones(labels.size)
+    keep = [int(c) for c in np.unique(labels)
+            if c >= 0 and weights[labels == c].sum() / total >= min_fraction]
+    if not keep:
+        raise ConfigError(f"--clusters auto: no cluster holds {min_fraction:.0%} of the frames")
+    return keep
 
 
 def parse_clusters(clusters) -> list[int]:
@@ -124,13 +148,35 @@ def normalise(intens, support, qnorm, profile, gain) -> np.ndarray:
     return np.where(support[None], x, 0.0).astype(np.float32)
 
 
-def loss_weight(support: np.ndarray, qnorm: np.ndarray, volume_size: int) -> np.ndarray:
-    """Pixels in the loss: measured and inside the sphere the V^3 volume holds at any rotation."""
-    return support & (qnorm <= volume_size // 2 - 1)
+def loss_weight(support: np.ndarray, qnorm: np.ndarray, volume_size: int,
+                q_min: float = 0.0) -> np.ndarray:
+    """Pixels in the loss: measured, at |q| >= q_min (pixels at the beamstop's edge are partly
+    shadowed: merged, they read too low) and inside the sphere the V^3 volume holds at any
+    rotation."""
+    return support & (qnorm >= q_min) & (qnorm <= volume_size // 2 - 1)
 
 
-def tensors(data: VAEData, q: np.ndarray, profile: np.ndarray, index=None) -> dict:
-    """Torch tensors of the selected averages (or of ``index``)."""
+def frame_weights(frames: np.ndarray, mode: str = "none") -> np.ndarray:
+    """Loss weight per average, mean 1: "none" (all equal), "frames" (the frame count: an average
+    of many frames is less noisy) or "sqrt" (its square root, a compromise that keeps small
+    classes, e.g. rare states, in play)."""
+    frames = np.where(np.isfinite(frames) & (frames > 0), np.asarray(frames, dtype=np.float64),
+                      0.0)
+    if mode == "none" or frames.sum() <= 0:
+        return np.ones(frames.size, dtype=np.float32)
+    if mode == "frames":
+        w = frames
+    elif mode == "sqrt":
+        w = np.sqrt(frames)
+    else:
+        raise ConfigError(f"frame weighting must be none, frames or sqrt, got {mode!r}")
+    return (w / w.mean()).astype(np.float32)
+
+
+def tensors(data: VAEData, q: np.ndarray, profile: np.ndarray, index=None,
+            weighting: str = "none") -> dict:
+    """Torch tensors of the selected averages (or of ``index``); ``weight`` per average from
+    :func:`frame_weights` over these averages."""
     index = np.flatnonzero(data.selected) if index is None else np.asarray(index)
     qnorm = np.linalg.norm(q, axis=0)
     image = normalise(data.intens[index], data.support, qnorm, profile, data.gain[index])
@@ -140,6 +186,7 @@ def tensors(data: VAEData, q: np.ndarray, profile: np.ndarray, index=None) -> di
         "counts": torch.as_tensor(data.intens[index], dtype=torch.float32),
         "quaternion": torch.as_tensor(data.quaternion[index], dtype=torch.float32),
         "log_gain": torch.as_tensor(np.log(data.gain[index]), dtype=torch.float32),
+        "weight": torch.as_tensor(frame_weights(data.frames[index], weighting)),
     }
 
 

@@ -42,6 +42,8 @@ class TrainConfig:
     dec_channels: int = 32
     hidden: int = 256
     threads: int = 1
+    frame_weighting: str = "none"
+    q_min: float = 0.0
     extra: dict = field(default_factory=dict)
 
 
@@ -235,8 +237,11 @@ def train(cfg: TrainConfig, tensors: dict, weight: np.ndarray, q: np.ndarray,
     if ctx.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    per_average = tensors.get("weight")
+    if per_average is None:
+        per_average = torch.ones(tensors["image"].shape[0])
     dataset = TensorDataset(tensors["image"], tensors["counts"], tensors["quaternion"],
-                            tensors["log_gain"])
+                            tensors["log_gain"], per_average.float())
     sampler = DistributedSampler(dataset, num_replicas=ctx.world, rank=ctx.rank, shuffle=True,
                                  seed=cfg.seed, drop_last=False)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler)
@@ -249,16 +254,18 @@ def train(cfg: TrainConfig, tensors: dict, weight: np.ndarray, q: np.ndarray,
         sampler.set_epoch(epoch)
         sums = torch.zeros(4, dtype=torch.float64, device=device)
         model.train()
-        for image, counts, quat, log_gain in tqdm(loader, desc=f"epoch {epoch + 1}",
-                                                  leave=False, disable=not ctx.main,
-                                                  mininterval=5):
+        for image, counts, quat, log_gain, wavg in tqdm(loader, desc=f"epoch {epoch + 1}",
+                                                        leave=False, disable=not ctx.main,
+                                                        mininterval=5):
             image, counts = image.to(device), counts.to(device)
-            quat, log_gain = quat.to(device), log_gain.to(device)
+            quat, log_gain, wavg = quat.to(device), log_gain.to(device), wavg.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 pred, mu, logvar = net(image, support, quat, log_gain)
             recon, _ = poisson_loss(pred, counts, support)
             kl = kl_divergence(mu.float(), logvar.float())
-            loss = (recon + cfg.kl_weight * kl).mean()
+            # per-average weights (mean 1 over the data, e.g. by frame count): noisy averages of
+            # few frames pull less on the decoder
+            loss = (wavg * (recon + cfg.kl_weight * kl)).mean()
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
