@@ -28,6 +28,7 @@ import numpy as np
 from spiscape.backend import get_array_module
 from spiscape.emc.averages import read_averages as read_averages_file
 from spiscape.errors import ConfigError, InputError
+from spiscape.io.hdf5 import open_input
 from spiscape.phasing import PhasingParams, measured_shell_mask, parse_recipe, phase_pattern
 from spiscape.phasing.algorithms import DEFAULT_RECIPE
 from spiscape.phasing.volume import (
@@ -107,22 +108,16 @@ def read_q_limits(path):
 
 def read_volumes(path, q_per_voxel=None, indices=None):
     """z (K, zdim), intens (K, V, ...) lazily indexed, q step; InputError on a bad file."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(path, "no such file")
-    try:
-        with h5py.File(path, "r") as f:
-            if "intens" not in f:
-                raise InputError(path, "no 'intens' dataset (expected vae/volumes.h5)")
-            shape = f["intens"].shape
-            idx = list(range(shape[0])) if indices is None else list(indices)
-            if any(i < 0 or i >= shape[0] for i in idx):
-                raise InputError(path, f"indices {idx} out of range 0..{shape[0] - 1}")
-            intens = np.stack([f["intens"][i] for i in idx]).astype(np.float32)
-            z = f["z"][()][idx] if "z" in f else np.arange(shape[0], dtype=np.float64)[idx, None]
-            dq = q_per_voxel or f.attrs.get("q_per_voxel_inv_nm")
-    except OSError as exc:
-        raise InputError(path, f"unreadable HDF5 file ({exc})") from None
+    with open_input(path, "a volumes file") as f:
+        if "intens" not in f:
+            raise InputError(path, "no 'intens' dataset (expected vae/volumes.h5)")
+        shape = f["intens"].shape
+        idx = list(range(shape[0])) if indices is None else list(indices)
+        if any(i < 0 or i >= shape[0] for i in idx):
+            raise InputError(path, f"indices {idx} out of range 0..{shape[0] - 1}")
+        intens = np.stack([f["intens"][i] for i in idx]).astype(np.float32)
+        z = f["z"][()][idx] if "z" in f else np.arange(shape[0], dtype=np.float64)[idx, None]
+        dq = q_per_voxel or f.attrs.get("q_per_voxel_inv_nm")
     if intens.ndim != 4 or len(set(intens.shape[1:])) != 1:
         raise InputError(path, f"intens must be (K, V, V, V), got {intens.shape}")
     if dq is None:

@@ -17,12 +17,11 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
-import h5py
 import numpy as np
 
 from spiscape.errors import ConfigError, InputError
+from spiscape.io.hdf5 import open_input
 
 log = logging.getLogger(__name__)
 
@@ -130,24 +129,18 @@ class VolumeReference:
 
 def read_reference_volume(path: str | os.PathLike, q_per_pixel: float) -> VolumeReference:
     """Read ``intens (N, N, N)`` and its ``q_per_voxel_inv_nm`` attribute; InputError if unfit."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(path, "no such file")
-    try:
-        with h5py.File(path, "r") as f:
-            if "intens" not in f:
-                raise InputError(path, "no dataset 'intens' (a 3D intensity N x N x N)")
-            dset = f["intens"]
-            if dset.ndim != 3 or len(set(dset.shape)) != 1:
-                raise InputError(path, f"'intens' must be a cube N x N x N, got {dset.shape}")
-            if "q_per_voxel_inv_nm" not in dset.attrs and "q_per_voxel_inv_nm" not in f.attrs:
-                raise InputError(path, "no attribute 'q_per_voxel_inv_nm' on 'intens' or the "
-                                 "file (the grid's q step in 1/nm)")
-            attrs = dset.attrs if "q_per_voxel_inv_nm" in dset.attrs else f.attrs
-            q_per_voxel = float(attrs["q_per_voxel_inv_nm"])
-            intens = np.asarray(dset[()], dtype=np.float64)
-    except OSError as exc:
-        raise InputError(path, f"unreadable HDF5 file ({exc.__class__.__name__})") from None
+    with open_input(path, "a 3D intensity file") as f:
+        if "intens" not in f:
+            raise InputError(path, "no dataset 'intens' (a 3D intensity N x N x N)")
+        dset = f["intens"]
+        if dset.ndim != 3 or len(set(dset.shape)) != 1:
+            raise InputError(path, f"'intens' must be a cube N x N x N, got {dset.shape}")
+        if "q_per_voxel_inv_nm" not in dset.attrs and "q_per_voxel_inv_nm" not in f.attrs:
+            raise InputError(path, "no attribute 'q_per_voxel_inv_nm' on 'intens' or the "
+                             "file (the grid's q step in 1/nm)")
+        attrs = dset.attrs if "q_per_voxel_inv_nm" in dset.attrs else f.attrs
+        q_per_voxel = float(attrs["q_per_voxel_inv_nm"])
+        intens = np.asarray(dset[()], dtype=np.float64)
     if not q_per_voxel > 0:
         raise InputError(path, f"q_per_voxel_inv_nm must be positive, got {q_per_voxel}")
     if not np.all(np.isfinite(intens)):
