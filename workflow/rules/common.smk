@@ -77,10 +77,6 @@ def is_simulated(ds):
     return "simulate" in dataset(ds)
 
 
-def simulated_datasets():
-    return [ds for ds in DATASETS if is_simulated(ds)]
-
-
 def _config_path(path):
     """Photon and detector paths in the config are relative to the working directory."""
     return os.path.normpath(os.path.expandvars(os.path.expanduser(str(path))))

@@ -251,19 +251,6 @@ class Phaser:
         rho = self.fft.inverse(spec.astype(xp.complex64)).astype(xp.float32)
         return self.project_support(rho, supports)
 
-    def start_scale(self, rho):
-        """Factor bringing random starts to the measured amplitudes' scale (per start).
-
-        Without it the free Fourier voxels (the beamstop, q = 0 among them) keep the start's much
-        larger values and DM / RAAR take many iterations just to shed them.
-        """
-        xp = self.xp
-        axes = tuple(range(1, rho.ndim))
-        spec = xp.abs(self.fft.forward(rho)) * self.mask
-        target = xp.sqrt(xp.sum(self.amp**2 * self.mask))
-        norm = xp.sqrt(xp.sum(spec * spec, axis=axes, keepdims=True))
-        return (target / xp.maximum(norm, 1e-30)).astype(rho.dtype)
-
     def shrinkwrap_schedule(self, update: int, n_updates: int):
         """(blur sigma, threshold fraction) of shrink-wrap update ``update`` of ``n_updates``.
 
