@@ -265,13 +265,13 @@ def test_frame_weights_and_loss_q_min():
     assert loss_weight(sup, qn, 11, q_min=2.0).tolist() == [[False, True, True, False]]
 
 
-def test_pure_cube_averages_rule():
-    from spiscape.commands.vae import pure_cube_averages
+def test_pure_averages_rule():
+    from spiscape.commands.vae import pure_averages
 
-    mask, rule = pure_cube_averages(np.array([0.85, 0.1, 0.95, np.nan]))
+    mask, rule = pure_averages(np.array([0.85, 0.1, 0.95, np.nan]))
     assert mask.tolist() == [True, False, True, False] and "0.8" in rule
-    mask, rule = pure_cube_averages(np.array([0.5, 0.1, 0.7, 0.6, 0.2]), fallback=3)
-    assert mask.tolist() == [True, False, True, True, False] and "most cube-like" in rule
+    mask, rule = pure_averages(np.array([0.5, 0.1, 0.7, 0.6, 0.2]), fallback=3)
+    assert mask.tolist() == [True, False, True, True, False] and "most alike" in rule
 
 
 def test_weighted_training_runs_and_ignores_zero_weight(tiny, tmp_path):
@@ -302,3 +302,45 @@ def test_size_averaged_reference():
     # a spread lowers the contrast of the fringes, never the centre's share
     spread = size_averaged(vol, 1.0 + 0.05 * np.random.default_rng(0).standard_normal(200))
     assert spread.shape == vol.shape and np.all(np.isfinite(spread))
+
+
+def test_pixel_weights_radial_exponent():
+    from spiscape.errors import ConfigError
+    from spiscape.vae.data import pixel_weights
+
+    mask = np.array([[True, True, True, False]])
+    qnorm = np.array([[1.0, 2.0, 3.0, 4.0]])
+    profile = np.array([100.0, 100.0, 10.0, 1.0, 1.0])
+    np.testing.assert_allclose(pixel_weights(mask, qnorm, profile, 0.0), [[1, 1, 1, 0]])
+    w = pixel_weights(mask, qnorm, profile, 1.0)
+    assert w[0, 3] == 0 and w[mask].min() == pytest.approx(1.0)  # the brightest shell: 1
+    # alpha 1: each pixel weighs 1 / I_0(|q|): a 100x fainter shell 100x more per photon
+    assert w[0, 2] / w[0, 0] == pytest.approx(100.0)
+    assert pixel_weights(mask, qnorm, profile, 0.5)[0, 2] / \
+        pixel_weights(mask, qnorm, profile, 0.5)[0, 0] == pytest.approx(10.0)
+    with pytest.raises(ConfigError, match="radial weighting"):
+        pixel_weights(mask, qnorm, profile, -1.0)
+
+
+def test_learning_rate_schedules():
+    from spiscape.errors import ConfigError
+    from spiscape.vae.train import make_scheduler
+
+    def rates(**kw):
+        cfg = small_cfg(epochs=10, lr=1e-2, **kw)
+        opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+        sched = make_scheduler(opt, cfg)
+        out = []
+        for _ in range(cfg.epochs):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out, opt.param_groups[0]["lr"]
+
+    seen, last = rates(lr_schedule="cosine", lr_final=0.05)
+    assert seen[0] == pytest.approx(1e-2) and last == pytest.approx(5e-4)
+    assert all(a >= b for a, b in zip(seen, seen[1:], strict=False))
+    seen, last = rates(lr_schedule="constant")
+    assert set(seen) == {1e-2} and last == 1e-2
+    with pytest.raises(ConfigError, match="schedule"):
+        rates(lr_schedule="step")

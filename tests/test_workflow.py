@@ -26,8 +26,14 @@ TINY_EMC = {"replicates": 2, "options": {"num_classes": 6, "num_rot": 8, "iterat
             "min_frames": 1}
 
 
+#: and a VAE and phasing that only prove the wiring
+TINY_3D = {"vae": {"options": {"epochs": 2, "volume_size": 15, "num_volumes": 2}},
+           "phase": {"options": {"recipe": "10 ER", "starts": 1}}}
+
+
 def write_config(path, datasets, **extra):
-    path.write_text(yaml.safe_dump({"datasets": datasets, "classify2d": TINY_EMC, **extra}))
+    path.write_text(yaml.safe_dump({"datasets": datasets, "classify2d": TINY_EMC, **TINY_3D,
+                                    **extra}))
     return path
 
 
@@ -55,12 +61,12 @@ def test_lint_is_clean(env_with_venv_path):
 
 def test_default_config_plans_the_pipeline(tmp_path):
     """The embedded default: simulate, check, two EMC replicates, averages, common lines,
-    landscape."""
+    embedding, orientation, VAE, phasing, landscape (with the VAE's frame latents)."""
     proc = snakemake(tmp_path, "--configfile", str(REPO / "config/config.yaml"), "-n")
     assert planned_jobs(proc) == {
         "simulate": 1, "inspect": 1, "classify2d": 2, "averages": 1, "commonlines_tile": 2,
-        "commonlines_merge": 1, "embed": 1, "landscape": 1, "orient": 1, "summary": 1,
-        "all": 1, "total": 13,
+        "commonlines_merge": 1, "embed": 1, "landscape": 1, "orient": 1, "vae": 1, "phase": 1,
+        "summary": 1, "all": 1, "total": 15,
     }
 
 
@@ -101,7 +107,7 @@ def test_three_datasets_end_to_end_and_partial_reruns(tmp_path, env_with_venv_pa
     datasets = {
         "sim": {"simulate": {"num_frames": 60, "seed": 3, "mean_photons": 300}},
         "sim2": {"simulate": {"num_frames": 50, "seed": 4, "mean_photons": 300},
-                 "classify2d": {"options": {"num_classes": 5}}},
+                 "classify2d": {"options": {"num_classes": 5}}, "vae": {"run": False}},
         "measured": {"photons": "results/sim/data/photons.h5",
                      "detector": "results/sim/data/detector.h5"},
     }
@@ -125,6 +131,11 @@ def test_three_datasets_end_to_end_and_partial_reruns(tmp_path, env_with_venv_pa
         np.testing.assert_array_equal(np.diag(cc), 1.0)
     with h5py.File(tmp_path / "results/sim/frames.h5") as f:
         assert f["clpca"].shape[0] == 60 and f["label"].shape == (60,)
+        assert np.isfinite(f["latent"][:, 0]).any()  # the VAE's per-frame latents
+    with h5py.File(tmp_path / "results/sim2/frames.h5") as f:
+        assert np.isnan(f["latent"][()]).all()  # vae: run: false
+    assert not (tmp_path / "results/sim2/vae").exists()
+    assert (tmp_path / "results/sim/volume_curve.csv").read_text().startswith("index,z0")
     metrics = json.loads((tmp_path / "results/sim/landscape_metrics.json").read_text())
     assert metrics["frames_total"] == 60
     measured = json.loads((tmp_path / "results/measured/inspect/summary.json").read_text())
@@ -138,7 +149,8 @@ def test_three_datasets_end_to_end_and_partial_reruns(tmp_path, env_with_venv_pa
     changed = write_config(tmp_path / "c2.yaml", datasets,
                            embed={"options": {"components": 2}})
     plan = planned_jobs(snakemake(tmp_path, "--configfile", str(changed), "-n"))
-    assert plan == {"embed": 3, "landscape": 3, "summary": 1, "all": 1, "total": 8}
+    assert plan == {"embed": 3, "vae": 1, "phase": 1, "landscape": 3, "summary": 1, "all": 1,
+                    "total": 10}
     one = {**datasets, "sim2": {**datasets["sim2"], "commonlines": {"num_tiles": 3}}}
     changed = write_config(tmp_path / "c3.yaml", one)
     plan = planned_jobs(snakemake(tmp_path, "--configfile", str(changed), "-n"))

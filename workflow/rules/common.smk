@@ -203,12 +203,33 @@ def truth_flag(input):
     return f"--truth {input.truth}" if input.truth else ""
 
 
+def has_q_scale(ds):
+    """Orientation (and all 3D stages after it) needs the physical q scale of the detector."""
+    return is_simulated(ds) or "truth" in dataset(ds) or "q_per_pixel" in dataset(ds)
+
+
+def runs_3d(ds):
+    """Whether the dataset goes on to the VAE, phasing and the volume curve: it has a q scale
+    and its `vae` section does not say `run: false`."""
+    return has_q_scale(ds) and bool(stage_config(ds, "vae").get("run", True))
+
+
+def frame_latent_input(wildcards):
+    """The VAE's per-frame latents, copied into frames.h5, for datasets that run the VAE."""
+    return f"{RESULTS}/{wildcards.ds}/vae/frame_latent.h5" if runs_3d(wildcards.ds) else []
+
+
+def frame_latent_flag(input):
+    return f"--frame-latent {input.frame_latent}" if input.frame_latent else ""
+
+
 def all_targets():
     targets = [f"{RESULTS}/summary.tsv"]
     for ds in DATASETS:
         targets.append(f"{RESULTS}/{ds}/inspect/summary.json")
         targets.append(f"{RESULTS}/{ds}/frames.h5")
-        if is_simulated(ds) or "truth" in dataset(ds) or "q_per_pixel" in dataset(ds):
-            # orientation needs the physical q scale of the detector
+        if has_q_scale(ds):
             targets.append(f"{RESULTS}/{ds}/orientation.h5")
+        if runs_3d(ds):
+            targets.append(f"{RESULTS}/{ds}/volume_curve.csv")
     return targets

@@ -43,6 +43,7 @@ rule landscape:
         replicates=replicate_files,
         photons=photons_input,
         truth=truth_input,
+        frame_latent=frame_latent_input,
     output:
         frames=f"{RESULTS}/{{ds}}/frames.h5",
         metrics=f"{RESULTS}/{{ds}}/landscape_metrics.json",
@@ -56,6 +57,7 @@ rule landscape:
     params:
         cmd=SPISCAPE,
         truth=lambda wc, input: truth_flag(input),
+        frame_latent=lambda wc, input: frame_latent_flag(input),
         version=stage_version("landscape"),
     conda:
         "../../envs/cpu.yaml"
@@ -64,5 +66,5 @@ rule landscape:
     shell:
         "{params.cmd} landscape --embedding {input.embedding} --averages {input.averages} "
         "--replicates {input.replicates} --photons {input.photons} {params.truth} "
-        "--out {output.frames} --metrics-json {output.metrics} --figure-dir {output.figures} "
+        "{params.frame_latent} --out {output.frames} --metrics-json {output.metrics} --figure-dir {output.figures} "
         "2> {log}"

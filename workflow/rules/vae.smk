@@ -1,7 +1,7 @@
 # Continuous heterogeneity in 3D: the VAE from class averages (with their orientation and gain)
 # to 3D intensities along a latent coordinate, then phase retrieval of the decoded volumes.
-# Not in the default targets yet (see README, "What runs today"): request them explicitly, e.g.
-#   snakemake results/demo/volume_curve.csv
+# In the default targets of every dataset with a q scale (simulated, truth or q_per_pixel) unless
+# its `vae` section says `run: false`; the per-frame latents go on into frames.h5.
 
 
 rule vae:

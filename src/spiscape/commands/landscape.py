@@ -1,13 +1,14 @@
 """Per-frame landscape: each frame's embedding coordinates and cluster from its classes.
 
 A frame's coordinates are the occupancy-weighted mean of the embedding coordinates of the class
-averages it belongs to (weights renormalised over the classes kept in averages.h5), averaged over
-the bootstrap replicates that drew it; its cluster is the occupancy-weighted vote of those
+averages it belongs to (weights renormalised over the classes kept in averages.h5), averaged
+over the bootstrap replicates that drew it; its cluster is the occupancy-weighted vote of those
 averages' clusters. Frames never placed get NaN coordinates and label -1. The result, frames.h5
-(clpca (N, k), label (N,), latent (N, 1) all NaN until the VAE stage), is what `spiscape select`
-picks frames from. With --truth (simulated data) the landscape is scored: adjusted Rand index of
-the frames' clusters against cube / sphere / contaminant (melting frames left out), and the best
-Spearman |rho| of a component with the melting parameter t among non-contaminant frames.
+(clpca (N, k), label (N,), latent (N, z): the VAE's per-frame latents with --frame-latent, else
+one all-NaN column), is what `spiscape select` picks frames from. With --truth (simulated data)
+the landscape is scored: adjusted Rand index of the frames' clusters against cube / sphere /
+contaminant (melting frames left out), and the best Spearman |rho| of a component with the
+melting parameter t among non-contaminant frames.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def add_args(parser):
                         help="truth.h5 of a simulated dataset: score the landscape")
     parser.add_argument("--metrics-json", default=None,
                         help="write the scores against the truth (and frame counts) here")
+    parser.add_argument("--frame-latent", default=None,
+                        help="vae/frame_latent.h5: the frames' VAE latents, copied to frames.h5")
     parser.add_argument("--figure-dir", default=None, help="folder for the figures (PNG)")
 
 
@@ -127,5 +130,15 @@ def main(args):
     attrs = {"method": embedding["method"], "embedding": str(args.embedding),
              "averages": str(args.averages),
              "replicates": json.dumps([str(p) for p in args.replicates])}
-    write_landscape(args.out, result, attrs)
+    latent = None
+    if args.frame_latent:
+        with open_input(args.frame_latent, "a frame-latent file") as f:
+            if "latent" not in f:
+                raise InputError(args.frame_latent, "no 'latent' dataset (vae/frame_latent.h5)")
+            latent = f["latent"][()]
+        if latent.ndim != 2 or latent.shape[0] != num_frames:
+            raise InputError(args.frame_latent, f"latent has shape {latent.shape}, the dataset "
+                                                f"has {num_frames} frames")
+        attrs["frame_latent"] = str(args.frame_latent)
+    write_landscape(args.out, result, attrs, latent)
     log.info("wrote %s", args.out)

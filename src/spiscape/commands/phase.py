@@ -61,8 +61,9 @@ def add_args(parser):
     parser.add_argument("--shrinkwrap-threshold", type=float, default=0.15,
                         help="support = blurred density above this fraction of its maximum at the last "
                         "update (falling linearly from 0.3 at the first)")
-    parser.add_argument("--volume-rule", choices=RULES, default=DEFAULT_RULE,
-                        help="how the particle volume is measured (see spiscape.phasing.volume)")
+    parser.add_argument("--volume-rule", choices=RULES, default=None,
+                        help="how the particle volume is measured (see spiscape.phasing.volume); "
+                        f"default porod for 3D volumes, {DEFAULT_RULE} for 2D averages")
     parser.add_argument("--threshold-fraction", type=float, default=None,
                         help="threshold as a fraction of the plateau (plateau) or "
                         "maximum (max) density; default 0.5")
@@ -160,14 +161,15 @@ def main(args):
     measured = measured_shell_mask(shape, q_min, q_max)
     if extra is not None:
         measured &= extra
-    fraction = args.mass_fraction if args.volume_rule == "mass" else args.threshold_fraction
+    rule = args.volume_rule or ("porod" if args.volumes else DEFAULT_RULE)
+    fraction = args.mass_fraction if rule == "mass" else args.threshold_fraction
     results, volumes, seconds = [], [], []
     for k in range(intens.shape[0]):
         start = time.perf_counter()
         res = phase_pattern(intens[k], params, xp=xp, measured=measured)
         seconds.append(time.perf_counter() - start)
-        vol = (particle_volume_nm3(res.signed_density, dq, args.volume_rule, fraction,
-                                   args.smoothing) if dq else float("nan"))
+        vol = (particle_volume_nm3(res.signed_density, dq, rule, fraction, args.smoothing,
+                                   intens=intens[k], measured=measured) if dq else float("nan"))
         results.append(res)
         volumes.append(vol)
         log.info("pattern %d/%d: %.1f s, support error %.2g, volume %.4g, PRTF 1/e at shell %s",
@@ -184,7 +186,7 @@ def main(args):
     volumes = np.asarray(volumes)
     attrs = {
         "recipe": args.recipe, "starts": args.starts, "seed": args.seed,
-        "volume_rule": args.volume_rule,
+        "volume_rule": rule,
         "threshold_fraction": -1.0 if fraction is None else float(fraction),
         "voxel_size_nm": voxel, "q_per_voxel_inv_nm": dq if dq else np.nan,
         "q_min_voxels": q_min, "q_max_voxels": q_max, "smoothing_voxels": args.smoothing,

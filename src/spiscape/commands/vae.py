@@ -81,6 +81,11 @@ def add_args(parser):
     m.add_argument("--epochs", type=int, default=40)
     m.add_argument("--batch-size", type=int, default=8)
     m.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    m.add_argument("--lr-schedule", default="cosine", choices=["cosine", "constant"],
+                   help="learning rate over the epochs: cosine decay to --lr-final x lr, or "
+                        "constant")
+    m.add_argument("--lr-final", type=float, default=0.05,
+                   help="final learning rate as a fraction of --lr (cosine schedule)")
     m.add_argument("--kl-weight", type=float, default=0.01,
                    help="beta: weight of the KL term against the per-pixel Poisson deviance")
     m.add_argument("--frame-weighting", default="none", choices=["none", "sqrt", "frames"],
@@ -90,6 +95,9 @@ def add_args(parser):
                    help="smallest |q| (detector pixels) in the loss: pixels at the edge of the "
                         "beamstop are partly shadowed and read too low (e.g. the beamstop "
                         "radius); the volume inside is extrapolated either way")
+    m.add_argument("--radial-weighting", type=float, default=0.5,
+                   help="alpha: pixels weigh I_0(|q|)^-alpha in the Poisson deviance (0: plain "
+                        "Poisson, high q barely counts; 1: every shell by its relative misfit)")
     m.add_argument("--seed", type=int, default=1)
     m.add_argument("--device", default="auto", help="auto, cpu or cuda")
     m.add_argument("--threads", type=int, default=1,
@@ -120,7 +128,9 @@ def config_from_args(args):
                        kl_weight=args.kl_weight, seed=args.seed, device=args.device,
                        check_every=args.check_every, enc_channels=args.enc_channels,
                        dec_channels=args.dec_channels, threads=args.threads,
-                       frame_weighting=args.frame_weighting, q_min=args.q_min)
+                       frame_weighting=args.frame_weighting, q_min=args.q_min,
+                       radial_weighting=args.radial_weighting, lr_schedule=args.lr_schedule,
+                       lr_final=args.lr_final)
 
 
 def main(args):
@@ -160,8 +170,9 @@ def main(args):
         "device %s, world %d", int(sel.sum()), sel.size, size, size, int(weight.sum()),
         cfg.volume_size, cfg.zdim, cfg.point_group, ctx.device, ctx.world)
     try:
+        pix = data.pixel_weights(weight, qnorm, profile, cfg.radial_weighting)
         model, result = train.train(cfg, tens, weight, q, profile, out, resume=args.resume,
-                                    ctx=ctx)
+                                    ctx=ctx, pixel_weight=pix)
     finally:
         if ctx.world > 1:
             import torch.distributed as dist
@@ -224,15 +235,16 @@ def _jsonable(value):
 
 
 def average_truth_t(args, inputs, truth):
-    """(true t, true label majority, cube fraction, from frames) per average: from averages.h5's
-    truth keys (synthetic averages: from frames False) or from the replicates' occupancies of
-    the truth's frames (from frames True)."""
+    """(true t, true label majority, label fractions (A, 3+): cube, melting, sphere, ..., from
+    frames) per average: from averages.h5's truth keys (synthetic averages: from frames False)
+    or from the replicates' occupancies of the truth's frames (from frames True)."""
     import h5py
 
     with h5py.File(args.averages, "r") as f:
         if "truth_t" in f and "truth_label" in f:
             t, lab = f["truth_t"][()], f["truth_label"][()]
-            return t, lab, (lab == 0).astype(float), False
+            onehot = (lab[:, None] == np.arange(max(int(lab.max()) + 1, 3))).astype(float)
+            return t, lab, onehot, False
     if not args.replicates:
         return None
     from spiscape.embed.landscape import average_truth, read_replicates
@@ -241,21 +253,21 @@ def average_truth_t(args, inputs, truth):
                         inputs.replicate, inputs.klass, truth.label, truth.t,
                         len(truth.label_names) or 5)
     frac = res["fractions"]
-    return res["mean_t"], frac.argmax(1), frac[:, 0], True
+    return res["mean_t"], frac.argmax(1), frac, True
 
 
-def pure_cube_averages(cube_fraction, threshold: float = 0.8, fallback: int = 3):
-    """The averages that stand for the pure cube: those whose frames are >= ``threshold`` cubes
-    (by occupancy); if there are none, the ``fallback`` most cube-like. Their mean latent is the
-    cube's latent. Returns (mask, rule in words)."""
-    frac = np.nan_to_num(np.asarray(cube_fraction, dtype=float), nan=0.0)
+def pure_averages(fraction, threshold: float = 0.8, fallback: int = 3):
+    """The averages that stand for one pure state (the cube, the sphere): those whose frames are
+    >= ``threshold`` of it (by occupancy); if there are none, the ``fallback`` most alike. Their
+    mean latent is the state's latent. Returns (mask, rule in words)."""
+    frac = np.nan_to_num(np.asarray(fraction, dtype=float), nan=0.0)
     mask = frac >= threshold
     if mask.any():
         return mask, f"cube fraction >= {threshold}"
     mask = np.zeros(frac.size, dtype=bool)
     if frac.max(initial=0.0) > 0:
         mask[np.argsort(-frac)[:fallback]] = True
-    return mask, f"the {fallback} most cube-like averages (none >= {threshold})"
+    return mask, f"the {fallback} most alike averages (none >= {threshold})"
 
 
 def score_against_truth(args, inputs, truth, mu, model, weight, qnorm, ctx, out) -> dict:
@@ -267,13 +279,18 @@ def score_against_truth(args, inputs, truth, mu, model, weight, qnorm, ctx, out)
     if got is None:
         log.warning("--truth without replicates or truth keys in averages.h5: no latent score")
         return scores
-    t, label, cube_frac, from_frames = got
+    t, label, fractions, from_frames = got
     ok = np.isfinite(t) & (label <= 2)
     rho = analysis.spearman(mu[ok, 0], t[ok])
     scores["spearman_mu0_t"] = rho
     scores["spearman_averages"] = int(ok.sum())
     scores["_average_t"] = np.where(ok, t, np.nan)
-    cube, cube_rule = pure_cube_averages(cube_frac)
+    sphere, sphere_rule = pure_averages(fractions[:, 2])
+    if sphere.any():
+        # where the sphere sits on the latent: the volume curve is read there (bench/vae.py)
+        scores.update(sphere_latent=mu[sphere].mean(0).tolist(), sphere_averages=int(sphere.sum()),
+                      sphere_rule=sphere_rule)
+    cube, cube_rule = pure_averages(fractions[:, 0])
     if cube.any() and truth.volumes is not None:
         zc = mu[cube].mean(0, keepdims=True)
         vol = analysis.decode_volumes(model, zc, ctx.device)[0]

@@ -137,19 +137,24 @@ def frame_coordinates(num_frames: int, reps: list[Replicate], replicate_of, clas
     return result
 
 
-def write_landscape(path, result: dict, attrs: dict, latent_dim: int = 1) -> None:
-    """Write frames.h5 (layout in the module docstring) atomically."""
+def write_landscape(path, result: dict, attrs: dict, latent=None) -> None:
+    """Write frames.h5 (layout in the module docstring) atomically; ``latent`` (N, z) the VAE's
+    per-frame latents, or None (one all-NaN column until the VAE has run)."""
     num = result["coords"].shape[0]
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f["clpca"] = result["coords"]
         f["label"] = result["label"]
-        f["latent"] = np.full((num, latent_dim), np.nan, dtype=np.float32)
+        if latent is None:
+            latent = np.full((num, 1), np.nan)
+        f["latent"] = np.asarray(latent, dtype=np.float32)
         f["num_replicates"] = result["num_replicates"]
         f["label_weight"] = result["label_weight"]
         f.attrs["num_frames"] = num
         f.attrs["components"] = result["coords"].shape[1]
-        f.attrs["latent_note"] = ("latent is all NaN (one placeholder column) until the VAE stage "
-                                  "writes the frames' latent coordinates")
+        f.attrs["latent_note"] = (
+            "the VAE latent of each frame (occupancy-weighted over its classes' averages), NaN "
+            "for frames in no trained average" if np.isfinite(latent).any() else
+            "latent is all NaN (one placeholder column): the VAE has not run for this dataset")
         for key, value in attrs.items():
             f.attrs[key] = value
 

@@ -1,5 +1,22 @@
 """Particle volume of a phased density.
 
+``porod`` (default for 3D volumes)
+                       V = N F(0)^2 / sum_q I(q), the Porod volume of small-angle scattering
+                       (Parseval: for a uniform particle sum |F|^2 = N rho_0^2 V and F(0) = rho_0
+                       V). sum_q I uses the *measured* intensities where they were measured, the
+                       phased |F|^2 only where they were not (behind the beamstop: there phasing
+                       is the extrapolation, and F(0)^2 = (sum rho)^2 comes from it) and the
+                       Porod tail K / |q|^4 beyond the outermost measured shell (K from the
+                       outer 30 % of the measured shells). Only the phased density's low-q part
+                       enters, which every random start agrees on; the plateau and edges, which
+                       differ from start to start when the intensities are not those of one
+                       object (the blurred fringes of a size spread, an imperfect decoder), do
+                       not. On the simulator's truth volumes (61^3, |q| in [3.16, 29] voxels):
+                       cube +0.8 %, sphere +0.5 %; the same intensities averaged over a 3 % size
+                       spread: cube -4.4 %, sphere -2.0 % (``integrated``: -21 % and -15 %); two
+                       seeds of phasing a VAE volume agree within 0.3-2.5 % (``integrated``: up
+                       to 17 %).
+
 The phased density of a uniform particle is its band-limited image: a plateau whose edges are
 blurred over about one resolution element and which rings (the sharp q cut-off of the detector's
 edge; the density is signed, its ringing dips below zero outside the particle). For a flat face
@@ -7,7 +24,7 @@ the half-plateau iso-surface is the true surface whatever the blur, but not near
 corners of a particle only ~15 voxels across, where the ripple of the cut-off adds or removes a
 shape-dependent few per cent; the mass, in contrast, is exactly conserved. Rules:
 
-``integrated`` (default)
+``integrated`` (default for 2D)
                        total mass / rho_plateau. The mass is the sum of the *signed* density (the
                        q = 0 component, which band-limiting and blurring conserve exactly; the
                        negative ringing must not be clipped off, that inflates the mass by 7-14
@@ -50,10 +67,55 @@ import numpy as np
 
 from spiscape.errors import ConfigError
 
-RULES = ("integrated", "plateau", "max", "mass")
-DEFAULT_RULE = "integrated"
-DEFAULT_FRACTION = {"integrated": 0.5, "plateau": 0.5, "max": 0.5, "mass": 0.9}
+RULES = ("porod", "integrated", "plateau", "max", "mass")
+DEFAULT_RULE = "integrated"  # 2D; 3D volumes default to "porod" (spiscape phase)
+DEFAULT_FRACTION = {"porod": 0.5, "integrated": 0.5, "plateau": 0.5, "max": 0.5, "mass": 0.9}
 DEFAULT_SMOOTHING = 1.5  # voxels, Gaussian sigma of the plateau estimate (integrated)
+
+
+POROD_BAND = 0.7  # the Porod constant is fitted on measured shells beyond this fraction of q_max
+
+
+def porod_voxels(density, intens, measured) -> dict:
+    """Porod volume (voxels) of a phased density and its measured intensities (see the module
+    docstring): ``voxels`` and the shares of sum I that came from the phased extrapolation
+    (``unmeasured_fraction``) and the Porod tail (``tail_fraction``).
+
+    ``density`` the signed phased density on the n^d grid, ``intens`` the centred intensities
+    (q = 0 at n // 2), ``measured`` the mask of measured voxels.
+    """
+    rho = np.asarray(density, dtype=np.float64)
+    intens = np.asarray(intens, dtype=np.float64)
+    measured = np.asarray(measured, dtype=bool) & np.isfinite(intens)
+    if intens.shape != rho.shape or measured.shape != rho.shape:
+        raise ConfigError(f"porod volume: density {rho.shape}, intensities {intens.shape} and "
+                          f"mask {measured.shape} differ")
+    if not measured.any():
+        raise ConfigError("porod volume: no measured voxel")
+    grids = np.meshgrid(*[np.arange(n) - n // 2 for n in rho.shape], indexing="ij")
+    r = np.sqrt(sum(g.astype(np.float64) ** 2 for g in grids))
+    q_max = float(r[measured].max())
+    spectrum = np.fft.fftshift(np.fft.fftn(np.fft.ifftshift(rho)))
+    phased = np.abs(spectrum) ** 2
+    inside = (r <= q_max) & ~measured
+    measured_sum = float(np.clip(intens[measured], 0, None).sum())
+    unmeasured_sum = float(phased[inside].sum())
+    band = measured & (r >= POROD_BAND * q_max)
+    porod_k = float(np.mean(np.clip(intens[band], 0, None) * r[band] ** 4)) if band.any() else 0.0
+    d = rho.ndim
+    sphere_area = 2.0 * np.pi ** (d / 2) / _gamma(d / 2)
+    tail = sphere_area * porod_k * q_max ** (d - 4) / (4 - d) if d < 4 else 0.0
+    total = measured_sum + unmeasured_sum + tail
+    f0 = float(rho.sum())
+    voxels = rho.size * f0 * f0 / total if total > 0 else 0.0
+    return {"voxels": float(voxels), "unmeasured_fraction": unmeasured_sum / total if total else
+            float("nan"), "tail_fraction": tail / total if total else float("nan")}
+
+
+def _gamma(x: float) -> float:
+    from math import gamma
+
+    return gamma(x)
 
 
 def voxel_size_nm(grid_size: int, q_per_voxel_inv_nm: float) -> float:
@@ -80,7 +142,7 @@ def threshold_value(density, rule: str = DEFAULT_RULE, fraction: float | None = 
     if not 0.0 < fraction < 1.0:
         raise ConfigError(f"volume threshold fraction must lie in (0, 1), got {fraction}")
     rho = np.clip(np.asarray(density, dtype=np.float64), 0, None)
-    if rule in ("plateau", "integrated"):
+    if rule in ("plateau", "integrated", "porod"):
         return fraction * plateau_density(rho)
     if rule == "max":
         return fraction * float(rho.max(initial=0.0))
@@ -110,7 +172,7 @@ def smoothed_plateau(density, smoothing: float = DEFAULT_SMOOTHING) -> float:
 
 def particle_voxels(
     density, rule: str = DEFAULT_RULE, fraction: float | None = None,
-    smoothing: float = DEFAULT_SMOOTHING,
+    smoothing: float = DEFAULT_SMOOTHING, intens=None, measured=None,
 ) -> float:
     """Number of voxels in the particle (see the module docstring for the rules).
 
@@ -118,6 +180,10 @@ def particle_voxels(
     at the threshold counts one half and those beyond t +- t / 4 fully or not at all.
     """
     rho = np.asarray(density, dtype=np.float64)
+    if rule == "porod":
+        if intens is None or measured is None:
+            raise ConfigError("volume rule 'porod' needs the intensities and the measured mask")
+        return porod_voxels(rho, intens, measured)["voxels"]
     if rule == "integrated":
         threshold_value(rho, rule, fraction)  # validates the arguments
         plateau = smoothed_plateau(rho, smoothing)
@@ -137,6 +203,8 @@ def particle_volume_nm3(
     rule: str = DEFAULT_RULE,
     fraction: float | None = None,
     smoothing: float = DEFAULT_SMOOTHING,
+    intens=None,
+    measured=None,
 ) -> float:
     """Particle volume in nm^3 (area in nm^2 for 2D) of a density on an n^d grid with q step dq.
 
@@ -145,4 +213,4 @@ def particle_volume_nm3(
     """
     rho = np.asarray(density)
     voxel = voxel_size_nm(rho.shape[-1], q_per_voxel_inv_nm)
-    return particle_voxels(rho, rule, fraction, smoothing) * voxel**rho.ndim
+    return particle_voxels(rho, rule, fraction, smoothing, intens, measured) * voxel**rho.ndim

@@ -156,6 +156,28 @@ def loss_weight(support: np.ndarray, qnorm: np.ndarray, volume_size: int,
     return support & (qnorm >= q_min) & (qnorm <= volume_size // 2 - 1)
 
 
+def pixel_weights(mask: np.ndarray, qnorm: np.ndarray, profile: np.ndarray,
+                  radial_weighting: float = 0.0) -> np.ndarray:
+    """Weight of each pixel in the Poisson deviance: ``mask`` times (I_0(|q|) / I_0max)^-alpha,
+    alpha = ``radial_weighting``: the brightest measured shell keeps its Poisson weight 1 and
+    fainter shells weigh more.
+
+    alpha = 0 is the plain Poisson likelihood: a pixel's deviance grows like lambda x (relative
+    error)^2, so a shell at high q, 10^3 times fainter than the first rings, weighs 10^3 times
+    less for the same relative misfit. That is right for pure counting noise but class averages
+    of hundreds of frames are dominated by model error at low q (blur of the 2D classes, size
+    spread), and the decoder then gives up the high-q fall-off (the particle's edges, hence its
+    phased volume). alpha = 1 makes every shell count by its relative misfit, as the paper's
+    loss on radially normalised images does.
+    """
+    if radial_weighting < 0:
+        raise ConfigError(f"radial weighting must be >= 0, got {radial_weighting}")
+    ref = np.interp(qnorm, np.arange(profile.size), profile)
+    w = np.where(mask, np.power(np.maximum(ref, 1e-30), -float(radial_weighting)), 0.0)
+    lowest = w[mask].min() if mask.any() else 1.0
+    return (w / lowest).astype(np.float32)
+
+
 def frame_weights(frames: np.ndarray, mode: str = "none") -> np.ndarray:
     """Loss weight per average, mean 1: "none" (all equal), "frames" (the frame count: an average
     of many frames is less noisy) or "sqrt" (its square root, a compromise that keeps small

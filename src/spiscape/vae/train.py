@@ -44,6 +44,9 @@ class TrainConfig:
     threads: int = 1
     frame_weighting: str = "none"
     q_min: float = 0.0
+    radial_weighting: float = 0.5
+    lr_schedule: str = "cosine"
+    lr_final: float = 0.05
     extra: dict = field(default_factory=dict)
 
 
@@ -191,6 +194,22 @@ def convergence_check(model: SPIVAE, tensors, support, device, previous: dict | 
 
 
 # --------------------------------------------------------------------------- training
+def make_scheduler(optimiser, cfg: TrainConfig):
+    """Learning rate per epoch: constant, or a cosine from lr down to lr_final x lr at the last
+    epoch. With a constant rate the decoder ends wherever the last minibatches left it, and the
+    volumes (hence phased particle volumes) of two seeds differ by several per cent at the ends
+    of the latent; the cosine lets them settle."""
+    if cfg.lr_schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimiser, lambda epoch: 1.0)
+    if cfg.lr_schedule == "cosine":
+        if not 0.0 < cfg.lr_final <= 1.0:
+            raise ConfigError(f"lr_final must be in (0, 1], got {cfg.lr_final}")
+        return torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimiser, T_max=max(cfg.epochs, 1), eta_min=cfg.lr * cfg.lr_final)
+    raise ConfigError(f"learning-rate schedule must be constant or cosine, got "
+                      f"{cfg.lr_schedule!r}")
+
+
 def build_model(cfg: TrainConfig, image_size: int, q: np.ndarray, profile: np.ndarray) -> SPIVAE:
     return SPIVAE(cfg.zdim, cfg.volume_size, image_size, q, np.log(profile), cfg.point_group,
                   cfg.enc_channels, cfg.dec_channels, cfg.hidden)
@@ -198,11 +217,14 @@ def build_model(cfg: TrainConfig, image_size: int, q: np.ndarray, profile: np.nd
 
 def train(cfg: TrainConfig, tensors: dict, weight: np.ndarray, q: np.ndarray,
           profile: np.ndarray, out_dir, resume: bool = False, ctx: Dist | None = None,
-          stop_after: int | None = None) -> tuple[SPIVAE, dict]:
+          stop_after: int | None = None, pixel_weight: np.ndarray | None = None,
+          ) -> tuple[SPIVAE, dict]:
     """Train on ``tensors`` (from data.tensors); returns the model (unwrapped) and the history.
 
-    ``weight`` (S, S) marks the pixels in the loss. ``stop_after`` ends after that many epochs of
-    this call (tests of --resume). Checkpoint: ``out_dir/checkpoint.pt`` after every epoch.
+    ``weight`` (S, S) marks the pixels in the loss (the encoder's support channel);
+    ``pixel_weight`` (S, S), default ``weight``, weighs them in the deviance. ``stop_after``
+    ends after that many epochs of this call (tests of --resume). Checkpoint:
+    ``out_dir/checkpoint.pt`` after every epoch.
     """
     ctx = ctx or setup_distributed(cfg.device)
     if cfg.threads:
@@ -215,6 +237,7 @@ def train(cfg: TrainConfig, tensors: dict, weight: np.ndarray, q: np.ndarray,
     image_size = tensors["image"].shape[-1]
     model = build_model(cfg, image_size, q, profile).to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    scheduler = make_scheduler(optimiser, cfg)
     history = {"epoch": [], "loss": [], "recon": [], "kl": [], "seconds": []}
     convergence = {"epoch": [], "volume_cc": [], "latent_pearson": []}
     previous = None
@@ -227,6 +250,8 @@ def train(cfg: TrainConfig, tensors: dict, weight: np.ndarray, q: np.ndarray,
                               f"({ck.get('config')}); remove it or drop --resume")
         model.load_state_dict(ck["model"])
         optimiser.load_state_dict(ck["optimiser"])
+        if "scheduler" in ck:
+            scheduler.load_state_dict(ck["scheduler"])
         history, convergence, previous = ck["history"], ck["convergence"], ck.get("previous")
         start = int(ck["epoch"])
         set_rng_states(ck["rng"])
@@ -246,6 +271,8 @@ def train(cfg: TrainConfig, tensors: dict, weight: np.ndarray, q: np.ndarray,
                                  seed=cfg.seed, drop_last=False)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler)
     support = torch.as_tensor(weight, dtype=torch.float32).to(device)
+    pix = support if pixel_weight is None else torch.as_tensor(
+        pixel_weight, dtype=torch.float32).to(device)
     use_bf16 = device.type == "cuda"
     meta = {"config": asdict(cfg), "profile": profile}
     done = 0
@@ -261,7 +288,7 @@ def train(cfg: TrainConfig, tensors: dict, weight: np.ndarray, q: np.ndarray,
             quat, log_gain, wavg = quat.to(device), log_gain.to(device), wavg.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 pred, mu, logvar = net(image, support, quat, log_gain)
-            recon, _ = poisson_loss(pred, counts, support)
+            recon, _ = poisson_loss(pred, counts, pix)
             kl = kl_divergence(mu.float(), logvar.float())
             # per-average weights (mean 1 over the data, e.g. by frame count): noisy averages of
             # few frames pull less on the decoder
@@ -272,6 +299,7 @@ def train(cfg: TrainConfig, tensors: dict, weight: np.ndarray, q: np.ndarray,
             n = image.shape[0]
             sums += torch.stack([loss.detach() * n, recon.detach().sum(), kl.detach().sum(),
                                  torch.tensor(float(n), device=device)]).double()
+        scheduler.step()
         sums = _all_sum(sums, ctx).cpu().numpy()
         total, rec, kl_mean = sums[:3] / max(sums[3], 1)
         seconds = time.perf_counter() - t0
@@ -291,7 +319,8 @@ def train(cfg: TrainConfig, tensors: dict, weight: np.ndarray, q: np.ndarray,
         if ctx.main:
             log.info(line)
             save_checkpoint(ckpt_path, model, optimiser, epoch + 1, history, convergence,
-                            {**meta, "previous": previous})
+                            {**meta, "previous": previous,
+                             "scheduler": scheduler.state_dict()})
         if ctx.world > 1:
             dist.barrier()
         done += 1

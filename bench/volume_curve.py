@@ -1,0 +1,89 @@
+"""Score the volume-versus-latent curve of a simulated dataset against the truth.
+
+Reads the VAE's scores (``vae/training.json``: the latents of the pure-cube and pure-sphere
+averages, from the truth's frame labels), the phased curve (``volume_curve.csv``) and the truth
+(``data/truth.h5``: every shape's particle volume), reads the curve at the two latents (linear
+interpolation between its points) and writes ``bench/results/volume_curve.json`` and a Markdown
+table: the cube and sphere volumes, their ratio against the true ratio (the issue's target is
++-3 %), and how monotone the curve is between them (Spearman of volume with the latent).
+
+    python bench/volume_curve.py [--results results/demo]
+
+Run after ``snakemake results/demo/volume_curve.csv`` (part of ``make run``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def read_curve(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    rows = list(csv.DictReader(path.open()))
+    if not rows:
+        raise SystemExit(f"{path}: empty volume curve")
+    z = np.array([float(r["z0"]) for r in rows])
+    v = np.array([float(r["volume_nm3"]) for r in rows])
+    order = np.argsort(z)
+    return z[order], v[order]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", default=str(REPO / "results/demo"))
+    p.add_argument("--json", default=str(REPO / "bench/results/volume_curve.json"))
+    args = p.parse_args(argv)
+    res = Path(args.results)
+    scores = json.loads((res / "vae/training.json").read_text())["scores"]
+    for key in ("cube_latent", "sphere_latent"):
+        if key not in scores:
+            raise SystemExit(f"{res / 'vae/training.json'}: no {key} (train with --truth)")
+    z, v = read_curve(res / "volume_curve.csv")
+    with h5py.File(res / "data/truth.h5", "r") as f:
+        label = f["volumes/label"][()]
+        true_v = f["volumes/particle_volume_nm3"][()]
+    true_cube = float(true_v[np.flatnonzero(label == 0)[0]])
+    true_sphere = float(true_v[np.flatnonzero(label == 2)[0]])
+    zc, zs = float(scores["cube_latent"][0]), float(scores["sphere_latent"][0])
+    vc, vs = float(np.interp(zc, z, v)), float(np.interp(zs, z, v))
+    from scipy.stats import spearmanr
+
+    between = (z >= min(zc, zs)) & (z <= max(zc, zs))
+    trend = (float(spearmanr(z[between], v[between]).statistic * np.sign(zs - zc))
+             if between.sum() >= 3 else float("nan"))
+    result = {
+        "results": str(res), "cube_latent": zc, "sphere_latent": zs,
+        "cube_volume_nm3": vc, "sphere_volume_nm3": vs,
+        "true_cube_volume_nm3": true_cube, "true_sphere_volume_nm3": true_sphere,
+        "cube_error": vc / true_cube - 1.0, "sphere_error": vs / true_sphere - 1.0,
+        "ratio": vs / vc, "true_ratio": true_sphere / true_cube,
+        "ratio_error": (vs / vc) / (true_sphere / true_cube) - 1.0,
+        "trend_spearman": trend,
+        "spearman_mu0_t": scores.get("spearman_mu0_t"),
+        "cube_shell_cc_min": scores.get("cube_shell_cc_min"),
+    }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=1))
+    table = (
+        "| | cube | sphere | sphere / cube |\n|---|---|---|---|\n"
+        f"| recovered (nm^3) | {vc:.0f} | {vs:.0f} | {vs / vc:.4f} |\n"
+        f"| truth (nm^3) | {true_cube:.0f} | {true_sphere:.0f} | "
+        f"{true_sphere / true_cube:.4f} |\n"
+        f"| error | {100 * result['cube_error']:+.1f} % | {100 * result['sphere_error']:+.1f} % "
+        f"| {100 * result['ratio_error']:+.1f} % (target +-3 %) |"
+    )
+    Path(args.json).with_suffix(".md").write_text(table + "\n")
+    print(table)
+    print(f"latents: cube {zc:.3f}, sphere {zs:.3f}; Spearman rank correlation of the curve's "
+          f"volume with the way from cube to sphere: {trend:.3f} (1: monotone growth)")
+
+
+if __name__ == "__main__":
+    main()
