@@ -172,7 +172,8 @@ def test_landscape_cli(tmp_path, capsys):
     # the VAE's per-frame latents go into frames.h5; one of the wrong length is refused
     with h5py.File(tmp_path / "frame_latent.h5", "w") as f:
         f["latent"] = np.array([[0.5], [np.nan], [-1.0]])
-    assert cli.main([*args, "--frame-latent", str(tmp_path / "frame_latent.h5")]) == 0
+    assert cli.main([*args, "--num-frames", "3", "--frame-latent",
+                     str(tmp_path / "frame_latent.h5")]) == 0
     got = read_landscape(out)
     np.testing.assert_array_equal(got["latent"][:, 0], np.array([0.5, np.nan, -1.0],
                                                                  dtype=np.float32))
@@ -180,7 +181,8 @@ def test_landscape_cli(tmp_path, capsys):
     with h5py.File(tmp_path / "frame_latent.h5", "w") as f:
         f["latent"] = np.zeros((2, 1))
     capsys.readouterr()
-    assert cli.main([*args, "--frame-latent", str(tmp_path / "frame_latent.h5")]) == 2
+    assert cli.main([*args, "--num-frames", "3", "--frame-latent",
+                     str(tmp_path / "frame_latent.h5")]) == 2
     err = capsys.readouterr().err
     assert "frame_latent.h5" in err and "3 frames" in err
 

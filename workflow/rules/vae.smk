@@ -17,6 +17,24 @@ rule vae:
         latent=f"{RESULTS}/{{ds}}/vae/latent.h5",
         volumes=f"{RESULTS}/{{ds}}/vae/volumes.h5",
         frame_latent=f"{RESULTS}/{{ds}}/vae/frame_latent.h5",
+        volume_figure=report(
+            f"{RESULTS}/{{ds}}/vae/volumes.png",
+            caption="../report/vae_volumes.rst",
+            category="3D",
+            subcategory="{ds}",
+        ),
+        latent_figure=report(
+            f"{RESULTS}/{{ds}}/vae/latent_hist.png",
+            caption="../report/vae_latent.rst",
+            category="3D",
+            subcategory="{ds}",
+        ),
+        loss_figure=report(
+            f"{RESULTS}/{{ds}}/vae/loss.png",
+            caption="../report/vae_loss.rst",
+            category="3D",
+            subcategory="{ds}",
+        ),
     params:
         launcher=lambda wc, resources: torch_launcher(resources, SPISCAPE),
         geometry=lambda wc, input: q_scale_flag(wc.ds, input),
