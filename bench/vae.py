@@ -1,7 +1,8 @@
 """Benchmark and scoring of `spiscape vae` on synthetic class averages of the demo's true volumes.
 
-Until orientation.h5 exists for the demo, the VAE is measured on stand-in averages: noiseless
-slices of the demo's truth volumes (cube, melting series, sphere; t known) at random orientations
+The speed and the VAE alone are measured on stand-in averages whose truth is exact (the real
+demo averages are scored by `make run` and bench/volume_curve.py): noiseless slices of the demo's
+truth volumes (cube, melting series, sphere; t known) at random orientations
 on the demo's 61 x 61 grid and detector geometry, scaled to ~300 photons per pixel near the
 beamstop and Poisson-sampled, with the true quaternions and gain 1. Writes
 bench/results/vae.json and a Markdown table: training speed (averages per second on this CPU),

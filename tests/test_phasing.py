@@ -170,6 +170,7 @@ def test_cli_phase_volumes_and_errors(tmp_path, capsys):
     with h5py.File(src, "w") as f:
         f["intens"] = np.stack([intens, intens * 4])
         f["z"] = np.array([[0.0], [1.0]])
+        f["has_data"] = np.array([True, False])
         f.attrs["q_per_voxel_inv_nm"] = 1.0 / n
     out, curve = tmp_path / "phasing.h5", tmp_path / "curve.csv"
     code = cli.main(["phase", "--volumes", str(src), "--out", str(out), "--curve", str(curve),
@@ -184,6 +185,7 @@ def test_cli_phase_volumes_and_errors(tmp_path, capsys):
     assert vol[1] == pytest.approx(vol[0], rel=0.05)  # intensity scale does not change volume
     rows = list(csv.DictReader(open(curve)))
     assert len(rows) == 2 and float(rows[0]["volume_relative"]) == 1.0
+    assert [r["has_data"] for r in rows] == ["1", "0"]
     assert (tmp_path / "fig" / "volume_vs_latent.png").exists()
 
     # VAE volumes: the decoder's extrapolation beyond the measured q range is left free by default

@@ -118,13 +118,15 @@ def read_volumes(path, q_per_voxel=None, indices=None):
             raise InputError(path, f"indices {idx} out of range 0..{shape[0] - 1}")
         intens = np.stack([f["intens"][i] for i in idx]).astype(np.float32)
         z = f["z"][()][idx] if "z" in f else np.arange(shape[0], dtype=np.float64)[idx, None]
+        has_data = (np.asarray(f["has_data"][()], dtype=bool)[idx] if "has_data" in f
+                    else np.ones(len(idx), dtype=bool))
         dq = q_per_voxel or f.attrs.get("q_per_voxel_inv_nm")
     if intens.ndim != 4 or len(set(intens.shape[1:])) != 1:
         raise InputError(path, f"intens must be (K, V, V, V), got {intens.shape}")
     if dq is None:
         raise InputError(path, "no q_per_voxel_inv_nm attribute; pass --q-per-voxel")
     z = np.asarray(z, dtype=np.float64)
-    return (z[:, None] if z.ndim == 1 else z), intens, float(dq), idx
+    return (z[:, None] if z.ndim == 1 else z), intens, float(dq), idx, has_data
 
 
 def read_averages(path, q_per_voxel=None, indices=None):
@@ -146,7 +148,7 @@ def main(args):
     q_min = 0.0 if args.q_min is None else args.q_min
     q_max = float("inf") if args.q_max is None else args.q_max
     if args.volumes:
-        z, intens, dq, idx = read_volumes(args.volumes, args.q_per_voxel, args.indices)
+        z, intens, dq, idx, has_data = read_volumes(args.volumes, args.q_per_voxel, args.indices)
         extra = None
         file_min, file_max = read_q_limits(args.volumes)
         if args.q_min is None and file_min is not None:
@@ -157,6 +159,7 @@ def main(args):
     else:
         intens, extra, dq, idx = read_averages(args.averages, args.q_per_voxel, args.indices)
         z = np.asarray(idx, dtype=np.float64)[:, None]
+        has_data = np.ones(len(idx), dtype=bool)
     shape = intens.shape[1:]
     measured = measured_shell_mask(shape, q_min, q_max)
     if extra is not None:
@@ -196,11 +199,11 @@ def main(args):
         "seconds_per_pattern": float(np.mean(seconds)),
     }
     if args.figure_dir:
-        _figures(Path(args.figure_dir), results, z, volumes, prtf, prtf_q, bool(dq))
+        _figures(Path(args.figure_dir), results, z, volumes, prtf, prtf_q, bool(dq), has_data)
     if args.mrc_dir:
         _write_mrc(Path(args.mrc_dir), results, voxel)
     if args.curve:
-        write_curve(Path(args.curve), idx, z, volumes, resolution)
+        write_curve(Path(args.curve), idx, z, volumes, resolution, has_data)
     with atomic_path(args.out) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("density", data=np.stack([r.density for r in results]),
                          compression="gzip", shuffle=True)
@@ -219,18 +222,20 @@ def main(args):
     return 0
 
 
-def write_curve(path, idx, z, volumes, resolution):
+def write_curve(path, idx, z, volumes, resolution, has_data=None):
     """volume_curve.csv: index, z0..z{d-1}, volume_nm3, volume_relative (to the first), PRTF
-    resolution."""
+    resolution, has_data (1: an average's latent lies within a grid step of the point; 0: the
+    decoder's extrapolation between or beyond the data)."""
+    has_data = np.ones(len(idx), dtype=bool) if has_data is None else np.asarray(has_data)
     first = volumes[0] if volumes.size and volumes[0] > 0 else np.nan
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["index"] + [f"z{j}" for j in range(z.shape[1])]
-                        + ["volume_nm3", "volume_relative", "prtf_resolution_nm"])
+                        + ["volume_nm3", "volume_relative", "prtf_resolution_nm", "has_data"])
         for k, i in enumerate(idx):
             writer.writerow([i] + [f"{v:.6g}" for v in z[k]]
                             + [f"{volumes[k]:.6g}", f"{volumes[k] / first:.6g}",
-                               f"{resolution[k]:.4g}"])
+                               f"{resolution[k]:.4g}", int(bool(has_data[k]))])
 
 
 def _write_mrc(directory, results, voxel):
@@ -247,7 +252,7 @@ def _write_mrc(directory, results, voxel):
                     m.voxel_size = voxel
 
 
-def _figures(directory, results, z, volumes, prtf, prtf_q, physical):
+def _figures(directory, results, z, volumes, prtf, prtf_q, physical, has_data=None):
     from spiscape.plotting import plt, save
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -274,7 +279,13 @@ def _figures(directory, results, z, volumes, prtf, prtf_q, physical):
 
     fig, ax = plt.subplots(figsize=(4, 3))
     order = np.argsort(z[:, 0])
-    ax.plot(z[order, 0], volumes[order], "o-")
+    has_data = np.ones(n, dtype=bool) if has_data is None else np.asarray(has_data, dtype=bool)
+    ax.plot(z[order, 0], volumes[order], "-", color="C0", lw=1)
+    ax.plot(z[has_data, 0], volumes[has_data], "o", color="C0", label="data nearby")
+    if not has_data.all():
+        ax.plot(z[~has_data, 0], volumes[~has_data], "o", mfc="none", color="C0",
+                label="no data nearby")
+        ax.legend(fontsize=7)
     ax.set_xlabel("latent z0")
     ax.set_ylabel("particle volume (nm³)" if ndim == 3 else "projected area (nm²)")
     save(fig, directory / "volume_vs_latent.png")
