@@ -2,6 +2,8 @@
 import os
 import re
 import shlex
+import shutil
+import sys
 from pathlib import Path
 
 import yaml
@@ -60,6 +62,11 @@ validate(config, schema="../schemas/config.schema.yaml")
 RESULTS = config["results"]
 DATASETS = config["datasets"]
 SPISCAPE = config["spiscape_command"]
+if SPISCAPE == "spiscape" and shutil.which("spiscape") is None:
+    # `.venv/bin/snakemake ...` without activating the environment: use its own spiscape
+    _beside = Path(sys.executable).parent / "spiscape"
+    if _beside.exists():
+        SPISCAPE = str(_beside)
 
 if not DATASETS:
     raise ValueError("config: 'datasets' is empty; name at least one dataset to process")
