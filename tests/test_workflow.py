@@ -191,3 +191,15 @@ def test_detector_that_does_not_match_fails_cleanly(tmp_path, env_with_venv_path
         assert line.startswith("spiscape ") and "p.h5" in line and "num_pix" in line
     assert not list((tmp_path / "results/bad").rglob("*.json"))
     assert not list((tmp_path / "results/bad").rglob("*.h5"))
+
+
+def test_rules_find_spiscape_without_an_activated_environment(tmp_path):
+    """`.venv/bin/snakemake ...` with a PATH that lacks the venv: the rules call the spiscape
+    beside that snakemake."""
+    import os
+
+    config = write_config(tmp_path / "c.yaml", {"sim": {"simulate": {"num_frames": 10}}})
+    env = {**os.environ, "PATH": "/usr/bin:/bin"}
+    proc = snakemake(tmp_path, "--configfile", str(config), "-n", "-p", env=env)
+    beside = str(venv_executable("spiscape"))
+    assert f"{beside} simulate" in proc.stdout
