@@ -222,11 +222,10 @@ def main(args):
     return 0
 
 
-def write_curve(path, idx, z, volumes, resolution, has_data=None):
+def write_curve(path, idx, z, volumes, resolution, has_data):
     """volume_curve.csv: index, z0..z{d-1}, volume_nm3, volume_relative (to the first), PRTF
     resolution, has_data (1: an average's latent lies within a grid step of the point; 0: the
     decoder's extrapolation between or beyond the data)."""
-    has_data = np.ones(len(idx), dtype=bool) if has_data is None else np.asarray(has_data)
     first = volumes[0] if volumes.size and volumes[0] > 0 else np.nan
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
@@ -252,7 +251,7 @@ def _write_mrc(directory, results, voxel):
                     m.voxel_size = voxel
 
 
-def _figures(directory, results, z, volumes, prtf, prtf_q, physical, has_data=None):
+def _figures(directory, results, z, volumes, prtf, prtf_q, physical, has_data):
     from spiscape.plotting import plt, save
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -279,7 +278,6 @@ def _figures(directory, results, z, volumes, prtf, prtf_q, physical, has_data=No
 
     fig, ax = plt.subplots(figsize=(4, 3))
     order = np.argsort(z[:, 0])
-    has_data = np.ones(n, dtype=bool) if has_data is None else np.asarray(has_data, dtype=bool)
     ax.plot(z[order, 0], volumes[order], "-", color="C0", lw=1)
     ax.plot(z[has_data, 0], volumes[has_data], "o", color="C0", label="data nearby")
     if not has_data.all():

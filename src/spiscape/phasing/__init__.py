@@ -15,7 +15,13 @@ import numpy as np
 
 from spiscape.backend import to_numpy
 from spiscape.phasing.algorithms import DEFAULT_RECIPE, Phaser, PhasingParams, parse_recipe
-from spiscape.phasing.align import align_starts, centre_density, prtf, prtf_resolution
+from spiscape.phasing.align import (
+    align_starts,
+    centre_density,
+    centred_radius,
+    prtf,
+    prtf_resolution,
+)
 
 __all__ = [
     "DEFAULT_RECIPE",
@@ -42,8 +48,7 @@ class PhasingResult:
 
 def measured_shell_mask(shape, q_min: float = 0.0, q_max: float = np.inf) -> np.ndarray:
     """Mask of the centred grid voxels with q_min <= |q| <= q_max (voxels, q = 0 at n // 2)."""
-    grids = np.meshgrid(*[np.arange(n) - n // 2 for n in shape], indexing="ij")
-    q = np.sqrt(sum(g.astype(np.float64) ** 2 for g in grids))
+    q = centred_radius(shape)
     return (q >= q_min) & (q <= q_max)
 
 

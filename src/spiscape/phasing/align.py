@@ -93,6 +93,12 @@ def centre_density(xp, density):
     return out
 
 
+def centred_radius(shape) -> np.ndarray:
+    """|q| in voxels of every voxel of a centred grid (q = 0 at n // 2 on every axis)."""
+    grids = np.meshgrid(*[np.arange(n) - n // 2 for n in shape], indexing="ij")
+    return np.sqrt(sum(g.astype(np.float64) ** 2 for g in grids))
+
+
 def shell_index(shape):
     """Integer |q| shell (voxels, rounded) of every voxel of rfftn's half-space (NumPy)."""
     grids = [np.fft.fftfreq(n) * n for n in shape[:-1]] + [np.fft.rfftfreq(shape[-1]) * shape[-1]]

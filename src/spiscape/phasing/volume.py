@@ -63,9 +63,12 @@ voxel in 1/nm.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from spiscape.errors import ConfigError
+from spiscape.phasing.align import centred_radius
 
 RULES = ("porod", "integrated", "plateau", "max", "mass")
 DEFAULT_RULE = "integrated"  # 2D; 3D volumes default to "porod" (spiscape phase)
@@ -92,8 +95,7 @@ def porod_voxels(density, intens, measured) -> dict:
                           f"mask {measured.shape} differ")
     if not measured.any():
         raise ConfigError("porod volume: no measured voxel")
-    grids = np.meshgrid(*[np.arange(n) - n // 2 for n in rho.shape], indexing="ij")
-    r = np.sqrt(sum(g.astype(np.float64) ** 2 for g in grids))
+    r = centred_radius(rho.shape)
     q_max = float(r[measured].max())
     spectrum = np.fft.fftshift(np.fft.fftn(np.fft.ifftshift(rho)))
     phased = np.abs(spectrum) ** 2
@@ -103,19 +105,13 @@ def porod_voxels(density, intens, measured) -> dict:
     band = measured & (r >= POROD_BAND * q_max)
     porod_k = float(np.mean(np.clip(intens[band], 0, None) * r[band] ** 4)) if band.any() else 0.0
     d = rho.ndim
-    sphere_area = 2.0 * np.pi ** (d / 2) / _gamma(d / 2)
+    sphere_area = 2.0 * np.pi ** (d / 2) / math.gamma(d / 2)
     tail = sphere_area * porod_k * q_max ** (d - 4) / (4 - d) if d < 4 else 0.0
     total = measured_sum + unmeasured_sum + tail
     f0 = float(rho.sum())
     voxels = rho.size * f0 * f0 / total if total > 0 else 0.0
     return {"voxels": float(voxels), "unmeasured_fraction": unmeasured_sum / total if total else
             float("nan"), "tail_fraction": tail / total if total else float("nan")}
-
-
-def _gamma(x: float) -> float:
-    from math import gamma
-
-    return gamma(x)
 
 
 def voxel_size_nm(grid_size: int, q_per_voxel_inv_nm: float) -> float:

@@ -141,9 +141,14 @@ def radial_profile(intens: np.ndarray, support: np.ndarray, qnorm: np.ndarray,
     return prof[nearest]
 
 
+def profile_at(qnorm: np.ndarray, profile: np.ndarray) -> np.ndarray:
+    """The radial profile (index = |q|) read at each pixel's |q|, linearly interpolated."""
+    return np.interp(qnorm, np.arange(profile.size), profile)
+
+
 def normalise(intens, support, qnorm, profile, gain) -> np.ndarray:
     """log(I / (gain I_0(|q|)) + 0.1) on measured points, 0 elsewhere (float32)."""
-    ref = np.interp(qnorm, np.arange(profile.size), profile)
+    ref = profile_at(qnorm, profile)
     x = np.log(intens / (gain[:, None, None] * ref[None]) + LOG_FLOOR)
     return np.where(support[None], x, 0.0).astype(np.float32)
 
@@ -172,7 +177,7 @@ def pixel_weights(mask: np.ndarray, qnorm: np.ndarray, profile: np.ndarray,
     """
     if radial_weighting < 0:
         raise ConfigError(f"radial weighting must be >= 0, got {radial_weighting}")
-    ref = np.interp(qnorm, np.arange(profile.size), profile)
+    ref = profile_at(qnorm, profile)
     w = np.where(mask, np.power(np.maximum(ref, 1e-30), -float(radial_weighting)), 0.0)
     lowest = w[mask].min() if mask.any() else 1.0
     return (w / lowest).astype(np.float32)
