@@ -62,11 +62,17 @@ validate(config, schema="../schemas/config.schema.yaml")
 RESULTS = config["results"]
 DATASETS = config["datasets"]
 SPISCAPE = config["spiscape_command"]
-if SPISCAPE == "spiscape" and shutil.which("spiscape") is None:
-    # `.venv/bin/snakemake ...` without activating the environment: use its own spiscape
-    _beside = Path(sys.executable).parent / "spiscape"
-    if _beside.exists():
-        SPISCAPE = str(_beside)
+
+
+envvars:
+    "PATH",
+
+
+if shutil.which("spiscape") is None and (Path(sys.executable).parent / "spiscape").exists():
+    # `.venv/bin/snakemake ...` without activating the environment: the jobs' shells find the
+    # spiscape beside it. PATH, not the command: the command is a rule parameter, and a changed
+    # parameter would rerun every stage between an activated and a plain call
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 if not DATASETS:
     raise ValueError("config: 'datasets' is empty; name at least one dataset to process")
