@@ -304,6 +304,23 @@ def test_size_averaged_reference():
     assert spread.shape == vol.shape and np.all(np.isfinite(spread))
 
 
+def test_best_size_scale_reads_the_size_from_the_fringes():
+    """The analytic cube and sphere form factors of particles 3 % larger / 4 % smaller than the
+    reference (exact, not interpolated) give back their sizes from the fringes alone."""
+    from spiscape.metrics.volumes import best_size_scale
+
+    n = 41
+    ax = (np.arange(n) - n // 2) / n
+    q = np.stack(np.meshgrid(ax, ax, ax, indexing="ij"), axis=-1)
+    for true in (1.03, 0.96):
+        for intens in (lambda s: cube_form_factor(q, 8.0 * s) ** 2,
+                       lambda s: sphere_form_factor(np.linalg.norm(q, axis=-1), 5.0 * s) ** 2):
+            res = best_size_scale(intens(true), intens(1.0), qmin=2.0, qmax=20.0,
+                                  fraction=0.7)
+            assert abs(res["scale"] - true) < 0.005, (true, res["scale"])
+            assert res["score"] > 0.99
+
+
 def test_pixel_weights_radial_exponent():
     from spiscape.errors import ConfigError
     from spiscape.vae.data import pixel_weights

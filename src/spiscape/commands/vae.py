@@ -270,6 +270,34 @@ def pure_averages(fraction, threshold: float = 0.8, fallback: int = 3):
     return mask, f"the {fallback} most alike averages (none >= {threshold})"
 
 
+def size_scales(model, truth, ctx, cube_volume, cube_reference, sphere, mu, from_frames,
+                qmin, qmax) -> dict:
+    """Sizes of the decoded cube and sphere read from their fringes (no phasing): the scale s
+    of the truth (averaged over the data's sizes) that the decoded volume matches best, and the
+    sphere / cube volume ratio they imply relative to the truth's, (s_sphere / s_cube)^3 - 1.
+    A check on the phased volume curve: a decoder can get the Porod volume right with fringes
+    of the wrong size, or the reverse."""
+    from spiscape.metrics.volumes import best_size_scale, centre_crop, size_averaged
+    from spiscape.vae import analysis
+
+    out = {}
+    cube = best_size_scale(cube_volume, cube_reference, qmin=qmin, qmax=qmax)
+    out["cube_size_scale"] = cube["scale"]
+    labels = np.asarray(truth.volume_info.get("label", []))
+    if not sphere.any() or not (labels == 2).any():
+        return out
+    k = int(np.flatnonzero(labels == 2)[0])
+    vol = analysis.decode_volumes(model, mu[sphere].mean(0, keepdims=True), ctx.device)[0]
+    sizes = np.ones(1)
+    if from_frames and "size" in truth.frames:
+        sizes = np.asarray(truth.size)[np.asarray(truth.label) == 2]
+    ref = centre_crop(size_averaged(truth.volumes[k], sizes), vol.shape[0])
+    sph = best_size_scale(vol, ref, qmin=qmin, qmax=qmax)
+    out.update(sphere_size_scale=sph["scale"],
+               fringe_ratio_error=(sph["scale"] / cube["scale"]) ** 3 - 1.0)
+    return out
+
+
 def score_against_truth(args, inputs, truth, mu, model, weight, qnorm, ctx, out) -> dict:
     from spiscape.metrics.volumes import best_rotation_shell_correlation, centre_crop, size_averaged
     from spiscape.vae import analysis
@@ -321,6 +349,8 @@ def score_against_truth(args, inputs, truth, mu, model, weight, qnorm, ctx, out)
                       cube_shell_q=[float(v) for v in res["q"][inner]],
                       cube_shell_cc=[None if not np.isfinite(c) else float(c)
                                      for c in res["cc"][inner]])
+        scores.update(size_scales(model, truth, ctx, vol, ref, sphere, mu, from_frames,
+                                  qmin, qmax))
         if not args.no_figures:
             from spiscape.vae import figures
 

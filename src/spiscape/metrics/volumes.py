@@ -94,21 +94,32 @@ def best_rotation_shell_correlation(volume: np.ndarray, reference: np.ndarray,
     return best
 
 
+def scaled_intensity(volume: np.ndarray, scale: float, order: int = 1) -> np.ndarray:
+    """The intensity of the same shape ``scale`` times larger: scale^6 I(scale q) (a particle
+    scaled by s in real space has s^3 times the electrons; the simulator's convention, see
+    :mod:`spiscape.simulate.frames`). Spline interpolation of ``order`` (1: trilinear), 0
+    beyond the grid."""
+    from scipy.ndimage import map_coordinates
+
+    volume = np.asarray(volume, dtype=np.float64)
+    n = volume.shape[0]
+    c = n // 2
+    ax = np.arange(n) - c
+    grid = np.stack(np.meshgrid(ax, ax, ax, indexing="ij")).reshape(3, -1).astype(np.float64)
+    out = map_coordinates(volume, grid * scale + c, order=order, mode="constant", cval=0.0)
+    return scale**6 * out.reshape(volume.shape)
+
+
 def size_averaged(volume: np.ndarray, sizes, bins: int = 15) -> np.ndarray:
     """The mean over a population of particle sizes of s^6 I(s q): what the intensity of a
     shape with a size spread looks like, the true target of a reconstruction from such data.
 
-    A particle scaled by s in real space has s^3 times the electrons, so its intensity at q is
-    s^6 I(s q) (the simulator's convention, see :mod:`spiscape.simulate.frames`). The sizes are
-    binned (``bins`` equal-width bins, weighted by count); trilinear interpolation, 0 beyond the
-    grid. Fringes that the spread blurs (deep minima along the cube's faces) keep only their
-    blurred contrast, which no reconstruction from such frames can beat.
+    The sizes are binned (``bins`` equal-width bins, weighted by count), each bin's intensity
+    from :func:`scaled_intensity`. Fringes that the spread blurs (deep minima along the cube's
+    faces) keep only their blurred contrast, which no reconstruction from such frames can beat.
     """
-    from scipy.ndimage import map_coordinates
-
     sizes = np.asarray(sizes, dtype=np.float64)
     sizes = sizes[np.isfinite(sizes) & (sizes > 0)]
-    volume = np.asarray(volume, dtype=np.float64)
     if sizes.size == 0 or np.ptp(sizes) == 0:
         s = float(sizes[0]) if sizes.size else 1.0
         sizes, weights = np.array([s]), np.array([1.0])
@@ -116,12 +127,44 @@ def size_averaged(volume: np.ndarray, sizes, bins: int = 15) -> np.ndarray:
         weights, edges = np.histogram(sizes, bins=bins)
         sizes = 0.5 * (edges[:-1] + edges[1:])
         sizes, weights = sizes[weights > 0], weights[weights > 0].astype(float)
+    out = sum(w * scaled_intensity(volume, s) for s, w in zip(sizes, weights, strict=True))
+    return out / weights.sum()
+
+
+def best_size_scale(volume: np.ndarray, reference: np.ndarray, qmin: float = 0.0,
+                    qmax: float | None = None, fraction: float = 0.7,
+                    scales=None) -> dict:
+    """The size, relative to ``reference``, whose fringes ``volume`` has: the s that maximises
+    the mean shell correlation of ``volume`` with scaled_intensity(reference, s) over the shells
+    ``qmin`` to ``fraction`` * ``qmax`` (best of the 24 cube rotations, chosen at s = 1), refined
+    by a parabola through the best grid point and its neighbours. Cubic splines: trilinear
+    interpolation of the deep fringe minima of a sharp particle costs some shells 0.3 of their
+    correlation at the right size.
+
+    Fringe positions scale as 1 / size whatever the shape, so this reads the size of a decoded
+    volume without phasing it: s^3 is its volume relative to the reference's. Shell
+    correlations in the steep fall-off of a fringe are sharp functions of s (a cube 2 % too
+    large loses 0.08 in its first-minimum shell), which makes the estimate precise to ~0.2 %.
+    Returns ``scale``, ``score`` (the mean shell CC there) and the grid ``scales``, ``scores``.
+    """
+    scales = np.arange(0.9, 1.1001, 0.01) if scales is None else np.asarray(scales, float)
     n = volume.shape[0]
-    c = n // 2
-    ax = np.arange(n) - c
-    grid = np.stack(np.meshgrid(ax, ax, ax, indexing="ij")).reshape(3, -1).astype(np.float64)
-    out = np.zeros(volume.size)
-    for s, w in zip(sizes, weights, strict=True):
-        out += w * s**6 * map_coordinates(volume, grid * s + c, order=1, mode="constant",
-                                          cval=0.0)
-    return (out / weights.sum()).reshape(volume.shape)
+    qmax = float(min(n // 2, n - 1 - n // 2)) if qmax is None else float(qmax)
+    perm, flips = best_rotation_shell_correlation(volume, reference, fraction, qmax,
+                                                  qmin=qmin)["rotation"]
+    ref = np.transpose(reference, perm)
+    ref = np.flip(ref, flips) if flips else ref
+    scores = []
+    for s in scales:
+        q, cc = shell_correlation(volume, scaled_intensity(ref, s, order=3), qmin=qmin,
+                                  qmax=qmax)
+        scores.append(float(np.nanmean(cc[q <= fraction * qmax])))
+    scores = np.asarray(scores)
+    k = int(np.nanargmax(scores))
+    best = float(scales[k])
+    if 0 < k < scales.size - 1:
+        y0, y1, y2 = scores[k - 1], scores[k], scores[k + 1]
+        curv = y0 - 2 * y1 + y2
+        if curv < 0:
+            best += 0.5 * (y0 - y2) / curv * float(scales[k + 1] - scales[k])
+    return {"scale": best, "score": float(scores[k]), "scales": scales, "scores": scores}
