@@ -80,6 +80,35 @@ def test_recovers_3d_object_and_prtf():
     assert res.prtf.shape == res.prtf_q.shape and np.nanmin(res.prtf[2:8]) > 0.8
 
 
+def test_starts_must_agree_or_more_are_phased():
+    """A result is trusted when two starts agree; starts that did not converge (3 ER
+    iterations from random phases) never agree, so more batches are phased, up to max_rounds,
+    and the result says it did not converge."""
+    from spiscape.phasing import agreeing
+
+    n = 32
+    obj = cube_density(8.0, n, 1.0)
+    obj = np.roll(obj, 2, axis=0) + 0.5 * np.roll(sphere_density(5.0, n, 1.0), (-3, 3), (1, 2))
+    intens = fft_intensity(obj, box_average=False)
+    measured = measured_shell_mask(obj.shape, 2, 13)
+    good = phase_pattern(intens, PhasingParams(recipe="40 DM 40 RAAR 40 ER", starts=3),
+                         measured=measured)
+    assert good.converged and good.rounds == 1 and good.kept.size >= 2
+    assert good.errors.shape[1] == 3
+    bad = phase_pattern(intens, PhasingParams(recipe="3 ER", starts=2, max_rounds=3),
+                        measured=measured)
+    assert not bad.converged and bad.rounds == 3
+    assert bad.errors.shape[1] == 6 and bad.kept.size == 1
+    one = phase_pattern(intens, PhasingParams(recipe="3 ER", starts=2, min_agree=1),
+                        measured=measured)
+    assert one.converged and one.rounds == 1
+    # the agreement test itself: a copy agrees, noise does not
+    rng = np.random.default_rng(0)
+    stack = np.stack([obj, obj * 2 + 0.01 * rng.standard_normal(obj.shape),
+                      rng.standard_normal(obj.shape)])
+    assert agreeing(np, stack, 0.8).tolist() == [True, True, False]
+
+
 def _phased_volume(intens, rule, n=48, q_max=21, recipe="60 DM 60 RAAR 60 ER", starts=3):
     measured = measured_shell_mask(intens.shape, 3, q_max)
     res = phase_pattern(intens, PhasingParams(recipe=recipe, starts=starts), measured=measured)
@@ -181,11 +210,13 @@ def test_cli_phase_volumes_and_errors(tmp_path, capsys):
         assert f["density"].shape == (2, n, n, n) and f["support"].dtype == bool
         assert f["volume"].shape == (2,) and f["prtf"].shape[0] == 2
         assert f.attrs["recipe"] == "20 DM 20 ER"
+        assert f["converged"].dtype == bool and f["starts_averaged"][()].min() >= 1
         vol = f["volume"][()]
     assert vol[1] == pytest.approx(vol[0], rel=0.05)  # intensity scale does not change volume
     rows = list(csv.DictReader(open(curve)))
     assert len(rows) == 2 and float(rows[0]["volume_relative"]) == 1.0
     assert [r["has_data"] for r in rows] == ["1", "0"]
+    assert {r["converged"] for r in rows} <= {"0", "1"}  # 2 starts of a 20-iteration recipe
     assert (tmp_path / "fig" / "volume_vs_latent.png").exists()
 
     # VAE volumes: the decoder's extrapolation beyond the measured q range is left free by default

@@ -55,6 +55,14 @@ def add_args(parser):
     parser.add_argument("--starts", type=int, default=8,
                         help="random starts per pattern, aligned and averaged")
     parser.add_argument("--seed", type=int, default=1, help="seed of the random starts")
+    parser.add_argument("--min-agree", type=int, default=2,
+                        help="starts (the best included) whose aligned densities must agree "
+                        "(CC >= --agree-cc) before a result is trusted; fewer and another batch "
+                        "of --starts is phased (1: no check)")
+    parser.add_argument("--agree-cc", type=float, default=0.8,
+                        help="aligned density CC with the best start that counts as agreeing")
+    parser.add_argument("--max-rounds", type=int, default=3,
+                        help="most batches of --starts phased per pattern")
     parser.add_argument("--beta", type=float, default=0.9, help="HIO / RAAR feedback parameter")
     parser.add_argument("--shrinkwrap-every", type=int, default=20,
                         help="iterations between support updates (0: fixed support)")
@@ -92,9 +100,16 @@ def _params(args) -> PhasingParams:
     parse_recipe(args.recipe)
     if args.starts < 1:
         raise ConfigError(f"--starts must be at least 1, got {args.starts}")
+    if args.min_agree < 1 or args.max_rounds < 1:
+        raise ConfigError(f"--min-agree and --max-rounds must be at least 1, got "
+                          f"{args.min_agree} and {args.max_rounds}")
+    if not -1.0 <= args.agree_cc <= 1.0:
+        raise ConfigError(f"--agree-cc is a correlation in [-1, 1], got {args.agree_cc}")
     return PhasingParams(recipe=args.recipe, starts=args.starts, seed=args.seed, beta=args.beta,
                          shrinkwrap_every=args.shrinkwrap_every,
-                         shrinkwrap_threshold=args.shrinkwrap_threshold)
+                         shrinkwrap_threshold=args.shrinkwrap_threshold,
+                         min_agree=args.min_agree, agree_cc=args.agree_cc,
+                         max_rounds=args.max_rounds)
 
 
 def read_q_limits(path):
@@ -175,9 +190,11 @@ def main(args):
                                    intens=intens[k], measured=measured) if dq else float("nan"))
         results.append(res)
         volumes.append(vol)
-        log.info("pattern %d/%d: %.1f s, support error %.2g, volume %.4g, PRTF 1/e at shell %s",
-                 k + 1, intens.shape[0], seconds[-1], float(res.errors[-1].mean()), vol,
-                 res.resolution_q)
+        log.info("pattern %d/%d: %.1f s, %d of %d starts averaged%s, support error %.2g, "
+                 "volume %.4g, PRTF 1/e at shell %s", k + 1, intens.shape[0], seconds[-1],
+                 res.kept.size, res.errors.shape[1],
+                 "" if res.converged else " (NOT CONVERGED: no two starts agree)",
+                 float(res.errors[-1][res.kept].mean()), vol, res.resolution_q)
     voxel = voxel_size_nm(shape[-1], dq) if dq else float("nan")
     n_shells = max(r.prtf.size for r in results)
     prtf = np.full((len(results), n_shells), np.nan)
@@ -203,7 +220,8 @@ def main(args):
     if args.mrc_dir:
         _write_mrc(Path(args.mrc_dir), results, voxel)
     if args.curve:
-        write_curve(Path(args.curve), idx, z, volumes, resolution, has_data)
+        write_curve(Path(args.curve), idx, z, volumes, resolution, has_data,
+                    np.array([r.converged for r in results]))
     with atomic_path(args.out) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("density", data=np.stack([r.density for r in results]),
                          compression="gzip", shuffle=True)
@@ -215,26 +233,35 @@ def main(args):
         f.create_dataset("resolution_nm", data=resolution)
         f.create_dataset("z", data=z)
         f.create_dataset("index", data=np.asarray(idx))
-        f.create_dataset("error", data=np.stack([r.errors.mean(axis=1) for r in results]))
+        # mean support error of the averaged starts (a pattern phased in several rounds: of the
+        # round's iterations, all rounds together)
+        f.create_dataset("error", data=np.stack([r.errors[:, r.kept].mean(axis=1)
+                                                 for r in results]))
+        f.create_dataset("converged", data=np.array([r.converged for r in results]))
+        f.create_dataset("starts_averaged", data=np.array([r.kept.size for r in results]))
         for key, value in attrs.items():
             f.attrs[key] = value
     log.info("%d patterns phased (%.1f s each) -> %s", len(results), np.mean(seconds), args.out)
     return 0
 
 
-def write_curve(path, idx, z, volumes, resolution, has_data):
+def write_curve(path, idx, z, volumes, resolution, has_data, converged=None):
     """volume_curve.csv: index, z0..z{d-1}, volume_nm3, volume_relative (to the first), PRTF
     resolution, has_data (1: an average's latent lies within a grid step of the point; 0: the
-    decoder's extrapolation between or beyond the data)."""
+    decoder's extrapolation between or beyond the data), converged (1: at least --min-agree
+    phasing starts agreed; 0: the volume rests on one start and may be an outlier)."""
+    converged = np.ones(len(idx), dtype=bool) if converged is None else converged
     first = volumes[0] if volumes.size and volumes[0] > 0 else np.nan
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["index"] + [f"z{j}" for j in range(z.shape[1])]
-                        + ["volume_nm3", "volume_relative", "prtf_resolution_nm", "has_data"])
+                        + ["volume_nm3", "volume_relative", "prtf_resolution_nm", "has_data",
+                           "converged"])
         for k, i in enumerate(idx):
             writer.writerow([i] + [f"{v:.6g}" for v in z[k]]
                             + [f"{volumes[k]:.6g}", f"{volumes[k] / first:.6g}",
-                               f"{resolution[k]:.4g}", int(bool(has_data[k]))])
+                               f"{resolution[k]:.4g}", int(bool(has_data[k])),
+                               int(bool(converged[k]))])
 
 
 def _write_mrc(directory, results, voxel):

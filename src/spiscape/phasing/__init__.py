@@ -1,15 +1,22 @@
 """Phase retrieval of 3D intensity volumes and 2D class averages, and particle volumes.
 
 :func:`phase_pattern` runs the recipe on several random starts at once, keeps those whose final
-error is within twice the best, aligns them (shift and inversion) to the best, averages them and
-measures the PRTF; :mod:`.volume` turns a density into a particle volume (from the signed
-average: its negative ringing is part of the band-limited image and of its mass). See
-:mod:`.algorithms` for the update rules and conventions.
+error is within twice the best and whose aligned density agrees with the best's (CC >=
+``agree_cc``), averages them and measures the PRTF. A start that stagnates (a twin mixture, a
+collapsed support) is not always recognisable by its error alone when every start of a batch
+failed, but failed starts never agree with each other (aligned CC 0.4-0.6 against 0.89-0.98 for
+converged starts of a VAE volume): fewer than ``min_agree`` agreeing starts and another batch is
+phased, up to ``max_rounds``; ``converged`` says whether that was reached.
+
+:mod:`.volume` turns a density into a particle volume (from the signed average: its negative
+ringing is part of the band-limited image and of its mass). See :mod:`.algorithms` for the
+update rules and conventions.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -23,8 +30,12 @@ from spiscape.phasing.align import (
     prtf_resolution,
 )
 
+log = logging.getLogger(__name__)
+_ROUND_SEED = 1_000_003  # seed offset of each further batch of starts
+
 __all__ = [
     "DEFAULT_RECIPE",
+    "agreeing",
     "PhasingParams",
     "PhasingResult",
     "measured_shell_mask",
@@ -44,6 +55,8 @@ class PhasingResult:
     inverted: np.ndarray  # (kept,) which averaged starts were twins of the reference
     kept: np.ndarray | None = None  # indices of the starts averaged, the reference first
     signed_density: np.ndarray | None = None  # ``density`` before clipping its negative ringing
+    converged: bool = True  # at least min_agree starts agree (see the module docstring)
+    rounds: int = 1  # batches of ``starts`` phased
 
 
 def measured_shell_mask(shape, q_min: float = 0.0, q_max: float = np.inf) -> np.ndarray:
@@ -54,11 +67,28 @@ def measured_shell_mask(shape, q_min: float = 0.0, q_max: float = np.inf) -> np.
 
 def phase_pattern(intens, params: PhasingParams, xp=np, measured=None) -> PhasingResult:
     """Phase one centred intensity pattern (2D or 3D) from ``params.starts`` random starts."""
-    phaser = Phaser(intens, params, xp=xp, measured=measured)
-    densities, supports, errors = phaser.run()
-    kept = select_starts(to_numpy(errors[-1]) if errors.shape[0] else None, densities.shape[0])
-    densities, supports = densities[kept], supports[kept]  # the best start first
-    aligned, specs, _, inverted = align_starts(xp, densities)
+    need = min(params.min_agree, params.starts)
+    densities = supports = errors = None
+    for rounds in range(1, max(params.max_rounds, 1) + 1):
+        batch = replace(params, seed=params.seed + _ROUND_SEED * (rounds - 1))
+        d, s, e = Phaser(intens, batch, xp=xp, measured=measured).run()
+        densities = d if densities is None else xp.concatenate([densities, d])
+        supports = s if supports is None else xp.concatenate([supports, s])
+        errors = e if errors is None else xp.concatenate([errors, e], axis=1)
+        kept = select_starts(to_numpy(errors[-1]) if errors.shape[0] else None,
+                             densities.shape[0])
+        aligned, specs, _, inverted = align_starts(xp, densities[kept])
+        agree = agreeing(xp, aligned, params.agree_cc)
+        if agree.sum() >= need:
+            break
+    log.log(logging.DEBUG if agree.sum() >= need else logging.WARNING,
+            "phasing: %d of %d starts agree with the best (CC >= %.2f) after %d round(s)%s",
+            int(agree.sum()), densities.shape[0], params.agree_cc, rounds,
+            "" if agree.sum() >= need else "; the result rests on one start")
+    sel = np.flatnonzero(agree)
+    kept = np.asarray(kept)[sel]  # the best start first
+    supports = supports[kept]
+    aligned, specs, inverted = aligned[sel], specs[sel], np.asarray(inverted)[sel]
     signed = xp.mean(aligned, axis=0)
     mean = xp.maximum(signed, 0)
     values, q = prtf(xp, specs, intens, measured)
@@ -80,6 +110,8 @@ def phase_pattern(intens, params: PhasingParams, xp=np, measured=None) -> Phasin
         inverted=inverted,
         kept=np.asarray(kept),
         signed_density=signed.astype(np.float32),
+        converged=bool(agree.sum() >= need),
+        rounds=rounds,
     )
 
 
@@ -96,6 +128,18 @@ def select_starts(final_errors, starts: int, factor: float = 2.0) -> np.ndarray:
     order = np.argsort(err, kind="stable")
     best = err[order[0]]
     return order[err[order] <= factor * best + 1e-6]
+
+
+def agreeing(xp, aligned, threshold: float) -> np.ndarray:
+    """Which aligned starts (the reference first) agree with the reference: Pearson CC of the
+    densities >= ``threshold``. The reference always agrees with itself."""
+    flat = aligned.reshape(aligned.shape[0], -1)
+    flat = flat - flat.mean(axis=1, keepdims=True)
+    norm = xp.sqrt(xp.sum(flat * flat, axis=1))
+    cc = to_numpy(flat @ flat[0] / xp.maximum(norm * norm[0], 1e-30))
+    out = cc >= threshold
+    out[0] = True
+    return out
 
 
 def _integer_shift(before, after):

@@ -94,6 +94,11 @@ class PhasingParams:
     initial_support_threshold: float = 0.02  # of the (lightly blurred) autocorrelation's peak
     initial_support_scale: float = 2.0  # enlargement of the autocorrelation's central peak
     initial_support_dilation: int = 1  # voxels added around it
+    # a result is trusted when min_agree starts (the best included) agree: aligned density CC
+    # with the best >= agree_cc; otherwise up to max_rounds batches of ``starts`` are pooled
+    min_agree: int = 2
+    agree_cc: float = 0.8
+    max_rounds: int = 3
 
 
 class FFT:
