@@ -245,12 +245,11 @@ def main(args):
     return 0
 
 
-def write_curve(path, idx, z, volumes, resolution, has_data, converged=None):
+def write_curve(path, idx, z, volumes, resolution, has_data, converged):
     """volume_curve.csv: index, z0..z{d-1}, volume_nm3, volume_relative (to the first), PRTF
     resolution, has_data (1: an average's latent lies within a grid step of the point; 0: the
     decoder's extrapolation between or beyond the data), converged (1: at least --min-agree
     phasing starts agreed; 0: the volume rests on one start and may be an outlier)."""
-    converged = np.ones(len(idx), dtype=bool) if converged is None else converged
     first = volumes[0] if volumes.size and volumes[0] > 0 else np.nan
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)

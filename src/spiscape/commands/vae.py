@@ -263,11 +263,24 @@ def pure_averages(fraction, threshold: float = 0.8, fallback: int = 3):
     frac = np.nan_to_num(np.asarray(fraction, dtype=float), nan=0.0)
     mask = frac >= threshold
     if mask.any():
-        return mask, f"cube fraction >= {threshold}"
+        return mask, f"fraction >= {threshold}"
     mask = np.zeros(frac.size, dtype=bool)
     if frac.max(initial=0.0) > 0:
         mask[np.argsort(-frac)[:fallback]] = True
     return mask, f"the {fallback} most alike averages (none >= {threshold})"
+
+
+def truth_reference(truth, label: int, from_frames: bool, size: int):
+    """The truth's intensity of a pure state (first volume with that ``label``) as the data show
+    it: averaged over the sizes of that label's frames (no spread for synthetic averages of the
+    nominal volumes), cropped to ``size``^3. Returns (volume index, sizes, reference)."""
+    from spiscape.metrics.volumes import centre_crop, size_averaged
+
+    k = int(np.flatnonzero(np.asarray(truth.volume_info["label"]) == label)[0])
+    sizes = np.ones(1)
+    if from_frames and "size" in truth.frames:
+        sizes = np.asarray(truth.size)[np.asarray(truth.label) == label]
+    return k, sizes, centre_crop(size_averaged(truth.volumes[k], sizes), size)
 
 
 def size_scales(model, truth, ctx, cube_volume, cube_reference, sphere, mu, from_frames,
@@ -277,21 +290,16 @@ def size_scales(model, truth, ctx, cube_volume, cube_reference, sphere, mu, from
     sphere / cube volume ratio they imply relative to the truth's, (s_sphere / s_cube)^3 - 1.
     A check on the phased volume curve: a decoder can get the Porod volume right with fringes
     of the wrong size, or the reverse."""
-    from spiscape.metrics.volumes import best_size_scale, centre_crop, size_averaged
+    from spiscape.metrics.volumes import best_size_scale
     from spiscape.vae import analysis
 
     out = {}
     cube = best_size_scale(cube_volume, cube_reference, qmin=qmin, qmax=qmax)
     out["cube_size_scale"] = cube["scale"]
-    labels = np.asarray(truth.volume_info.get("label", []))
-    if not sphere.any() or not (labels == 2).any():
+    if not sphere.any() or not (np.asarray(truth.volume_info.get("label", [])) == 2).any():
         return out
-    k = int(np.flatnonzero(labels == 2)[0])
     vol = analysis.decode_volumes(model, mu[sphere].mean(0, keepdims=True), ctx.device)[0]
-    sizes = np.ones(1)
-    if from_frames and "size" in truth.frames:
-        sizes = np.asarray(truth.size)[np.asarray(truth.label) == 2]
-    ref = centre_crop(size_averaged(truth.volumes[k], sizes), vol.shape[0])
+    _, _, ref = truth_reference(truth, 2, from_frames, vol.shape[0])
     sph = best_size_scale(vol, ref, qmin=qmin, qmax=qmax)
     out.update(sphere_size_scale=sph["scale"],
                fringe_ratio_error=(sph["scale"] / cube["scale"]) ** 3 - 1.0)
@@ -299,7 +307,7 @@ def size_scales(model, truth, ctx, cube_volume, cube_reference, sphere, mu, from
 
 
 def score_against_truth(args, inputs, truth, mu, model, weight, qnorm, ctx, out) -> dict:
-    from spiscape.metrics.volumes import best_rotation_shell_correlation, centre_crop, size_averaged
+    from spiscape.metrics.volumes import best_rotation_shell_correlation, centre_crop
     from spiscape.vae import analysis
 
     scores = {}
@@ -319,37 +327,36 @@ def score_against_truth(args, inputs, truth, mu, model, weight, qnorm, ctx, out)
         scores.update(sphere_latent=mu[sphere].mean(0).tolist(), sphere_averages=int(sphere.sum()),
                       sphere_rule=sphere_rule)
     cube, cube_rule = pure_averages(fractions[:, 0])
-    if cube.any() and truth.volumes is not None:
+    has_cube = (np.asarray(truth.volume_info.get("label", [])) == 0).any()
+    if cube.any() and truth.volumes is not None and has_cube:
         zc = mu[cube].mean(0, keepdims=True)
         vol = analysis.decode_volumes(model, zc, ctx.device)[0]
-        ref = centre_crop(truth.volumes[0], vol.shape[0])
+        # the data's cubes have a size spread (truth `size` of the cube frames): their mean
+        # intensity has blurred fringe minima, which is what a perfect reconstruction gives
+        k, sizes, spread_ref = truth_reference(truth, 0, from_frames, vol.shape[0])
+        nominal_ref = centre_crop(truth.volumes[k], vol.shape[0])
         # only the measured |q| range is scored: inside the beamstop (and beyond the detector)
         # the volume is the decoder's extrapolation, constrained by no data
         qmax = float(qnorm[weight].max())
         qmin = float(qnorm[weight].min())
-        nominal = best_rotation_shell_correlation(vol, ref, fraction=0.7, qmax=qmax,
+        nominal = best_rotation_shell_correlation(vol, nominal_ref, fraction=0.7, qmax=qmax,
                                                   qmin=qmin)
-        # the data's cubes have a size spread (truth `size` of the cube frames): their mean
-        # intensity has blurred fringe minima, which is what a perfect reconstruction gives
-        sizes = np.ones(1)  # synthetic averages of the nominal volumes: no spread
-        if from_frames and "size" in truth.frames:
-            sizes = np.asarray(truth.size)[np.asarray(truth.label) == 0]
-        ref = centre_crop(size_averaged(truth.volumes[0], sizes), vol.shape[0])
-        res = best_rotation_shell_correlation(vol, ref, fraction=0.7, qmax=qmax, qmin=qmin)
+        res = best_rotation_shell_correlation(vol, spread_ref, fraction=0.7, qmax=qmax,
+                                              qmin=qmin)
         inner = res["q"] <= res["fraction"] * qmax
         scores.update(cube_nominal_shell_cc_min=nominal["min"],
                       cube_nominal_shell_cc=[None if not np.isfinite(c) else float(c)
                                              for c in nominal["cc"][inner]],
                       cube_size_spread=float(np.std(sizes)),
-                      cube_shell_reference="truth volumes/intens[0] averaged over the sizes "
-                                           "of the cube frames",
+                      cube_shell_reference=f"truth volumes/intens[{k}] averaged over the "
+                                           "sizes of the cube frames",
                       cube_shell_cc_min=res["min"], cube_shell_cc_mean=res["mean"],
                       cube_shell_qmin=qmin, cube_shell_qmax=qmax, cube_averages=int(cube.sum()),
                       cube_rule=cube_rule, cube_latent=zc[0].tolist(),
                       cube_shell_q=[float(v) for v in res["q"][inner]],
                       cube_shell_cc=[None if not np.isfinite(c) else float(c)
                                      for c in res["cc"][inner]])
-        scores.update(size_scales(model, truth, ctx, vol, ref, sphere, mu, from_frames,
+        scores.update(size_scales(model, truth, ctx, vol, spread_ref, sphere, mu, from_frames,
                                   qmin, qmax))
         if not args.no_figures:
             from spiscape.vae import figures
