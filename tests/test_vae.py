@@ -147,9 +147,10 @@ def test_loss_decreases(tiny, tmp_path):
     assert conv["epoch"] == [3, 6] and np.isfinite(conv["volume_cc"][1])
 
 
-def test_resume_continues_to_same_result(tiny, tmp_path):
+@pytest.mark.parametrize("refine", [False, True])
+def test_resume_continues_to_same_result(tiny, tmp_path, refine):
     _, sim = tiny
-    cfg = small_cfg(epochs=3)
+    cfg = small_cfg(epochs=3, refine_poses=refine, pose_start=0)
     tens, weight, q, prof = training_inputs(sim, cfg)
     ctx = setup_distributed("cpu")
     full, res_full = train(cfg, tens, weight, q, prof, tmp_path / "a", ctx=ctx)
@@ -163,6 +164,10 @@ def test_resume_continues_to_same_result(tiny, tmp_path):
     for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(),
                                  strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), name
+    if refine:  # the pose corrections and their optimiser resume too
+        assert np.abs(res_full["pose_delta"]).max() > 0
+        np.testing.assert_allclose(res_full["pose_delta"], res_resumed["pose_delta"], rtol=1e-5,
+                                   atol=1e-8)
 
 
 # --------------------------------------------------------------------------- analysis
@@ -227,16 +232,57 @@ def test_cli_runs_and_rejects_mismatched_orientation(tiny, tmp_path, capsys):
     rc = main(args + ["--orientation", str(out / "orientation.h5"), "--out-dir",
                       str(tmp_path / "vae"), "--no-figures", "--volume-size", "14"])
     assert rc == 2  # even V
+    assert main(args + ["--orientation", str(out / "orientation.h5"), "--out-dir",
+                        str(tmp_path / "p"), "--refine-poses", "--pose-lr", "0"]) == 2
     rc = main(args + ["--orientation", str(out / "orientation.h5"),
-                      "--out-dir", str(tmp_path / "vae"), "--no-figures"])
+                      "--out-dir", str(tmp_path / "vae"), "--no-figures", "--refine-poses",
+                      "--pose-start", "0"])
     assert rc == 0
     with h5py.File(tmp_path / "vae/volumes.h5") as f:
         assert f["intens"].shape == (3, V, V, V) and f["z"].shape == (3, 1)
         assert f["has_data"][()].all()
     with h5py.File(tmp_path / "vae/latent.h5") as f:
         assert f["mu"].shape == (24, 1) and f["logvar"].shape == (24, 1)
+        refined, change = f["quaternion_refined"][()], f["pose_change_deg"][()]
+    assert refined.shape == (24, 4) and np.allclose(np.linalg.norm(refined, axis=1), 1)
+    from spiscape.orient.rotations import misorientation_deg, point_group
+    turned = misorientation_deg(refined, sim["quaternion"], point_group("m-3m"))
+    assert np.all(change > 0) and np.all(turned <= change + 1e-6)  # one epoch: small steps
     assert len(list((tmp_path / "vae/volumes").glob("*.mrc"))) == 3
     assert (tmp_path / "vae/model.pt").exists() and (tmp_path / "vae/checkpoint.pt").exists()
+
+
+def test_pose_refinement_recovers_perturbed_orientations(tmp_path):
+    """Cube averages whose orientations are 6 degrees off (random axes): the refined poses are
+    within half of that of the truth, modulo the cube's 48 symmetries."""
+    from spiscape.commands.vae import refined_poses
+    from spiscape.orient.rotations import from_rotvec, misorientation_deg, multiply, point_group
+    from spiscape.vae.data import VAEData, loss_weight, radial_profile, tensors
+
+    n, size, detd = 21, 19, 90.0
+    cube = analytic_volumes(n)[:1]
+    sim = synthetic_averages(cube, size, detd, detd, 32, np.random.default_rng(5),
+                             photons=3000.0, beamstop=1.5)
+    rng = np.random.default_rng(6)
+    axes = rng.normal(size=(32, 3))
+    axes *= np.radians(6.0) / np.linalg.norm(axes, axis=1, keepdims=True)
+    off = multiply(sim["quaternion"], from_rotvec(axes))
+    data = VAEData(intens=sim["intens"], support=sim["support"], quaternion=off,
+                   gain=sim["gain"], replicate=sim["replicate"], klass=sim["class"],
+                   frames=sim["frames"], selected=np.ones(32, bool))
+    q = vm.ewald_grid(size, detd, detd)
+    qn = np.linalg.norm(q, axis=0)
+    prof = radial_profile(data.intens, data.support, qn, nbins=n + 2)
+    cfg = small_cfg(volume_size=n, epochs=30, lr=3e-3, check_every=0, refine_poses=True,
+                    pose_lr=3e-3, pose_start=5, radial_weighting=0.0)
+    _, result = train(cfg, tensors(data, q, prof), loss_weight(data.support, qn, n), q, prof,
+                      tmp_path)
+    poses = refined_poses(off, data.selected, result["pose_delta"], "m-3m")
+    group = point_group("m-3m")
+    before = np.median(misorientation_deg(off, sim["quaternion"], group))
+    after = np.median(misorientation_deg(poses["quaternion_refined"], sim["quaternion"], group))
+    assert before == pytest.approx(6.0, abs=0.01)
+    assert after < 3.0, (before, after)
 
 
 # --------------------------------------------------------------------------- selection, weights

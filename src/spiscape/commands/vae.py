@@ -17,6 +17,11 @@ figures (volumes.png, latent_hist.png, loss.png, convergence.png), and with --re
 frame_latent.h5 (per-frame latent from the averages trained on, NaN where never assigned).
 Under torchrun the training is DistributedDataParallel (nccl on GPU, gloo on CPU); rank 0 writes.
 
+Pose refinement (--refine-poses): each average trained on gets a small rotation (axis-angle,
+its own Adam from epoch --pose-start) composed with its orientation when it is sliced; latent.h5
+then also holds quaternion_refined (A, 4) and pose_change_deg (A,). The encoder keeps seeing the
+input orientation, so that new averages encode without refinement.
+
 Selection and weighting: --clusters auto trains on the embedding's clusters that hold at least
 --min-cluster-fraction of the frames (contaminants such as dimers and rods form small clusters of
 their own; the others are still encoded); --frame-weighting sqrt weights each average's loss by
@@ -35,6 +40,7 @@ no reconstruction can match the nominal cube there; the nominal score is kept al
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from pathlib import Path
@@ -98,6 +104,14 @@ def add_args(parser):
     m.add_argument("--radial-weighting", type=float, default=0.5,
                    help="alpha: pixels weigh I_0(|q|)^-alpha in the Poisson deviance (0: plain "
                         "Poisson, high q barely counts; 1: every shell by its relative misfit)")
+    m.add_argument("--refine-poses", action=argparse.BooleanOptionalAction, default=False,
+                   help="learn a small rotation per average on top of its orientation (pose "
+                        "refinement, as cryoDRGN's); latent.h5 gets the refined quaternions")
+    m.add_argument("--pose-lr", type=float, default=1e-3,
+                   help="Adam learning rate of the pose corrections (radians)")
+    m.add_argument("--pose-start", type=int, default=10,
+                   help="epoch from which the poses are refined (the decoder needs a first "
+                        "volume to align to)")
     m.add_argument("--seed", type=int, default=1)
     m.add_argument("--device", default="auto", help="auto, cpu or cuda")
     m.add_argument("--threads", type=int, default=1,
@@ -118,6 +132,8 @@ def config_from_args(args):
 
     if args.volume_size < 9 or args.volume_size % 2 == 0:
         raise ConfigError(f"--volume-size must be odd and >= 9, got {args.volume_size}")
+    if args.pose_lr <= 0 or args.pose_start < 0:
+        raise ConfigError("--pose-lr must be > 0 and --pose-start >= 0")
     for name in ("zdim", "epochs", "batch_size", "num_volumes"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
@@ -130,7 +146,8 @@ def config_from_args(args):
                        dec_channels=args.dec_channels, threads=args.threads,
                        frame_weighting=args.frame_weighting, q_min=args.q_min,
                        radial_weighting=args.radial_weighting, lr_schedule=args.lr_schedule,
-                       lr_final=args.lr_final)
+                       lr_final=args.lr_final, refine_poses=args.refine_poses,
+                       pose_lr=args.pose_lr, pose_start=args.pose_start)
 
 
 def main(args):
@@ -181,18 +198,26 @@ def main(args):
     if not ctx.main:
         return 0
     model.eval()
+    scores = {}
     train.save_model(out / "model.pt", model, profile, q, {"train_config": vars(cfg)})
     every = data.tensors(inputs, q, profile, index=np.arange(sel.size))
     wt = torch.as_tensor(weight, dtype=torch.float32)
     mu, logvar = train.encode(model, every, wt, ctx.device)
-    analysis.write_latent(out / "latent.h5", mu, logvar, sel)
+    poses = None
+    if "pose_delta" in result:
+        poses = refined_poses(inputs.quaternion, sel, result.pop("pose_delta"), cfg.point_group)
+        change = poses["pose_change_deg"][sel]
+        log.info("pose refinement: the %d averages trained on turned by %.2f deg (median), "
+                 "%.2f deg (90th percentile), %.2f deg (max)", change.size, np.median(change),
+                 np.percentile(change, 90), change.max())
+        scores["pose_change_deg_median"] = float(np.median(change))
+    analysis.write_latent(out / "latent.h5", mu, logvar, sel, poses)
     z, has_data = analysis.latent_points(mu[sel], args.num_volumes)
     vols = analysis.decode_volumes(model, z, ctx.device)
     analysis.write_volumes(out / "volumes.h5", z, vols, has_data, q_per_voxel, cfg.point_group,
                            {"q_min_measured": float(qnorm[weight].min()),
                             "q_max_measured": float(qnorm[weight].max())})
     analysis.write_mrc(out / "volumes", vols, q_per_voxel)
-    scores = {}
     if args.replicates:
         from spiscape.embed.landscape import read_replicates
 
@@ -224,6 +249,21 @@ def main(args):
     log.info("wrote %s (model.pt, latent.h5, volumes.h5, %d MRC)%s", out, len(vols),
              "; scores " + json.dumps(scores) if scores else "")
     return 0
+
+
+def refined_poses(quaternion, selected, delta, point_group: str) -> dict:
+    """Refined quaternions (A, 4) of all averages: q * exp(delta) for those trained on (delta
+    (n, 3), radians, in their order), the input elsewhere, in the point group's fundamental zone;
+    and the angle each turned by (degrees, 0 elsewhere)."""
+    from spiscape.orient import rotations
+
+    quats = rotations.canonical(quaternion)
+    delta_all = np.zeros((len(quats), 3))
+    delta_all[np.flatnonzero(selected)] = delta
+    refined = rotations.multiply(quats, rotations.from_rotvec(delta_all))
+    group = rotations.point_group(point_group)
+    return {"quaternion_refined": rotations.reduce(refined, group),
+            "pose_change_deg": np.degrees(np.linalg.norm(delta_all, axis=1))}
 
 
 def _jsonable(value):

@@ -76,7 +76,9 @@ def frame_latents(replicate_files, averages, mu: np.ndarray, num_frames: int) ->
     return res["coords"]
 
 
-def write_latent(path, mu, logvar, selected) -> None:
+def write_latent(path, mu, logvar, selected, poses: dict | None = None) -> None:
+    """latent.h5: mu, logvar, selected; with pose refinement also quaternion_refined (A, 4) and
+    pose_change_deg (A,) (from :func:`spiscape.commands.vae.refined_poses`)."""
     import h5py
 
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
@@ -84,6 +86,11 @@ def write_latent(path, mu, logvar, selected) -> None:
         f["logvar"] = np.asarray(logvar, dtype=np.float32)
         f["selected"] = np.asarray(selected, dtype=bool)
         f.attrs["note"] = "selected: the averages the VAE was trained on (others only encoded)"
+        for name, value in (poses or {}).items():
+            f[name] = np.asarray(value, dtype=np.float64)
+        if poses:
+            f.attrs["quaternion_convention"] = ("scalar-first (w, x, y, z), fundamental zone of "
+                                                "the point group; refined by the VAE")
 
 
 def write_volumes(path, z, intens, has_data, q_per_voxel=None, point_group="m-3m",

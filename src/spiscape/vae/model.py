@@ -41,6 +41,15 @@ def quaternion_to_matrix(quats: torch.Tensor) -> torch.Tensor:
     ], dim=-1).reshape(q.shape[:-1] + (3, 3))
 
 
+def small_rotations(delta: torch.Tensor) -> torch.Tensor:
+    """Rotation matrices (n, 3, 3) exp([delta]x) of axis-angle vectors delta (n, 3), radians:
+    differentiable, the identity at 0 (pose refinement composes them with the input rotations)."""
+    zero = torch.zeros_like(delta[:, 0])
+    x, y, z = delta.unbind(-1)
+    skew = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], dim=-1).reshape(-1, 3, 3)
+    return torch.linalg.matrix_exp(skew)
+
+
 def slice_volumes(volumes: torch.Tensor, q: torch.Tensor, rotations: torch.Tensor,
                   folded: bool = False) -> torch.Tensor:
     """I_b(R_b q_t) for every volume b (B, V, V, V) and point t of q (3, P) in voxels: trilinear,
@@ -253,12 +262,17 @@ class SPIVAE(nn.Module):
         sym = self.symmetric(z)
         return unfold_octant(sym, self.volume_size) if self.octant else sym
 
-    def forward(self, image, support, quaternion, log_gain, sample: bool = True):
+    def forward(self, image, support, quaternion, log_gain, sample: bool = True, pose_delta=None):
+        """Predicted averages (B, S, S), mu, logvar. ``pose_delta`` (B, 3), optional: small
+        rotations (axis-angle, radians) applied after each quaternion's rotation when slicing
+        (pose refinement); the encoder always sees the input quaternion."""
         mu, logvar = self.encoder(image, support, quaternion, log_gain)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu
         vols = self.symmetric(z)
-        pred = slice_volumes(vols.float(), self.q.float(),
-                             quaternion_to_matrix(quaternion.float()), folded=self.octant)
+        rot = quaternion_to_matrix(quaternion.float())
+        if pose_delta is not None:
+            rot = rot @ small_rotations(pose_delta.float())
+        pred = slice_volumes(vols.float(), self.q.float(), rot, folded=self.octant)
         return pred.reshape(image.shape), mu, logvar
 
 

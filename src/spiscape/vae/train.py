@@ -47,6 +47,9 @@ class TrainConfig:
     radial_weighting: float = 0.5
     lr_schedule: str = "cosine"
     lr_final: float = 0.05
+    refine_poses: bool = False
+    pose_lr: float = 1e-3
+    pose_start: int = 10
     extra: dict = field(default_factory=dict)
 
 
@@ -242,8 +245,9 @@ def train(cfg: TrainConfig, tensors: dict, weight: np.ndarray, q: np.ndarray,
     convergence = {"epoch": [], "volume_cc": [], "latent_pearson": []}
     previous = None
     start = 0
+    resumed = {}
     if resume and ckpt_path.exists():
-        ck = load_checkpoint(ckpt_path)
+        ck = resumed = load_checkpoint(ckpt_path)
         if ck.get("config", {}).get("zdim") != cfg.zdim or \
                 ck.get("config", {}).get("volume_size") != cfg.volume_size:
             raise ConfigError(f"{ckpt_path} was made with other settings "
@@ -265,8 +269,17 @@ def train(cfg: TrainConfig, tensors: dict, weight: np.ndarray, q: np.ndarray,
     per_average = tensors.get("weight")
     if per_average is None:
         per_average = torch.ones(tensors["image"].shape[0])
+    n_avg = tensors["image"].shape[0]
     dataset = TensorDataset(tensors["image"], tensors["counts"], tensors["quaternion"],
-                            tensors["log_gain"], per_average.float())
+                            tensors["log_gain"], per_average.float(), torch.arange(n_avg))
+    # pose refinement: a small rotation per average, learnt with its own Adam once the decoder
+    # has a first volume (epoch pose_start), so that the poses do not chase a random one
+    pose_delta = torch.zeros(n_avg, 3, device=device, requires_grad=True)
+    pose_opt = torch.optim.Adam([pose_delta], lr=cfg.pose_lr) if cfg.refine_poses else None
+    if pose_opt is not None and "pose_delta" in resumed:
+        with torch.no_grad():
+            pose_delta.copy_(resumed["pose_delta"].to(device))
+        pose_opt.load_state_dict(resumed["pose_optimiser"])
     sampler = DistributedSampler(dataset, num_replicas=ctx.world, rank=ctx.rank, shuffle=True,
                                  seed=cfg.seed, drop_last=False)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler)
@@ -281,21 +294,27 @@ def train(cfg: TrainConfig, tensors: dict, weight: np.ndarray, q: np.ndarray,
         sampler.set_epoch(epoch)
         sums = torch.zeros(4, dtype=torch.float64, device=device)
         model.train()
-        for image, counts, quat, log_gain, wavg in tqdm(loader, desc=f"epoch {epoch + 1}",
+        for image, counts, quat, log_gain, wavg, idx in tqdm(loader, desc=f"epoch {epoch + 1}",
                                                         leave=False, disable=not ctx.main,
                                                         mininterval=5):
             image, counts = image.to(device), counts.to(device)
             quat, log_gain, wavg = quat.to(device), log_gain.to(device), wavg.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                pred, mu, logvar = net(image, support, quat, log_gain)
+                delta = pose_delta[idx.to(device)] if pose_opt is not None else None
+                pred, mu, logvar = net(image, support, quat, log_gain, pose_delta=delta)
             recon, _ = poisson_loss(pred, counts, pix)
             kl = kl_divergence(mu.float(), logvar.float())
             # per-average weights (mean 1 over the data, e.g. by frame count): noisy averages of
             # few frames pull less on the decoder
             loss = (wavg * (recon + cfg.kl_weight * kl)).mean()
             optimiser.zero_grad(set_to_none=True)
+            pose_delta.grad = None
             loss.backward()
             optimiser.step()
+            if pose_opt is not None and epoch >= cfg.pose_start:
+                if ctx.world > 1:  # each rank holds the gradients of its own averages only
+                    dist.all_reduce(pose_delta.grad)
+                pose_opt.step()
             n = image.shape[0]
             sums += torch.stack([loss.detach() * n, recon.detach().sum(), kl.detach().sum(),
                                  torch.tensor(float(n), device=device)]).double()
@@ -318,12 +337,17 @@ def train(cfg: TrainConfig, tensors: dict, weight: np.ndarray, q: np.ndarray,
                      + " ".join(f"{v:.3f}" for v in check["latent_pearson"]))
         if ctx.main:
             log.info(line)
+            poses = {} if pose_opt is None else {
+                "pose_delta": pose_delta.detach().cpu(), "pose_optimiser": pose_opt.state_dict()}
             save_checkpoint(ckpt_path, model, optimiser, epoch + 1, history, convergence,
                             {**meta, "previous": previous,
-                             "scheduler": scheduler.state_dict()})
+                             "scheduler": scheduler.state_dict(), **poses})
         if ctx.world > 1:
             dist.barrier()
         done += 1
         if stop_after is not None and done >= stop_after:
             break
-    return model, {"history": history, "convergence": convergence}
+    result = {"history": history, "convergence": convergence}
+    if pose_opt is not None:
+        result["pose_delta"] = pose_delta.detach().cpu().numpy().astype(np.float64)
+    return model, result
