@@ -22,6 +22,11 @@ its own Adam from epoch --pose-start) composed with its orientation when it is s
 then also holds quaternion_refined (A, 4) and pose_change_deg (A,). The encoder keeps seeing the
 input orientation, so that new averages encode without refinement.
 
+EMC merge (--emc-merge, needs --replicates): each predicted average is the volume sliced at
+every merged detector pixel rotated to every in-plane angle of the 2D EMC and back-projected as
+its M-step does (spiscape.vae.merge), not a plain slice: the merge blurs steep fall-offs by
+about half a pixel (what it changes on the demo: README).
+
 Selection and weighting: --clusters auto trains on the embedding's clusters that hold at least
 --min-cluster-fraction of the frames (contaminants such as dimers and rods form small clusters of
 their own; the others are still encoded); --frame-weighting sqrt weights each average's loss by
@@ -112,6 +117,10 @@ def add_args(parser):
     m.add_argument("--pose-start", type=int, default=10,
                    help="epoch from which the poses are refined (the decoder needs a first "
                         "volume to align to)")
+    m.add_argument("--emc-merge", action=argparse.BooleanOptionalAction, default=False,
+                   help="predict each average as the 2D EMC merged it (bilinear back-projection "
+                        "at its in-plane angles, from the --replicates' geometry) instead of as "
+                        "a plain slice (needs --replicates)")
     m.add_argument("--seed", type=int, default=1)
     m.add_argument("--device", default="auto", help="auto, cpu or cuda")
     m.add_argument("--threads", type=int, default=1,
@@ -180,6 +189,17 @@ def main(args):
         truth = read_truth(args.truth)
         q_per_voxel = q_per_voxel or truth.attrs.get("q_per_voxel_inv_nm")
     out = Path(args.out_dir)
+    merge = None
+    if args.emc_merge and not args.replicates:
+        raise ConfigError("--emc-merge needs --replicates (the EMC's angles and pixels)")
+    if args.emc_merge:
+        from spiscape.vae.merge import merge_operator, read_emc_geometry
+
+        geo = read_emc_geometry(args.replicates)
+        merge = merge_operator(det, geo, size)
+        log.info("averages predicted as the EMC merged them: %d in-plane angles x %d pixels on "
+                 "a %d px grid%s", geo.angles.size, geo.model_pixels.size, geo.size,
+                 ", Friedel-symmetrised" if geo.friedel else "")
     ctx = train.setup_distributed(cfg.device)
     tens = data.tensors(inputs, q, profile, weighting=cfg.frame_weighting)
     (log.info if ctx.main else log.debug)(
@@ -189,7 +209,7 @@ def main(args):
     try:
         pix = data.pixel_weights(weight, qnorm, profile, cfg.radial_weighting)
         model, result = train.train(cfg, tens, weight, q, profile, out, resume=args.resume,
-                                    ctx=ctx, pixel_weight=pix)
+                                    ctx=ctx, pixel_weight=pix, merge=merge)
     finally:
         if ctx.world > 1:
             import torch.distributed as dist

@@ -262,6 +262,27 @@ class SPIVAE(nn.Module):
         sym = self.symmetric(z)
         return unfold_octant(sym, self.volume_size) if self.octant else sym
 
+    def set_merge(self, points: np.ndarray | None, matrix=None) -> None:
+        """Predict averages as the EMC merges them (:mod:`spiscape.vae.merge`): slice at
+        ``points (3, K P)`` and apply the sparse ``matrix (S^2, K P)``; None: plain slices.
+        Not part of the state dict (a property of the data, not of the model)."""
+        if points is None:
+            self.merge_points = self.merge_matrix = None
+            return
+        coo = matrix.tocoo()
+        device = self.q.device
+        self.merge_points = torch.as_tensor(points, dtype=torch.float32, device=device)
+        self.merge_matrix = torch.sparse_coo_tensor(
+            np.stack([coo.row, coo.col]), coo.data.astype(np.float32), coo.shape,
+            device=device).coalesce()
+
+    def _apply(self, fn, *args, **kwargs):  # .to(device) moves the merge with the buffers
+        out = super()._apply(fn, *args, **kwargs)
+        if getattr(self, "merge_points", None) is not None:
+            self.merge_points = fn(self.merge_points)
+            self.merge_matrix = fn(self.merge_matrix)
+        return out
+
     def forward(self, image, support, quaternion, log_gain, sample: bool = True, pose_delta=None):
         """Predicted averages (B, S, S), mu, logvar. ``pose_delta`` (B, 3), optional: small
         rotations (axis-angle, radians) applied after each quaternion's rotation when slicing
@@ -272,6 +293,11 @@ class SPIVAE(nn.Module):
         rot = quaternion_to_matrix(quaternion.float())
         if pose_delta is not None:
             rot = rot @ small_rotations(pose_delta.float())
+        if getattr(self, "merge_points", None) is not None:
+            with torch.autocast(vols.device.type, enabled=False):
+                pts = slice_volumes(vols.float(), self.merge_points, rot, folded=self.octant)
+                pred = torch.sparse.mm(self.merge_matrix, pts.T).T
+            return pred.reshape(image.shape), mu, logvar
         pred = slice_volumes(vols.float(), self.q.float(), rot, folded=self.octant)
         return pred.reshape(image.shape), mu, logvar
 

@@ -221,13 +221,14 @@ def build_model(cfg: TrainConfig, image_size: int, q: np.ndarray, profile: np.nd
 def train(cfg: TrainConfig, tensors: dict, weight: np.ndarray, q: np.ndarray,
           profile: np.ndarray, out_dir, resume: bool = False, ctx: Dist | None = None,
           stop_after: int | None = None, pixel_weight: np.ndarray | None = None,
-          ) -> tuple[SPIVAE, dict]:
+          merge=None) -> tuple[SPIVAE, dict]:
     """Train on ``tensors`` (from data.tensors); returns the model (unwrapped) and the history.
 
     ``weight`` (S, S) marks the pixels in the loss (the encoder's support channel);
     ``pixel_weight`` (S, S), default ``weight``, weighs them in the deviance. ``stop_after``
     ends after that many epochs of this call (tests of --resume). Checkpoint:
-    ``out_dir/checkpoint.pt`` after every epoch.
+    ``out_dir/checkpoint.pt`` after every epoch. ``merge``: (points, matrix) of
+    :func:`spiscape.vae.merge.merge_operator`, to predict the averages as the EMC merged them.
     """
     ctx = ctx or setup_distributed(cfg.device)
     if cfg.threads:
@@ -238,7 +239,10 @@ def train(cfg: TrainConfig, tensors: dict, weight: np.ndarray, q: np.ndarray,
     random.seed(cfg.seed)
     device = ctx.device
     image_size = tensors["image"].shape[-1]
-    model = build_model(cfg, image_size, q, profile).to(device)
+    model = build_model(cfg, image_size, q, profile)
+    if merge is not None:
+        model.set_merge(*merge)
+    model = model.to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = make_scheduler(optimiser, cfg)
     history = {"epoch": [], "loss": [], "recon": [], "kl": [], "seconds": []}
