@@ -274,7 +274,7 @@ class SPIVAE(nn.Module):
         self.merge_points = torch.as_tensor(points, dtype=torch.float32, device=device)
         self.merge_matrix = torch.sparse_coo_tensor(
             np.stack([coo.row, coo.col]), coo.data.astype(np.float32), coo.shape,
-            device=device).coalesce()
+            device=device, check_invariants=True).coalesce()
 
     def _apply(self, fn, *args, **kwargs):  # .to(device) moves the merge with the buffers
         out = super()._apply(fn, *args, **kwargs)
