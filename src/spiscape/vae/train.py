@@ -278,12 +278,14 @@ def train(cfg: TrainConfig, tensors: dict, weight: np.ndarray, q: np.ndarray,
                             tensors["log_gain"], per_average.float(), torch.arange(n_avg))
     # pose refinement: a small rotation per average, learnt with its own Adam once the decoder
     # has a first volume (epoch pose_start), so that the poses do not chase a random one
-    pose_delta = torch.zeros(n_avg, 3, device=device, requires_grad=True)
-    pose_opt = torch.optim.Adam([pose_delta], lr=cfg.pose_lr) if cfg.refine_poses else None
-    if pose_opt is not None and "pose_delta" in resumed:
-        with torch.no_grad():
-            pose_delta.copy_(resumed["pose_delta"].to(device))
-        pose_opt.load_state_dict(resumed["pose_optimiser"])
+    pose_delta = pose_opt = None
+    if cfg.refine_poses:
+        pose_delta = torch.zeros(n_avg, 3, device=device, requires_grad=True)
+        pose_opt = torch.optim.Adam([pose_delta], lr=cfg.pose_lr)
+        if "pose_delta" in resumed:
+            with torch.no_grad():
+                pose_delta.copy_(resumed["pose_delta"].to(device))
+            pose_opt.load_state_dict(resumed["pose_optimiser"])
     sampler = DistributedSampler(dataset, num_replicas=ctx.world, rank=ctx.rank, shuffle=True,
                                  seed=cfg.seed, drop_last=False)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler)
@@ -304,7 +306,7 @@ def train(cfg: TrainConfig, tensors: dict, weight: np.ndarray, q: np.ndarray,
             image, counts = image.to(device), counts.to(device)
             quat, log_gain, wavg = quat.to(device), log_gain.to(device), wavg.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                delta = pose_delta[idx.to(device)] if pose_opt is not None else None
+                delta = pose_delta[idx.to(device)] if pose_delta is not None else None
                 pred, mu, logvar = net(image, support, quat, log_gain, pose_delta=delta)
             recon, _ = poisson_loss(pred, counts, pix)
             kl = kl_divergence(mu.float(), logvar.float())
@@ -312,7 +314,8 @@ def train(cfg: TrainConfig, tensors: dict, weight: np.ndarray, q: np.ndarray,
             # few frames pull less on the decoder
             loss = (wavg * (recon + cfg.kl_weight * kl)).mean()
             optimiser.zero_grad(set_to_none=True)
-            pose_delta.grad = None
+            if pose_opt is not None:
+                pose_opt.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
             if pose_opt is not None and epoch >= cfg.pose_start:
