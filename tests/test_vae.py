@@ -170,6 +170,35 @@ def test_resume_continues_to_same_result(tiny, tmp_path, refine):
                                    atol=1e-8)
 
 
+def test_resume_starts_afresh_after_a_change_of_settings_or_data(tiny, tmp_path, caplog):
+    _, sim = tiny
+    cfg = small_cfg(epochs=2, check_every=0)
+    tens, weight, q, prof = training_inputs(sim, cfg)
+    ctx = setup_distributed("cpu")
+    out = tmp_path / "v"
+    train(cfg, tens, weight, q, prof, out, ctx=ctx)
+    # more epochs of the same training: resumed
+    _, more = train(small_cfg(epochs=3, check_every=0), tens, weight, q, prof, out,
+                    resume=True, ctx=ctx)
+    assert more["history"]["epoch"] == [1.0, 2.0, 3.0]
+    assert not (out / "checkpoint.stale.pt").exists()
+    # another KL weight: the finished checkpoint is not taken for this training
+    with caplog.at_level("WARNING"):
+        _, other = train(small_cfg(epochs=3, check_every=0, kl_weight=0.5), tens, weight, q,
+                         prof, out, resume=True, ctx=ctx)
+    assert other["history"]["epoch"] == [1.0, 2.0, 3.0]
+    assert other["history"]["loss"][0] != more["history"]["loss"][0]
+    assert (out / "checkpoint.stale.pt").exists()
+    assert "kl_weight 0.01 -> 0.5" in caplog.text
+    # the same settings on other averages: afresh too
+    changed = {**tens, "image": tens["image"] * 1.5}
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        _, again = train(small_cfg(epochs=3, check_every=0, kl_weight=0.5), changed, weight, q,
+                         prof, out, resume=True, ctx=ctx)
+    assert again["history"]["epoch"] == [1.0, 2.0, 3.0] and "data" in caplog.text
+
+
 # --------------------------------------------------------------------------- analysis
 def test_frame_latents_weighting(tmp_path):
     # replicate 0: frames 0, 1, 2 over classes 0, 1; replicate 1: frames 1, 3 over classes 0, 1

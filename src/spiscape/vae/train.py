@@ -6,6 +6,7 @@ data compared between checks).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -123,6 +124,53 @@ def load_checkpoint(path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=False)
     except (OSError, RuntimeError, EOFError) as exc:
         raise InputError(path, f"unreadable checkpoint ({exc})") from None
+
+
+#: settings that may change between a run and its --resume: how long, where and how it runs
+RESUMABLE_CHANGES = ("epochs", "device", "threads", "check_every")
+
+
+def _digest(*arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        if a is None:
+            h.update(b"none")
+            continue
+        if isinstance(a, torch.Tensor):
+            a = a.detach().cpu().numpy()
+        elif hasattr(a, "tocsr"):  # a scipy sparse matrix
+            a = a.tocsr()
+            for part in (a.indptr, a.indices, a.data):
+                h.update(np.ascontiguousarray(part).tobytes())
+            continue
+        a = np.ascontiguousarray(a)
+        h.update(str((a.dtype, a.shape)).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def training_fingerprint(cfg: TrainConfig, tensors: dict, weight, pixel_weight, q, profile,
+                         merge) -> dict:
+    """What a checkpoint must share with this run to be resumed: every training setting but
+    those of :data:`RESUMABLE_CHANGES`, and digests of the data (averages, orientations, weights,
+    q, profile) and of the EMC merge operator (or its absence)."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES}
+    data = _digest(*(tensors.get(k) for k in ("image", "counts", "quaternion", "log_gain",
+                                              "weight")), weight, pixel_weight, q, profile)
+    return {**settings, "data": data,
+            "emc_merge": None if merge is None else _digest(*merge)}
+
+
+def fingerprint_changes(old: dict | None, new: dict) -> list[str]:
+    """The keys that differ, as "key old -> new" (data digests named only); all for no old."""
+    if old is None:
+        return ["a checkpoint without a fingerprint"]
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a != b:
+            out.append(key if key in ("data", "emc_merge", "extra") else f"{key} {a} -> {b}")
+    return out
 
 
 def save_model(path, model: SPIVAE, profile: np.ndarray, q: np.ndarray, extra: dict) -> None:
@@ -250,12 +298,26 @@ def train(cfg: TrainConfig, tensors: dict, weight: np.ndarray, q: np.ndarray,
     previous = None
     start = 0
     resumed = {}
+    fingerprint = training_fingerprint(cfg, tensors, weight, pixel_weight, q, profile, merge)
     if resume and ckpt_path.exists():
-        ck = resumed = load_checkpoint(ckpt_path)
-        if ck.get("config", {}).get("zdim") != cfg.zdim or \
-                ck.get("config", {}).get("volume_size") != cfg.volume_size:
-            raise ConfigError(f"{ckpt_path} was made with other settings "
-                              f"({ck.get('config')}); remove it or drop --resume")
+        ck = load_checkpoint(ckpt_path)
+        changed = fingerprint_changes(ck.get("fingerprint"), fingerprint)
+        if ctx.world > 1:
+            dist.barrier()  # every rank has read it before it may move
+        if changed:
+            # a rerun after a change of settings or inputs (the workflow always resumes): the old
+            # training is kept aside, not continued as if it were this one
+            stale = ckpt_path.with_name("checkpoint.stale.pt")
+            if ctx.main:
+                ckpt_path.replace(stale)
+                log.warning("%s was made with other settings or data (%s); moved to %s, "
+                            "training afresh", ckpt_path, "; ".join(changed), stale.name)
+        else:
+            resumed = ck
+    elif resume:
+        log.info("--resume: no checkpoint in %s, starting afresh", out_dir)
+    if resumed:
+        ck = resumed
         model.load_state_dict(ck["model"])
         optimiser.load_state_dict(ck["optimiser"])
         if "scheduler" in ck:
@@ -264,8 +326,6 @@ def train(cfg: TrainConfig, tensors: dict, weight: np.ndarray, q: np.ndarray,
         start = int(ck["epoch"])
         set_rng_states(ck["rng"])
         log.info("resuming from %s after epoch %d", ckpt_path, start)
-    elif resume:
-        log.info("--resume: no checkpoint in %s, starting afresh", out_dir)
     net = model
     if ctx.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -293,7 +353,7 @@ def train(cfg: TrainConfig, tensors: dict, weight: np.ndarray, q: np.ndarray,
     pix = support if pixel_weight is None else torch.as_tensor(
         pixel_weight, dtype=torch.float32).to(device)
     use_bf16 = device.type == "cuda"
-    meta = {"config": asdict(cfg), "profile": profile}
+    meta = {"config": asdict(cfg), "profile": profile, "fingerprint": fingerprint}
     done = 0
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
