@@ -130,8 +130,9 @@ def add_args(parser):
                    help="epochs between convergence checks")
     m.add_argument("--dec-channels", type=int, default=32, help="decoder channels at the base")
     m.add_argument("--enc-channels", type=int, default=16, help="encoder channels, first layer")
-    m.add_argument("--resume", action="store_true", help="continue from out-dir/checkpoint.pt if it was made with the "
-                        "same settings and data (else it is moved to checkpoint.stale.pt and "
+    m.add_argument("--resume", action="store_true",
+                   help="continue from out-dir/checkpoint.pt if it was made with the same "
+                        "settings and data (else it is moved to checkpoint.stale.pt and "
                         "training starts afresh); more --epochs extend it")
     m.add_argument("--num-volumes", type=int, default=11,
                    help="volumes written along the latent (zdim 2: a grid of about this many)")
