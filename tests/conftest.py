@@ -43,3 +43,35 @@ def tiny_dataset(tmp_path_factory):
     )
     simulate_dataset(params, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def one_view_photons(tiny_dataset, tmp_path_factory):
+    """Near-noiseless frames of the tiny dataset's cube at one orientation, each turned in-plane
+    to one of 12 angles (those of an EMC with num_rot 12, friedel off): (detector, cube volume,
+    quaternion, photon file)."""
+    import numpy as np
+
+    from spiscape.emc import geometry
+    from spiscape.io import read_detector
+    from spiscape.io.photons import SparsePhotons, write_photons
+    from spiscape.orient.rotations import to_matrix
+    from spiscape.simulate.frames import slice_volume
+    from spiscape.simulate.truth import read_truth
+
+    out = tmp_path_factory.mktemp("one_view")
+    det = read_detector(tiny_dataset / "detector.h5")
+    cube = np.asarray(read_truth(tiny_dataset / "truth.h5").volumes[0], dtype=np.float64)
+    q = np.stack([det.qx, det.qy, det.qz]).astype(np.float64)
+    quat = np.array([0.9, 0.2, 0.3, 0.25]) / np.linalg.norm([0.9, 0.2, 0.3, 0.25])
+    r0 = to_matrix(quat)[0]
+    turns = np.repeat(geometry.rotation_angles(12, friedel=False), 4)
+    c, s = np.cos(turns), np.sin(turns)
+    rz = np.zeros((turns.size, 3, 3))
+    rz[:, 0, 0], rz[:, 0, 1], rz[:, 1, 0], rz[:, 1, 1], rz[:, 2, 2] = c, -s, s, c, 1
+    lam = slice_volume(cube, q, r0[None] @ rz)
+    lam[:, det.mask == 2] = 0
+    lam *= 2e5 / lam.sum(axis=1, keepdims=True)
+    counts = np.random.default_rng(1).poisson(lam).astype(np.int32)
+    write_photons(SparsePhotons.from_dense(counts), out / "photons.h5")
+    return det, cube, quat, out / "photons.h5"

@@ -93,6 +93,77 @@ def test_sparse_m_step_matches_dense():
     np.testing.assert_allclose(sparse, dense, rtol=1e-5, atol=1e-8)
 
 
+def test_ml_m_step_recovers_a_sharp_model_that_the_merge_blurs():
+    # photons that are exactly the views of a sharp model (a peak one pixel wide on a flat
+    # floor), at 24 in-plane angles: the ML update converges to the model, the plain merge to
+    # its blur
+    rng = np.random.default_rng(5)
+    size, num_rot = 25, 24
+    cx, cy = np.meshgrid(np.arange(-7.0, 8.0), np.arange(-7.0, 8.0), indexing="ij")
+    cx, cy = cx.ravel() + 0.3, cy.ravel() - 0.2
+    table = geometry.rotation_table(cx, cy, geometry.rotation_angles(num_rot, False), size)
+    op = kernels.view_operator(table.index, table.weight, size)
+    x, y = np.meshgrid(np.arange(size) - 12.0, np.arange(size) - 12.0, indexing="ij")
+    truth = 1.0 + 20.0 * np.exp(-((x - 3) ** 2 + (y - 1) ** 2) / 1.0)
+    truth = truth.reshape(1, -1).astype(np.float32)
+    weight = rng.uniform(0.5, 2.0, num_rot).astype(np.float32)  # Σ_d P φ per rotation
+    numerator = kernels.expand(truth, op, num_rot) * weight[None, :, None]
+    grid_den = kernels.merge(np.broadcast_to(weight[None, :, None], numerator.shape).copy(), op)
+    measured = (grid_den > 1e-3 * grid_den.max())[0] & (x.ravel() ** 2 + y.ravel() ** 2 < 36)
+    merged = kernels.merge(numerator, op) / np.maximum(grid_den, 1e-30)
+    start = np.ones_like(truth)
+    ml = kernels.ml_update(start, kernels.expand(start, op, num_rot), numerator, grid_den, op,
+                           50, np)
+    error = {name: np.abs(est[0] - truth[0])[measured].max() / 20.0
+             for name, est in (("merge", merged), ("ml", ml))}
+    assert error["merge"] > 0.1, error  # the merge blurs the peak
+    assert error["ml"] < 0.02, error
+    # each ML step raises the expected log-likelihood Σ numerator log W - Σ weight W
+    def q_value(model):
+        views = kernels.expand(model, op, num_rot)
+        return float(np.sum(numerator * np.log(views)) - np.sum(weight[None, :, None] * views))
+
+    values = [q_value(kernels.ml_update(start, kernels.expand(start, op, num_rot), numerator,
+                                        grid_den, op, n, np)) for n in (1, 2, 4, 8)]
+    assert np.all(np.diff(values) > 0), values
+
+
+def test_sharpened_average_matches_the_slice_that_the_merge_blurs(tiny_dataset,
+                                                                   one_view_photons, tmp_path):
+    # one cube orientation at 12 in-plane angles, near-noiseless, one class: the average should
+    # be the Ewald slice (at one of the EMC's in-plane angles, which it fixes only up to one)
+    import torch
+
+    from spiscape.orient.rotations import to_matrix
+    from spiscape.vae.model import ewald_grid, slice_volumes
+
+    det, cube, quat, photons = one_view_photons
+    errors = {}
+    for sharpen in ((0, 2), (20, 2)):  # (iterations, oversampling)
+        params = EMCParams(num_classes=1, num_rot=12, iterations=6, friedel=False,
+                           need_scaling=False, seed=1, sharpen_iterations=sharpen[0],
+                           sharpen_oversample=sharpen[1])
+        emc = EMC2D([photons], tiny_dataset / "detector.h5", params)
+        emc.run(tmp_path / "s.h5")
+        with h5py.File(tmp_path / "s.h5") as f:
+            model, support = f["intens"][0], f["support"][()].astype(bool)
+        grid = ewald_grid(emc.size, det.detd, det.ewald_rad)
+        radius = np.linalg.norm(grid, axis=0)
+        keep = support & (radius >= 3) & (radius <= emc.size // 2 - 2)
+        best = np.inf
+        for turn in emc.angles:
+            rot = to_matrix(quat)[0] @ to_matrix([[np.cos(turn / 2), 0, 0, np.sin(turn / 2)]])[0]
+            ref = slice_volumes(torch.as_tensor(cube[None], dtype=torch.float32),
+                                torch.as_tensor(grid.reshape(3, -1), dtype=torch.float32),
+                                torch.as_tensor(rot[None], dtype=torch.float32))[0]
+            ref = ref.numpy().reshape(model.shape)[keep]
+            ref *= model[keep].sum() / ref.sum()
+            best = min(best, np.sqrt(np.mean((model[keep] - ref) ** 2)) / ref.std())
+        errors[sharpen] = best
+    assert errors[20, 2] < errors[0, 2] / 2, errors
+    assert errors[20, 2] < 0.08, errors
+
+
 def test_friedel_symmetry_and_rotation_span():
     models = np.random.default_rng(0).normal(size=(2, 7, 7))
     sym = geometry.friedel_symmetrize(models)
@@ -122,6 +193,10 @@ def test_impossible_parameters_are_refused():
         EMCParams(fraction=0).check()
     with pytest.raises(ConfigError, match="num_classes"):
         EMCParams(num_classes=0).check()
+    with pytest.raises(ConfigError, match="sharpen_iterations"):
+        EMCParams(sharpen_iterations=-1).check()
+    with pytest.raises(ConfigError, match="sharpen_oversample"):
+        EMCParams(sharpen_oversample=0).check()
 
 
 def run_emc(dataset, out, **overrides):

@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="no CUDA d
 
 def test_kernels_match_numpy():
     rng = np.random.default_rng(0)
-    size, num_rot, m = 15, 6, 3
+    size, num_rot, m = 19, 6, 3
     cx, cy = rng.uniform(-6, 6, 40), rng.uniform(-6, 6, 40)
     table = geometry.rotation_table(cx, cy, geometry.rotation_angles(num_rot, True), size)
     models = rng.uniform(0.5, 2, (m, size * size)).astype(np.float32)
@@ -33,8 +33,13 @@ def test_kernels_match_numpy():
             flat.sum(1).astype(xp.float64), xp.asarray(scale), xp.asarray(beta), xp,
         )
         merged = kernels.merge(res.numerator.reshape(m, num_rot, -1), op)
+        weights = xp.broadcast_to(res.denominator.reshape(m, num_rot, 1).astype(xp.float32),
+                                  views.shape)
+        sharp = kernels.ml_update(xp.asarray(models), views,
+                                  res.numerator.reshape(m, num_rot, -1),
+                                  kernels.merge(xp.ascontiguousarray(weights), op), op, 5, xp)
         results.append([np.asarray(getattr(x, "get", lambda x=x: x)()) for x in
-                        (views, res.occupancies, res.numerator, res.new_scale, merged)])
+                        (views, res.occupancies, res.numerator, res.new_scale, merged, sharp)])
     for a, b in zip(*results, strict=True):
         np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-6)
 

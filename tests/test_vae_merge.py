@@ -2,45 +2,29 @@
 
 from __future__ import annotations
 
+import json
+
 import h5py
 import numpy as np
 import pytest
 import torch
 
-from spiscape.emc import EMC2D, EMCParams, geometry
+from spiscape.emc import EMC2D, EMCParams
 from spiscape.errors import InputError
-from spiscape.io import read_detector
-from spiscape.io.photons import SparsePhotons, write_photons
 from spiscape.orient.rotations import to_matrix
-from spiscape.simulate.frames import slice_volume
-from spiscape.simulate.truth import read_truth
 from spiscape.vae.merge import merge_operator, read_emc_geometry
 from spiscape.vae.model import ewald_grid, slice_volumes
 
 
 @pytest.fixture(scope="module")
-def emc_of_one_view(tiny_dataset, tmp_path_factory):
-    """Near-noiseless frames of the tiny dataset's cube at one orientation, each turned in-plane
-    to one of the EMC's 12 angles, classified into one class."""
+def emc_of_one_view(tiny_dataset, one_view_photons, tmp_path_factory):
+    """The one-view frames classified into one class, the averages left as the merge made them
+    (--sharpen-iterations 0: the merge is what the operator models)."""
+    det, cube, quat, photons = one_view_photons
     out = tmp_path_factory.mktemp("merge")
-    det = read_detector(tiny_dataset / "detector.h5")
-    cube = np.asarray(read_truth(tiny_dataset / "truth.h5").volumes[0], dtype=np.float64)
-    q = np.stack([det.qx, det.qy, det.qz]).astype(np.float64)
-    quat = np.array([0.9, 0.2, 0.3, 0.25]) / np.linalg.norm([0.9, 0.2, 0.3, 0.25])
-    r0 = to_matrix(quat)[0]
-    angles = geometry.rotation_angles(12, friedel=False)
-    turns = np.repeat(angles, 4)
-    c, s = np.cos(turns), np.sin(turns)
-    rz = np.zeros((turns.size, 3, 3))
-    rz[:, 0, 0], rz[:, 0, 1], rz[:, 1, 0], rz[:, 1, 1], rz[:, 2, 2] = c, -s, s, c, 1
-    lam = slice_volume(cube, q, r0[None] @ rz)
-    lam[:, det.mask == 2] = 0
-    lam *= 2e5 / lam.sum(axis=1, keepdims=True)
-    counts = np.random.default_rng(1).poisson(lam).astype(np.int32)
-    write_photons(SparsePhotons.from_dense(counts), out / "photons.h5")
     params = EMCParams(num_classes=1, num_rot=12, iterations=6, friedel=False,
-                       need_scaling=False, seed=1)
-    EMC2D([out / "photons.h5"], tiny_dataset / "detector.h5", params).run(out / "rep0.h5")
+                       need_scaling=False, seed=1, sharpen_iterations=0)
+    EMC2D([photons], tiny_dataset / "detector.h5", params).run(out / "rep0.h5")
     return det, cube, quat, out / "rep0.h5"
 
 
@@ -89,6 +73,14 @@ def test_emc_geometry_must_agree_and_fit(emc_of_one_view, tmp_path):
         dst.attrs["params"] = src.attrs["params"]
     with pytest.raises(InputError, match="differs"):
         read_emc_geometry([rep, other])
+    sharpened = tmp_path / "rep2.h5"
+    with h5py.File(rep) as src, h5py.File(sharpened, "w") as dst:
+        for key in ("intens", "model_pixels", "angles"):
+            dst[key] = src[key][()]
+        dst.attrs["params"] = json.dumps({**json.loads(src.attrs["params"]),
+                                          "sharpen_iterations": 20})
+    with pytest.raises(InputError, match="sharpened"):
+        read_emc_geometry([sharpened])
     geo = read_emc_geometry([rep])
     with pytest.raises(InputError, match="do not fit"):
         merge_operator(det, geo, geo.size + 2)

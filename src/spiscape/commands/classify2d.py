@@ -55,6 +55,11 @@ def add_args(parser):
                         help="fraction of the frames drawn for this replicate (1 = all)")
     parser.add_argument("--init-noise", type=float, default=d.init_noise,
                         help="relative amplitude of the random pattern of the initial models")
+    parser.add_argument("--sharpen-iterations", type=int, default=d.sharpen_iterations,
+                        help="exact (ML) M-steps of the final probabilities that make the "
+                             "averages written out; 0: the last merged model, as Dragonfly")
+    parser.add_argument("--sharpen-oversample", type=int, default=d.sharpen_oversample,
+                        help="those steps run on a grid this many times finer than the pixels")
     parser.add_argument("--block-frames", type=int, default=None,
                         help="frames per E-step block (default: sized to memory)")
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default=d.device,
@@ -71,7 +76,9 @@ def main(args):
         size=args.size, friedel=args.friedel, need_scaling=args.need_scaling,
         beta_start=args.beta_start, beta_jump=args.beta_jump, beta_period=args.beta_period,
         seed=args.seed, replicate=args.replicate, fraction=args.fraction,
-        init_noise=args.init_noise, block_frames=args.block_frames, device=args.device,
+        init_noise=args.init_noise, sharpen_iterations=args.sharpen_iterations,
+        sharpen_oversample=args.sharpen_oversample, block_frames=args.block_frames,
+        device=args.device,
     )
     emc = EMC2D(args.photons, args.detector, params)
     out = Path(args.out)

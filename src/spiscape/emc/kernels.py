@@ -62,6 +62,30 @@ def merge(values, operator):
     return (operator.T @ flat.T).T
 
 
+def ml_update(models_flat, views, numerator, grid_den, operator, iterations: int, xp):
+    """The exact M-step for views that interpolate the models bilinearly (M, S²).
+
+    Each photon at detector pixel t of rotation r is a mixture of the grid points that its view
+    interpolates, so with the probabilities P_dmr fixed the EM update of a model is
+    ``M_j ← M_j Σ_rt E_rt,j (Σ_d P_dmr K_dt) / W_mrt  /  Σ_rt E_rt,j Σ_d P_dmr φ_d``
+    (Richardson-Lucy on the merge): each step raises the expected log-likelihood, and at its
+    fixed point the *views* match the photons, where the plain merge
+    ``Σ_rt E_rt,j Σ_d P K / Σ_rt E_rt,j Σ_d P φ`` matches them only after the bilinear blur.
+    ``views`` (M, R, P) are those of ``models_flat`` (the E-step's, reused for the first step);
+    ``numerator`` (M, R, P) Σ_d P_dmr K_dt; ``grid_den`` (M, S²) the merged Σ_d P_dmr φ_d.
+    """
+    num_rot = views.shape[1]
+    current = models_flat
+    inverse = 1.0 / xp.maximum(grid_den, 1e-30)
+    for step in range(iterations):
+        if step:
+            views = expand(current, operator, num_rot)
+        floor = LOG_FLOOR * float(views.mean()) + np.finfo(np.float32).tiny
+        ratio = numerator / xp.maximum(views, floor)
+        current = current * merge(ratio, operator) * inverse
+    return current
+
+
 @dataclass
 class BlockResult:
     """What the E-step of one block of frames contributes to the M-step and to the log."""

@@ -45,6 +45,8 @@ class EMCParams:
     replicate: int = 0
     fraction: float = 1.0
     init_noise: float = 0.5
+    sharpen_iterations: int = 0
+    sharpen_oversample: int = 2
     block_frames: int | None = None
     device: str = "auto"
 
@@ -62,6 +64,10 @@ class EMCParams:
             problems.append(f"beta_jump must be >= 1 (got {self.beta_jump})")
         if self.beta_start != "auto" and not 0 < float(self.beta_start) <= 1:
             problems.append(f"beta_start must be 'auto' or in (0, 1] (got {self.beta_start})")
+        if self.sharpen_iterations < 0:
+            problems.append(f"sharpen_iterations must be >= 0 (got {self.sharpen_iterations})")
+        if self.sharpen_oversample < 1:
+            problems.append(f"sharpen_oversample must be >= 1 (got {self.sharpen_oversample})")
         if self.size is not None and self.size < 5:
             problems.append(f"size must be >= 5 (got {self.size})")
         if problems:
@@ -118,19 +124,24 @@ class EMC2D:
             raise InputError(self.detector_path, "no pixel has mask 0 (used)")
         self.merge_pix = np.concatenate([used_pix, np.flatnonzero(det.mask == 1)])
         self.num_used = used_pix.size
-        cx, cy = geometry.pixel_coords_2d(det)
         self.size = p.size or geometry.default_grid_size(det)
         self.angles = geometry.rotation_angles(p.num_rot, p.friedel)
-        table = geometry.rotation_table(
-            cx[self.merge_pix], cy[self.merge_pix], self.angles, self.size
-        )
-        self.operator = kernels.view_operator(table.index, table.weight, self.size, self.xp)
+        self.operator = self._grid_operator(1)
         # grid points that some merged pixel reaches at some rotation: where a model is measured
         reach = kernels.merge(
             self.xp.ones((1, p.num_rot, self.merge_pix.size), dtype=self.xp.float32),
             self.operator,
         )
         self.support = (to_numpy(reach)[0] > 1e-3).reshape(self.size, self.size)
+
+    def _grid_operator(self, oversample: int):
+        """The view operator onto a grid ``oversample`` times finer than the pixels (its side is
+        ``oversample (S - 1) + 1``: every ``oversample``-th point is a point of the S x S grid)."""
+        cx, cy = geometry.pixel_coords_2d(self.detector)
+        fine = oversample * (self.size - 1) + 1
+        table = geometry.rotation_table(oversample * cx[self.merge_pix],
+                                        oversample * cy[self.merge_pix], self.angles, fine)
+        return kernels.view_operator(table.index, table.weight, fine, self.xp)
 
     def _setup_counts(self, photons) -> None:
         csr = photons.to_csr().tocsc()[:, self.merge_pix].tocsr().astype(np.float32)
@@ -275,7 +286,48 @@ class EMC2D:
             models=np.ascontiguousarray(new), scale=new_scale, iteration=state.iteration + 1,
             log_rows=[*state.log_rows, row],
         )
-        return new_state, {"occupancies": occupancies, "best": best}
+        sums = {"numerator": numerator, "denominator": denominator}
+        return new_state, {"occupancies": occupancies, "best": best, "sums": sums}
+
+    def sharpen(self, state: EMCState, sums: dict) -> np.ndarray:
+        """The class averages written out: the exact M-step of the final probabilities on a grid
+        ``sharpen_oversample`` times finer, back on the S x S grid (README, "Sharp averages").
+
+        The iterations' merge spreads every photon over the four grid points around it, which
+        blurs a model by about half a pixel: harmless for the classification, but at a steep
+        fall-off (a cube's central speckle) the average reads 10 % low and 30 % high in
+        successive rings. With the probabilities of the last E-step fixed, ``sharpen_iterations``
+        multiplicative EM steps (:func:`kernels.ml_update`) make the views of the model match the
+        photons themselves, and the finer grid keeps the bilinear views close to the pattern
+        between the pixels. Starts from the last model interpolated onto the fine grid.
+        """
+        import scipy.ndimage
+
+        p, xp = self.params, self.xp
+        if p.sharpen_iterations == 0:
+            return state.models
+        m, r, step = p.num_classes, p.num_rot, p.sharpen_oversample
+        operator = self._grid_operator(step) if step > 1 else self.operator
+        fine = step * (self.size - 1) + 1
+        start = scipy.ndimage.zoom(state.models, (1, fine / self.size, fine / self.size), order=1,
+                                   grid_mode=False) if step > 1 else state.models
+        assert start.shape == (m, fine, fine), start.shape
+        models = xp.asarray(np.maximum(start, 0).reshape(m, -1).astype(np.float32))
+        weights = xp.broadcast_to(
+            sums["denominator"].reshape(m, r, 1).astype(xp.float32), (m, r, self.merge_pix.size)
+        )
+        grid_den = kernels.merge(xp.ascontiguousarray(weights), operator)
+        new = kernels.ml_update(models, kernels.expand(models, operator, r),
+                                sums["numerator"].reshape(m, r, -1), grid_den, operator,
+                                p.sharpen_iterations, xp)
+        grid_den = to_numpy(grid_den)
+        new = np.where(grid_den > 1e-6 * float(grid_den.max()), to_numpy(new), 0.0)
+        new = new.reshape(m, fine, fine)[:, ::step, ::step]
+        dead = to_numpy(sums["denominator"]).reshape(m, r).sum(axis=1) <= 1e-12
+        new[dead] = state.models[dead]
+        if p.friedel:
+            new = geometry.friedel_symmetrize(new)
+        return np.ascontiguousarray(new)
 
     # -- gathering and files -------------------------------------------------------------------
     def gather_frames(self, local: np.ndarray):
@@ -319,7 +371,8 @@ class EMC2D:
 
     def _fingerprint(self) -> dict:
         keep = {k: v for k, v in asdict(self.params).items()
-                if k not in ("iterations", "block_frames", "device")}
+                if k not in ("iterations", "block_frames", "device", "sharpen_iterations",
+                         "sharpen_oversample")}
         return {**keep, "frames": int(self.selection.size), "size": self.size}
 
     def write_result(self, path: Path, state: EMCState, frame_results: dict) -> None:
@@ -336,7 +389,7 @@ class EMC2D:
             dtype=[(c, np.int32 if c == "iteration" else np.float64) for c in LOG_COLUMNS],
         )
         with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-            f["intens"] = state.models
+            f["intens"] = frame_results["intens"]
             f["frames"] = self.selection
             f.create_dataset("occupancies", data=occupancies, compression="gzip")
             f["best_rotation"] = (best % p.num_rot).astype(np.int32)
@@ -389,6 +442,11 @@ class EMC2D:
                 bar.update(1)
         # per-frame occupancies, best rotations and scales under the final models
         _, frame_results = self.iterate(state)
+        t0 = time.perf_counter()
+        frame_results["intens"] = self.sharpen(state, frame_results.pop("sums"))
+        if self.rank == 0 and p.sharpen_iterations:
+            log.info("sharpened the averages: %d EM steps on a grid %d times finer (%.2f s)",
+                     p.sharpen_iterations, p.sharpen_oversample, time.perf_counter() - t0)
         self.write_result(out, state, frame_results)
         if self.rank == 0 and checkpoint.exists():
             checkpoint.unlink()

@@ -15,9 +15,11 @@ rotated to every in-plane angle (the points ``q (3, K P)``, Ewald q rotated abou
 the merged average: ``M (S^2, K P)`` = diag(1 / E^T 1) E^T with E the EMC's own bilinear view
 operator, Friedel-symmetrised when the EMC was, and cropped to the averages' grid. The VAE slices
 its volume at ``q`` and applies ``M`` (:meth:`spiscape.vae.model.SPIVAE.set_merge`), so that the
-decoded volume is the intensity whose merged slices are the averages. Every frame is assumed
-merged at its own angle with the same weight: the spread of EMC's orientation probabilities
-over in-plane angles blurs along the rings only, which the ring-wise scores do not see.
+decoded volume is the intensity whose merged slices are the averages. Replicates whose averages
+classify2d sharpened (``--sharpen-iterations`` > 0, :meth:`spiscape.emc.run.EMC2D.sharpen`) are
+refused: their averages are not this merge. Every frame is assumed merged at its own angle with
+the same weight: the spread of EMC's orientation probabilities over in-plane angles blurs along
+the rings only, which the ring-wise scores do not see.
 """
 
 from __future__ import annotations
@@ -54,6 +56,10 @@ def read_emc_geometry(rep_paths) -> EMCGeometry:
         except (OSError, KeyError) as exc:
             raise InputError(path, f"no EMC geometry (angles, model_pixels, intens): "
                                    f"{exc}") from None
+        if params.get("sharpen_iterations", 0):
+            raise InputError(path, "its averages were sharpened (classify2d "
+                                   "--sharpen-iterations): they are not the bilinear merge that "
+                                   "--emc-merge models; drop --emc-merge")
         if geo is None:
             geo = this
         elif (this.size != geo.size or this.friedel != geo.friedel
