@@ -60,6 +60,9 @@ def add_args(parser):
                              "averages written out; 0: the last merged model, as Dragonfly")
     parser.add_argument("--sharpen-oversample", type=int, default=d.sharpen_oversample,
                         help="those steps run on a grid this many times finer than the pixels")
+    parser.add_argument("--sharpen-photons", type=float, default=d.sharpen_photons,
+                        help="a grid point into which C photons were merged keeps C / (C + this) "
+                             "of the sharpening (faint pixels stay as merged); 0: all of it")
     parser.add_argument("--block-frames", type=int, default=None,
                         help="frames per E-step block (default: sized to memory)")
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default=d.device,
@@ -77,7 +80,8 @@ def main(args):
         beta_start=args.beta_start, beta_jump=args.beta_jump, beta_period=args.beta_period,
         seed=args.seed, replicate=args.replicate, fraction=args.fraction,
         init_noise=args.init_noise, sharpen_iterations=args.sharpen_iterations,
-        sharpen_oversample=args.sharpen_oversample, block_frames=args.block_frames,
+        sharpen_oversample=args.sharpen_oversample, sharpen_photons=args.sharpen_photons,
+        block_frames=args.block_frames,
         device=args.device,
     )
     emc = EMC2D(args.photons, args.detector, params)
