@@ -108,7 +108,9 @@ def add_args(parser):
                         "radius); the volume inside is extrapolated either way")
     m.add_argument("--radial-weighting", type=float, default=0.5,
                    help="alpha: pixels weigh I_0(|q|)^-alpha in the Poisson deviance (0: plain "
-                        "Poisson, high q barely counts; 1: every shell by its relative misfit)")
+                        "Poisson, high q barely counts; 1: every shell by its relative misfit); "
+                        "0.5 offsets the blur of merged EMC averages, sharpened ones "
+                        "(classify2d --sharpen-iterations) want 0, as the pipeline uses")
     m.add_argument("--refine-poses", action=argparse.BooleanOptionalAction, default=False,
                    help="learn a small rotation per average on top of its orientation (pose "
                         "refinement, as cryoDRGN's); latent.h5 gets the refined quaternions")
