@@ -66,9 +66,8 @@ def one_view_photons(tiny_dataset, tmp_path_factory):
     quat = np.array([0.9, 0.2, 0.3, 0.25]) / np.linalg.norm([0.9, 0.2, 0.3, 0.25])
     r0 = to_matrix(quat)[0]
     turns = np.repeat(geometry.rotation_angles(12, friedel=False), 4)
-    c, s = np.cos(turns), np.sin(turns)
-    rz = np.zeros((turns.size, 3, 3))
-    rz[:, 0, 0], rz[:, 0, 1], rz[:, 1, 0], rz[:, 1, 1], rz[:, 2, 2] = c, -s, s, c, 1
+    zero = np.zeros_like(turns)
+    rz = to_matrix(np.stack([np.cos(turns / 2), zero, zero, np.sin(turns / 2)], axis=1))
     lam = slice_volume(cube, q, r0[None] @ rz)
     lam[:, det.mask == 2] = 0
     lam *= 2e5 / lam.sum(axis=1, keepdims=True)

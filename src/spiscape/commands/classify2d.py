@@ -81,8 +81,7 @@ def main(args):
         seed=args.seed, replicate=args.replicate, fraction=args.fraction,
         init_noise=args.init_noise, sharpen_iterations=args.sharpen_iterations,
         sharpen_oversample=args.sharpen_oversample, sharpen_photons=args.sharpen_photons,
-        block_frames=args.block_frames,
-        device=args.device,
+        block_frames=args.block_frames, device=args.device,
     )
     emc = EMC2D(args.photons, args.detector, params)
     out = Path(args.out)

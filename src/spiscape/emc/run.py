@@ -289,7 +289,10 @@ class EMC2D:
             models=np.ascontiguousarray(new), scale=new_scale, iteration=state.iteration + 1,
             log_rows=[*state.log_rows, row],
         )
-        sums = {"numerator": numerator, "denominator": denominator}
+        # what sharpen() needs of this M-step: the per-rotation sums, the photons merged into
+        # each grid point (its shrinkage) and the classes no frame chose
+        sums = {"numerator": numerator, "denominator": denominator,
+                "grid_photons": to_numpy(grid_num).reshape(m, s, s), "dead": dead}
         return new_state, {"occupancies": occupancies, "best": best, "sums": sums}
 
     def sharpen(self, state: EMCState, sums: dict) -> np.ndarray:
@@ -333,12 +336,10 @@ class EMC2D:
         grid_den = to_numpy(grid_den)
         new = np.where(grid_den > 1e-6 * float(grid_den.max()), to_numpy(new), 0.0)
         new = new.reshape(m, fine, fine)[:, ::step, ::step]
-        dead = to_numpy(sums["denominator"]).reshape(m, r).sum(axis=1) <= 1e-12
-        new[dead] = state.models[dead]
+        new[sums["dead"]] = state.models[sums["dead"]]
         if p.sharpen_photons > 0:
-            merged = to_numpy(kernels.merge(sums["numerator"].reshape(m, r, -1), self.operator))
-            merged = merged.reshape(new.shape)
-            new = state.models + merged / (merged + p.sharpen_photons) * (new - state.models)
+            photons = sums["grid_photons"]
+            new = state.models + photons / (photons + p.sharpen_photons) * (new - state.models)
         if p.friedel:
             new = geometry.friedel_symmetrize(new)
         return np.ascontiguousarray(new)
