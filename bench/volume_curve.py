@@ -38,30 +38,27 @@ def read_curve(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return z[order], v[order]
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--results", default=str(REPO / "results/demo"))
-    p.add_argument("--json", default=str(REPO / "bench/results/volume_curve.json"))
-    args = p.parse_args(argv)
-    res = Path(args.results)
+def curve_ratio(res: Path, truth: Path | None = None) -> dict:
+    """The volume curve of a results folder read at the pure cube and sphere latents, against
+    the truth's volumes (``truth``, default ``res/data/truth.h5``)."""
+    from scipy.stats import spearmanr
+
     scores = json.loads((res / "vae/training.json").read_text())["scores"]
     for key in ("cube_latent", "sphere_latent"):
         if key not in scores:
             raise SystemExit(f"{res / 'vae/training.json'}: no {key} (train with --truth)")
     z, v = read_curve(res / "volume_curve.csv")
-    with h5py.File(res / "data/truth.h5", "r") as f:
+    with h5py.File(truth or res / "data/truth.h5", "r") as f:
         label = f["volumes/label"][()]
         true_v = f["volumes/particle_volume_nm3"][()]
     true_cube = float(true_v[np.flatnonzero(label == 0)[0]])
     true_sphere = float(true_v[np.flatnonzero(label == 2)[0]])
     zc, zs = float(scores["cube_latent"][0]), float(scores["sphere_latent"][0])
     vc, vs = float(np.interp(zc, z, v)), float(np.interp(zs, z, v))
-    from scipy.stats import spearmanr
-
     between = (z >= min(zc, zs)) & (z <= max(zc, zs))
     trend = (float(spearmanr(z[between], v[between]).statistic * np.sign(zs - zc))
              if between.sum() >= 3 else float("nan"))
-    result = {
+    return {
         "results": str(res), "cube_latent": zc, "sphere_latent": zs,
         "cube_volume_nm3": vc, "sphere_volume_nm3": vs,
         "true_cube_volume_nm3": true_cube, "true_sphere_volume_nm3": true_sphere,
@@ -76,6 +73,17 @@ def main(argv=None):
         "sphere_size_scale": scores.get("sphere_size_scale"),
         "fringe_ratio_error": scores.get("fringe_ratio_error"),
     }
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", default=str(REPO / "results/demo"))
+    p.add_argument("--json", default=str(REPO / "bench/results/volume_curve.json"))
+    args = p.parse_args(argv)
+    result = curve_ratio(Path(args.results))
+    vc, vs = result["cube_volume_nm3"], result["sphere_volume_nm3"]
+    true_cube, true_sphere = result["true_cube_volume_nm3"], result["true_sphere_volume_nm3"]
+    zc, zs, trend = result["cube_latent"], result["sphere_latent"], result["trend_spearman"]
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1))
     table = (

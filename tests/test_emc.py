@@ -209,7 +209,8 @@ def test_impossible_parameters_are_refused():
 
 
 def run_emc(dataset, out, **overrides):
-    params = EMCParams(num_classes=4, num_rot=12, iterations=12, seed=2, **overrides)
+    params = EMCParams(**{"num_classes": 4, "num_rot": 12, "iterations": 12, "seed": 2,
+                          **overrides})
     emc = EMC2D([dataset / "photons.h5"], dataset / "detector.h5", params)
     emc.run(out)
     return emc
@@ -301,3 +302,57 @@ def test_cli_runs_and_reports_bad_detector(tiny_dataset, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "num_pix" in err[-1] and "photons.h5" in err[-1]
     assert not (tmp_path / "bad.h5").exists()
+
+
+def test_starved_classes_are_reseeded_from_the_most_populated(tiny_dataset):
+    params = EMCParams(num_classes=4, num_rot=12, iterations=20, beta_period=5,
+                       reseed_share=0.25, seed=2)
+    emc = EMC2D([tiny_dataset / "photons.h5"], tiny_dataset / "detector.h5", params)
+    models = np.stack([np.full((3, 3), v) for v in (1.0, 2.0, 3.0, 4.0)])
+    fair = emc.selection.size / 4
+    frames = np.array([0.05, 2.0, 1.8, 0.15]) * fair  # classes 0 and 3 starved
+    assert not emc.reseed_due(4) and not emc.reseed_due(15)  # off beat; last two beta levels
+    assert emc.reseed(models.copy(), frames, 4) == 0
+    out = models.copy()
+    assert emc.reseed(out, frames, 5) == 2
+    # class 0 copies the largest (1), class 3 the next largest (2), perturbed by a few %
+    np.testing.assert_allclose(out[0], models[1], rtol=0.5)
+    np.testing.assert_allclose(out[3], models[2], rtol=0.5)
+    assert not np.allclose(out[0], models[1]) and not np.allclose(out[3], models[2])
+    np.testing.assert_array_equal(out[1:3], models[1:3])
+    # seeded: the same iteration gives the same perturbation
+    again = models.copy()
+    emc.reseed(again, frames, 5)
+    np.testing.assert_array_equal(again, out)
+    # nothing starved, or reseeding off: nothing changes
+    same = models.copy()
+    assert emc.reseed(same, np.full(4, fair), 5) == 0
+    emc.params.reseed_share = 0.0
+    assert emc.reseed(same, frames, 5) == 0
+    np.testing.assert_array_equal(same, models)
+
+
+def test_reseeding_keeps_classes_alive_and_populations_apart(tiny_dataset, tmp_path):
+    """Twelve classes for two populations: without re-seeding some starve; with it every class
+    ends with frames, and the classes stay pure."""
+    live = {}
+    for share in (0.0, 0.25):
+        out = tmp_path / f"rep_{share}.h5"
+        run_emc(tiny_dataset, out, num_classes=12, iterations=20, reseed_share=share)
+        with h5py.File(out) as f, h5py.File(tiny_dataset / "truth.h5") as t:
+            occ, frames = f["occupancies"][:], f["frames"][:]
+            labels = t["label"][:][frames]
+        per_class = occ.sum(0)
+        live[share] = int(np.sum(per_class >= 0.25 * occ.shape[0] / occ.shape[1]))
+        classes = occ.argmax(1)
+        majority = np.array([np.bincount(labels[classes == m], minlength=5).argmax()
+                             if np.any(classes == m) else -1 for m in range(occ.shape[1])])
+        assert np.mean(majority[classes] == labels) >= 0.95
+    assert live[0.25] > live[0.0], live
+
+
+def test_reseed_share_must_be_a_share():
+    with pytest.raises(ConfigError, match="reseed_share"):
+        EMCParams(reseed_share=1.0).check()
+    with pytest.raises(ConfigError, match="reseed_share"):
+        EMCParams(reseed_share=-0.1).check()

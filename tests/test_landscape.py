@@ -84,6 +84,12 @@ def test_scores_against_truth():
     scored = population_ari(split, truth)
     assert scored["ari"] < 1.0 and scored["contingency"]["contaminant"] == {
         "1": 0, "2": 2, "3": 2, "5": 0}
+    # species apart: dimers (3) and rods (4) in clusters of their own is the right answer,
+    # and labels of other simulators' contaminants (5, 6, ...) count as contaminants
+    assert populations(truth, by_species=True).tolist() == [0, 0, -1, -1, 1, 1, 2, 3, 2, 3]
+    assert population_ari(split, truth, by_species=True)["ari"] == 1.0
+    assert population_ari(clusters, truth, by_species=True)["ari"] < 1.0
+    assert populations(np.array([5, 6]))[0] == 2
     t = np.array([0.0, 0.0, 0.3, 0.6, 1.0, 1.0, np.nan, np.nan, np.nan, np.nan])
     coords = np.column_stack([-np.array([0, 0.1, 0.3, 0.6, 1, 1.1, 9, 9, 9, 9]),
                               np.arange(10.0)])

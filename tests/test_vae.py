@@ -317,7 +317,7 @@ def test_pose_refinement_recovers_perturbed_orientations(tmp_path):
 
 
 # --------------------------------------------------------------------------- selection, weights
-def test_auto_clusters_drop_small_clusters_and_outliers():
+def test_auto_clusters_drop_near_empty_clusters_and_outliers():
     from spiscape.errors import ConfigError
     from spiscape.vae.data import auto_clusters
 
@@ -327,6 +327,45 @@ def test_auto_clusters_drop_small_clusters_and_outliers():
     assert auto_clusters(labels, np.zeros(7), 0.2) == [0, 1]  # no counts: averages count
     with pytest.raises(ConfigError):
         auto_clusters(labels, frames, 0.9)
+
+
+def landscape_with_a_size_spread(seed=3):
+    """Averages along a continuum (a population with a size spread: 60 averages on a curve,
+    cut by k-means into 4 clusters of 15) and a far contaminant species (10 averages)."""
+    rng = np.random.default_rng(seed)
+    t = np.sort(rng.uniform(0, 6, 60))
+    continuum = np.stack([t, np.sin(t), 0.05 * rng.standard_normal(60)], axis=1)
+    contaminant = np.array([3.0, 8.0, 0.0]) + 0.1 * rng.standard_normal((10, 3))
+    coords = np.concatenate([continuum, contaminant])
+    labels = np.concatenate([np.repeat([0, 1, 2, 3], 15), np.full(10, 4)])
+    frames = np.concatenate([np.full(15, 100.0), np.full(45, 20.0), np.full(10, 50.0)])
+    return coords, labels, frames
+
+
+def test_auto_clusters_keep_a_population_with_a_size_spread_whole():
+    from spiscape.vae.data import auto_clusters, cluster_gaps
+
+    coords, labels, frames = landscape_with_a_size_spread()
+    # the old rule (clusters of >= 15 % of the frames) kept the first piece of the continuum
+    assert auto_clusters(labels, frames, 0.15) == [0, 4]
+    kept = auto_clusters(labels, frames, 0.01, coords)
+    assert kept == [0, 1, 2, 3]  # every piece of the continuum, not the far species
+    ids, gaps = cluster_gaps(coords, labels)
+    assert ids == [0, 1, 2, 3, 4]
+    assert max(gaps[0, 1], gaps[1, 2], gaps[2, 3]) < 10  # neighbours along the continuum
+    assert gaps[4, :4].min() > 10
+
+
+def test_auto_clusters_leave_out_a_far_contaminant_cluster():
+    from spiscape.vae.data import auto_clusters
+
+    coords, labels, frames = landscape_with_a_size_spread(seed=4)
+    frames[labels == 4] = 200.0  # the contaminant holds a third of the frames
+    assert auto_clusters(labels, frames, 0.01, coords) == [0, 1, 2, 3]
+    # with any gap allowed, it is kept; if it held most frames, it would be the main part
+    assert 4 in auto_clusters(labels, frames, 0.01, coords, max_isolation=1e6)
+    frames[labels == 4] = 1000.0
+    assert auto_clusters(labels, frames, 0.01, coords) == [4]
 
 
 def test_frame_weights_and_loss_q_min():
@@ -438,3 +477,16 @@ def test_learning_rate_schedules():
     assert set(seen) == {1e-2} and last == 1e-2
     with pytest.raises(ConfigError, match="schedule"):
         rates(lr_schedule="step")
+
+
+def test_q_min_auto_is_the_beamstop_edge_of_the_support():
+    from spiscape.vae.data import beamstop_radius
+
+    size = 21
+    grid = np.indices((size, size)) - size // 2
+    qnorm = np.hypot(*grid)
+    for radius in (2.5, 4.2):
+        support = qnorm > radius
+        edge = beamstop_radius(support, qnorm)
+        assert radius < edge <= radius + 1
+        assert not (support & (qnorm < edge)).any()

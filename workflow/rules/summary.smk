@@ -12,6 +12,12 @@ rule summary:
             category="Summary",
         ),
         json=f"{RESULTS}/summary.json",
+        health=report(
+            f"{RESULTS}/health.tsv",
+            caption="../report/health.rst",
+            category="Summary",
+        ),
+        health_json=f"{RESULTS}/health.json",
     params:
         cmd=SPISCAPE,
         datasets=list(DATASETS),
@@ -22,4 +28,4 @@ rule summary:
         f"{RESULTS}/logs/summary.log",
     shell:
         "{params.cmd} summarize --results $(dirname {output.table}) --datasets {params.datasets} "
-        "--out {output.table} 2> {log}"
+        "--out {output.table} --health {output.health} 2> {log}"

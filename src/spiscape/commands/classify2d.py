@@ -63,6 +63,10 @@ def add_args(parser):
     parser.add_argument("--sharpen-photons", type=float, default=d.sharpen_photons,
                         help="a grid point into which C photons were merged keeps C / (C + this) "
                              "of the sharpening (faint pixels stay as merged); 0: all of it")
+    parser.add_argument("--reseed-share", type=float, default=d.reseed_share,
+                        help="before each beta jump (not in the last two beta levels), a class "
+                             "holding less than this share of its fair N/M frames is re-seeded "
+                             "from the most populated class; 0: never (Dragonfly)")
     parser.add_argument("--block-frames", type=int, default=None,
                         help="frames per E-step block (default: sized to memory)")
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default=d.device,
@@ -81,7 +85,7 @@ def main(args):
         seed=args.seed, replicate=args.replicate, fraction=args.fraction,
         init_noise=args.init_noise, sharpen_iterations=args.sharpen_iterations,
         sharpen_oversample=args.sharpen_oversample, sharpen_photons=args.sharpen_photons,
-        block_frames=args.block_frames, device=args.device,
+        reseed_share=args.reseed_share, block_frames=args.block_frames, device=args.device,
     )
     emc = EMC2D(args.photons, args.detector, params)
     out = Path(args.out)

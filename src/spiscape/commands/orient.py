@@ -22,6 +22,7 @@ fundamental zone, such that average a shows I(R_a q) (the simulator's convention
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from pathlib import Path
@@ -34,7 +35,7 @@ from spiscape.emc.averages import read_averages as read_averages_file
 from spiscape.errors import ConfigError, InputError
 from spiscape.io import read_detector
 from spiscape.orient import rotations as rot
-from spiscape.orient.search import best_slices, orient_averages
+from spiscape.orient.search import best_slices, fit_size, orient_averages, size_range
 from spiscape.orient.slices import AnalyticReference, ewald_points, read_reference_volume
 from spiscape.utils.atomic import atomic_path
 
@@ -56,8 +57,10 @@ def add_args(parser):
     parser.add_argument("--out", required=True, help="output orientation.h5")
     parser.add_argument("--reference", choices=["cube", "sphere"], default=None,
                         help="analytic reference (default cube unless --reference-file)")
-    parser.add_argument("--size-nm", type=float, default=42.0,
-                        help="cube edge or sphere diameter of the analytic reference, nm")
+    parser.add_argument("--size-nm", type=_size_arg, default=42.0,
+                        help="cube edge or sphere diameter of the analytic reference, nm, or "
+                             "'auto': the size whose slices match the averages best (a scan "
+                             "from 3 fringes on the detector to an oversampling of 2)")
     parser.add_argument("--reference-file", default=None,
                         help="3D intensity HDF5 (intens (N,N,N), attr q_per_voxel_inv_nm)")
     parser.add_argument("--point-group", default="m-3m", choices=list(rot.POINT_GROUPS),
@@ -73,6 +76,16 @@ def add_args(parser):
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                         help="where to slice and correlate (gpu: CuPy)")
     parser.add_argument("--figure", default=None, help="PNG: gain histogram and best matches")
+
+
+def _size_arg(text: str):
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size in nm or 'auto', got {text!r}") \
+            from None
 
 
 def read_averages(path) -> tuple[np.ndarray, np.ndarray]:
@@ -111,6 +124,23 @@ def make_reference(args, q_per_pixel: float, max_q: float):
     return AnalyticReference(args.reference or "cube", args.size_nm, q_per_pixel)
 
 
+def auto_size(args, intens, support, points, q_per_pixel: float, max_q: float, xp) -> float:
+    """--size-nm auto: the analytic reference's size fitted to the averages (fit_size)."""
+    if args.reference_file:
+        raise ConfigError("--size-nm auto fits an analytic reference; a --reference-file has "
+                          "its own size")
+    kind = args.reference or "cube"
+    low, high = size_range(q_per_pixel, max_q)
+    sizes = np.exp(np.arange(np.log(low), np.log(high), np.log(1.04)))
+    group = args.point_group if kind == "cube" else "1"
+    size, scores = fit_size(intens, support, points,
+                            lambda s: AnalyticReference(kind, s, q_per_pixel), sizes, group,
+                            xp=xp)
+    log.info("reference size fitted to the averages: %s %.1f nm (scanned %.1f-%.1f nm, mean "
+             "best CC %.3f)", kind, size, low, high, scores[size])
+    return size
+
+
 def main(args):
     if args.step_deg <= 0 or args.step_deg > 90:
         raise ConfigError(f"--step-deg must be in (0, 90], got {args.step_deg}")
@@ -126,8 +156,10 @@ def main(args):
     size = intens.shape[1]
     points = ewald_points(size, det.detd, det.ewald_rad)
     max_q = float(np.linalg.norm(points[support.reshape(-1)], axis=1).max())
-    reference = make_reference(args, q_per_pixel, max_q)
     xp = get_array_module(args.device)
+    if args.size_nm == "auto":
+        args.size_nm = auto_size(args, intens, support, points, q_per_pixel, max_q, xp)
+    reference = make_reference(args, q_per_pixel, max_q)
     log.info("%d averages (%d x %d, %d measured points) against %s, point group %s, on %s",
              intens.shape[0], size, size, int(support.sum()), reference.describe(),
              args.point_group, "GPU" if xp is not np else "CPU")

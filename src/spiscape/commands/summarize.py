@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 COLUMNS = (
     "dataset", "frames", "photons_per_frame", "empty_frames", "averages", "replicates",
     "clusters", "explained_variance_pc1", "frames_placed", "ari_populations",
-    "spearman_t", "results",
+    "spearman_t", "health", "results",
 )
 
 
@@ -30,6 +30,9 @@ def add_args(parser):
     parser.add_argument("--results", required=True, help="the results folder (results/)")
     parser.add_argument("--datasets", nargs="+", required=True, help="dataset names")
     parser.add_argument("--out", required=True, help="output table (.tsv); JSON beside it")
+    parser.add_argument("--health", default=None,
+                        help="health table (.tsv, JSON beside it): per dataset the checks of "
+                             "spiscape.qc.health, with warnings in the log")
 
 
 def _json(path: Path) -> dict:
@@ -71,8 +74,17 @@ def dataset_row(results: Path, name: str) -> dict:
 
 
 def main(args):
+    from spiscape.qc import health
+
     results = Path(args.results)
     rows = [dataset_row(results, name) for name in args.datasets]
+    checks = {name: health.dataset_health(results / name) for name in args.datasets}
+    for row in rows:
+        health.log_health(row["dataset"], checks[row["dataset"]])
+        warned = health.warnings(checks[row["dataset"]])
+        row["health"] = "ok" if not warned else "warn: " + ", ".join(warned)
+    if args.health:
+        health.write_health(checks, Path(args.health))
     out = Path(args.out)
     with atomic_path(out.with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps(rows, indent=2))

@@ -27,9 +27,11 @@ every merged detector pixel rotated to every in-plane angle of the 2D EMC and ba
 its M-step does (spiscape.vae.merge), not a plain slice: the merge blurs steep fall-offs by
 about half a pixel (what it changes on the demo: README).
 
-Selection and weighting: --clusters auto trains on the embedding's clusters that hold at least
---min-cluster-fraction of the frames (contaminants such as dimers and rods form small clusters of
-their own; the others are still encoded); --frame-weighting sqrt weights each average's loss by
+Selection and weighting: --clusters auto trains on the embedding's clusters that are connected
+to the rest of the landscape (isolation <= --max-isolation: the gap to the nearest other cluster
+over the median spacing of the averages) and hold at least --min-cluster-fraction of the frames;
+a contaminant species stands apart, a size spread or a melting series cut into clusters does not
+(the others are still encoded); --frame-weighting sqrt weights each average's loss by
 the square root of its frame count; --q-min drops the partly shadowed pixels at the beamstop's
 edge from the loss.
 
@@ -68,12 +70,16 @@ def add_args(parser):
     g.add_argument("--embedding", default=None,
                    help="embedding.h5: with --clusters, train only on those clusters' averages")
     g.add_argument("--clusters", default="all",
-                   help="'all', 'auto' (the clusters holding at least --min-cluster-fraction "
-                        "of the frames: contaminants form small clusters of their own) or "
-                        "cluster numbers (e.g. '0 2') to train on; needs --embedding")
-    g.add_argument("--min-cluster-fraction", type=float, default=0.15,
+                   help="'all', 'auto' (the clusters connected to the landscape's main "
+                        "part, see --max-isolation and --min-cluster-fraction) or cluster "
+                        "numbers (e.g. '0 2') to train on; needs --embedding")
+    g.add_argument("--min-cluster-fraction", type=float, default=0.01,
                    help="with --clusters auto: smallest share of the frames a cluster must "
                         "hold to be trained on")
+    g.add_argument("--max-isolation", type=float, default=10.0,
+                   help="with --clusters auto: a cluster whose gap to the nearest other "
+                        "cluster is more than this many median spacings of the averages in "
+                        "the embedding stands apart (another species) and is left out")
     g.add_argument("--replicates", nargs="+", default=None,
                    help="classify2d rep*.h5: write the per-frame latents frame_latent.h5")
     g.add_argument("--num-frames", type=int, default=None,
@@ -102,10 +108,11 @@ def add_args(parser):
     m.add_argument("--frame-weighting", default="none", choices=["none", "sqrt", "frames"],
                    help="weight of each average in the loss: equal, or growing with its frame "
                         "count (sqrt or linear) so that noisy near-empty classes matter less")
-    m.add_argument("--q-min", type=float, default=0.0,
+    m.add_argument("--q-min", type=_q_min_arg, default=0.0,
                    help="smallest |q| (detector pixels) in the loss: pixels at the edge of the "
                         "beamstop are partly shadowed and read too low (e.g. the beamstop "
-                        "radius); the volume inside is extrapolated either way")
+                        "radius); 'auto': the beamstop's edge read from the averages' support "
+                        "(the detector mask); the volume inside is extrapolated either way")
     m.add_argument("--radial-weighting", type=float, default=0.5,
                    help="alpha: pixels weigh I_0(|q|)^-alpha in the Poisson deviance (0: plain "
                         "Poisson, high q barely counts; 1: every shell by its relative misfit); "
@@ -141,6 +148,18 @@ def add_args(parser):
     m.add_argument("--no-figures", action="store_true", help="skip the figures")
 
 
+def _q_min_arg(text: str):
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected pixels or 'auto', got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
 def config_from_args(args):
     from spiscape.vae.train import TrainConfig
 
@@ -153,12 +172,15 @@ def config_from_args(args):
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
     if not 0.0 <= args.min_cluster_fraction < 1.0:
         raise ConfigError("--min-cluster-fraction must be in [0, 1)")
+    if not args.max_isolation > 0:
+        raise ConfigError("--max-isolation must be positive")
     return TrainConfig(zdim=args.zdim, volume_size=args.volume_size, point_group=args.point_group,
                        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                        kl_weight=args.kl_weight, seed=args.seed, device=args.device,
                        check_every=args.check_every, enc_channels=args.enc_channels,
                        dec_channels=args.dec_channels, threads=args.threads,
-                       frame_weighting=args.frame_weighting, q_min=args.q_min,
+                       frame_weighting=args.frame_weighting,
+                       q_min=0.0 if args.q_min == "auto" else args.q_min,
                        radial_weighting=args.radial_weighting, lr_schedule=args.lr_schedule,
                        lr_final=args.lr_final, refine_poses=args.refine_poses,
                        pose_lr=args.pose_lr, pose_start=args.pose_start)
@@ -176,13 +198,17 @@ def main(args):
         torch.set_num_threads(cfg.threads)
     det = read_detector(args.detector)
     inputs = data.read_inputs(args.averages, args.orientation, args.embedding, args.clusters,
-                              args.min_cluster_fraction)
+                              args.min_cluster_fraction, args.max_isolation)
     size = inputs.intens.shape[-1]
     q = ewald_grid(size, det.detd, det.ewald_rad)
     qnorm = np.linalg.norm(q, axis=0)
     sel = inputs.selected
     profile = data.radial_profile(inputs.intens[sel], inputs.support, qnorm, inputs.gain[sel],
                                   nbins=cfg.volume_size + 2)
+    if args.q_min == "auto":
+        cfg.q_min = data.beamstop_radius(inputs.support, qnorm)
+        log.info("q_min auto: the beamstop's edge in the averages' support, %.2f pixels",
+                 cfg.q_min)
     weight = data.loss_weight(inputs.support, qnorm, cfg.volume_size, cfg.q_min)
     if weight.sum() < 10:
         raise InputError(args.averages, "fewer than 10 measured pixels inside the volume")

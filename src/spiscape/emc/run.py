@@ -48,6 +48,7 @@ class EMCParams:
     sharpen_iterations: int = 0
     sharpen_oversample: int = 2
     sharpen_photons: float = 100.0
+    reseed_share: float = 0.0
     block_frames: int | None = None
     device: str = "auto"
 
@@ -71,6 +72,8 @@ class EMCParams:
             problems.append(f"sharpen_oversample must be >= 1 (got {self.sharpen_oversample})")
         if not self.sharpen_photons >= 0:
             problems.append(f"sharpen_photons must be >= 0 (got {self.sharpen_photons})")
+        if not 0 <= self.reseed_share < 1:
+            problems.append(f"reseed_share must be in [0, 1) (got {self.reseed_share})")
         if self.size is not None and self.size < 5:
             problems.append(f"size must be >= 5 (got {self.size})")
         if problems:
@@ -267,6 +270,8 @@ class EMC2D:
         dead = to_numpy(denominator).reshape(m, r).sum(axis=1) <= 1e-12
         new[dead] = old[dead]  # a class no frame chose keeps its model
         new = new.reshape(m, s, s)
+        class_frames = to_numpy(self._allreduce(occupancies.sum(axis=0).astype(np.float64)))
+        reseeded = self.reseed(new, class_frames, state.iteration + 1)
         if p.friedel:
             new = geometry.friedel_symmetrize(new)
         if p.need_scaling:
@@ -284,6 +289,8 @@ class EMC2D:
             "log_likelihood": self._sum(log_likelihood) / n_total,
             "beta": self._sum(beta.sum()) / n_total,
         }
+        if reseeded and self.rank == 0:
+            log.info("iteration %d: re-seeded %d starved classes", row["iteration"], reseeded)
         row["seconds"] = time.perf_counter() - t0
         new_state = EMCState(
             models=np.ascontiguousarray(new), scale=new_scale, iteration=state.iteration + 1,
@@ -294,6 +301,42 @@ class EMC2D:
         sums = {"numerator": numerator, "denominator": denominator,
                 "grid_photons": to_numpy(grid_num).reshape(m, s, s), "dead": dead}
         return new_state, {"occupancies": occupancies, "best": best, "sums": sums}
+
+    def reseed_due(self, iteration: int) -> bool:
+        """Re-seeding happens just before each jump of beta, never in the last two beta levels
+        (those iterations converge the classes as they are)."""
+        p = self.params
+        return (p.reseed_share > 0 and iteration % p.beta_period == 0
+                and iteration <= p.iterations - 2 * p.beta_period)
+
+    def reseed(self, models: np.ndarray, class_frames: np.ndarray, iteration: int) -> int:
+        """Give starved classes a second chance, in place: a class holding fewer than
+        ``reseed_share`` of its fair share of the frames (N / M) takes over a copy of the most
+        populated class with a small seeded perturbation, so that EM can split that class.
+
+        Why: under annealing a few classes (often a blurred one, e.g. spheres of mixed sizes)
+        win most frames early and the rest starve; on data unlike the demo half of the classes
+        ended with < 3 frames, and the melting continuum was left with a handful of averages.
+        Returns how many classes were re-seeded (the same on every rank: the frame counts are
+        all-reduced and the perturbation is seeded by iteration)."""
+        if not self.reseed_due(iteration):
+            return 0
+        p = self.params
+        fair = self.selection.size / p.num_classes
+        starved = np.flatnonzero(class_frames < p.reseed_share * fair)
+        if starved.size == 0 or starved.size == p.num_classes:
+            return 0
+        frames = class_frames.astype(np.float64).copy()
+        rng = np.random.default_rng([p.seed, p.replicate, iteration])
+        for c in starved:
+            donor = int(np.argmax(frames))
+            if frames[donor] < 2 * p.reseed_share * fair:
+                break  # nothing left that is worth splitting
+            noise = rng.standard_normal(models.shape[1:])
+            models[c] = models[donor] * np.exp(0.1 * noise)
+            frames[donor] /= 2  # the next starved class splits the next largest
+            frames[c] = frames[donor]
+        return int(starved.size)
 
     def sharpen(self, state: EMCState, sums: dict) -> np.ndarray:
         """The class averages written out: the exact M-step of the final probabilities on a grid

@@ -3,8 +3,9 @@
 Two scores against ``truth.h5``:
 
 * **populations**: the frames' clusters against the true populations cube, sphere and
-  contaminant (dimer and rod together), by the adjusted Rand index. Melting frames are a
-  continuum between cube and sphere with no right answer, so they are left out, as are frames
+  contaminant (dimer, rod and any label from 3 on, together), by the adjusted Rand index; also
+  with every contaminant species a population of its own (``species_ari``). Melting frames are
+  a continuum between cube and sphere with no right answer, so they are left out, as are frames
   never placed in the landscape.
 * **melting order**: among non-contaminant frames (cube, melting, sphere) placed in the landscape,
   the Spearman rank correlation of each embedding component with the melting parameter ``t``; the
@@ -20,18 +21,23 @@ CUBE, MELTING, SPHERE, DIMER, ROD = range(5)
 POPULATIONS = ("cube", "sphere", "contaminant")
 
 
-def populations(truth_label: np.ndarray) -> np.ndarray:
-    """0 cube, 1 sphere, 2 contaminant (dimer or rod), -1 melting (or unknown)."""
+def populations(truth_label: np.ndarray, by_species: bool = False) -> np.ndarray:
+    """0 cube, 1 sphere, 2 contaminant (every label from 3 on: dimer, rod, and the kinds of
+    other simulators), -1 melting (or unknown). With ``by_species`` each contaminant label is a
+    population of its own (2 + label - 3): a landscape that tells dimers from rods is not
+    penalised for it."""
     label = np.asarray(truth_label)
     out = np.full(label.shape, -1, dtype=np.int64)
     out[label == CUBE] = 0
     out[label == SPHERE] = 1
-    out[(label == DIMER) | (label == ROD)] = 2
+    contaminant = label >= DIMER
+    out[contaminant] = (label[contaminant] - DIMER + 2) if by_species else 2
     return out
 
 
-def population_ari(cluster_label, truth_label, placed=None) -> dict:
-    """Adjusted Rand index of the frames' clusters against cube/sphere/contaminant.
+def population_ari(cluster_label, truth_label, placed=None, by_species: bool = False) -> dict:
+    """Adjusted Rand index of the frames' clusters against cube/sphere/contaminant (each
+    contaminant species apart with ``by_species``).
 
     ``placed`` (bool, N) marks the frames in the landscape (default: cluster label >= 0).
     Also returns the contingency table (rows: populations; columns: clusters) for the report.
@@ -39,15 +45,17 @@ def population_ari(cluster_label, truth_label, placed=None) -> dict:
     from sklearn.metrics import adjusted_rand_score
 
     cluster_label = np.asarray(cluster_label)
-    pop = populations(truth_label)
+    pop = populations(truth_label, by_species)
     placed = cluster_label >= 0 if placed is None else np.asarray(placed, dtype=bool)
     use = placed & (pop >= 0)
     if not use.any():
         return {"ari": float("nan"), "frames": 0, "contingency": {}}
     ari = float(adjusted_rand_score(pop[use], cluster_label[use]))
     clusters = sorted(set(cluster_label[use].tolist()))
+    names = (list(POPULATIONS) if not by_species else
+             [*POPULATIONS[:2], *(f"contaminant{k}" for k in range(int(pop.max()) - 1))])
     table = {name: {str(c): int(np.sum((pop[use] == p) & (cluster_label[use] == c)))
-                    for c in clusters} for p, name in enumerate(POPULATIONS)}
+                    for c in clusters} for p, name in enumerate(names)}
     return {"ari": ari, "frames": int(use.sum()), "contingency": table}
 
 
@@ -82,6 +90,7 @@ def score_landscape(coords, cluster_label, truth_label, t) -> dict:
     placed = np.all(np.isfinite(coords), axis=1)
     return {
         "population_ari": population_ari(cluster_label, truth_label, placed),
+        "species_ari": population_ari(cluster_label, truth_label, placed, by_species=True)["ari"],
         "melting_spearman": melting_spearman(coords, truth_label, t),
         "frames_placed": int(placed.sum()),
         "frames_total": int(placed.size),

@@ -46,9 +46,9 @@ def _read(path, keys, optional=()):
 
 
 def read_inputs(averages, orientation, embedding=None, clusters="all",
-                min_cluster_fraction: float = 0.15) -> VAEData:
-    """Read averages.h5 + orientation.h5 (+ embedding.h5 labels for a cluster selection:
-    ``clusters`` "all", "auto" (see :func:`auto_clusters`) or cluster numbers)."""
+                min_cluster_fraction: float = 0.01, max_isolation: float = 10.0) -> VAEData:
+    """Read averages.h5 + orientation.h5 (+ embedding.h5 labels and coordinates for a cluster
+    selection: ``clusters`` "all", "auto" (see :func:`auto_clusters`) or cluster numbers)."""
     av = _read(averages, ["intens", "support"], ["replicate", "class", "frames"])
     ori = _read(orientation, ["quaternion"], ["gain", "cc"])
     intens = np.asarray(av["intens"], dtype=np.float32)
@@ -75,11 +75,13 @@ def read_inputs(averages, orientation, embedding=None, clusters="all",
     if clusters not in (None, "all", ["all"]):
         if embedding is None:
             raise ConfigError(f"--clusters {clusters!r} needs --embedding (its cluster labels)")
-        labels = _read(embedding, ["labels"])["labels"]
-        if labels.shape != (A,):
+        emb = _read(embedding, ["labels", "coords"])
+        labels = emb["labels"]
+        if labels.shape != (A,) or emb["coords"].shape[0] != A:
             raise InputError(embedding, f"labels has shape {labels.shape}, expected ({A},)")
         if clusters in ("auto", ["auto"]):
-            wanted = auto_clusters(labels, frames, min_cluster_fraction)
+            wanted = auto_clusters(labels, frames, min_cluster_fraction, emb["coords"],
+                                   max_isolation)
         else:
             wanted = parse_clusters(clusters)
         selected = np.isin(labels, wanted)
@@ -93,20 +95,68 @@ def read_inputs(averages, orientation, embedding=None, clusters="all",
     )
 
 
-def auto_clusters(labels: np.ndarray, frames: np.ndarray, min_fraction: float) -> list[int]:
-    """Clusters holding at least ``min_fraction`` of the frames (the frame counts of their
-    averages): the populations the landscape is made of. Contaminants (dimers, rods, other
-    species) form small clusters of their own in the common-line embedding; the orientation gain
-    cannot find them, as spheres (no orientation at all) have the lowest gain. Negative labels
+def cluster_gaps(coords: np.ndarray, labels: np.ndarray) -> tuple[list[int], np.ndarray]:
+    """Gaps between clusters in the embedding, in units of the landscape's spacing: entry (i, j)
+    is the smallest distance from an average of cluster i to one of cluster j over the median
+    nearest-neighbour distance of all averages. Clusters that cut a continuum (a melting series,
+    a size spread) touch their neighbours, about 1-10 spacings; a different species (dimers)
+    stands apart by an order of magnitude more (the validation matrix, README). Returns the
+    cluster numbers (outliers, -1, left out) and the (C, C) gaps (0 on the diagonal)."""
+    from scipy.spatial.distance import cdist
+
+    labels = np.asarray(labels)
+    coords = np.asarray(coords, dtype=np.float64).reshape(len(labels), -1)
+    dist = cdist(coords, coords)
+    np.fill_diagonal(dist, np.inf)
+    spacing = float(np.median(dist.min(axis=1))) if len(labels) > 1 else 1.0
+    spacing = spacing if np.isfinite(spacing) and spacing > 0 else 1e-12
+    ids = [int(c) for c in np.unique(labels) if c >= 0]
+    gaps = np.zeros((len(ids), len(ids)))
+    for i, a in enumerate(ids):
+        for j, b in enumerate(ids[:i]):
+            gaps[i, j] = gaps[j, i] = dist[np.ix_(labels == a, labels == b)].min() / spacing
+    return ids, gaps
+
+
+def main_landscape(coords, labels, weights, max_gap: float) -> list[int]:
+    """The clusters of the landscape's main part: link clusters whose gap (:func:`cluster_gaps`)
+    is at most ``max_gap`` and keep the linked group that holds the most frames (``weights``
+    per average). A species of its own (dimers) is a group apart; if every cluster stands apart,
+    the largest is the main part."""
+    from scipy.sparse.csgraph import connected_components
+
+    ids, gaps = cluster_gaps(coords, labels)
+    if not ids:
+        return []
+    _, group = connected_components(gaps <= max_gap, directed=False)
+    labels = np.asarray(labels)
+    mass = np.array([weights[labels == c].sum() for c in ids])
+    totals = np.bincount(group, weights=mass)
+    return [c for c, g in zip(ids, group, strict=True) if g == int(np.argmax(totals))]
+
+
+def auto_clusters(labels: np.ndarray, frames: np.ndarray, min_fraction: float,
+                  coords: np.ndarray | None = None, max_isolation: float = 10.0) -> list[int]:
+    """The clusters that make up the sample's main landscape: those linked to the main group
+    (:func:`main_landscape`, gaps <= ``max_isolation`` spacings, when ``coords`` are given) that
+    hold at least ``min_fraction`` of the frames (the frame counts of their averages; a floor
+    against near-empty noise clusters).
+
+    Why not "the big clusters": a population with a size spread splits into several clusters by
+    fringe spacing, each small, and a melting series is cut into pieces; a size rule left the
+    VAE with the cube cluster alone on such data. A contaminant species (dimers, rods) is a
+    different object, whose averages share no continuum with the rest. Negative labels
     (outliers of the clustering) are never kept."""
     labels = np.asarray(labels)
     frames = np.where(np.isfinite(frames) & (frames > 0), frames, 0.0)
     total = frames.sum() if frames.sum() > 0 else float(labels.size)
     weights = frames if frames.sum() > 0 else np.ones(labels.size)
-    keep = [int(c) for c in np.unique(labels)
-            if c >= 0 and weights[labels == c].sum() / total >= min_fraction]
+    linked = (main_landscape(coords, labels, weights, max_isolation) if coords is not None
+              else [int(c) for c in np.unique(labels) if c >= 0])
+    keep = [c for c in linked if weights[labels == c].sum() / total >= min_fraction]
     if not keep:
-        raise ConfigError(f"--clusters auto: no cluster holds {min_fraction:.0%} of the frames")
+        raise ConfigError(f"--clusters auto: no cluster of the landscape's main part holds "
+                          f"{min_fraction:.0%} of the frames")
     return keep
 
 
@@ -151,6 +201,16 @@ def normalise(intens, support, qnorm, profile, gain) -> np.ndarray:
     ref = profile_at(qnorm, profile)
     x = np.log(intens / (gain[:, None, None] * ref[None]) + LOG_FLOOR)
     return np.where(support[None], x, 0.0).astype(np.float32)
+
+
+def beamstop_radius(support: np.ndarray, qnorm: np.ndarray) -> float:
+    """The beamstop's edge: the smallest |q| (pixels) of a measured grid point. The support is
+    what the detector mask let through the EMC, so this is the mask's beamstop, whatever the
+    detector."""
+    support = np.asarray(support, dtype=bool)
+    if not support.any():
+        raise InputError(None, "the averages' support is empty: no measured grid point")
+    return float(np.asarray(qnorm)[support].min())
 
 
 def loss_weight(support: np.ndarray, qnorm: np.ndarray, volume_size: int,

@@ -1,0 +1,226 @@
+"""The validation matrix: the default config on datasets it was not tuned on, scored.
+
+Every dataset of ``bench/foreign_data.py`` (Dragonfly's simulator and spiscape's at foreign
+settings) plus the embedded demo goes through the workflow with the **same default config**
+(``config/config.yaml``): only ``photons``, ``detector``, ``q_per_pixel`` and ``truth`` (for
+scoring) differ, as a facility user would give them. One dataset at a time, timed, then scored
+with the pipeline's own scorers (``spiscape.metrics``):
+
+* ``ari`` / ``coverage``: adjusted Rand index of the frames' clusters against cube / sphere /
+  contaminant over the pure-population frames placed in a cluster, and the share placed
+  (targets 0.9 / 0.9); ``ari_species``: the same with each contaminant species apart;
+* ``rho_latent``, ``rho_clpca``: per-frame |Spearman| of every VAE latent and CLPCA component
+  with the melting parameter t over cube, melting and sphere frames (best component; target
+  0.9 for the latent);
+* ``vae_coverage``: share of the non-contaminant averages (majority label of their frames) the
+  VAE trained on (target 0.8);
+* ``cube_shell_min``: decoded cube's smallest shell CC to 0.7 q_max against the truth averaged
+  over the cube frames' sizes (target 0.9);
+* ``ratio_error``: phased sphere / cube Porod volume against the truth's (target +-5 %, goal
+  +-3 %), read on the volume curve at the pure cube and sphere averages' latents;
+* ``emc_purity``: mean purity of replicate 0's classes by population;
+* ``health``: what the run itself flagged (``health.tsv``), ``seconds``: wall time.
+
+    python bench/validation.py                       # make the data, run and score everything
+    python bench/validation.py --only df64 demo      # a subset
+    python bench/validation.py --score-only          # rescore finished runs
+
+Writes ``bench/results/validation.json`` and prints a Markdown table (README's quality table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import yaml
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO / "src"))
+
+import foreign_data  # noqa: E402
+from volume_curve import curve_ratio  # noqa: E402
+
+TARGETS = {"ari": 0.9, "coverage": 0.9, "rho_latent": 0.9, "vae_coverage": 0.8,
+           "cube_shell_min": 0.9, "ratio_error": 0.05}
+DEMO = "demo"
+
+
+def write_config(names: list[str], data: Path, results: Path, path: Path) -> None:
+    """A config that adds the foreign datasets beside the default's demo: photons, detector,
+    q scale and truth, nothing else."""
+    datasets = {}
+    for name in names:
+        if name == DEMO:
+            continue
+        info = json.loads((data / name / "dataset.json").read_text())
+        folder = data / name
+        datasets[name] = {"photons": str(folder / "photons.h5"),
+                          "detector": str(folder / "detector.h5"),
+                          "truth": str(folder / "truth.h5"),
+                          "q_per_pixel": float(info["q_per_pixel"])}
+    path.write_text(yaml.safe_dump({"results": str(results), "datasets": datasets}))
+
+
+def run_dataset(name: str, config: Path, results: Path, cores: int) -> dict:
+    snakemake = Path(sys.executable).parent / "snakemake"
+    targets = [f"{results}/{name}/frames.h5", f"{results}/{name}/volume_curve.csv"]
+    log = results / f"{name}.snakemake.log"
+    start = time.perf_counter()
+    with open(log, "w") as handle:
+        # targets first: --configfile takes every word after it
+        proc = subprocess.run([str(snakemake), *targets, "--profile", "profiles/default",
+                               "--cores", str(cores), "--configfile", str(config)],
+                              cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - start
+    return {"returncode": proc.returncode, "seconds": seconds, "log": str(log)}
+
+
+def truth_path(name: str, data: Path, results: Path) -> Path:
+    return results / name / "data/truth.h5" if name == DEMO else data / name / "truth.h5"
+
+
+def score(name: str, data: Path, results: Path) -> dict:
+    from spiscape.io import read_detector
+    from spiscape.metrics.classification import score_replicate
+    from spiscape.metrics.landscape import melting_spearman, population_ari, populations
+    from spiscape.simulate.truth import read_truth
+
+    res = results / name
+    tpath = truth_path(name, data, results)
+    truth = read_truth(tpath, volumes=False)
+    out: dict = {"dataset": name}
+    if (res / "frames.h5").exists():
+        with h5py.File(res / "frames.h5", "r") as f:
+            label, clpca = f["label"][()], f["clpca"][()]
+            latent = f["latent"][()] if "latent" in f else None
+        pure = populations(truth.label) >= 0
+        placed = label >= 0
+        ari = population_ari(label, truth.label, placed)
+        out.update(ari=ari["ari"], coverage=float((placed & pure).sum() / max(pure.sum(), 1)),
+                   ari_species=population_ari(label, truth.label, placed, by_species=True)["ari"])
+        out["rho_clpca"] = melting_spearman(clpca, truth.label, truth.t)["best_abs_rho"]
+        if latent is not None and np.isfinite(latent).any():
+            out["rho_latent"] = melting_spearman(latent, truth.label, truth.t)["best_abs_rho"]
+    latent_h5, emb = res / "vae/latent.h5", res / "embedding.h5"
+    if latent_h5.exists() and emb.exists():
+        with h5py.File(latent_h5, "r") as f:
+            selected = f["selected"][()]
+        with h5py.File(emb, "r") as f:
+            majority = f["truth_label"][()] if "truth_label" in f else None
+        if majority is not None:
+            wanted = (majority >= 0) & (majority <= 2)
+            out["vae_coverage"] = float((selected & wanted).sum() / max(wanted.sum(), 1))
+            out["vae_contaminants"] = int((selected & (majority > 2)).sum())
+            out["vae_averages"] = int(selected.sum())
+    training = res / "vae/training.json"
+    if training.exists():
+        scores = json.loads(training.read_text()).get("scores", {})
+        out["cube_shell_min"] = scores.get("cube_shell_cc_min")
+        out["rho_averages"] = abs(scores.get("spearman_mu0_t") or float("nan"))
+    if (res / "volume_curve.csv").exists() and training.exists():
+        try:
+            ratio = curve_ratio(res, tpath)
+            out.update(ratio_error=ratio["ratio_error"], cube_error=ratio["cube_error"],
+                       sphere_error=ratio["sphere_error"])
+        except SystemExit as exc:
+            out["ratio_note"] = str(exc)
+    reps = sorted((res / "classify2d").glob("rep*.h5"))
+    if reps:
+        detector = read_detector(res / "data/detector.h5" if name == DEMO
+                                 else data / name / "detector.h5")
+        purity = score_replicate(reps[0], tpath, detector)["purity"]
+        out["emc_purity"] = float(np.nanmean([v for v in purity.values() if v is not None]))
+    health = res / "health.tsv"
+    if health.exists():
+        rows = [line.split("\t") for line in health.read_text().splitlines()[1:] if line]
+        out["health_warnings"] = [r[0] for r in rows if len(r) > 3 and r[3] == "warn"]
+    return out
+
+
+def passes(row: dict) -> dict:
+    ok = {}
+    for key, target in TARGETS.items():
+        value = row.get(key)
+        if value is None or not np.isfinite(value):
+            ok[key] = None
+        elif key == "ratio_error":
+            ok[key] = abs(value) <= target
+        else:
+            ok[key] = value >= target
+    return ok
+
+
+def table(rows: list[dict]) -> str:
+    cols = [("dataset", "{}"), ("ari", "{:.2f}"), ("ari_species", "{:.2f}"), ("coverage", "{:.2f}"),
+            ("rho_clpca", "{:.2f}"), ("rho_latent", "{:.2f}"), ("vae_coverage", "{:.2f}"),
+            ("cube_shell_min", "{:.2f}"), ("ratio_error", "{:+.1%}"), ("emc_purity", "{:.2f}"),
+            ("seconds", "{:.0f}")]
+    lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        ok = passes(row)
+        cells = []
+        for key, fmt in cols:
+            value = row.get(key)
+            if value is None or (isinstance(value, float) and not np.isfinite(value)):
+                cells.append("—")
+                continue
+            text = fmt.format(value)
+            cells.append(text + (" ✗" if ok.get(key) is False else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    names = [DEMO, *foreign_data.DATASETS]
+    p.add_argument("--only", nargs="+", choices=names, default=None)
+    p.add_argument("--data", default=str(REPO / "bench/data/validation"))
+    p.add_argument("--results", default=str(REPO / "bench/results/validation"))
+    p.add_argument("--cores", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--score-only", action="store_true")
+    p.add_argument("--json", default=str(REPO / "bench/results/validation.json"))
+    args = p.parse_args(argv)
+    data, results = Path(args.data).resolve(), Path(args.results).resolve()
+    chosen = args.only or names
+    results.mkdir(parents=True, exist_ok=True)
+    previous = {}
+    if Path(args.json).exists():
+        previous = {r["dataset"]: r for r in json.loads(Path(args.json).read_text())["rows"]}
+    rows = []
+    for name in chosen:
+        if name != DEMO:
+            foreign_data.make_dataset(name, data)
+    config = results / "validation_config.yaml"
+    write_config(chosen, data, results, config)
+    for name in chosen:
+        run = previous.get(name, {}).get("run", {})
+        if not args.score_only:
+            print(f"[validation] {name}: running the workflow", flush=True)
+            run = run_dataset(name, config, results, args.cores)
+        row = score(name, data, results)
+        row["run"] = run
+        row["seconds"] = run.get("seconds")
+        row["passes"] = passes(row)
+        rows.append(row)
+        print(f"[validation] {name}: " + json.dumps({k: v for k, v in row.items()
+                                                     if k not in ("run", "passes")}), flush=True)
+        previous[name] = row
+    merged = [previous[n] for n in names if n in previous]
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"targets": TARGETS, "rows": merged}, indent=1,
+                                          default=float))
+    print(table(merged))
+
+
+if __name__ == "__main__":
+    main()
