@@ -89,7 +89,7 @@ def run_dragonfly(intens: np.ndarray, n_angles: int, mask_radius: int, nproc: in
             "pairs_per_second": pairs / seconds, "processes": nproc}
 
 
-def run_ours(intens, support, params, precision="float64", workers=None) -> dict:
+def run_ours(intens, support, params, precision="float64", workers=None, device="cpu") -> dict:
     from spiscape.commonlines import compute_matrix
     from spiscape.commonlines.tiles import averages_checksum
 
@@ -98,7 +98,7 @@ def run_ours(intens, support, params, precision="float64", workers=None) -> dict
                 "class": np.arange(intens.shape[0], dtype=np.int32),
                 "sha256": averages_checksum(intens, support)}
     start = time.perf_counter()
-    merged = compute_matrix(averages, params, device="cpu", precision=precision,
+    merged = compute_matrix(averages, params, device=device, precision=precision,
                             workers=workers, progress=False)
     seconds = time.perf_counter() - start  # polar sampling + correlation + merge
     pairs = intens.shape[0] * (intens.shape[0] - 1) // 2
@@ -147,6 +147,8 @@ def main() -> None:
     parser.add_argument("--mask-radius", type=int, default=3,
                         help="Dragonfly's mask_radius; ours r_min = mask_radius + 1")
     parser.add_argument("--no-dragonfly", action="store_true")
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                        help="where spiscape's correlations run (gpu: CuPy)")
     parser.add_argument("--out", default=str(HERE / "results" / "commonlines.json"))
     args = parser.parse_args()
 
@@ -174,7 +176,7 @@ def main() -> None:
             ("ours default float64", default, support_set, "float64"),
             ("ours default float32", default, support_set, "float32"),
         ]:
-            res = run_ours(intens_set, sup, params, precision)
+            res = run_ours(intens_set, sup, params, precision, device=args.device)
             entry[label] = res
             print(f"  {name}: {label}: {res['seconds']:.2f} s", flush=True)
         entry["ours default float32"]["max_abs_diff_vs_float64"] = float(np.abs(

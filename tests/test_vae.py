@@ -479,14 +479,16 @@ def test_learning_rate_schedules():
         rates(lr_schedule="step")
 
 
-def test_q_min_auto_is_the_beamstop_edge_of_the_support():
+def test_q_min_auto_is_the_beamstop_edge_of_the_detector_mask():
+    from spiscape.io import Detector
     from spiscape.vae.data import beamstop_radius
 
     size = 21
-    grid = np.indices((size, size)) - size // 2
-    qnorm = np.hypot(*grid)
+    x, y = (np.indices((size, size)) - size // 2).reshape(2, -1).astype(float)
     for radius in (2.5, 4.2):
-        support = qnorm > radius
-        edge = beamstop_radius(support, qnorm)
-        assert radius < edge <= radius + 1
-        assert not (support & (qnorm < edge)).any()
+        mask = np.where(np.hypot(x, y) < radius, 2, 0).astype(np.uint8)
+        det = Detector(qx=x, qy=y, qz=np.zeros_like(x), corr=np.ones_like(x), mask=mask,
+                       detd=100.0, ewald_rad=100.0)
+        edge = beamstop_radius(det)
+        assert radius <= edge < radius + 1
+        assert edge == np.hypot(x, y)[mask == 0].min()

@@ -111,8 +111,8 @@ def add_args(parser):
     m.add_argument("--q-min", type=_q_min_arg, default=0.0,
                    help="smallest |q| (detector pixels) in the loss: pixels at the edge of the "
                         "beamstop are partly shadowed and read too low (e.g. the beamstop "
-                        "radius); 'auto': the beamstop's edge read from the averages' support "
-                        "(the detector mask); the volume inside is extrapolated either way")
+                        "radius); 'auto': the beamstop's edge read from the detector mask (the "
+                        "smallest |q| of a used pixel); the volume inside is extrapolated either way")
     m.add_argument("--radial-weighting", type=float, default=0.5,
                    help="alpha: pixels weigh I_0(|q|)^-alpha in the Poisson deviance (0: plain "
                         "Poisson, high q barely counts; 1: every shell by its relative misfit); "
@@ -206,9 +206,8 @@ def main(args):
     profile = data.radial_profile(inputs.intens[sel], inputs.support, qnorm, inputs.gain[sel],
                                   nbins=cfg.volume_size + 2)
     if args.q_min == "auto":
-        cfg.q_min = data.beamstop_radius(inputs.support, qnorm)
-        log.info("q_min auto: the beamstop's edge in the averages' support, %.2f pixels",
-                 cfg.q_min)
+        cfg.q_min = data.beamstop_radius(det)
+        log.info("q_min auto: the beamstop's edge in the detector mask, %.2f pixels", cfg.q_min)
     weight = data.loss_weight(inputs.support, qnorm, cfg.volume_size, cfg.q_min)
     if weight.sum() < 10:
         raise InputError(args.averages, "fewer than 10 measured pixels inside the volume")

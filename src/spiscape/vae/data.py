@@ -203,14 +203,15 @@ def normalise(intens, support, qnorm, profile, gain) -> np.ndarray:
     return np.where(support[None], x, 0.0).astype(np.float32)
 
 
-def beamstop_radius(support: np.ndarray, qnorm: np.ndarray) -> float:
-    """The beamstop's edge: the smallest |q| (pixels) of a measured grid point. The support is
-    what the detector mask let through the EMC, so this is the mask's beamstop, whatever the
-    detector."""
-    support = np.asarray(support, dtype=bool)
-    if not support.any():
-        raise InputError(None, "the averages' support is empty: no measured grid point")
-    return float(np.asarray(qnorm)[support].min())
+def beamstop_radius(det) -> float:
+    """The beamstop's edge: the smallest |q| (pixels at the centre) of a detector pixel used in
+    the likelihood (mask 0). The averages' support reaches further in (the EMC merge spreads each
+    pixel over the grid points around it), so it is read from the detector, not the averages."""
+    used = np.asarray(det.mask) == 0
+    if not used.any():
+        raise InputError(None, "the detector has no pixel with mask 0 (used)")
+    qnorm = np.sqrt(np.asarray(det.qx) ** 2 + np.asarray(det.qy) ** 2 + np.asarray(det.qz) ** 2)
+    return float(qnorm[used].min())
 
 
 def loss_weight(support: np.ndarray, qnorm: np.ndarray, volume_size: int,
