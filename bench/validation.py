@@ -19,7 +19,8 @@ with the pipeline's own scorers (``spiscape.metrics``):
 * ``ratio_error``: phased sphere / cube Porod volume against the truth's (target +-5 %, goal
   +-3 %), read on the volume curve at the pure cube and sphere averages' latents;
 * ``emc_purity``: mean purity of replicate 0's classes by population;
-* ``health``: what the run itself flagged (``health.tsv``), ``seconds``: wall time.
+* ``health``: the run's own health checks (``spiscape.qc.health``, no truth) and which warned;
+  ``seconds``: wall time of the workflow for the dataset.
 
     python bench/validation.py                       # make the data, run and score everything
     python bench/validation.py --only df64 demo      # a subset
@@ -60,7 +61,7 @@ def write_config(names: list[str], data: Path, results: Path, path: Path) -> Non
     q scale and truth, nothing else."""
     datasets = {}
     for name in names:
-        if name == DEMO:
+        if name == DEMO or not (data / name / "dataset.json").exists():
             continue
         info = json.loads((data / name / "dataset.json").read_text())
         folder = data / name
@@ -140,10 +141,13 @@ def score(name: str, data: Path, results: Path) -> dict:
                                  else data / name / "detector.h5")
         purity = score_replicate(reps[0], tpath, detector)["purity"]
         out["emc_purity"] = float(np.nanmean([v for v in purity.values() if v is not None]))
-    health = res / "health.tsv"
-    if health.exists():
-        rows = [line.split("\t") for line in health.read_text().splitlines()[1:] if line]
-        out["health_warnings"] = [r[0] for r in rows if len(r) > 3 and r[3] == "warn"]
+    try:  # a baseline checkout (bench/validation.py run against older code) may lack it
+        from spiscape.qc.health import dataset_health, warnings
+    except ImportError:
+        return out
+    rows = dataset_health(res)
+    out["health"] = {r["check"]: r["value"] for r in rows}
+    out["health_warnings"] = warnings(rows)
     return out
 
 
@@ -164,10 +168,11 @@ def table(rows: list[dict]) -> str:
     cols = [("dataset", "{}"), ("ari", "{:.2f}"), ("ari_species", "{:.2f}"), ("coverage", "{:.2f}"),
             ("rho_clpca", "{:.2f}"), ("rho_latent", "{:.2f}"), ("vae_coverage", "{:.2f}"),
             ("cube_shell_min", "{:.2f}"), ("ratio_error", "{:+.1%}"), ("emc_purity", "{:.2f}"),
-            ("seconds", "{:.0f}")]
+            ("warnings", "{}"), ("seconds", "{:.0f}")]
     lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
         ok = passes(row)
+        row = {**row, "warnings": ", ".join(row.get("health_warnings", [])) or "none"}
         cells = []
         for key, fmt in cols:
             value = row.get(key)
@@ -201,7 +206,8 @@ def main(argv=None):
         if name != DEMO:
             foreign_data.make_dataset(name, data)
     config = results / "validation_config.yaml"
-    write_config(chosen, data, results, config)
+    if not args.score_only:  # a running matrix reads this file: rescoring leaves it alone
+        write_config(names, data, results, config)
     for name in chosen:
         run = previous.get(name, {}).get("run", {})
         if not args.score_only:

@@ -168,6 +168,30 @@ def test_porod_volume_survives_a_size_spread():
     assert sphere / cube == pytest.approx(1.10, rel=0.03)
 
 
+def test_porod_volume_of_a_blurred_particle_corrects_the_envelope():
+    """The analytic sphere seen through a Gaussian envelope exp(-s^2 q^2) (a low-pass of the
+    density, as Dragonfly's simulator applies, or a detector's point spread): the envelope read
+    off the outer shells is the one applied, and the corrected Porod volume is the particle's,
+    where the plain one reads it larger."""
+    from spiscape.phasing.volume import porod_envelope, porod_voxels
+
+    n, q_max = 48, 21
+    _, sphere_i = analytic_intensities()
+    measured = measured_shell_mask(sphere_i.shape, 3, q_max)
+    r = np.linalg.norm(np.indices(sphere_i.shape) - n // 2, axis=0)
+    s2 = (1.0 / 15.0) ** 2  # the intensity at the detector's edge falls to 14 %
+    blurred = sphere_i * np.exp(-s2 * r ** 2)
+    assert porod_envelope(blurred, measured, r, q_max) == pytest.approx(s2, rel=0.25)
+    assert porod_envelope(sphere_i, measured, r, q_max) < 0.1 * s2  # sharp: nothing to undo
+    res = phase_pattern(blurred, PhasingParams(recipe="60 DM 60 RAAR 60 ER", starts=3),
+                        measured=measured)
+    true = 1.10 * EDGE**3  # voxel 1 nm
+    plain = porod_voxels(res.signed_density, blurred, measured, envelope=False)["voxels"]
+    corrected = porod_voxels(res.signed_density, blurred, measured)["voxels"]
+    assert plain > 1.08 * true
+    assert corrected == pytest.approx(true, rel=0.04)
+
+
 def test_porod_volume_needs_intensities():
     with pytest.raises(ConfigError, match="porod"):
         particle_volume_nm3(np.ones((8, 8, 8)), 0.1, "porod")

@@ -7,7 +7,12 @@
                        phased |F|^2 only where they were not (behind the beamstop: there phasing
                        is the extrapolation, and F(0)^2 = (sum rho)^2 comes from it) and the
                        Porod tail K / |q|^4 beyond the outermost measured shell (K from the
-                       outer 30 % of the measured shells). Only the phased density's low-q part
+                       outer 30 % of the measured shells), after dividing the measured
+                       intensities by the Gaussian envelope exp(-s^2 q^2) that their outer half
+                       shows (Ruland's correction: a density blurred by a low-pass or a detector's
+                       point spread keeps F(0) but lowers sum I, and reads as a larger particle;
+                       on Dragonfly-simulated truth volumes the sphere read +6.8 % without it,
+                       -1.2 % with it, the demo's changed by < 1.5 %). Only the phased density's low-q part
                        enters, which every random start agrees on; the plateau and edges, which
                        differ from start to start when the intensities are not those of one
                        object (the blurred fringes of a size spread, an imperfect decoder), do
@@ -77,15 +82,38 @@ DEFAULT_SMOOTHING = 1.5  # voxels, Gaussian sigma of the plateau estimate (integ
 
 
 POROD_BAND = 0.7  # the Porod constant is fitted on measured shells beyond this fraction of q_max
+ENVELOPE_BAND = 0.5  # the envelope exp(-s^2 q^2) is read on measured shells beyond this fraction
 
 
-def porod_voxels(density, intens, measured) -> dict:
+def porod_envelope(intens, measured, r, q_max: float) -> float:
+    """s^2 (voxels^-2) of a Gaussian envelope I ~ K q^-4 exp(-s^2 q^2) on the outer measured
+    shells (Ruland's correction in small-angle scattering): q^4 I averaged over the inner and the
+    outer half of the band (several fringes each, which averages the fringes out), compared.
+    0 when q^4 I does not fall (a sharp particle: the Porod plateau)."""
+    band = measured & (r >= ENVELOPE_BAND * q_max)
+    if band.sum() < 8:
+        return 0.0
+    q2 = r[band] ** 2
+    p = np.clip(intens[band], 0, None) * q2 ** 2
+    split = np.median(q2)
+    low, high = q2 <= split, q2 > split
+    if not low.any() or not high.any():
+        return 0.0
+    p_low, p_high = p[low].mean(), p[high].mean()
+    if p_low <= 0 or p_high <= 0:
+        return 0.0
+    return max(0.0, float(np.log(p_low / p_high) / (q2[high].mean() - q2[low].mean())))
+
+
+def porod_voxels(density, intens, measured, envelope: bool = True) -> dict:
     """Porod volume (voxels) of a phased density and its measured intensities (see the module
     docstring): ``voxels`` and the shares of sum I that came from the phased extrapolation
     (``unmeasured_fraction``) and the Porod tail (``tail_fraction``).
 
     ``density`` the signed phased density on the n^d grid, ``intens`` the centred intensities
-    (q = 0 at n // 2), ``measured`` the mask of measured voxels.
+    (q = 0 at n // 2), ``measured`` the mask of measured voxels. With ``envelope`` the measured
+    intensities are first divided by the Gaussian envelope of their outer shells
+    (:func:`porod_envelope`, ``envelope_s2`` in the result).
     """
     rho = np.asarray(density, dtype=np.float64)
     intens = np.asarray(intens, dtype=np.float64)
@@ -100,6 +128,11 @@ def porod_voxels(density, intens, measured) -> dict:
     spectrum = np.fft.fftshift(np.fft.fftn(np.fft.ifftshift(rho)))
     phased = np.abs(spectrum) ** 2
     inside = (r <= q_max) & ~measured
+    s2 = porod_envelope(intens, measured, r, q_max) if envelope else 0.0
+    if s2 > 0:
+        # the sharp particle's intensities: a blurred density (a low-pass, a detector's point
+        # spread) keeps F(0) and lowers sum I, which reads as a larger particle
+        intens = np.where(measured, intens * np.exp(np.minimum(s2 * r * r, 50.0)), intens)
     measured_sum = float(np.clip(intens[measured], 0, None).sum())
     unmeasured_sum = float(phased[inside].sum())
     band = measured & (r >= POROD_BAND * q_max)
@@ -111,7 +144,8 @@ def porod_voxels(density, intens, measured) -> dict:
     f0 = float(rho.sum())
     voxels = rho.size * f0 * f0 / total if total > 0 else 0.0
     return {"voxels": float(voxels), "unmeasured_fraction": unmeasured_sum / total if total else
-            float("nan"), "tail_fraction": tail / total if total else float("nan")}
+            float("nan"), "tail_fraction": tail / total if total else float("nan"),
+            "envelope_s2": s2}
 
 
 def voxel_size_nm(grid_size: int, q_per_voxel_inv_nm: float) -> float:
