@@ -22,7 +22,6 @@ fundamental zone, such that average a shows I(R_a q) (the simulator's convention
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
@@ -37,6 +36,7 @@ from spiscape.io import read_detector
 from spiscape.orient import rotations as rot
 from spiscape.orient.search import best_slices, fit_size, orient_averages, size_range
 from spiscape.orient.slices import AnalyticReference, ewald_points, read_reference_volume
+from spiscape.utils.args import auto_or_number
 from spiscape.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def add_args(parser):
     parser.add_argument("--out", required=True, help="output orientation.h5")
     parser.add_argument("--reference", choices=["cube", "sphere"], default=None,
                         help="analytic reference (default cube unless --reference-file)")
-    parser.add_argument("--size-nm", type=_size_arg, default=42.0,
+    parser.add_argument("--size-nm", type=auto_or_number(), default=42.0,
                         help="cube edge or sphere diameter of the analytic reference, nm, or "
                              "'auto': the size whose slices match the averages best (a scan "
                              "from 3 fringes on the detector to an oversampling of 2)")
@@ -76,16 +76,6 @@ def add_args(parser):
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                         help="where to slice and correlate (gpu: CuPy)")
     parser.add_argument("--figure", default=None, help="PNG: gain histogram and best matches")
-
-
-def _size_arg(text: str):
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a size in nm or 'auto', got {text!r}") \
-            from None
 
 
 def read_averages(path) -> tuple[np.ndarray, np.ndarray]:

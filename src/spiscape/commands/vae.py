@@ -55,6 +55,7 @@ from pathlib import Path
 import numpy as np
 
 from spiscape.errors import ConfigError, InputError
+from spiscape.utils.args import auto_or_number
 from spiscape.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -108,11 +109,12 @@ def add_args(parser):
     m.add_argument("--frame-weighting", default="none", choices=["none", "sqrt", "frames"],
                    help="weight of each average in the loss: equal, or growing with its frame "
                         "count (sqrt or linear) so that noisy near-empty classes matter less")
-    m.add_argument("--q-min", type=_q_min_arg, default=0.0,
+    m.add_argument("--q-min", type=auto_or_number(minimum=0.0), default=0.0,
                    help="smallest |q| (detector pixels) in the loss: pixels at the edge of the "
                         "beamstop are partly shadowed and read too low (e.g. the beamstop "
                         "radius); 'auto': the beamstop's edge read from the detector mask (the "
-                        "smallest |q| of a used pixel); the volume inside is extrapolated either way")
+                        "smallest |q| of a used pixel); the volume inside is extrapolated "
+                        "either way")
     m.add_argument("--radial-weighting", type=float, default=0.5,
                    help="alpha: pixels weigh I_0(|q|)^-alpha in the Poisson deviance (0: plain "
                         "Poisson, high q barely counts; 1: every shell by its relative misfit); "
@@ -146,18 +148,6 @@ def add_args(parser):
     m.add_argument("--num-volumes", type=int, default=11,
                    help="volumes written along the latent (zdim 2: a grid of about this many)")
     m.add_argument("--no-figures", action="store_true", help="skip the figures")
-
-
-def _q_min_arg(text: str):
-    if text == "auto":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected pixels or 'auto', got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
-    return value
 
 
 def config_from_args(args):

@@ -12,9 +12,10 @@
                        shows (Ruland's correction: a density blurred by a low-pass or a detector's
                        point spread keeps F(0) but lowers sum I, and reads as a larger particle;
                        on Dragonfly-simulated truth volumes the sphere read +6.8 % without it,
-                       -1.2 % with it, the demo's changed by < 1.5 %). Only the phased density's low-q part
-                       enters, which every random start agrees on; the plateau and edges, which
-                       differ from start to start when the intensities are not those of one
+                       -1.2 % with it, the demo's changed by < 1.5 %). Only the phased
+                       density's low-q part enters, which every random start agrees on; the
+                       plateau and edges, which differ from start to start when the
+                       intensities are not those of one
                        object (the blurred fringes of a size spread, an imperfect decoder), do
                        not. On the simulator's truth volumes (61^3, |q| in [3.16, 29] voxels):
                        cube +0.8 %, sphere +0.5 %; the same intensities averaged over a 3 % size
