@@ -114,8 +114,30 @@ def make_reference(args, q_per_pixel: float, max_q: float):
     return AnalyticReference(args.reference or "cube", args.size_nm, q_per_pixel)
 
 
+#: the size is fitted on the rings that hold this share of the averages' intensity: beyond
+#: them few photons land and the angular pattern is noise (at 400 photons per frame the fit on
+#: every ring found a 20 nm cube for a 48 nm one; on the rings of 90, 95 or 98 % it was within
+#: 2.5 % of the truth on three validation sets)
+SIZE_FIT_INTENSITY = 0.95
+
+
+def signal_rings(intens, support, points, share: float = SIZE_FIT_INTENSITY) -> np.ndarray:
+    """The measured grid points inside the radius that holds ``share`` of the mean average's
+    intensity."""
+    qnorm = np.linalg.norm(points, axis=1).reshape(support.shape)
+    mean = np.clip(np.asarray(intens, dtype=np.float64).mean(axis=0), 0, None)
+    radii = qnorm[support]
+    order = np.argsort(radii)
+    cumulative = np.cumsum(mean[support][order])
+    if cumulative[-1] <= 0:
+        return support
+    cut = radii[order][min(np.searchsorted(cumulative, share * cumulative[-1]), order.size - 1)]
+    return support & (qnorm <= cut)
+
+
 def auto_size(args, intens, support, points, q_per_pixel: float, max_q: float, xp) -> float:
-    """--size-nm auto: the analytic reference's size fitted to the averages (fit_size)."""
+    """--size-nm auto: the analytic reference's size fitted to the averages (fit_size) on the
+    rings that hold most of their intensity (signal_rings)."""
     if args.reference_file:
         raise ConfigError("--size-nm auto fits an analytic reference; a --reference-file has "
                           "its own size")
@@ -123,11 +145,15 @@ def auto_size(args, intens, support, points, q_per_pixel: float, max_q: float, x
     low, high = size_range(q_per_pixel, max_q)
     sizes = np.exp(np.arange(np.log(low), np.log(high), np.log(1.04)))
     group = args.point_group if kind == "cube" else "1"
-    size, scores = fit_size(intens, support, points,
+    rings = signal_rings(intens, support, points)
+    size, scores = fit_size(intens, rings, points,
                             lambda s: AnalyticReference(kind, s, q_per_pixel), sizes, group,
                             xp=xp)
-    log.info("reference size fitted to the averages: %s %.1f nm (scanned %.1f-%.1f nm, mean "
-             "best CC %.3f)", kind, size, low, high, scores[size])
+    log.info("reference size fitted to the averages: %s %.1f nm (scanned %.1f-%.1f nm on the "
+             "rings to |q| = %.1f pixels, which hold %.0f %% of the intensity; mean best CC "
+             "%.3f)", kind, size, low, high,
+             float(np.linalg.norm(points[rings.reshape(-1)], axis=1).max()),
+             100 * SIZE_FIT_INTENSITY, scores[size])
     return size
 
 
