@@ -72,15 +72,17 @@ def write_config(names: list[str], data: Path, results: Path, path: Path) -> Non
     path.write_text(yaml.safe_dump({"results": str(results), "datasets": datasets}))
 
 
-def run_dataset(name: str, config: Path, results: Path, cores: int) -> dict:
+def run_dataset(name: str, config: Path, results: Path, cores: int,
+                forcerun: list[str] | None = None) -> dict:
     snakemake = Path(sys.executable).parent / "snakemake"
     targets = [f"{results}/{name}/frames.h5", f"{results}/{name}/volume_curve.csv"]
     log = results / f"{name}.snakemake.log"
     start = time.perf_counter()
     with open(log, "w") as handle:
         # targets first: --configfile takes every word after it
+        extra = ["--forcerun", *forcerun] if forcerun else []
         proc = subprocess.run([str(snakemake), *targets, "--profile", "profiles/default",
-                               "--cores", str(cores), "--configfile", str(config)],
+                               "--cores", str(cores), *extra, "--configfile", str(config)],
                               cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - start
     return {"returncode": proc.returncode, "seconds": seconds, "log": str(log)}
@@ -197,6 +199,8 @@ def main(argv=None):
     p.add_argument("--results", default=str(REPO / "bench/results/validation"))
     p.add_argument("--cores", type=int, default=os.cpu_count() or 2)
     p.add_argument("--score-only", action="store_true")
+    p.add_argument("--forcerun", nargs="+", default=None,
+                   help="rules to rerun with what follows them (after a code change)")
     p.add_argument("--json", default=str(REPO / "bench/results/validation.json"))
     args = p.parse_args(argv)
     data, results = Path(args.data).resolve(), Path(args.results).resolve()
@@ -216,7 +220,7 @@ def main(argv=None):
         run = previous.get(name, {}).get("run", {})
         if not args.score_only:
             print(f"[validation] {name}: running the workflow", flush=True)
-            run = run_dataset(name, config, results, args.cores)
+            run = run_dataset(name, config, results, args.cores, args.forcerun)
         row = score(name, data, results)
         row["run"] = run
         row["seconds"] = run.get("seconds")
