@@ -29,9 +29,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def read_curve(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    rows = list(csv.DictReader(path.open()))
+    """z0 and volume of the curve's converged points (phasing that did not converge is not a
+    volume to read), sorted by z0."""
+    rows = [r for r in csv.DictReader(path.open()) if r.get("converged", "1") != "0"]
     if not rows:
-        raise SystemExit(f"{path}: empty volume curve")
+        raise SystemExit(f"{path}: no converged point on the volume curve")
     z = np.array([float(r["z0"]) for r in rows])
     v = np.array([float(r["volume_nm3"]) for r in rows])
     order = np.argsort(z)

@@ -10,7 +10,7 @@ from spiscape.qc import health
 
 
 def fake_results(folder, *, last_rms=0.01, class_frames=(50, 40, 30, 20), placed=0.95,
-                 selected=(True, True, True, False), volumes_differ=True):
+                 selected=(True, True, True, False), volumes_differ=True, phasing_failed=False):
     (folder / "classify2d").mkdir(parents=True)
     log = np.array([(1, 0.1, 0.5), (2, 0.1, last_rms)],
                    dtype=[("iteration", "i4"), ("seconds", "f8"), ("rms_change", "f8")])
@@ -40,6 +40,8 @@ def fake_results(folder, *, last_rms=0.01, class_frames=(50, 40, 30, 20), placed
     other = one * (1 + 0.5 * np.cos(r)) ** 2 if volumes_differ else one
     with h5py.File(folder / "vae/volumes.h5", "w") as f:
         f["intens"] = np.stack([one, (one + other) / 2, other])
+    with h5py.File(folder / "phasing.h5", "w") as f:
+        f["converged"] = np.array([True] * 9 + [not phasing_failed])
 
 
 def statuses(rows):
@@ -60,9 +62,11 @@ def test_a_healthy_run_has_no_warning(tmp_path):
 def test_each_failure_mode_warns(tmp_path):
     fake_results(tmp_path, last_rms=0.2, class_frames=(180, 2, 1, 1), placed=0.5,
                  selected=(False, False, True, True), volumes_differ=False)
+    with h5py.File(tmp_path / "phasing.h5", "a") as f:
+        del f["converged"]
+        f["converged"] = np.array([True, False, False, True, False])
     got = statuses(health.dataset_health(tmp_path))
-    assert got == {"emc_converged": "warn", "emc_live_classes": "warn", "frames_placed": "warn",
-                   "vae_frames": "warn", "volume_spread": "warn", "orientation_cc": "warn"}
+    assert got == dict.fromkeys(health.THRESHOLDS, "warn")
 
 
 def test_missing_stages_are_not_applicable(tmp_path):

@@ -274,3 +274,21 @@ def test_cli_phase_averages(tmp_path):
                      "30 HIO 30 ER", "--starts", "2", "--device", "cpu"]) == 0
     with h5py.File(out) as f:
         assert f["density"].shape == (1, n, n)
+
+
+def test_stagnated_patterns_are_the_outliers_of_the_curve():
+    """A batch of starts can stagnate alike (they agree, so the agreement rule passes) with a
+    support error several times the curve's: those patterns are phased again (spiscape phase)."""
+    from types import SimpleNamespace
+
+    from spiscape.commands.phase import final_error, stagnated
+
+    def result(last_error):
+        errors = np.array([[0.9, 0.9], [last_error, last_error + 0.02]])
+        return SimpleNamespace(errors=errors, kept=np.array([0, 1]))
+
+    curve = [result(e) for e in (0.10, 0.12, 0.39, 0.09, 0.11, 0.43)]
+    assert final_error(curve[2]) == pytest.approx(0.40)
+    assert stagnated(curve) == [2, 5]
+    assert stagnated(curve[:2]) == []  # too few patterns to call one an outlier
+    assert stagnated([result(0.1)] * 5) == []

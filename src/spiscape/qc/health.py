@@ -24,6 +24,9 @@ volume_spread     1 - smallest CC (log intensity, measured shells)       < 0.01
 orientation_cc    median CC of the averages the VAE trained on with      < 0.6
                   their best reference slice (a poor match: wrong
                   reference or size_nm)
+phasing           share of the volume curve's points whose phasing       < 0.8
+                  converged (starts agree, support error not an
+                  outlier of the curve's)
 ================  =====================================================  ==========
 """
 
@@ -52,6 +55,7 @@ THRESHOLDS = {
     "vae_frames": (0.5, True),
     "volume_spread": (0.01, True),
     "orientation_cc": (0.6, True),
+    "phasing": (0.8, True),
 }
 MEANING = {
     "emc_converged": "largest relative rms change of the EMC models in the last iteration",
@@ -60,6 +64,7 @@ MEANING = {
     "vae_frames": "share of the averaged frames whose averages the VAE trained on",
     "volume_spread": "1 - smallest log-intensity CC between decoded volumes along the latent",
     "orientation_cc": "median CC of the VAE's averages with their best reference slice",
+    "phasing": "share of the volume curve's points whose phasing converged",
 }
 
 
@@ -135,9 +140,20 @@ def vae_checks(folder: Path) -> dict:
     return out
 
 
+def phasing_checks(folder: Path) -> dict:
+    path = folder / "phasing.h5"
+    if not path.exists():
+        return {}
+    with h5py.File(path, "r") as f:
+        converged = f["converged"][()] if "converged" in f else None
+    return {} if converged is None or not converged.size else {
+        "phasing": float(np.mean(converged))}
+
+
 def dataset_health(folder: Path) -> list[dict]:
     """The health rows of one dataset's results folder (n/a where a stage has not run)."""
-    values = {**emc_checks(folder), **landscape_checks(folder), **vae_checks(folder)}
+    values = {**emc_checks(folder), **landscape_checks(folder), **vae_checks(folder),
+              **phasing_checks(folder)}
     rows = []
     for check in THRESHOLDS:
         value = values.get(check)
