@@ -40,19 +40,10 @@ from spiscape.embed.embedding import (
 )
 from spiscape.embed.landscape import average_truth, read_replicates, replicate_stability
 from spiscape.errors import ConfigError, InputError
+from spiscape.utils.args import auto_or_number
 from spiscape.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
-
-
-def num_clusters_arg(text: str):
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"'{text}' is neither an integer nor 'auto'") from None
-    return value
 
 
 def add_embedding_args(parser) -> None:
@@ -86,7 +77,7 @@ def add_args(parser):
     add_embedding_args(parser)
     parser.add_argument("--cluster", choices=clustering.METHODS, default="kmeans",
                         help="clustering of the embedded averages")
-    parser.add_argument("--num-clusters", type=num_clusters_arg, default="auto",
+    parser.add_argument("--num-clusters", type=auto_or_number(minimum=1, kind=int), default="auto",
                         help="number of clusters, or 'auto' (silhouette for kmeans, BIC for gmm; "
                              "dbscan/hdbscan find it themselves)")
     parser.add_argument("--max-clusters", type=int, default=8,

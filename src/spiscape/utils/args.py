@@ -6,22 +6,22 @@ import argparse
 import math
 
 
-def auto_or_number(minimum: float | None = None):
+def auto_or_number(minimum: float | None = None, kind=float):
     """An argparse type: the word 'auto' (a choice the command derives from the data), or a
-    finite number >= ``minimum``."""
+    finite number (``kind``: float or int) >= ``minimum``."""
+    what = "an integer" if kind is int else "a number"
 
     def parse(text: str):
         if text == "auto":
             return text
         try:
-            value = float(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") \
+            raise argparse.ArgumentTypeError(f"expected {what} or 'auto', got {text!r}") \
                 from None
         if not math.isfinite(value) or (minimum is not None and value < minimum):
             bound = "" if minimum is None else f" >= {minimum:g}"
-            raise argparse.ArgumentTypeError(f"expected a finite number{bound} or 'auto', got "
-                                             f"{text!r}")
+            raise argparse.ArgumentTypeError(f"expected {what}{bound} or 'auto', got {text!r}")
         return value
 
     return parse
