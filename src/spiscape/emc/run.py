@@ -328,6 +328,7 @@ class EMC2D:
             return 0
         frames = class_frames.astype(np.float64).copy()
         rng = np.random.default_rng([p.seed, p.replicate, iteration])
+        done = 0
         for c in starved:
             donor = int(np.argmax(frames))
             if frames[donor] < 2 * p.reseed_share * fair:
@@ -336,7 +337,8 @@ class EMC2D:
             models[c] = models[donor] * np.exp(0.1 * noise)
             frames[donor] /= 2  # the next starved class splits the next largest
             frames[c] = frames[donor]
-        return int(starved.size)
+            done += 1
+        return done
 
     def sharpen(self, state: EMCState, sums: dict) -> np.ndarray:
         """The class averages written out: the exact M-step of the final probabilities on a grid
