@@ -41,6 +41,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from spiscape.phasing.align import centred_radius
 from spiscape.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -128,12 +129,10 @@ def vae_checks(folder: Path) -> dict:
         with h5py.File(volumes, "r") as f:
             intens = f["intens"][()]
         if intens.shape[0] >= 2:
-            size = intens.shape[1]
-            grid = np.indices((size,) * 3) - size // 2
-            radius = np.sqrt((grid ** 2).sum(axis=0))
+            radius = centred_radius(intens.shape[1:])
             # the shells every decoded volume is constrained on: outside the beamstop, inside
             # the largest sphere of the grid
-            mask = (radius >= 3) & (radius <= size // 2)
+            mask = (radius >= 3) & (radius <= intens.shape[1] // 2)
             ccs = [log_intensity_cc(intens[i], intens[j], mask)
                    for i in (0, intens.shape[0] - 1) for j in range(intens.shape[0]) if i != j]
             out["volume_spread"] = 1.0 - min(ccs)
