@@ -56,41 +56,98 @@ def test_merge_is_the_adjoint_of_the_view(small_problem):
     assert lhs == pytest.approx(rhs, rel=1e-5)
 
 
-def test_e_step_matches_direct_sums(small_problem):
-    p = small_problem
-    rng = p["rng"]
-    views = kernels.expand(p["models"].reshape(p["m"], -1), p["op"], p["num_rot"])
-    counts = rng.poisson(1.0, (6, p["cx"].size)).astype(np.float32)
-    scale = rng.uniform(0.5, 1.5, 6)
-    beta = np.full(6, 0.7)
-    mr = p["m"] * p["num_rot"]
-    flat = views.reshape(mr, -1)
-    result = kernels.e_step_block(
-        counts, counts, np.log(flat).T.astype(np.float32), flat.sum(1), scale, beta, np
-    )
-    log_r = np.array([[np.sum(counts[d] * np.log(flat[j])) - scale[d] * flat[j].sum()
-                       for j in range(mr)] for d in range(6)])
+def direct_e_and_m_step(views, counts, used, scale, beta):
+    """The E-step and M-step sums by loops over frames and views (views (M, R, P) class-major)."""
+    m, r, _ = views.shape
+    log_r = np.array([[[np.sum(counts[d, used] * np.log(views[i, k, used]))
+                        - scale[d] * views[i, k, used].sum() for i in range(m)] for k in range(r)]
+                      for d in range(counts.shape[0])]).reshape(counts.shape[0], r * m)
     prob = np.exp(beta[:, None] * (log_r - log_r.max(1, keepdims=True)))
     prob /= prob.sum(1, keepdims=True)
-    np.testing.assert_allclose(result.occupancies, prob, rtol=1e-4, atol=1e-7)
-    np.testing.assert_allclose(result.numerator, prob.T @ counts, rtol=1e-4)
-    np.testing.assert_allclose(result.denominator, prob.T @ scale, rtol=1e-6)
-    expected = prob @ flat.sum(1)
-    np.testing.assert_allclose(result.new_scale, counts.sum(1) / expected, rtol=1e-4)
-    mutual_info = np.sum(prob * np.log(prob * mr))
-    assert result.mutual_info == pytest.approx(mutual_info, rel=1e-4)
-    logsum = np.log(np.exp(log_r - log_r.max(1, keepdims=True)).sum(1)) + log_r.max(1)
-    assert result.log_likelihood == pytest.approx(np.sum(logsum - np.log(mr)), rel=1e-5)
+    numerator = np.zeros_like(views)  # (M, R, P): Σ_d P_d(r m) K_dt
+    for d in range(counts.shape[0]):
+        for k in range(r):
+            for i in range(m):
+                numerator[i, k] += prob[d, k * m + i] * counts[d]
+    return log_r, prob, numerator
+
+
+@pytest.mark.parametrize("num_dense, max_len", [(13, 13), (0, 13), (5, 4), (9, 2)])
+def test_pixel_major_e_and_m_step_match_direct_sums(small_problem, num_dense, max_len):
+    # the same sums whichever pixels are dense or CSR and however they are chunked
+    import scipy.sparse
+
+    from spiscape.emc.frames import pixel_chunks
+
+    p = small_problem
+    rng = p["rng"]
+    m, r, size, npix = p["m"], p["num_rot"], p["size"], p["cx"].size
+    table = geometry.rotation_table(p["cx"], p["cy"], p["angles"], size)
+    op = kernels.pixel_major_operator(table.index, table.weight, size)
+    models_t = np.ascontiguousarray(p["models"].reshape(m, -1).T.astype(np.float32))
+    views_cm = kernels.expand(p["models"].reshape(m, -1), p["op"], r)  # (M, R, P) reference
+    used = np.ones(npix, dtype=bool)
+    used[[2, 7]] = False  # merged into the model, not in the likelihood
+    counts = rng.poisson(1.0, (6, npix)).astype(np.float32)
+    scale = rng.uniform(0.5, 1.5, 6)
+    beta = np.full(6, 0.7)
+    log_r_ref, prob_ref, num_ref = direct_e_and_m_step(views_cm, counts, used, scale, beta)
+
+    chunks = pixel_chunks(num_dense, npix, max_len)
+    parts, parts_t, log_views, merge_ops = [], [], [], []
+    for c in chunks:
+        block = counts[:, c.start:c.stop]
+        part = block if c.dense else scipy.sparse.csr_matrix(block)
+        parts.append(part)
+        parts_t.append(part.T if c.dense else scipy.sparse.csr_matrix(block.T))
+        rows = op[c.start * r:c.stop * r]
+        lw = np.log(rows @ models_t).reshape(c.stop - c.start, -1)
+        lw[~used[c.start:c.stop]] = 0
+        log_views.append(lw.astype(np.float32))
+        merge_ops.append(rows.T.tocsr())
+    view_sums = (kernels.rotation_sums(op, r, used) @ models_t).ravel()
+    log_r = kernels.block_log_likelihood(parts, log_views, view_sums, scale.astype(np.float32), np)
+    np.testing.assert_allclose(log_r, log_r_ref, rtol=2e-5, atol=1e-3)
+    prob, logsum, mutual_info = kernels.responsibilities(log_r, beta, np)
+    np.testing.assert_allclose(prob, prob_ref, rtol=1e-4, atol=1e-7)
+    assert mutual_info.sum() == pytest.approx(np.sum(prob_ref * np.log(prob_ref * m * r)),
+                                              rel=1e-4)
+    grid = kernels.merge_numerators(kernels.block_numerators(parts_t, prob, np), merge_ops, m)
+    np.testing.assert_allclose(grid.T, kernels.merge(num_ref, p["op"]), rtol=1e-4, atol=1e-6)
+    # the M-step's denominator merged through the rotation sums, never expanded to pixels
+    den = rng.uniform(0, 1, (r, m))
+    np.testing.assert_allclose(
+        den.T @ kernels.rotation_sums(op, r, np.ones(npix)),
+        kernels.merge(np.broadcast_to(den.T[:, :, None], (m, r, npix)).copy(), p["op"]),
+        rtol=1e-5)
 
 
 def test_sparse_m_step_matches_dense():
     rng = np.random.default_rng(1)
-    prob = rng.random((50, 40)) ** 40  # nearly all the weight on few entries per frame
+    prob = (rng.random((50, 40)) ** 600).astype(np.float32)  # the weight on few entries a frame
     prob /= prob.sum(1, keepdims=True)
     counts = rng.poisson(1.0, (50, 30)).astype(np.float32)
-    dense = prob.T @ counts
-    sparse = kernels.weighted_photon_sums(prob, counts, np, sparse_below=1.0, drop_below=1e-9)
-    np.testing.assert_allclose(sparse, dense, rtol=1e-5, atol=1e-8)
+    sparse_prob = kernels.sparse_probabilities(prob, np)
+    assert sparse_prob is not None and sparse_prob.nnz < 0.05 * prob.size
+    import scipy.sparse
+
+    for part_t in (counts.T, scipy.sparse.csr_matrix(counts.T)):
+        (num,) = kernels.block_numerators([part_t], prob, np, sparse_prob)
+        # only terms below 1e-6 of each frame's largest probability are left out
+        np.testing.assert_allclose(num, counts.T @ prob, rtol=1e-4, atol=5e-5)
+    assert kernels.sparse_probabilities(np.full((5, 8), 1 / 8, np.float32), np) is None
+
+
+def test_crossover_puts_dark_pixels_in_csr():
+    import scipy.sparse
+
+    from spiscape.emc.frames import measure_crossover
+
+    rng = np.random.default_rng(2)
+    sample = scipy.sparse.csr_matrix(rng.poisson(0.05, (256, 4000)).astype(np.float32))
+    crossover = measure_crossover(sample, 200)
+    # CSR costs more per term than a dense product, but far less than a dense column of zeros
+    assert 0.001 < crossover < 1.0
 
 
 def test_ml_m_step_recovers_a_sharp_model_that_the_merge_blurs():

@@ -3,18 +3,19 @@
 Notation (Dragonfly's): frame d, detector pixel t, class m, in-plane rotation r; ``K_dt`` photon
 counts, ``W_mrt`` the view of class m at rotation r on the detector, ``φ_d`` the frame's scale.
 
-E-step, in a block of frames: ``R_dmr = Σ_t K_dt log W_mrt − φ_d Σ_t W_mrt`` (a dense matrix
-product of the block's photon matrix with the log-views, BLAS on CPU, cuBLAS on GPU), then
-``P_dmr ∝ exp(β_d (R_dmr − max R_d))``. M-step: ``Σ_d P_dmr K_dt`` and ``Σ_d P_dmr φ_d`` merged
-back onto the grid with the adjoint of the view (bilinear weights), and divided.
+E-step, in a block of frames: ``R_dj = Σ_t K_dt log W_tj − φ_d Σ_t W_tj`` for every view
+j = (class m, rotation r), then ``P_dj ∝ exp(β_d (R_dj − max R_d))``. M-step: ``Σ_d P_dj K_dt``
+and ``Σ_d P_dj φ_d`` merged back onto the grid with the adjoint of the view (bilinear weights),
+and divided. The products with K run over pixel chunks, each dense (BLAS / cuBLAS) or CSR (SciPy /
+cuSPARSE) as :mod:`spiscape.emc.frames` decides from the photon density; the engine lays views
+out pixel-major, (P, R·M) with ``j = r·M + m``, so that both products and the merge are plain
+matrix products without transposed copies.
 
 Every function here is pure and takes small arrays, so the tests can check each against a
 direct loop over frames, classes and rotations.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -43,9 +44,14 @@ def view_operator(index: np.ndarray, weight: np.ndarray, size: int, xp=np):
         shape=(num_rot * num_pix, size * size),
     )
     op.sum_duplicates()
+    return view_operator_on(op, xp)
+
+
+def view_operator_on(operator, xp=np):
+    """A SciPy CSR operator on the array module's device (itself on NumPy)."""
     if xp is np:
-        return op
-    return sparse_module(xp).csr_matrix(op)
+        return operator
+    return sparse_module(xp).csr_matrix(operator)
 
 
 def expand(models_flat, operator, num_rot: int):
@@ -86,19 +92,6 @@ def ml_update(models_flat, views, numerator, grid_den, operator, iterations: int
     return current
 
 
-@dataclass
-class BlockResult:
-    """What the E-step of one block of frames contributes to the M-step and to the log."""
-
-    numerator: object  # (M·R, P_merge) Σ_d P_dmr K_dt
-    denominator: object  # (M·R,) Σ_d P_dmr φ_d
-    occupancies: object  # (b, M)
-    best: object  # (b,) flat index m·R + r of the most probable pair
-    new_scale: object  # (b,)
-    log_likelihood: float
-    mutual_info: float
-
-
 def log_views(views, xp):
     """log W with a floor relative to the mean view (grid corners no pixel ever reached)."""
     floor = LOG_FLOOR * float(views.mean()) + np.finfo(np.float32).tiny
@@ -125,60 +118,98 @@ def responsibilities(log_r, beta, xp):
     return prob, logsum, mutual_info
 
 
-def weighted_photon_sums(prob, counts, xp, sparse_below: float = 0.02, drop_below: float = 1e-6):
-    """Σ_d P_dj K_dt (M·R, P) for the M-step.
+#: entries of P below this fraction of the frame's largest are dropped from the M-step
+DROP_PROB_BELOW = 1e-6
+#: the M-step takes P as CSR when fewer than this share of its entries are kept (late in the
+#: annealing, when each frame sits on a few (class, rotation) pairs): a CSR product costs
+#: 10 to 20 times more per term than a dense one on CPUs, so it wins below ~5 % of the entries
+SPARSE_PROB_BELOW = 0.05
 
-    Late in the annealing nearly all of a frame's probability sits on a few (class, rotation)
-    pairs; entries below ``drop_below`` (relative to the frame's largest) are then dropped and
-    the product is done with a sparse P when fewer than ``sparse_below`` of the entries remain.
-    This is what keeps the M-step cheap with hundreds of classes and rotations.
+
+def pixel_major_operator(index: np.ndarray, weight: np.ndarray, size: int, xp=np):
+    """The view operator with rows ``t·R + r`` (pixel-major), from a rotation table's ``index``
+    and ``weight`` of shape (R, P, 4): ``op @ models.T`` is (P·R, M), i.e. views laid out as
+    (P, R·M) with view index ``j = r·M + m``, ready to be the right-hand side of ``K @ log W``."""
+    return view_operator(index.transpose(1, 0, 2), weight.transpose(1, 0, 2), size, xp)
+
+
+def rotation_sums(operator, rows_per_pixel: int, pixel_weight, xp=np):
+    """(R, S²): Σ_t w_t E_(t r), g for an operator with rows ``t·R + r`` (pixel weights w_t).
+
+    With w = the used-pixel indicator, ``sums @ models.T`` is Σ_t W_tj over used pixels for every
+    view (the E-step's ``φ_d Σ_t W``); with w = 1, ``den (R, M).T @ sums`` merges a per-view
+    weight onto the grid (the M-step's denominator) without ever expanding it to pixels.
     """
-    keep = prob >= drop_below * prob.max(axis=1, keepdims=True)
-    density = float(keep.mean())
-    if density >= sparse_below:
-        return prob.T @ counts
-    sparse = sparse_module(xp).csr_matrix(xp.where(keep, prob, 0).astype(xp.float32))
-    return xp.asarray(sparse.T @ counts)
+    import scipy.sparse
+
+    num_pix = operator.shape[0] // rows_per_pixel
+    r = np.tile(np.arange(rows_per_pixel), num_pix)
+    rows = np.arange(num_pix * rows_per_pixel)
+    w = np.repeat(np.asarray(pixel_weight, dtype=np.float32), rows_per_pixel)
+    select = scipy.sparse.csr_matrix((w, (r, rows)), shape=(rows_per_pixel, rows.size))
+    host = operator if xp is np else operator.get()
+    return xp.asarray((select @ host).toarray())
 
 
-def e_step_block(
-    counts_used,
-    counts_merge,
-    log_w_used,
-    view_sums,
-    scale,
-    beta,
-    xp,
-    need_scaling: bool = True,
-):
-    """E-step and M-step partial sums for one block of frames.
+def product(a, b, xp=np):
+    """``a @ b`` as a dense array, whichever of them is a (SciPy or CuPy) sparse matrix."""
+    out = a @ b
+    if hasattr(out, "toarray"):
+        out = out.toarray()
+    return out
 
-    counts_used (b, P_used) and counts_merge (b, P_merge) are dense float32 photon counts on the
-    pixels used in the likelihood and on those merged into the model; log_w_used (P_used, M·R)
-    the log-views on used pixels; view_sums (M·R,) Σ_t W_mrt over used pixels; scale (b,) φ_d;
-    beta (b,) β_d. The heavy work is two dense matrix products (BLAS / cuBLAS) in float32.
+
+def block_log_likelihood(parts, log_view_chunks, view_sums, scale, xp):
+    """R_dj = Σ_t K_dt log W_tj − φ_d Σ_t W_tj (b, R·M) float32, summed over pixel chunks.
+
+    ``parts[i]`` (b × chunk) holds the photons on pixel chunk i, dense (BLAS / cuBLAS) or CSR
+    (SciPy / cuSPARSE); ``log_view_chunks[i]`` (chunk × R·M) its log-views, zero on pixels that
+    are merged but not used in the likelihood; ``view_sums`` (R·M,) Σ_t W_tj over used pixels.
     """
-    log_r = counts_used @ log_w_used
+    log_r = None
+    for part, lw in zip(parts, log_view_chunks, strict=True):
+        term = product(part, lw, xp)
+        if log_r is None:
+            log_r = term if term.flags.c_contiguous else xp.ascontiguousarray(term)
+        else:
+            log_r += term
     log_r -= (scale[:, None] * view_sums[None, :]).astype(log_r.dtype)
-    prob, logsum, mutual_info = responsibilities(log_r, beta, xp)
-    numerator = weighted_photon_sums(prob, counts_merge, xp)
-    # float32 products (no float64 copy of P): sums of at most a block of positive terms
-    denominator = (prob.T @ scale.astype(prob.dtype)).astype(xp.float64)
-    photons = counts_used.sum(axis=1, dtype=xp.float64)
-    if need_scaling:
-        expected = (prob @ view_sums.astype(prob.dtype)).astype(xp.float64)
-        new_scale = xp.where(expected > 0, photons / xp.maximum(expected, 1e-300), scale)
-    else:
-        new_scale = scale
-    return BlockResult(
-        numerator=numerator,
-        denominator=denominator,
-        occupancies=prob,  # reduced to (b, M) by the caller, who knows R
-        best=prob.argmax(axis=1),
-        new_scale=new_scale,
-        log_likelihood=float((logsum - np.log(log_r.shape[1])).sum()),
-        mutual_info=float(mutual_info.sum()),
-    )
+    return log_r
+
+
+def sparse_probabilities(prob, xp):
+    """P with entries below ``DROP_PROB_BELOW`` of each frame's largest dropped, as CSR when
+    fewer than ``SPARSE_PROB_BELOW`` of them remain (NumPy only: on a GPU the dense product is
+    faster at any density); otherwise None."""
+    if xp is not np:
+        return None
+    keep = prob >= DROP_PROB_BELOW * prob.max(axis=1, keepdims=True)
+    if keep.mean() >= SPARSE_PROB_BELOW:
+        return None
+    import scipy.sparse
+
+    return scipy.sparse.csr_matrix(np.where(keep, prob, 0).astype(np.float32))
+
+
+def block_numerators(parts_t, prob, xp, prob_sparse=None):
+    """Σ_d P_dj K_dt for each pixel chunk: a list of (chunk, R·M) arrays.
+
+    ``parts_t[i]`` (chunk × b) is the transpose of the block's photons on chunk i; ``prob``
+    (b, R·M) the probabilities, or ``prob_sparse`` their CSR form (:func:`sparse_probabilities`).
+    """
+    weights = prob if prob_sparse is None else prob_sparse
+    return [product(part_t, weights, xp) for part_t in parts_t]
+
+
+def merge_numerators(numerators, merge_ops, num_classes: int):
+    """Σ_(t r) E_(t r), g N_t,(r m) (S², M): the chunks' numerators merged onto the grid;
+    ``merge_ops[i]`` is the transpose (S² × chunk·R) of chunk i's rows of the pixel-major
+    operator."""
+    grid = None
+    for num, op_t in zip(numerators, merge_ops, strict=True):
+        merged = op_t @ num.reshape(-1, num_classes)
+        grid = merged if grid is None else grid + merged
+    return grid
 
 
 def beta_schedule(photons, iteration: int, beta_start, jump: float, period: int):

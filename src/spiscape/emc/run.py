@@ -8,26 +8,73 @@ the same seed gives the same result on any number of ranks, to floating-point to
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
+import os
 import resource
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from spiscape.backend import get_array_module, get_comm, to_numpy
 from spiscape.emc import geometry, kernels
+from spiscape.emc.frames import FrameStore, measure_crossover, pixel_chunks
 from spiscape.errors import ConfigError, InputError
-from spiscape.io import count_frames, read_detector, read_photons, shard_bounds
-from spiscape.utils.atomic import atomic_path
+from spiscape.io import count_frames, read_detector, shard_bounds
+from spiscape.io.photons import photon_files as list_photon_files
+from spiscape.utils.atomic import atomic_path, check_output
 
 log = logging.getLogger(__name__)
 
 LOG_COLUMNS = ("iteration", "seconds", "rms_change", "mutual_info", "log_likelihood", "beta")
+#: frames read at a time by the first pass over the data
+SCAN_FRAMES = 4096
+#: frames timed to find the photon density at which CSR beats dense products
+CALIBRATION_FRAMES = 256
+#: memory budget of a rank on a CPU when none is given (MB)
+DEFAULT_MEMORY_MB = 1024
+
+
+def default_threads() -> int:
+    """Worker threads of a rank: OMP_NUM_THREADS when set (one rank per core group under MPI),
+    else the cores this process may run on."""
+    text = os.environ.get("OMP_NUM_THREADS", "")
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def memory_budget(memory_mb: int | None, xp) -> int:
+    """Bytes a rank may use for cached frames and views and the blocks in flight: ``memory_mb``,
+    else 1 GiB on a CPU and 40 % of the free memory on a GPU."""
+    if memory_mb:
+        return int(memory_mb) * 2**20
+    if xp is np:
+        return DEFAULT_MEMORY_MB * 2**20
+    free, _ = xp.cuda.runtime.memGetInfo()
+    return int(free * 0.4)
+
+
+def photon_fingerprint(photon_files) -> list:
+    """Name, size and BLAKE2b hash of every photon file: a checkpoint resumes only on the same
+    data (a file rewritten with the same number of frames is a different file)."""
+    out = []
+    for path in list_photon_files(photon_files):
+        digest = hashlib.blake2b(digest_size=16)
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+        out.append([str(Path(path).name), Path(path).stat().st_size, digest.hexdigest()])
+    return out
 
 
 @dataclass
@@ -51,6 +98,9 @@ class EMCParams:
     reseed_share: float = 0.0
     block_frames: int | None = None
     device: str = "auto"
+    threads: int | None = None
+    memory_mb: int | None = None
+    sparse_below: str | float = "auto"
 
     def check(self) -> None:
         problems = []
@@ -74,6 +124,12 @@ class EMCParams:
             problems.append(f"sharpen_photons must be >= 0 (got {self.sharpen_photons})")
         if not 0 <= self.reseed_share < 1:
             problems.append(f"reseed_share must be in [0, 1) (got {self.reseed_share})")
+        if self.threads is not None and self.threads < 1:
+            problems.append(f"threads must be >= 1 (got {self.threads})")
+        if self.memory_mb is not None and self.memory_mb < 16:
+            problems.append(f"memory_mb must be >= 16 (got {self.memory_mb})")
+        if self.sparse_below != "auto" and not 0 <= float(self.sparse_below) <= 1:
+            problems.append(f"sparse_below must be 'auto' or in [0, 1] (got {self.sparse_below})")
         if self.size is not None and self.size < 5:
             problems.append(f"size must be >= 5 (got {self.size})")
         if problems:
@@ -106,79 +162,121 @@ class EMC2D:
         self.comm = comm or get_comm()
         self.rank, self.nranks = self.comm.Get_rank(), self.comm.Get_size()
         self.xp = get_array_module(params.device)
+        self.threads = 1 if self.xp is not np else (params.threads or default_threads())
+        self.budget = memory_budget(params.memory_mb, self.xp)
         self.detector_path = str(detector_path)
         self.photon_files = photon_files
         self.detector = read_detector(detector_path)
         total = count_frames(photon_files)
-        self.selection = replicate_frames(total, params.fraction, params.seed, params.replicate)
-        if self.selection.size == 0:
-            raise InputError(photon_files[0], "the replicate holds no frames")
-        start, stop = shard_bounds(self.selection.size, self.rank, self.nranks)
-        self.local_start = start
-        self.frames = self.selection[start:stop]
-        photons = read_photons(photon_files, frames=self.frames, num_pix=self.detector.num_pix)
-        self._setup_geometry()
-        self._setup_counts(photons)
-
-    # -- set-up ------------------------------------------------------------------------------
-    def _setup_geometry(self) -> None:
-        det, p = self.detector, self.params
-        # pixels merged into the model, those used in the likelihood (mask 0) first, so that the
-        # used pixels of a dense block are a column slice (a view) rather than a copy
+        selection = replicate_frames(total, params.fraction, params.seed, params.replicate)
+        start, stop = shard_bounds(selection.size, self.rank, self.nranks)
+        det = self.detector
         used_pix = np.flatnonzero(det.mask == 0)
         if used_pix.size == 0:
             raise InputError(self.detector_path, "no pixel has mask 0 (used)")
-        self.merge_pix = np.concatenate([used_pix, np.flatnonzero(det.mask == 1)])
-        self.num_used = used_pix.size
+        pixels = np.concatenate([used_pix, np.flatnonzero(det.mask == 1)])
+        self.store = FrameStore(photon_files, selection[start:stop], det.num_pix, pixels,
+                                det.mask[pixels] == 0, block=SCAN_FRAMES, xp=self.xp)
+        self._gather_selection(selection.size)
+        self._arrange()
+        self._setup_geometry()
+
+    # -- set-up ------------------------------------------------------------------------------
+    def _gather_selection(self, drawn: int) -> None:
+        """The replicate's frames that hold photons, over all ranks, in order."""
+        self.frames = self.store.frames
+        parts = self.comm.allgather(self.frames)
+        self.selection = np.concatenate(parts).astype(np.int64)
+        self.local_start = int(sum(part.size for part in parts[: self.rank]))
+        self.frames_per_rank = [int(part.size) for part in parts]
+        empty = np.concatenate(self.comm.allgather(self.store.empty_frames))
+        self.empty_frames = empty.astype(np.int64)
+        if self.selection.size == 0:
+            raise InputError(self.photon_files[0], f"none of the {drawn} frames of the replicate "
+                             "has a photon on a used pixel")
+        if empty.size and self.rank == 0:
+            shown = ", ".join(str(int(f)) for f in empty[:10]) + (" ..." if empty.size > 10 else "")
+            log.warning("%d of %d frames have no photon on a used pixel and are left out "
+                        "(frames %s)", empty.size, drawn, shown)
+
+    def _arrange(self) -> None:
+        """Pixel order by photon density (the same on every rank), the dense/sparse split, the
+        block size and the chunks, from the memory budget (see :mod:`spiscape.emc.frames`)."""
+        p, store = self.params, self.store
+        n_total = self.selection.size
+        density = to_numpy(self._allreduce(store.pixel_frames)) / n_total
+        order = np.lexsort((np.arange(density.size), -density))
+        self.powder = to_numpy(self._allreduce(store.powder))[order]  # the engine's pixel order
+        views = p.num_classes * p.num_rot
+        if p.sparse_below == "auto":
+            crossover = None
+            if self.rank == 0:
+                with self._blas_threads(1):
+                    crossover = measure_crossover(store.sample(CALIBRATION_FRAMES), views, self.xp)
+            crossover = self.comm.bcast(crossover, root=0)
+        else:
+            crossover = float(p.sparse_below)
+        self.crossover = crossover
+        num_dense = int(np.sum(density[order] >= crossover)) if crossover < 1 else 0
+        # per thread: a block's log R, P and temporaries (4 x b x R M float32) and its dense
+        # photons; per chunk: its views and numerator (chunk x R M float32, twice)
+        work = self.budget // (4 * self.threads)
+        per_frame = 16 * views + 4 * num_dense
+        block = p.block_frames or max(16, min(work // per_frame,
+                                              -(-store.num_frames // (2 * self.threads))))
+        chunk = max(64, self.budget // (8 * self.threads * 8 * views))
+        store.block = int(max(1, block))
+        chunks = pixel_chunks(num_dense, density.size, int(chunk))
+        store.arrange(order, num_dense, chunks, cache_bytes=self.budget // 4)
+        self.chunks = chunks
+        self.num_dense = num_dense
+        self.cache_views = density.size * views * 4 <= self.budget // 4
+        if self.rank == 0:
+            log.info("E/M-step: %d of %d pixels dense (photon density >= %.3f), the rest CSR; "
+                     "blocks of %d frames, %d pixel chunk(s), %d thread(s); frames %s, views %s",
+                     num_dense, density.size, crossover, store.block, len(chunks), self.threads,
+                     "cached" if store.cached else "streamed from the photon files",
+                     "cached" if self.cache_views else "recomputed per block")
+
+    def _setup_geometry(self) -> None:
+        det, p, xp = self.detector, self.params, self.xp
+        self.merge_pix = self.store.pixels  # the engine's pixel order
+        self.used_mask = self.store.used
+        self.num_used = int(self.used_mask.sum())
         self.size = p.size or geometry.default_grid_size(det)
         self.angles = geometry.rotation_angles(p.num_rot, p.friedel)
-        self.operator = self._grid_operator(1)
-        # grid points that some merged pixel reaches at some rotation: where a model is measured
-        reach = kernels.merge(
-            self.xp.ones((1, p.num_rot, self.merge_pix.size), dtype=self.xp.float32),
-            self.operator,
-        )
-        self.support = (to_numpy(reach)[0] > 1e-3).reshape(self.size, self.size)
+        cx, cy = geometry.pixel_coords_2d(det)
+        table = geometry.rotation_table(cx[self.merge_pix], cy[self.merge_pix], self.angles,
+                                        self.size)
+        operator = kernels.pixel_major_operator(table.index, table.weight, self.size)
+        r = p.num_rot
+        self.view_ops, self.merge_ops = [], []
+        for chunk in self.chunks:
+            rows = operator[chunk.start * r : chunk.stop * r]
+            self.view_ops.append(kernels.view_operator_on(rows, xp))
+            self.merge_ops.append(kernels.view_operator_on(rows.T.tocsr(), xp))
+        # Σ_t over used pixels of each rotation's interpolation weights (view sums) and over all
+        # merged pixels (the M-step's denominator and where a model is measured)
+        self.used_sums = kernels.rotation_sums(operator, r, self.used_mask, xp)
+        self.all_sums = kernels.rotation_sums(operator, r, np.ones(self.merge_pix.size), xp)
+        self.support = (to_numpy(self.all_sums).sum(axis=0) > 1e-3).reshape(self.size, self.size)
+        self._host_operator = operator
 
     def _grid_operator(self, oversample: int):
         """The view operator onto a grid ``oversample`` times finer than the pixels (its side is
-        ``oversample (S - 1) + 1``: every ``oversample``-th point is a point of the S x S grid)."""
+        ``oversample (S - 1) + 1``: every ``oversample``-th point is a point of the S x S grid),
+        rotation-major (rows ``r·P + t``) as :func:`kernels.expand` and ``merge`` take it."""
         cx, cy = geometry.pixel_coords_2d(self.detector)
         fine = oversample * (self.size - 1) + 1
         table = geometry.rotation_table(oversample * cx[self.merge_pix],
                                         oversample * cy[self.merge_pix], self.angles, fine)
         return kernels.view_operator(table.index, table.weight, fine, self.xp)
 
-    def _setup_counts(self, photons) -> None:
-        csr = photons.to_csr().tocsc()[:, self.merge_pix].tocsr().astype(np.float32)
-        self.counts = csr
-        self.photons_used = np.asarray(csr[:, : self.num_used].sum(axis=1)).ravel()
-        n_local = csr.shape[0]
-        p = self.params
-        mr = p.num_classes * p.num_rot
-        if p.block_frames:
-            self.block = int(p.block_frames)
-        else:
-            per_frame = mr * 8 * 4 + self.merge_pix.size * 4 * 2
-            budget = self._memory_budget()
-            self.block = int(max(1, min(max(n_local, 1), budget // per_frame)))
-        # dense float32 blocks are rebuilt from the sparse counts every iteration unless they fit
-        # in the cache budget, in which case they are built once (on the GPU when there is one)
-        dense_bytes = n_local * self.merge_pix.size * 4
-        self.dense_blocks = None
-        if dense_bytes <= self._memory_budget() * 2:
-            self.dense_blocks = [
-                self.xp.asarray(csr[start : start + self.block].toarray())
-                for start in range(0, n_local, self.block)
-            ]
-        log.debug("rank %d: %d frames, blocks of %d, dense cache %s", self.rank, n_local,
-                  self.block, self.dense_blocks is not None)
-
-    def _memory_budget(self) -> int:
-        if self.xp is np:
-            return 512 * 2**20
-        free, _ = self.xp.cuda.runtime.memGetInfo()
-        return int(free * 0.4)
+    def _blas_threads(self, count: int):
+        """Limit BLAS to ``count`` threads (a no-op context on a GPU)."""
+        if self.xp is not np:
+            return contextlib.nullcontext()
+        return threadpool_limits(limits=count, user_api="blas")
 
     def _allreduce(self, array):
         """Sum a host or device array over ranks (through host memory: no CUDA-aware MPI needed)."""
@@ -192,16 +290,17 @@ class EMC2D:
     def _sum(self, value: float) -> float:
         return float(self.comm.allreduce(float(value))) if self.nranks > 1 else float(value)
 
+    @property
+    def photons_used(self) -> np.ndarray:
+        return self.store.photons_used
+
     def initial_state(self) -> EMCState:
         """Rotationally averaged powder pattern times a seeded random pattern, one per class."""
-        p, xp = self.params, self.xp
-        powder = np.asarray(self.counts.sum(axis=0)).ravel().astype(np.float64)
-        powder = to_numpy(self._allreduce(powder))
+        p = self.params
         n_total = self.selection.size
-        spread = np.broadcast_to(powder / n_total, (1, p.num_rot, powder.size))
-        ones = np.ones((1, p.num_rot, powder.size))
-        num = to_numpy(kernels.merge(xp.asarray(spread.astype(np.float32)), self.operator))
-        den = to_numpy(kernels.merge(xp.asarray(ones.astype(np.float32)), self.operator))
+        spread = np.repeat(self.powder / n_total, p.num_rot).astype(np.float32)
+        num = spread @ self._host_operator
+        den = to_numpy(self.all_sums).sum(axis=0)
         base = np.where(den > 1e-6, num / np.maximum(den, 1e-6), 0.0).reshape(self.size, self.size)
         rng = np.random.default_rng([p.seed, p.replicate])
         noise = rng.uniform(-1.0, 1.0, size=(p.num_classes, self.size, self.size))
@@ -216,60 +315,122 @@ class EMC2D:
         return EMCState(models=np.ascontiguousarray(models), scale=scale.astype(np.float64))
 
     # -- one iteration -------------------------------------------------------------------------
-    def iterate(self, state: EMCState):
-        """One EM iteration; returns the new state and this iteration's per-frame results."""
+    def _log_view_chunk(self, i: int, models_t, floor: float):
+        """log W on pixel chunk i (chunk × R·M), zero on pixels not used in the likelihood."""
+        xp, chunk = self.xp, self.chunks[i]
+        views = self.view_ops[i] @ models_t  # (chunk·R, M)
+        log_w = xp.log(xp.maximum(views, floor)).reshape(chunk.stop - chunk.start, -1)
+        unused = ~self.used_mask[chunk.start : chunk.stop]
+        if unused.any():
+            log_w[xp.asarray(unused)] = 0
+        return log_w.astype(xp.float32, copy=False)
+
+    def _block(self, block, ctx, acc) -> None:
+        """E-step of one block of frames and its M-step partial sums, added to ``acc``."""
+        xp, p = self.xp, self.params
+        m, r = p.num_classes, p.num_rot
+        lo, hi = block.start, block.stop
+        log_views = ctx["log_views"] or [self._log_view_chunk(i, ctx["models_t"], ctx["floor"])
+                                         for i in range(len(self.chunks))]
+        scale = xp.asarray(ctx["scale"][lo:hi].astype(np.float32))
+        log_r = kernels.block_log_likelihood(block.parts, log_views, ctx["view_sums"], scale, xp)
+        del log_views
+        prob, logsum, mutual_info = kernels.responsibilities(
+            log_r, xp.asarray(ctx["beta"][lo:hi]), xp)
+        numerators = kernels.block_numerators(block.parts_t, prob, xp,
+                                              kernels.sparse_probabilities(prob, xp))
+        grid = kernels.merge_numerators(numerators, self.merge_ops, m)
+        acc["grid_num"] += grid.astype(xp.float64)
+        if ctx["collect"]:
+            for i, num in enumerate(numerators):
+                acc["numerator"][i] += num
+        del numerators
+        acc["denominator"] += (prob.T @ scale).astype(xp.float64)
+        ctx["occupancies"][lo:hi] = to_numpy(prob.reshape(-1, r, m).sum(axis=1))
+        ctx["best"][lo:hi] = to_numpy(prob.argmax(axis=1))
+        if p.need_scaling:
+            expected = to_numpy(prob @ ctx["view_sums"].astype(prob.dtype)).astype(np.float64)
+            photons = self.photons_used[lo:hi]
+            ctx["new_scale"][lo:hi] = np.where(expected > 0, photons / np.maximum(expected, 1e-300),
+                                               ctx["scale"][lo:hi])
+        acc["log_likelihood"] += float((logsum - np.log(log_r.shape[1])).sum())
+        acc["mutual_info"] += float(mutual_info.sum())
+
+    def _accumulator(self, collect: bool) -> dict:
+        xp, p = self.xp, self.params
+        views = p.num_classes * p.num_rot
+        acc = {"grid_num": xp.zeros((self.size * self.size, p.num_classes), dtype=xp.float64),
+               "denominator": xp.zeros(views, dtype=xp.float64),
+               "log_likelihood": 0.0, "mutual_info": 0.0}
+        if collect:
+            acc["numerator"] = [xp.zeros((c.stop - c.start, views), dtype=xp.float32)
+                                for c in self.chunks]
+        return acc
+
+    def _run_blocks(self, ctx) -> dict:
+        """Every block through :meth:`_block`, on ``threads`` worker threads (each with one BLAS
+        thread and its own partial sums, a block at a time) or in this thread on a GPU."""
+        starts = iter(self.store.starts())
+        lock = threading.Lock()
+
+        def work(acc):
+            while True:
+                with lock:
+                    start = next(starts, None)
+                if start is None:
+                    return acc
+                self._block(self.store.block_at(start), ctx, acc)
+
+        if self.threads == 1:
+            return work(self._accumulator(ctx["collect"]))
+        with self._blas_threads(1), ThreadPoolExecutor(self.threads) as pool:
+            accs = [f.result() for f in [pool.submit(work, self._accumulator(ctx["collect"]))
+                                         for _ in range(self.threads)]]
+        total = accs[0]
+        for acc in accs[1:]:
+            for key, value in acc.items():
+                if key == "numerator":
+                    for i, part in enumerate(value):
+                        total[key][i] += part
+                else:
+                    total[key] += value
+        return total
+
+    def iterate(self, state: EMCState, collect: bool = False):
+        """One EM iteration; returns the new state and this iteration's per-frame results (with
+        ``collect``, also the per-view photon sums that :meth:`sharpen` needs)."""
         p, xp = self.params, self.xp
         t0 = time.perf_counter()
         m, r, s = p.num_classes, p.num_rot, self.size
-        models = xp.asarray(state.models.reshape(m, s * s).astype(np.float32))
-        views = kernels.expand(models, self.operator, r)  # (M, R, P_merge)
-        used = self.num_used
-        views_used = views[:, :, :used]
-        view_sums = views_used.sum(axis=2).reshape(m * r).astype(xp.float64)
-        log_w = xp.ascontiguousarray(
-            kernels.log_views(views_used, xp).reshape(m * r, -1).T.astype(xp.float32)
-        )
-        beta = kernels.beta_schedule(
-            self.photons_used, state.iteration, p.beta_start, p.beta_jump, p.beta_period
-        )
-        n_local = self.counts.shape[0]
-        numerator = xp.zeros((m * r, self.merge_pix.size), dtype=xp.float32)
-        denominator = xp.zeros(m * r, dtype=xp.float64)
-        occupancies = np.zeros((n_local, m), dtype=np.float32)
-        best = np.zeros(n_local, dtype=np.int64)
-        new_scale = state.scale.copy()
-        log_likelihood = mutual_info = 0.0
-        for number, start in enumerate(range(0, n_local, self.block)):
-            stop = min(start + self.block, n_local)
-            if self.dense_blocks is not None:
-                dense = self.dense_blocks[number]
-            else:
-                dense = xp.asarray(self.counts[start:stop].toarray())
-            result = kernels.e_step_block(
-                dense[:, :used], dense, log_w, view_sums,
-                xp.asarray(state.scale[start:stop]), xp.asarray(beta[start:stop]), xp,
-                need_scaling=p.need_scaling,
-            )
-            numerator += result.numerator
-            denominator += result.denominator
-            occupancies[start:stop] = to_numpy(result.occupancies.reshape(-1, m, r).sum(axis=2))
-            best[start:stop] = to_numpy(result.best)
-            new_scale[start:stop] = to_numpy(result.new_scale)
-            log_likelihood += result.log_likelihood
-            mutual_info += result.mutual_info
-        numerator = self._allreduce(numerator)
-        denominator = self._allreduce(denominator)
-        grid_num = kernels.merge(numerator.reshape(m, r, -1), self.operator)
-        weights = xp.broadcast_to(
-            denominator.reshape(m, r, 1).astype(xp.float32), (m, r, self.merge_pix.size)
-        )
-        grid_den = kernels.merge(xp.ascontiguousarray(weights), self.operator)
+        models_t = xp.asarray(np.ascontiguousarray(state.models.reshape(m, s * s).T,
+                                                   dtype=np.float32))
+        view_sums = (self.used_sums @ models_t).reshape(r * m).astype(xp.float64)
+        floor = (kernels.LOG_FLOOR * float(view_sums.sum()) / (self.num_used * r * m)
+                 + float(np.finfo(np.float32).tiny))
+        n_local = self.store.num_frames
+        ctx = {
+            "models_t": models_t, "floor": floor, "view_sums": view_sums, "collect": collect,
+            "log_views": ([self._log_view_chunk(i, models_t, floor)
+                           for i in range(len(self.chunks))] if self.cache_views else None),
+            "scale": state.scale,
+            "beta": kernels.beta_schedule(self.photons_used, state.iteration, p.beta_start,
+                                          p.beta_jump, p.beta_period),
+            "occupancies": np.zeros((n_local, m), dtype=np.float32),
+            "best": np.zeros(n_local, dtype=np.int64),
+            "new_scale": state.scale.copy(),
+        }
+        acc = self._run_blocks(ctx)
+        ctx.pop("log_views")
+        grid_num = to_numpy(self._allreduce(acc["grid_num"])).T  # (M, S²)
+        denominator = to_numpy(self._allreduce(acc["denominator"])).reshape(r, m)
+        grid_den = denominator.T @ to_numpy(self.all_sums)  # (M, S²)
         old = state.models.reshape(m, s * s)
-        covered = to_numpy(grid_den) > 1e-6 * float(to_numpy(grid_den).max())
-        new = np.where(covered, to_numpy(grid_num) / np.maximum(to_numpy(grid_den), 1e-30), 0.0)
-        dead = to_numpy(denominator).reshape(m, r).sum(axis=1) <= 1e-12
+        covered = grid_den > 1e-6 * float(grid_den.max())
+        new = np.where(covered, grid_num / np.maximum(grid_den, 1e-30), 0.0)
+        dead = denominator.sum(axis=0) <= 1e-12
         new[dead] = old[dead]  # a class no frame chose keeps its model
         new = new.reshape(m, s, s)
+        occupancies, beta, new_scale = ctx["occupancies"], ctx["beta"], ctx["new_scale"]
         class_frames = to_numpy(self._allreduce(occupancies.sum(axis=0).astype(np.float64)))
         reseeded = self.reseed(new, class_frames, state.iteration + 1)
         if p.friedel:
@@ -285,8 +446,8 @@ class EMC2D:
             "iteration": state.iteration + 1,
             "seconds": 0.0,
             "rms_change": rms,
-            "mutual_info": self._sum(mutual_info) / n_total,
-            "log_likelihood": self._sum(log_likelihood) / n_total,
+            "mutual_info": self._sum(acc["mutual_info"]) / n_total,
+            "log_likelihood": self._sum(acc["log_likelihood"]) / n_total,
             "beta": self._sum(beta.sum()) / n_total,
         }
         if reseeded and self.rank == 0:
@@ -296,11 +457,19 @@ class EMC2D:
             models=np.ascontiguousarray(new), scale=new_scale, iteration=state.iteration + 1,
             log_rows=[*state.log_rows, row],
         )
-        # what sharpen() needs of this M-step: the per-rotation sums, the photons merged into
-        # each grid point (its shrinkage) and the classes no frame chose
-        sums = {"numerator": numerator, "denominator": denominator,
-                "grid_photons": to_numpy(grid_num).reshape(m, s, s), "dead": dead}
-        return new_state, {"occupancies": occupancies, "best": best, "sums": sums}
+        best = ctx["best"]  # view index r·M + m
+        frame_results = {"occupancies": occupancies, "best_class": best % m,
+                         "best_rotation": best // m}
+        if collect:
+            # what sharpen() needs of this M-step, class-major as kernels.ml_update takes it:
+            # the per-view photon sums (M, R, P), the per-view scale sums (M·R), the photons
+            # merged into each grid point (its shrinkage) and the classes no frame chose
+            numerator = xp.concatenate(acc["numerator"], axis=0).reshape(-1, r, m)
+            numerator = self._allreduce(xp.ascontiguousarray(numerator.transpose(2, 1, 0)))
+            frame_results["sums"] = {
+                "numerator": numerator, "denominator": xp.asarray(denominator.T.ravel()),
+                "grid_photons": grid_num.reshape(m, s, s), "dead": dead}
+        return new_state, frame_results
 
     def reseed_due(self, iteration: int) -> bool:
         """Re-seeding happens just before each jump of beta, never in the last two beta levels
@@ -430,16 +599,26 @@ class EMC2D:
         )
 
     def _fingerprint(self) -> dict:
+        """What a checkpoint must agree on to be resumed: the parameters that change the result
+        (not iterations, how the work is split, or the final sharpening), the frames and the
+        photon files' contents."""
         keep = {k: v for k, v in asdict(self.params).items()
-                if k not in ("iterations", "block_frames", "device")
+                if k not in ("iterations", "block_frames", "device", "threads", "memory_mb",
+                             "sparse_below")
                 and not k.startswith("sharpen_")}
-        return {**keep, "frames": int(self.selection.size), "size": self.size}
+        if not hasattr(self, "_photons_hash"):
+            self._photons_hash = (photon_fingerprint(self.photon_files) if self.rank == 0
+                                  else None)
+            self._photons_hash = self.comm.bcast(self._photons_hash, root=0)
+        return {**keep, "frames": int(self.selection.size), "size": self.size,
+                "photons": self._photons_hash}
 
     def write_result(self, path: Path, state: EMCState, frame_results: dict) -> None:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
         peak_per_rank = self.comm.gather(peak_mb, root=0) if self.nranks > 1 else [peak_mb]
         occupancies = self.gather_frames(frame_results["occupancies"])
-        best = self.gather_frames(frame_results["best"])
+        best_class = self.gather_frames(frame_results["best_class"])
+        best_rotation = self.gather_frames(frame_results["best_rotation"])
         scale = self.gather_frames(state.scale)
         if self.rank != 0:
             return
@@ -452,8 +631,8 @@ class EMC2D:
             f["intens"] = frame_results["intens"]
             f["frames"] = self.selection
             f.create_dataset("occupancies", data=occupancies, compression="gzip")
-            f["best_rotation"] = (best % p.num_rot).astype(np.int32)
-            f["best_class"] = (best // p.num_rot).astype(np.int32)
+            f["best_rotation"] = best_rotation.astype(np.int32)
+            f["best_class"] = best_class.astype(np.int32)
             f["scale"] = scale
             f["log"] = table
             f["angles"] = self.angles
@@ -467,14 +646,16 @@ class EMC2D:
             f.attrs["ranks"] = self.nranks
             # before the gather of the per-frame arrays, which only rank 0 pays for
             f.attrs["peak_memory_mb_per_rank"] = np.asarray(peak_per_rank)
-            f.attrs["frames_per_rank"] = np.asarray(
-                [np.subtract(*shard_bounds(self.selection.size, r, self.nranks)[::-1])
-                 for r in range(self.nranks)]
-            )
+            f.attrs["frames_per_rank"] = np.asarray(self.frames_per_rank)
+            f["empty_frames"] = self.empty_frames
+            f.attrs["dense_pixels"] = self.num_dense
+            f.attrs["sparse_below"] = self.crossover
+            f.attrs["threads_per_rank"] = self.threads
 
     def run(self, out: Path, checkpoint: Path | None = None, resume: bool = False) -> EMCState:
         p = self.params
-        checkpoint = checkpoint or out.with_name(out.stem + ".ckpt.h5")
+        out = check_output(out)
+        checkpoint = check_output(checkpoint or out.with_name(out.stem + ".ckpt.h5"))
         if resume and checkpoint.exists():
             state = self.load_checkpoint(checkpoint)
             log.info("resuming from %s after iteration %d", checkpoint, state.iteration)
@@ -501,9 +682,9 @@ class EMC2D:
                 self.save_checkpoint(checkpoint, state)
                 bar.update(1)
         # per-frame occupancies, best rotations and scales under the final models
-        _, frame_results = self.iterate(state)
+        _, frame_results = self.iterate(state, collect=p.sharpen_iterations > 0)
         t0 = time.perf_counter()
-        frame_results["intens"] = self.sharpen(state, frame_results.pop("sums"))
+        frame_results["intens"] = self.sharpen(state, frame_results.pop("sums", None))
         if self.rank == 0 and p.sharpen_iterations:
             log.info("sharpened the averages: %d EM steps on a grid %d times finer (%.2f s)",
                      p.sharpen_iterations, p.sharpen_oversample, time.perf_counter() - t0)

@@ -10,6 +10,24 @@ import os
 from pathlib import Path
 
 
+def check_output(path: str | os.PathLike) -> Path:
+    """Refuse, before any work, an output that cannot be written: a directory at the path, or a
+    file (or nothing creatable) where its folder should be. Raises InputError naming the path."""
+    from spiscape.errors import InputError
+
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(path, "is a directory; give a file name for the output")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(path, f"cannot be created: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK):
+                raise InputError(path, f"cannot be created: {parent} is not writable")
+            break
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds.
