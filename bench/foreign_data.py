@@ -62,8 +62,8 @@ SIZE_TRUNCATION = 3.0
 #: The matrix. Geometry in Dragonfly's units (detd and pixsize in mm, lambda in Angstrom,
 #: detsize and stoprad in pixels); sizes in nm; spreads are relative standard deviations.
 #: Chosen to span the issue's ranges, not to suit the pipeline: detector side 64-128 px, two
-#: pixel sizes (0.8 and 0.4 mm, a 2x binning), 300-3000 photons, spreads 1-8 %, contaminants
-#: 5-25 % of two or more kinds, melting 10-50 %.
+#: pixel sizes (0.8 and 0.4 mm, a 2x binning), 300-3000 photons (128^2 at both ends),
+#: spreads 1-8 %, contaminants 5-25 % of two or more kinds, melting 10-50 %.
 DATASETS = {
     "df64": dict(
         source="dragonfly", seed=101, num_frames=5000, mean_photons=1500,
@@ -93,6 +93,14 @@ DATASETS = {
         spread={"cube": 0.03, "melting": 0.03, "sphere": 0.06},
         fractions={"cube": 0.35, "melting": 0.1, "sphere": 0.3, "dimer": 0.1, "rod": 0.08,
                    "spheroid": 0.07},
+    ),
+    # a large detector at a low photon count: the photon-sparse regime of the EMC issue
+    "df128low": dict(
+        source="dragonfly", seed=107, num_frames=6000, mean_photons=300,
+        detd=650.0, wavelength=2.3, detsize=128, pixsize=0.4, stoprad=5,
+        cube_edge=46.0, p_max=14.0, volume_growth=0.10, melting_levels=11,
+        spread={"cube": 0.02, "melting": 0.02, "sphere": 0.05},
+        fractions={"cube": 0.3, "melting": 0.3, "sphere": 0.2, "dimer": 0.1, "rod": 0.1},
     ),
     "sim72lowphot": dict(
         source="spiscape", num_frames=6000, seed=105, mean_photons=300,

@@ -413,3 +413,99 @@ def test_reseed_share_must_be_a_share():
         EMCParams(reseed_share=1.0).check()
     with pytest.raises(ConfigError, match="reseed_share"):
         EMCParams(reseed_share=-0.1).check()
+
+
+def run_models(dataset, photons=None, iterations=2, **overrides):
+    """Models, occupancies and engine of a short run (no files written)."""
+    params = EMCParams(**{"num_classes": 4, "num_rot": 12, "iterations": iterations, "seed": 2,
+                          **overrides})
+    emc = EMC2D([photons or dataset / "photons.h5"], dataset / "detector.h5", params)
+    state = emc.initial_state()
+    for _ in range(iterations):
+        state, results = emc.iterate(state)
+    return state.models, results["occupancies"], emc
+
+
+def test_dense_csr_threaded_and_streamed_engines_agree(tiny_dataset, monkeypatch):
+    # all pixels dense on one thread, all CSR on two, and the measured split with the frames
+    # streamed from the file (no cache) and the views recomputed per block in pixel chunks (a
+    # 2 MB budget): the same sums, so the same models to float32 rounding
+    from spiscape.emc.frames import FrameStore
+
+    big = {"num_classes": 40, "num_rot": 24}
+    dense, occ_dense, emc = run_models(tiny_dataset, sparse_below=0, threads=1, **big)
+    assert emc.num_dense == emc.merge_pix.size and emc.store.cached and emc.cache_views
+    sparse, occ_sparse, emc = run_models(tiny_dataset, sparse_below=1, threads=2, **big)
+    assert emc.num_dense == 0
+    arrange = FrameStore.arrange
+    monkeypatch.setattr(FrameStore, "arrange",
+                        lambda self, *a, cache_bytes: arrange(self, *a, cache_bytes=0))
+    streamed, occ_streamed, emc = run_models(tiny_dataset, memory_mb=2, threads=2, **big)
+    assert not emc.store.cached and not emc.cache_views and len(emc.chunks) >= 2
+    for models, occ in ((sparse, occ_sparse), (streamed, occ_streamed)):
+        np.testing.assert_allclose(models, dense, rtol=2e-3, atol=1e-4 * dense.max())
+        np.testing.assert_allclose(occ, occ_dense, atol=2e-3)
+
+
+def with_frames_changed(dataset, path, change):
+    from spiscape.io.photons import SparsePhotons, read_photons, write_photons
+
+    counts = read_photons(dataset / "photons.h5").to_dense()
+    change(counts)
+    write_photons(SparsePhotons.from_dense(counts), path)
+    return path
+
+
+def test_frames_without_photons_are_left_out_and_reported(tiny_dataset, tmp_path, caplog):
+    def empty(counts):
+        counts[[3, 10]] = 0
+
+    photons = with_frames_changed(tiny_dataset, tmp_path / "p.h5", empty)
+    out = tmp_path / "rep.h5"
+    emc = EMC2D([photons], tiny_dataset / "detector.h5",
+                EMCParams(num_classes=3, num_rot=6, iterations=2, seed=2))
+    emc.run(out)
+    assert "2 of 240 frames have no photon on a used pixel" in caplog.text
+    with h5py.File(out) as f:
+        assert 3 not in f["frames"][:] and 10 not in f["frames"][:]
+        assert f["frames"].size == 238 and f["empty_frames"][:].tolist() == [3, 10]
+        assert np.isfinite(f["intens"][:]).all() and np.isfinite(f["scale"][:]).all()
+    nothing = with_frames_changed(tiny_dataset, tmp_path / "none.h5",
+                                  lambda c: c.__setitem__(slice(None), 0))
+    with pytest.raises(InputError, match="none of the 240 frames"):
+        EMC2D([nothing], tiny_dataset / "detector.h5", EMCParams(num_classes=2, num_rot=4))
+
+
+def test_resume_needs_the_same_photons(tiny_dataset, tmp_path):
+    params = EMCParams(num_classes=3, num_rot=6, iterations=3, seed=2)
+    emc = EMC2D([tiny_dataset / "photons.h5"], tiny_dataset / "detector.h5", params)
+    state, _ = emc.iterate(emc.initial_state())
+    ckpt = tmp_path / "rep.ckpt.h5"
+    emc.save_checkpoint(ckpt, state)
+    again = EMC2D([tiny_dataset / "photons.h5"], tiny_dataset / "detector.h5", params)
+    assert again.load_checkpoint(ckpt).iteration == 1
+
+    def move_one_photon(counts):  # same frames, same photon count, other data
+        frame = int(np.flatnonzero(counts.sum(1))[0])
+        pixel = int(np.flatnonzero(counts[frame])[0])
+        counts[frame, pixel] -= 1
+        counts[frame, (pixel + 1) % counts.shape[1]] += 1
+
+    other = with_frames_changed(tiny_dataset, tmp_path / "other.h5", move_one_photon)
+    emc = EMC2D([other], tiny_dataset / "detector.h5", params)
+    with pytest.raises(InputError, match="other parameters or data"):
+        emc.load_checkpoint(ckpt)
+
+
+def test_output_is_checked_before_the_run(tiny_dataset, tmp_path, capsys):
+    base = ["classify2d", "--photons", str(tiny_dataset / "photons.h5"),
+            "--detector", str(tiny_dataset / "detector.h5"), "--num-classes", "2",
+            "--num-rot", "4", "--iterations", "1000"]
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("x")
+    for out, message in ((tmp_path / "adir", "is a directory"),
+                         (tmp_path / "afile" / "rep.h5", "is a file, not a folder")):
+        capsys.readouterr()
+        assert cli.main([*base, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert message in err[-1] and str(out) in err[-1]

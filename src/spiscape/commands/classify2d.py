@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from spiscape.emc import EMC2D, EMCParams
+from spiscape.utils.args import auto_or_number
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,18 @@ def add_args(parser):
                              "holding less than this share of its fair N/M frames is re-seeded "
                              "from the most populated class; 0: never (Dragonfly)")
     parser.add_argument("--block-frames", type=int, default=None,
-                        help="frames per E-step block (default: sized to memory)")
+                        help="frames per E-step block (default: sized to --memory-mb)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="worker threads of each rank (default: OMP_NUM_THREADS, else "
+                             "every core this process may use)")
+    parser.add_argument("--memory-mb", type=int, default=None,
+                        help="memory a rank may use for cached frames and views and the blocks "
+                             "in flight (default: 1024 on a CPU, 40%% of the free GPU memory); "
+                             "frames that do not fit are streamed from the photon files")
+    parser.add_argument("--sparse-below", type=auto_or_number(0.0), default=d.sparse_below,
+                        help="pixels whose photon density (share of frames with a photon there) "
+                             "is below this go through CSR products, the rest dense; 'auto' "
+                             "measures the crossover on this machine; 0: all dense, 1: all CSR")
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default=d.device,
                         help="where the E-step runs")
     parser.add_argument("--resume", action="store_true",
@@ -86,6 +98,7 @@ def main(args):
         init_noise=args.init_noise, sharpen_iterations=args.sharpen_iterations,
         sharpen_oversample=args.sharpen_oversample, sharpen_photons=args.sharpen_photons,
         reseed_share=args.reseed_share, block_frames=args.block_frames, device=args.device,
+        threads=args.threads, memory_mb=args.memory_mb, sparse_below=args.sparse_below,
     )
     emc = EMC2D(args.photons, args.detector, params)
     out = Path(args.out)

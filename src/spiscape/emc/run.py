@@ -126,8 +126,8 @@ class EMCParams:
             problems.append(f"reseed_share must be in [0, 1) (got {self.reseed_share})")
         if self.threads is not None and self.threads < 1:
             problems.append(f"threads must be >= 1 (got {self.threads})")
-        if self.memory_mb is not None and self.memory_mb < 16:
-            problems.append(f"memory_mb must be >= 16 (got {self.memory_mb})")
+        if self.memory_mb is not None and self.memory_mb < 1:
+            problems.append(f"memory_mb must be >= 1 (got {self.memory_mb})")
         if self.sparse_below != "auto" and not 0 <= float(self.sparse_below) <= 1:
             problems.append(f"sparse_below must be 'auto' or in [0, 1] (got {self.sparse_below})")
         if self.size is not None and self.size < 5:
