@@ -509,3 +509,30 @@ def test_output_is_checked_before_the_run(tiny_dataset, tmp_path, capsys):
         assert cli.main([*base, "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert message in err[-1] and str(out) in err[-1]
+
+
+def test_resumed_auto_split_takes_the_checkpointed_crossover(tiny_dataset, tmp_path, monkeypatch):
+    # the measured crossover is a timing: a resumed run must not measure another one and sum in
+    # another order than the run it continues
+    import spiscape.emc.run as emc_run
+
+    params = EMCParams(num_classes=3, num_rot=6, iterations=2, seed=2, sparse_below="auto")
+    monkeypatch.setattr(emc_run, "measure_crossover", lambda *a: 0.3)
+    first = EMC2D([tiny_dataset / "photons.h5"], tiny_dataset / "detector.h5", params)
+    state, _ = first.iterate(first.initial_state())
+    ckpt = tmp_path / "rep.ckpt.h5"
+    first.save_checkpoint(ckpt, state)
+    monkeypatch.setattr(emc_run, "measure_crossover", lambda *a: 0.9)
+    again = EMC2D([tiny_dataset / "photons.h5"], tiny_dataset / "detector.h5", params)
+    assert again.crossover == 0.9
+    again.run(tmp_path / "rep.h5", checkpoint=ckpt, resume=True)
+    assert again.crossover == 0.3 and again.num_dense == first.num_dense
+    with h5py.File(tmp_path / "rep.h5") as f:
+        assert f.attrs["sparse_below"] == 0.3
+
+
+def test_threaded_runs_repeat_to_the_last_bit(tiny_dataset):
+    runs = [run_models(tiny_dataset, sparse_below=0.2, threads=2, block_frames=16)
+            for _ in range(2)]
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])

@@ -53,7 +53,8 @@ def test_two_ranks_equal_one(tiny_dataset, tmp_path):
 
 
 def test_killed_run_resumes_to_the_same_result(tiny_dataset, tmp_path):
-    iterations = ["--iterations", "150"]
+    # a fixed dense/CSR split: 'auto' measures a timing, and the reference run is another run
+    iterations = ["--iterations", "150", "--sparse-below", "0.2"]
     reference = read(classify(tiny_dataset, tmp_path / "ref.h5", *iterations))
     out = tmp_path / "killed.h5"
     checkpoint = tmp_path / "killed.ckpt.h5"

@@ -74,7 +74,9 @@ def measure_crossover(csr: scipy.sparse.csr_matrix, num_views: int, xp=np, repea
     Times ``K @ L`` with K a sample of frames (b × P) as a dense block and as CSR, L random
     (P × min(num_views, 512)); the dense cost per pixel column is ``t_dense / P``, the sparse cost
     per photon ``t_sparse / nnz``, and a pixel with density ρ costs ``b ρ t_sparse / nnz`` sparse
-    against ``t_dense / P`` dense. Best of ``repeats`` runs of each.
+    against ``t_dense / P`` dense. Best of ``repeats`` runs of each, rounded to a step of
+    2^(1/2) so that two runs on one machine mostly split alike (a timing is never exact: pass a
+    number as ``sparse_below`` for runs that repeat to the last bit).
     """
     if csr.nnz == 0:
         return 1.0
@@ -98,7 +100,8 @@ def measure_crossover(csr: scipy.sparse.csr_matrix, num_views: int, xp=np, repea
     t_sparse = best(lambda: sparse @ lw)
     per_pixel_dense = t_dense / csr.shape[1]
     per_photon_sparse = t_sparse / csr.nnz
-    return float(per_pixel_dense / (csr.shape[0] * per_photon_sparse))
+    crossover = per_pixel_dense / (csr.shape[0] * per_photon_sparse)
+    return float(2.0 ** (np.round(2 * np.log2(crossover)) / 2))
 
 
 def _synchronize(xp) -> None:

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import resource
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -199,17 +198,19 @@ class EMC2D:
             log.warning("%d of %d frames have no photon on a used pixel and are left out "
                         "(frames %s)", empty.size, drawn, shown)
 
-    def _arrange(self) -> None:
-        """Pixel order by photon density (the same on every rank), the dense/sparse split, the
-        block size and the chunks, from the memory budget (see :mod:`spiscape.emc.frames`)."""
+    def _arrange(self, crossover: float | None = None) -> None:
+        """Pixel order by photon density (the same on every rank), the dense/sparse split (at
+        ``crossover``, else from the parameters), the block size and the chunks, from the memory
+        budget (see :mod:`spiscape.emc.frames`)."""
         p, store = self.params, self.store
         n_total = self.selection.size
         density = to_numpy(self._allreduce(store.pixel_frames)) / n_total
         order = np.lexsort((np.arange(density.size), -density))
         self.powder = to_numpy(self._allreduce(store.powder))[order]  # the engine's pixel order
         views = p.num_classes * p.num_rot
-        if p.sparse_below == "auto":
-            crossover = None
+        if crossover is not None:
+            pass
+        elif p.sparse_below == "auto":
             if self.rank == 0:
                 with self._blas_threads(1):
                     crossover = measure_crossover(store.sample(CALIBRATION_FRAMES), views, self.xp)
@@ -369,23 +370,21 @@ class EMC2D:
 
     def _run_blocks(self, ctx) -> dict:
         """Every block through :meth:`_block`, on ``threads`` worker threads (each with one BLAS
-        thread and its own partial sums, a block at a time) or in this thread on a GPU."""
-        starts = iter(self.store.starts())
-        lock = threading.Lock()
+        thread and its own partial sums) or in this thread on a GPU. Thread i takes blocks i,
+        i + T, i + 2T, ...: a fixed order of the sums, so the same thread count gives the same
+        result to the last bit."""
+        starts = list(self.store.starts())
 
-        def work(acc):
-            while True:
-                with lock:
-                    start = next(starts, None)
-                if start is None:
-                    return acc
+        def work(first, acc):
+            for start in starts[first :: self.threads]:
                 self._block(self.store.block_at(start), ctx, acc)
+            return acc
 
         if self.threads == 1:
-            return work(self._accumulator(ctx["collect"]))
+            return work(0, self._accumulator(ctx["collect"]))
         with self._blas_threads(1), ThreadPoolExecutor(self.threads) as pool:
-            accs = [f.result() for f in [pool.submit(work, self._accumulator(ctx["collect"]))
-                                         for _ in range(self.threads)]]
+            accs = [f.result() for f in [pool.submit(work, i, self._accumulator(ctx["collect"]))
+                                         for i in range(self.threads)]]
         total = accs[0]
         for acc in accs[1:]:
             for key, value in acc.items():
@@ -576,6 +575,7 @@ class EMC2D:
             f["iteration"] = state.iteration
             f.attrs["log"] = json.dumps(state.log_rows)
             f.attrs["params"] = json.dumps(self._fingerprint())
+            f.attrs["sparse_below"] = self.crossover
 
     def load_checkpoint(self, path: Path) -> EMCState:
         try:
@@ -597,6 +597,20 @@ class EMC2D:
             models=models, scale=scale[start : start + self.frames.size], iteration=iteration,
             log_rows=log_rows,
         )
+
+    def _resume_split(self, checkpoint: Path) -> None:
+        """With ``sparse_below: auto``, take the dense/CSR split the checkpointed run measured, so
+        that a resumed run sums in the same order as an unbroken one."""
+        if self.params.sparse_below != "auto":
+            return
+        crossover = None
+        if self.rank == 0:
+            with h5py.File(checkpoint, "r") as f:
+                crossover = f.attrs.get("sparse_below")
+        crossover = self.comm.bcast(None if crossover is None else float(crossover), root=0)
+        if crossover is not None and crossover != self.crossover:
+            self._arrange(crossover)
+            self._setup_geometry()
 
     def _fingerprint(self) -> dict:
         """What a checkpoint must agree on to be resumed: the parameters that change the result
@@ -658,6 +672,7 @@ class EMC2D:
         checkpoint = check_output(checkpoint or out.with_name(out.stem + ".ckpt.h5"))
         if resume and checkpoint.exists():
             state = self.load_checkpoint(checkpoint)
+            self._resume_split(checkpoint)
             log.info("resuming from %s after iteration %d", checkpoint, state.iteration)
         else:
             state = self.initial_state()
