@@ -98,6 +98,10 @@ def log_views(views, xp):
     return xp.log(xp.maximum(views, floor))
 
 
+#: shifted log-probabilities at or below this are 0 (see :func:`responsibilities`)
+LOG_PROB_CUT = -50.0
+
+
 def responsibilities(log_r, beta, xp):
     """Annealed probabilities from the log-likelihoods ``log_r`` (b, M·R), in place.
 
@@ -108,9 +112,15 @@ def responsibilities(log_r, beta, xp):
     """
     top = log_r.max(axis=1, keepdims=True)
     log_r -= top  # shifted, all <= 0
-    logsum = top[:, 0].astype(xp.float64) + xp.log(xp.exp(log_r).sum(axis=1, dtype=xp.float64))
+    # exp of anything below LOG_PROB_CUT would be a float32 subnormal (below 1.2e-38) or close
+    # to one: subnormals make every later product 5-50 times slower on x86 CPUs, and late in
+    # the annealing most entries are there. They are set to exactly 0 (each < 2e-22 of the
+    # frame's largest, which is 1)
+    logsum = top[:, 0].astype(xp.float64) + xp.log(
+        xp.exp(xp.maximum(log_r, LOG_PROB_CUT)).sum(axis=1, dtype=xp.float64))
     scaled = log_r * beta[:, None].astype(log_r.dtype)
-    prob = xp.exp(scaled)
+    prob = xp.exp(xp.maximum(scaled, LOG_PROB_CUT))
+    prob[scaled <= LOG_PROB_CUT] = 0
     norm = prob.sum(axis=1, dtype=xp.float64)
     prob /= norm[:, None].astype(prob.dtype)
     mutual_info = (prob * scaled).sum(axis=1, dtype=xp.float64) - xp.log(norm)
@@ -194,11 +204,16 @@ def sparse_probabilities(prob, xp):
 def block_numerators(parts_t, prob, xp, prob_sparse=None):
     """Σ_d P_dj K_dt for each pixel chunk: a list of (chunk, R·M) arrays.
 
-    ``parts_t[i]`` (chunk × b) is the transpose of the block's photons on chunk i; ``prob``
-    (b, R·M) the probabilities, or ``prob_sparse`` their CSR form (:func:`sparse_probabilities`).
+    ``parts_t[i]`` (chunk × b) is the transpose of the block's photons on chunk i, dense or CSR;
+    ``prob`` (b, R·M) the probabilities and ``prob_sparse`` their CSR form when they are sparse
+    (:func:`sparse_probabilities`). The CSR form serves the dense chunks only (dense × CSR costs
+    the kept probabilities × the chunk's pixels); a CSR chunk takes the dense probabilities
+    (CSR × dense costs its photons × R·M), since a CSR × CSR product (SpGEMM, then a dense
+    chunk × R·M result) costs several times more than either.
     """
-    weights = prob if prob_sparse is None else prob_sparse
-    return [product(part_t, weights, xp) for part_t in parts_t]
+    return [product(part_t, prob if prob_sparse is None or hasattr(part_t, "tocsr")
+                    else prob_sparse, xp)
+            for part_t in parts_t]
 
 
 def merge_numerators(numerators, merge_ops, num_classes: int):
