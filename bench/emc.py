@@ -251,17 +251,22 @@ def synthetic_dataset(folder: Path, side: int, frames: int, photons: float, seed
 
 
 SCALING = [
-    # (frames, classes, rotations, side, photons)
-    *[(n, 50, 36, 128, ph) for ph in (300, 2000) for n in (1000, 10000, 100000)],
-    *[(10000, m, r, 128, 2000) for m, r in ((10, 24), (200, 90))],
-    *[(10000, 50, 36, side, ph) for ph in (300, 2000) for side in (61, 96)],
+    # (frames, classes, rotations, side, photons, --memory-mb or None for the default)
+    *[(n, 50, 36, 128, ph, None) for ph in (300, 2000) for n in (1000, 10000, 100000)],
+    *[(10000, m, r, 128, 2000, None) for m, r in ((10, 24), (200, 90))],
+    # 200 x 90 views of 128^2 pixels are 1.2 GB: above the default budget they are recomputed
+    # per block; with 4 GB they are kept
+    (10000, 200, 90, 128, 2000, 4096),
+    *[(10000, 50, 36, side, ph, None) for ph in (300, 2000) for side in (61, 96)],
 ]
 
 
 def scaling(args, tmp: Path) -> list[dict]:
     rows = []
-    for frames, m, r, side, ph in SCALING:
+    for number, (frames, m, r, side, ph, memory) in enumerate(SCALING):
         if args.scaling_max_frames and frames > args.scaling_max_frames:
+            continue
+        if args.scaling_rows and number not in args.scaling_rows:
             continue
         data = HERE / "results" / "data" / f"synthetic_{side}_{ph}_{frames}"
         t0 = time.perf_counter()
@@ -270,9 +275,12 @@ def scaling(args, tmp: Path) -> list[dict]:
         run_args = argparse.Namespace(**{**vars(args), "num_classes": m, "num_rot": r,
                                          "iterations": args.scaling_iterations, "size": None})
         print(f"scaling: {frames} frames, {m} x {r}, {side}^2, {ph} photons ...", flush=True)
-        res = run_ours([photons], detector, tmp / "scaling.h5", run_args, threads=args.threads)
+        extra = () if memory is None else ("--memory-mb", str(memory))
+        res = run_ours([photons], detector, tmp / "scaling.h5", run_args, threads=args.threads,
+                       extra=extra)
         rows.append({"frames": frames, "classes": m, "rotations": r, "side": side,
-                     "photons": ph, "seconds_per_iteration": res["seconds_per_iteration"],
+                     "photons": ph, "memory_mb": memory or "default",
+                     "seconds_per_iteration": res["seconds_per_iteration"],
                      "peak_memory_mb": res["peak_memory_mb_per_rank"][0],
                      "dense_pixels": res["dense_pixels"], "wall_seconds": res["wall_seconds"],
                      "data_seconds": made})
@@ -368,6 +376,8 @@ def main() -> None:
     parser.add_argument("--gpu-frames", type=int, default=100000)
     parser.add_argument("--scaling-iterations", type=int, default=3)
     parser.add_argument("--scaling-max-frames", type=int, default=None)
+    parser.add_argument("--scaling-rows", type=int, nargs="*", default=None,
+                        help="only these rows of SCALING (0-based)")
     parser.add_argument("--ranks", type=int, nargs="*", default=[],
                         help="also measure peak memory per rank with these rank counts")
     parser.add_argument("--repeat", type=int, default=5,
@@ -384,11 +394,11 @@ def main() -> None:
             print(json.dumps(report["gpu_figure"], indent=1))
         elif args.scaling:
             report["scaling"] = scaling(args, tmp)
-            print(f"\n{'frames':>7} {'M x R':>9} {'det':>5} {'phot':>5} {'s/iter':>8} "
-                  f"{'peak MB':>8} {'dense px':>9}")
+            print(f"\n{'frames':>7} {'M x R':>9} {'det':>5} {'phot':>5} {'budget':>7} "
+                  f"{'s/iter':>8} {'peak MB':>8} {'dense px':>9}")
             for row in report["scaling"]:
                 print(f"{row['frames']:>7} {row['classes']:>4} x {row['rotations']:<3} "
-                      f"{row['side']:>4}² {row['photons']:>5} "
+                      f"{row['side']:>4}² {row['photons']:>5} {row['memory_mb']:>7} "
                       f"{row['seconds_per_iteration']:>8.3f} {row['peak_memory_mb']:>8.0f} "
                       f"{row['dense_pixels']:>9}")
         else:

@@ -64,3 +64,13 @@ def test_detector_mismatch_and_unknown_output_type(tmp_path, capsys):
     assert "num_pix 16 does not match the detector's 10 pixels" in capsys.readouterr().err
     assert cli.main(["convert", str(tmp_path / "run.h5"), "-o", str(tmp_path / "out.mrc")]) == 2
     assert "out.mrc: unknown photon file type" in capsys.readouterr().err
+
+
+def test_an_input_without_frames_is_refused(tmp_path, capsys):
+    write_photons(SparsePhotons.from_dense(np.zeros((0, 16), dtype=int)), tmp_path / "none.h5")
+    capsys.readouterr()
+    code = cli.main(["convert", str(tmp_path / "none.h5"), "-o", str(tmp_path / "out.emc")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "none.h5: no frames" in err and "nothing to convert" in err
+    assert not (tmp_path / "out.emc").exists()

@@ -86,3 +86,39 @@ def test_cli_turns_input_errors_into_one_line(tmp_path, capsys):
     assert code == 2
     assert len(err) == 1 and err[0].startswith("spiscape inspect: error:") and str(bad) in err[0]
     assert not (tmp_path / "o" / "summary.json").exists()
+
+
+def required_argv(command: str) -> list[str]:
+    """A command line with a placeholder for every required argument (nothing is read: the
+    outputs are checked before the command starts)."""
+    import argparse
+
+    from spiscape.workflow_config import command_parser
+
+    parser = command_parser(command)
+    argv = [command]
+    chosen = [g._group_actions[0] for g in parser._mutually_exclusive_groups if g.required]
+    for action in parser._actions:
+        needed = action.required or not action.option_strings or action in chosen
+        if isinstance(action, argparse._HelpAction) or not needed:
+            continue
+        value = "1" if action.type not in (None, str) else "missing-input"
+        argv += ([action.option_strings[0]] if action.option_strings else []) + [value]
+    return argv
+
+
+@pytest.mark.parametrize("command", [c for c in cli.COMMANDS if cli.command_module(c).__dict__
+                                     .get("OUTPUTS")])
+def test_every_output_is_checked_before_the_work(command, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    for name, kind in cli.command_module(command).OUTPUTS.items():
+        flag = "--" + name.replace("_", "-")
+        for bad, problem in ((tmp_path / "afile" / "out", "is a file, not a folder"),
+                             (tmp_path / ("adir" if kind == "file" else "afile"),
+                              "is a directory" if kind == "file" else "is a file")):
+            capsys.readouterr()
+            assert cli.main([*required_argv(command), flag, str(bad)]) == 2, (command, name)
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and f"spiscape {command}: error: {bad}" in err, err
+            assert problem in err, err

@@ -536,3 +536,19 @@ def test_threaded_runs_repeat_to_the_last_bit(tiny_dataset):
             for _ in range(2)]
     np.testing.assert_array_equal(runs[0][0], runs[1][0])
     np.testing.assert_array_equal(runs[0][1], runs[1][1])
+
+
+def test_responsibilities_hold_no_subnormals():
+    # late in the annealing most shifted log-probabilities are far below -87: their exp would be
+    # float32 subnormals, which slow every later product; they must be exact zeros instead
+    rng = np.random.default_rng(0)
+    log_r = (rng.standard_normal((6, 40)) * 400).astype(np.float32)
+    prob, logsum, _ = kernels.responsibilities(log_r.copy(), np.ones(6), np)
+    tiny = np.finfo(np.float32).tiny
+    assert not np.any((prob > 0) & (prob < tiny))
+    assert (prob == 0).mean() > 0.5
+    np.testing.assert_allclose(prob.sum(axis=1), 1, rtol=1e-6)
+    shifted = log_r - log_r.max(axis=1, keepdims=True)
+    expected = np.exp(shifted.astype(np.float64))
+    np.testing.assert_allclose(prob, expected / expected.sum(1, keepdims=True), atol=1e-21)
+    np.testing.assert_allclose(logsum, log_r.max(1) + np.log(expected.sum(1)), rtol=1e-6)

@@ -57,7 +57,8 @@ def test_truncated_emc_at_random_cuts(tmp_path):
 
 def test_random_bytes_and_empty_files(tmp_path):
     rng = np.random.default_rng(SEED)
-    words = ("truncated", "not a sparse photon file", "trailing", "negative", "pixel", "count")
+    words = ("truncated", "not a sparse photon file", "not a photon file", "trailing",
+             "negative", "pixel", "count")
     for size in (5, 1024, 1500, 4096, 20000):
         for trial in range(3):
             bad = tmp_path / f"random{size}_{trial}.emc"
@@ -66,6 +67,15 @@ def test_random_bytes_and_empty_files(tmp_path):
     empty = tmp_path / "empty.h5"
     empty.write_bytes(b"")
     expect_input_error(empty, "empty")
+
+
+def test_a_file_that_is_neither_hdf5_nor_emc_is_not_a_photon_file(tmp_path):
+    for name, content in (("notes.csv", b"frame,photons\n" * 200), ("short.bin", b"hello"),
+                          ("big.emc", b"x" * 4096)):
+        path = tmp_path / name
+        path.write_bytes(content)
+        message = expect_input_error(path, "not a photon file")
+        assert "neither HDF5 nor a Dragonfly .emc" in message
 
 
 def test_corrupted_emc_fails_cleanly_or_reads_valid_frames(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
@@ -492,3 +494,31 @@ def test_q_min_auto_is_the_beamstop_edge_of_the_detector_mask():
         edge = beamstop_radius(det)
         assert radius <= edge < radius + 1
         assert edge == np.hypot(x, y)[mask == 0].min()
+
+
+class _Trap:
+    """A pickle that runs code when it is loaded: what a file planted in an output folder does."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoints_and_models_are_never_unpickled(tmp_path):
+    from spiscape.errors import InputError
+    from spiscape.vae import train
+
+    for name, load in (("checkpoint.pt", train.load_checkpoint), ("model.pt", train.load_model)):
+        marker = tmp_path / f"{name}.ran"
+        torch.save({"model": _Trap(marker)}, tmp_path / name)
+        with pytest.raises(InputError, match="not a spiscape"):
+            load(tmp_path / name)
+        assert not marker.exists()
+    # what spiscape writes reads back, NumPy arrays as tensors
+    values = {"a": np.arange(3.0), "b": [np.float32(2.5), (1, None)], "c": Path("x/y")}
+    torch.save(train.plain(values), tmp_path / "ok.pt")
+    back = train.load_checkpoint(tmp_path / "ok.pt")
+    assert back["b"] == [2.5, (1, None)] and back["c"] == "x/y"
+    np.testing.assert_array_equal(np.asarray(back["a"]), values["a"])

@@ -95,6 +95,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only ``command``'s module is imported (all of them when None)."""
     parser = argparse.ArgumentParser(
         prog="spiscape",
+        allow_abbrev=False,
         description="Map the structural landscape of heterogeneous samples measured by X-ray "
         "single particle imaging. Every stage of the pipeline is a subcommand.",
     )
@@ -102,7 +103,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (_, summary) in COMMANDS.items():
         sub_parser = sub.add_parser(
-            name, help=summary, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+            name, help=summary, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            allow_abbrev=False,  # `--num-frame` is an error, not --num-frames
         )
         if command is not None and name != command:
             continue
@@ -110,7 +112,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         sub_parser.description = (module.__doc__ or summary).strip()
         add_common_args(sub_parser)
         module.add_args(sub_parser)
-        sub_parser.set_defaults(_main=module.main)
+        sub_parser.set_defaults(_main=module.main, _outputs=getattr(module, "OUTPUTS", {}))
     return parser
 
 
@@ -139,11 +141,28 @@ def main(argv: list[str] | None = None) -> int:
     command = next((word for word in argv if not word.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
-    setup_logging(args.verbose, args.log_file)
     try:
+        check_outputs(args)
+        setup_logging(args.verbose, args.log_file)
         result = args._main(args)
     except SpiscapeError as exc:
         logging.getLogger("spiscape").debug("error detail", exc_info=True)
         print(f"spiscape {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file the checks could not foresee (disk full, permissions, ...)
+        logging.getLogger("spiscape").debug("error detail", exc_info=True)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"spiscape {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     return int(result or 0)
+
+
+def check_outputs(args) -> None:
+    """Every output a command declares (its module's ``OUTPUTS``), and the log file, checked
+    before any work: a directory where a file goes, a file where a folder goes or in the path."""
+    from spiscape.utils.atomic import check_output, check_output_dir
+
+    for name, kind in {**args._outputs, "log_file": "file"}.items():
+        value = getattr(args, name, None)
+        if value is not None:
+            (check_output if kind == "file" else check_output_dir)(value)

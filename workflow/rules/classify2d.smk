@@ -24,9 +24,9 @@ rule classify2d:
         tasks=1,
     shell:
         "OMP_NUM_THREADS={threads} OPENBLAS_NUM_THREADS={threads} "
-        "{params.launcher} {params.cmd} classify2d --photons {input.photons} "
-        "--detector {input.detector} --out {output} --replicate {wildcards.rep} "
-        "--fraction {params.fraction} {params.flags} --resume 2> {log}"
+        "{params.launcher} {params.cmd} classify2d --photons {input.photons:q} "
+        "--detector {input.detector:q} --out {output:q} --replicate {wildcards.rep} "
+        "--fraction {params.fraction} {params.flags} --resume 2> {log:q}"
 
 
 rule averages:
@@ -55,6 +55,6 @@ rule averages:
     log:
         f"{RESULTS}/logs/{{ds}}/averages.log",
     shell:
-        "{params.cmd} averages --replicates {input} --out {output.averages} "
-        "--min-frames {params.min_frames} --convergence-figure {output.convergence} "
-        "--montage-figure {output.montage} 2> {log}"
+        "{params.cmd} averages --replicates {input:q} --out {output.averages:q} "
+        "--min-frames {params.min_frames} --convergence-figure {output.convergence:q} "
+        "--montage-figure {output.montage:q} 2> {log:q}"

@@ -11,13 +11,39 @@ import yaml
 from snakemake.utils import validate
 
 import spiscape
+from spiscape.errors import ConfigError
+from spiscape.workflow_config import (
+    check_config,
+    quoted,
+    shell_words,
+    split_photon_cell,
+    with_defaults,
+)
+
+
+def config_failed(exc):
+    """A config error as one line on stderr and exit status 1, before any job runs."""
+    print(f"spiscape workflow: {exc}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+# the stage defaults beside the Snakefile, under whatever config was given (with
+# `--directory elsewhere --configfile mine.yaml` the `configfile:` of the Snakefile is not there)
+DEFAULTS_FILE = Path(workflow.basedir) / "config" / "config.yaml"
+if not Path("config/config.yaml").exists():
+    print(f"spiscape workflow: no config/config.yaml in {os.getcwd()}; stage defaults from "
+          f"{DEFAULTS_FILE}", file=sys.stderr)
+_merged = with_defaults(config, yaml.safe_load(DEFAULTS_FILE.read_text()))
+config.clear()
+config.update(_merged)
 
 
 def datasets_from_table(path):
     """Datasets (runs) listed in a TSV/CSV table: name, photons, detector, optional truth, and
     per-run overrides in columns named like `classify2d.options.num_classes` or
-    `commonlines.num_tiles`. Several photon files are separated by spaces or `;`. Values are
-    read as YAML scalars (numbers, booleans); empty cells are ignored.
+    `commonlines.num_tiles`. Several photon files are separated by `;`, or by spaces with a path
+    that holds a space in quotes. Values are read as YAML scalars (numbers, booleans); empty
+    cells are ignored.
     """
     import csv
 
@@ -36,7 +62,7 @@ def datasets_from_table(path):
             if not value or key is None:
                 continue
             if key == "photons":
-                entry["photons"] = value.replace(";", " ").split()
+                entry["photons"] = split_photon_cell(value)
                 continue
             if key in ("detector", "truth"):
                 entry[key] = value
@@ -50,18 +76,23 @@ def datasets_from_table(path):
     return entries
 
 
-if config.get("datasets_table"):
-    table = datasets_from_table(config["datasets_table"])
-    clash = set(table) & set(config.get("datasets") or {})
-    if clash:
-        raise ValueError(f"datasets {sorted(clash)} are both in the config and in the table")
-    config["datasets"] = {**(config.get("datasets") or {}), **table}
+try:
+    if config.get("datasets_table"):
+        table = datasets_from_table(config["datasets_table"])
+        clash = set(table) & set(config.get("datasets") or {})
+        if clash:
+            raise ConfigError(f"datasets {sorted(clash)} are both in the config and in the table")
+        config["datasets"] = {**(config.get("datasets") or {}), **table}
+    check_config(config, yaml.safe_load((Path(workflow.basedir) / "workflow" / "schemas"
+                                         / "config.schema.yaml").read_text()))
+except (ConfigError, ValueError, OSError) as exc:
+    config_failed(exc)
 
-validate(config, schema="../schemas/config.schema.yaml")
+validate(config, schema="../schemas/config.schema.yaml")  # fills the schema's defaults
 
 RESULTS = config["results"]
 DATASETS = config["datasets"]
-SPISCAPE = config["spiscape_command"]
+SPISCAPE = shell_words(config["spiscape_command"])
 
 
 envvars:
@@ -79,6 +110,8 @@ if not DATASETS:
 
 
 wildcard_constraints:
+    rep=r"\d+",
+    tile=r"\d+",
     ds="|".join(map(re.escape, DATASETS)) if DATASETS else "[^/]+",
 
 
@@ -167,13 +200,13 @@ def q_scale_flag(ds, input):
     """The physical q scale of a dataset: from the simulator's truth, or the config's
     `q_per_pixel` (1/nm per detector pixel at the centre = pixel size / (wavelength x distance))."""
     if input.truth:
-        return f"--truth {input.truth}"
+        return f"--truth {quoted(input.truth)}"
     q = dataset(ds).get("q_per_pixel")
     if q is None:
         raise ValueError(
             f"dataset {ds}: set q_per_pixel (1/nm per detector pixel) for the orientation stage"
         )
-    return f"--q-per-pixel {q}"
+    return f"--q-per-pixel {float(q)!r}"
 
 
 def mpi_launcher(ds, resources):
@@ -185,8 +218,8 @@ def mpi_launcher(ds, resources):
     """
     mpi = getattr(resources, "mpi", "") or ""
     if mpi:
-        return f"{mpi} -n {resources.tasks}"
-    return stage_config(ds, "classify2d")["launcher"]
+        return f"{shell_words(mpi)} -n {int(resources.tasks)}"
+    return shell_words(stage_config(ds, "classify2d")["launcher"])
 
 
 def torch_launcher(resources, command):
@@ -213,7 +246,7 @@ def replicate_files(wildcards):
 
 def truth_flag(input):
     """--truth for stages that score against the simulator's truth when there is one."""
-    return f"--truth {input.truth}" if input.truth else ""
+    return f"--truth {quoted(input.truth)}" if input.truth else ""
 
 
 def has_q_scale(ds):
@@ -233,7 +266,7 @@ def frame_latent_input(wildcards):
 
 
 def frame_latent_flag(input):
-    return f"--frame-latent {input.frame_latent}" if input.frame_latent else ""
+    return f"--frame-latent {quoted(input.frame_latent)}" if input.frame_latent else ""
 
 
 def all_targets():

@@ -21,8 +21,8 @@ rule commonlines_tile:
         mem_mb=4000,
         runtime=120,
     shell:
-        "{params.cmd} commonlines --averages {input} --out {output} --tile {wildcards.tile} "
-        "--num-tiles {params.num_tiles} --threads {threads} {params.flags} 2> {log}"
+        "{params.cmd} commonlines --averages {input:q} --out {output:q} --tile {wildcards.tile} "
+        "--num-tiles {params.num_tiles} --threads {threads} {params.flags} 2> {log:q}"
 
 
 rule commonlines_merge:
@@ -48,5 +48,5 @@ rule commonlines_merge:
     log:
         f"{RESULTS}/logs/{{ds}}/commonlines_merge.log",
     shell:
-        "{params.cmd} merge-commonlines --tiles {input} --out {output.matrix} "
-        "--figure {output.figure} 2> {log}"
+        "{params.cmd} merge-commonlines --tiles {input:q} --out {output.matrix:q} "
+        "--figure {output.figure:q} 2> {log:q}"

@@ -31,9 +31,9 @@ rule embed:
         mem_mb=4000,
         runtime=60,
     shell:
-        "{params.cmd} embed --commonlines {input.commonlines} --averages {input.averages} "
-        "--replicates {input.replicates} {params.truth} --out {output.embedding} "
-        "--model {output.model} --figure-dir {output.figures} {params.flags} 2> {log}"
+        "{params.cmd} embed --commonlines {input.commonlines:q} --averages {input.averages:q} "
+        "--replicates {input.replicates:q} {params.truth} --out {output.embedding:q} "
+        "--model {output.model:q} --figure-dir {output.figures:q} {params.flags} 2> {log:q}"
 
 
 rule landscape:
@@ -64,7 +64,7 @@ rule landscape:
     log:
         f"{RESULTS}/logs/{{ds}}/landscape.log",
     shell:
-        "{params.cmd} landscape --embedding {input.embedding} --averages {input.averages} "
-        "--replicates {input.replicates} --photons {input.photons} {params.truth} "
-        "{params.frame_latent} --out {output.frames} --metrics-json {output.metrics} --figure-dir {output.figures} "
-        "2> {log}"
+        "{params.cmd} landscape --embedding {input.embedding:q} --averages {input.averages:q} "
+        "--replicates {input.replicates:q} --photons {input.photons:q} {params.truth} "
+        "{params.frame_latent} --out {output.frames:q} --metrics-json {output.metrics:q} --figure-dir {output.figures:q} "
+        "2> {log:q}"

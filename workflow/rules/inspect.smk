@@ -27,6 +27,7 @@ rule inspect:
             subcategory="{ds}",
         ),
     params:
+        out_dir=lambda wc, output: os.path.dirname(output.summary),
         cmd=SPISCAPE,
         truth=lambda wc, input: truth_flag(input),
         flags=lambda wc: cli_flags(config["inspect"]),
@@ -39,5 +40,5 @@ rule inspect:
         mem_mb=4000,
         runtime=30,
     shell:
-        "{params.cmd} inspect --photons {input.photons} --detector {input.detector} {params.truth} "
-        "--out-dir $(dirname {output.summary}) {params.flags} 2> {log}"
+        "{params.cmd} inspect --photons {input.photons:q} --detector {input.detector:q} {params.truth} "
+        "--out-dir {params.out_dir:q} {params.flags} 2> {log:q}"

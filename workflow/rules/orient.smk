@@ -28,6 +28,6 @@ rule orient:
         mem_mb=4000,
         runtime=60,
     shell:
-        "OMP_NUM_THREADS={threads} {params.cmd} orient --averages {input.averages} "
-        "--detector {input.detector} {params.geometry} --out {output.orientation} "
-        "--figure {output.figure} {params.flags} 2> {log}"
+        "OMP_NUM_THREADS={threads} {params.cmd} orient --averages {input.averages:q} "
+        "--detector {input.detector:q} {params.geometry} --out {output.orientation:q} "
+        "--figure {output.figure:q} {params.flags} 2> {log:q}"

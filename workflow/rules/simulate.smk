@@ -8,6 +8,7 @@ rule simulate:
         truth=f"{RESULTS}/{{ds}}/data/truth.h5",
         summary=f"{RESULTS}/{{ds}}/data/simulate.json",
     params:
+        out_dir=lambda wc, output: os.path.dirname(output.photons),
         cmd=SPISCAPE,
         flags=lambda wc: cli_flags(dataset(wc.ds)["simulate"]),
         version=stage_version("simulate"),
@@ -19,5 +20,5 @@ rule simulate:
         mem_mb=4000,
         runtime=60,
     shell:
-        "{params.cmd} simulate --out-dir $(dirname {output.photons}) {params.flags} "
-        "2> {log}"
+        "{params.cmd} simulate --out-dir {params.out_dir:q} {params.flags} "
+        "2> {log:q}"

@@ -19,6 +19,7 @@ rule summary:
         ),
         health_json=f"{RESULTS}/health.json",
     params:
+        out_dir=lambda wc, output: os.path.dirname(output.table),
         cmd=SPISCAPE,
         datasets=list(DATASETS),
         version=stage_version("summarize"),
@@ -27,5 +28,5 @@ rule summary:
     log:
         f"{RESULTS}/logs/summary.log",
     shell:
-        "{params.cmd} summarize --results $(dirname {output.table}) --datasets {params.datasets} "
-        "--out {output.table} --health {output.health} 2> {log}"
+        "{params.cmd} summarize --results {params.out_dir:q} --datasets {params.datasets:q} "
+        "--out {output.table:q} --health {output.health:q} 2> {log:q}"

@@ -36,6 +36,7 @@ rule vae:
             subcategory="{ds}",
         ),
     params:
+        out_dir=lambda wc, output: os.path.dirname(output.volumes),
         launcher=lambda wc, resources: torch_launcher(resources, SPISCAPE),
         geometry=lambda wc, input: q_scale_flag(wc.ds, input),
         flags=lambda wc: cli_flags(stage_config(wc.ds, "vae")["options"]),
@@ -49,10 +50,10 @@ rule vae:
         mem_mb=8000,
         runtime=240,
     shell:
-        "{params.launcher} vae --averages {input.averages} --orientation {input.orientation} "
-        "--detector {input.detector} --embedding {input.embedding} "
-        "--replicates {input.replicates} {params.geometry} "
-        "--out-dir $(dirname {output.volumes}) {params.flags} --resume 2> {log}"
+        "{params.launcher} vae --averages {input.averages:q} --orientation {input.orientation:q} "
+        "--detector {input.detector:q} --embedding {input.embedding:q} "
+        "--replicates {input.replicates:q} {params.geometry} "
+        "--out-dir {params.out_dir:q} {params.flags} --resume 2> {log:q}"
 
 
 rule phase:
@@ -81,5 +82,5 @@ rule phase:
         mem_mb=8000,
         runtime=120,
     shell:
-        "OMP_NUM_THREADS={threads} {params.cmd} phase --volumes {input} --out {output.phasing} "
-        "--curve {output.curve} --figure-dir {output.figures} {params.flags} 2> {log}"
+        "OMP_NUM_THREADS={threads} {params.cmd} phase --volumes {input:q} --out {output.phasing:q} "
+        "--curve {output.curve:q} --figure-dir {output.figures:q} {params.flags} 2> {log:q}"

@@ -17,6 +17,9 @@ from spiscape.emc.averages import collect_averages, write_averages
 
 log = logging.getLogger(__name__)
 
+#: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
+OUTPUTS = {"out": "file", "convergence_figure": "file", "montage_figure": "file"}
+
 
 def add_args(parser):
     parser.add_argument("--replicates", nargs="+", required=True,

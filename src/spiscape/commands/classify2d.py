@@ -13,9 +13,12 @@ import logging
 from pathlib import Path
 
 from spiscape.emc import EMC2D, EMCParams
-from spiscape.utils.args import auto_or_number
+from spiscape.utils.args import at_least, auto_or_number
 
 log = logging.getLogger(__name__)
+
+#: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
+OUTPUTS = {"out": "file"}
 
 
 def _beta_start(text: str):
@@ -29,11 +32,12 @@ def add_args(parser):
     parser.add_argument("--out", required=True,
                         help="output HDF5 (results/{ds}/classify2d/rep{r}.h5)")
     d = EMCParams()
-    parser.add_argument("--num-classes", type=int, default=d.num_classes,
+    parser.add_argument("--num-classes", type=at_least(1), default=d.num_classes,
                         help="number of 2D class models M")
-    parser.add_argument("--num-rot", type=int, default=d.num_rot,
+    parser.add_argument("--num-rot", type=at_least(1), default=d.num_rot,
                         help="in-plane rotations, over 2 pi (or over pi with --friedel)")
-    parser.add_argument("--iterations", type=int, default=d.iterations, help="EM iterations")
+    parser.add_argument("--iterations", type=at_least(1), default=d.iterations,
+                        help="EM iterations")
     parser.add_argument("--size", type=int, default=None,
                         help="model grid size S (default: smallest odd size holding the detector)")
     parser.add_argument("--friedel", action=argparse.BooleanOptionalAction,
@@ -46,20 +50,20 @@ def add_args(parser):
                         help="initial inverse temperature, or 'auto' = 1/sqrt(photons per frame)")
     parser.add_argument("--beta-jump", type=float, default=d.beta_jump,
                         help="factor applied to beta every --beta-period iterations")
-    parser.add_argument("--beta-period", type=int, default=d.beta_period,
+    parser.add_argument("--beta-period", type=at_least(1), default=d.beta_period,
                         help="iterations between beta jumps")
-    parser.add_argument("--seed", type=int, default=d.seed,
+    parser.add_argument("--seed", type=at_least(0), default=d.seed,
                         help="seed of the initial models and of the replicate's frame selection")
-    parser.add_argument("--replicate", type=int, default=d.replicate,
+    parser.add_argument("--replicate", type=at_least(0), default=d.replicate,
                         help="bootstrap replicate number (selects frames and initial models)")
     parser.add_argument("--fraction", type=float, default=d.fraction,
                         help="fraction of the frames drawn for this replicate (1 = all)")
     parser.add_argument("--init-noise", type=float, default=d.init_noise,
                         help="relative amplitude of the random pattern of the initial models")
-    parser.add_argument("--sharpen-iterations", type=int, default=d.sharpen_iterations,
+    parser.add_argument("--sharpen-iterations", type=at_least(0), default=d.sharpen_iterations,
                         help="exact (ML) M-steps of the final probabilities that make the "
                              "averages written out; 0: the last merged model, as Dragonfly")
-    parser.add_argument("--sharpen-oversample", type=int, default=d.sharpen_oversample,
+    parser.add_argument("--sharpen-oversample", type=at_least(1), default=d.sharpen_oversample,
                         help="those steps run on a grid this many times finer than the pixels")
     parser.add_argument("--sharpen-photons", type=float, default=d.sharpen_photons,
                         help="a grid point into which C photons were merged keeps C / (C + this) "
@@ -68,12 +72,12 @@ def add_args(parser):
                         help="before each beta jump (not in the last two beta levels), a class "
                              "holding less than this share of its fair N/M frames is re-seeded "
                              "from the most populated class; 0: never (Dragonfly)")
-    parser.add_argument("--block-frames", type=int, default=None,
+    parser.add_argument("--block-frames", type=at_least(1), default=None,
                         help="frames per E-step block (default: sized to --memory-mb)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=at_least(1), default=None,
                         help="worker threads of each rank (default: OMP_NUM_THREADS, else "
                              "every core this process may use)")
-    parser.add_argument("--memory-mb", type=int, default=None,
+    parser.add_argument("--memory-mb", type=at_least(1), default=None,
                         help="memory a rank may use for cached frames and views and the blocks "
                              "in flight (default: 1024 on a CPU, 40%% of the free GPU memory); "
                              "frames that do not fit are streamed from the photon files")

@@ -23,8 +23,12 @@ from spiscape.commonlines import (
 from spiscape.commonlines.polar import LAYOUTS, MISSING, TRANSFORMS
 from spiscape.commonlines.tiles import cc_figure
 from spiscape.errors import ConfigError
+from spiscape.utils.args import at_least
 
 log = logging.getLogger(__name__)
+
+#: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
+OUTPUTS = {"out": "file", "figure": "file"}
 
 
 def add_args(parser):
@@ -32,12 +36,12 @@ def add_args(parser):
     parser.add_argument("--averages", required=True, help="averages.h5 (2D class averages)")
     parser.add_argument("--out", required=True,
                         help="output: a tile file with --tile, else commonlines.h5")
-    parser.add_argument("--tile", type=int, default=None,
+    parser.add_argument("--tile", type=at_least(0), default=None,
                         help="which tile of the upper triangle to compute (0-based); "
                              "omit for the whole matrix")
-    parser.add_argument("--num-tiles", type=int, default=1,
+    parser.add_argument("--num-tiles", type=at_least(1), default=1,
                         help="number of tiles the upper triangle is cut into")
-    parser.add_argument("--n-angles", type=int, default=d.n_angles,
+    parser.add_argument("--n-angles", type=at_least(1), default=d.n_angles,
                         help="lines per average over [0, pi)")
     parser.add_argument("--r-min", type=float, default=d.r_min,
                         help="innermost radius sampled (pixels; keep it outside the beamstop)")
@@ -56,12 +60,12 @@ def add_args(parser):
                              "pair); overlap = exact Pearson over each line pair's overlap")
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                         help="gpu (CuPy) or cpu (NumPy); auto picks a GPU when one is usable")
-    parser.add_argument("--batch-pairs", type=int, default=None,
+    parser.add_argument("--batch-pairs", type=at_least(1), default=None,
                         help="pairs per batched product (default: 8 on a CPU, 2 with --missing "
                              "overlap, 2048 on a GPU)")
     parser.add_argument("--precision", choices=("float64", "float32"), default="float64",
                         help="arithmetic of the correlation; float32 is ~2x faster, CC to ~1e-6")
-    parser.add_argument("--threads", type=int, default=0,
+    parser.add_argument("--threads", type=at_least(0), default=0,
                         help="CPU threads (0: every core this job may use)")
     parser.add_argument("--figure", default=None,
                         help="PNG of the CC matrix (whole-matrix mode only)")

@@ -21,6 +21,9 @@ from spiscape.io.photons import output_format
 
 log = logging.getLogger(__name__)
 
+#: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
+OUTPUTS = {"output": "file"}
+
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -66,6 +69,10 @@ def main(args: argparse.Namespace) -> int:
         if path.resolve() == output.resolve():
             raise InputError(output, "the output would overwrite one of the inputs")
     num_frames, num_pix = photon_header(files, num_pix=num_pix)
+    if num_frames == 0:
+        if len(files) == 1:
+            raise InputError(files[0], "no frames: nothing to convert")
+        raise InputError(None, f"no frames in {', '.join(map(str, files))}: nothing to convert")
     log.debug("converting %d frames of %d pixels from %d file(s)", num_frames, num_pix, len(files))
 
     started = time.perf_counter()

@@ -40,22 +40,25 @@ from spiscape.embed.embedding import (
 )
 from spiscape.embed.landscape import average_truth, read_replicates, replicate_stability
 from spiscape.errors import ConfigError, InputError
-from spiscape.utils.args import auto_or_number
+from spiscape.utils.args import at_least, auto_or_number
 from spiscape.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
+
+#: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
+OUTPUTS = {"out": "file", "model": "file", "figure_dir": "folder"}
 
 
 def add_embedding_args(parser) -> None:
     parser.add_argument("--method", choices=METHODS, default="pca",
                         help="embedding of the common-line rows: pca (the paper's CLPCA), isomap, "
                              "spectral, tsne, umap (needs umap-learn)")
-    parser.add_argument("--components", type=int, default=3,
+    parser.add_argument("--components", type=at_least(1), default=3,
                         help="embedding dimensions k")
     parser.add_argument("--cc-transform", choices=CC_TRANSFORMS, default="fisher",
                         help="fisher: embed Fisher z = artanh(cc), which spreads the correlations "
                              "crowded near 1; none: the raw correlations (the paper's CLPCA)")
-    parser.add_argument("--neighbors", type=int, default=None,
+    parser.add_argument("--neighbors", type=at_least(1), default=None,
                         help="neighbours for isomap/spectral/umap (default about sqrt(A))")
     parser.add_argument("--perplexity", type=float, default=None,
                         help="t-SNE perplexity (default min(30, (A-1)/3))")
@@ -80,16 +83,16 @@ def add_args(parser):
     parser.add_argument("--num-clusters", type=auto_or_number(minimum=1, kind=int), default="auto",
                         help="number of clusters, or 'auto' (silhouette for kmeans, BIC for gmm; "
                              "dbscan/hdbscan find it themselves)")
-    parser.add_argument("--max-clusters", type=int, default=8,
+    parser.add_argument("--max-clusters", type=at_least(1), default=8,
                         help="largest number of clusters tried with --num-clusters auto")
     parser.add_argument("--eps", type=float, default=None,
                         help="DBSCAN neighbourhood radius (default from the data)")
-    parser.add_argument("--min-samples", type=int, default=None,
+    parser.add_argument("--min-samples", type=at_least(1), default=None,
                         help="DBSCAN min_samples / HDBSCAN min_cluster_size")
-    parser.add_argument("--seed", type=int, default=1,
+    parser.add_argument("--seed", type=at_least(0), default=1,
                         help="seed of every random choice (embedding, clustering, regressor)")
-    parser.add_argument("--epochs", type=int, default=3000, help="regressor: most epochs")
-    parser.add_argument("--patience", type=int, default=200,
+    parser.add_argument("--epochs", type=at_least(1), default=3000, help="regressor: most epochs")
+    parser.add_argument("--patience", type=at_least(1), default=200,
                         help="regressor: stop after this many epochs without validation gain")
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="regressor: Adam rate")
     parser.add_argument("--validation-fraction", type=float, default=0.2,

@@ -26,6 +26,9 @@ from spiscape.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
+#: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
+OUTPUTS = {"out": "file", "figure": "file"}
+
 
 def add_args(parser):
     parser.add_argument("--model", required=True,

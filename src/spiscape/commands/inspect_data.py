@@ -19,9 +19,13 @@ from spiscape.errors import InputError
 from spiscape.io import count_frames, iter_chunks, photon_files, read_detector
 from spiscape.qc import accumulate, radial_profile
 from spiscape.qc import figures as qc_figures
+from spiscape.utils.args import at_least
 from spiscape.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
+
+#: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
+OUTPUTS = {"out_dir": "folder"}
 
 
 def add_args(parser):
@@ -33,7 +37,8 @@ def add_args(parser):
     parser.add_argument("--truth", default=None, help="truth.h5 of a simulated dataset (optional)")
     parser.add_argument("--out-dir", required=True, help="folder for summary.json and figures")
     parser.add_argument(
-        "--chunk-frames", type=int, default=2000, help="frames read at a time (bounds memory)"
+        "--chunk-frames", type=at_least(1), default=2000,
+        help="frames read at a time (bounds memory)"
     )
 
 

@@ -24,9 +24,13 @@ from spiscape.embed.embedding import read_averages
 from spiscape.embed.landscape import frame_coordinates, read_replicates, write_landscape
 from spiscape.errors import InputError
 from spiscape.io.hdf5 import open_input
+from spiscape.utils.args import at_least
 from spiscape.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
+
+#: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
+OUTPUTS = {"out": "file", "metrics_json": "file", "figure_dir": "folder"}
 
 
 def add_args(parser):
@@ -35,7 +39,7 @@ def add_args(parser):
     parser.add_argument("--replicates", nargs="+", required=True,
                         help="classify2d replicate files (rep0.h5 rep1.h5 ...)")
     parser.add_argument("--out", required=True, help="output frames.h5")
-    parser.add_argument("--num-frames", type=int, default=None,
+    parser.add_argument("--num-frames", type=at_least(1), default=None,
                         help="frames in the dataset N (default: from --photons or --truth, else "
                              "the largest frame index in the replicates + 1)")
     parser.add_argument("--photons", nargs="+", default=None,

@@ -13,6 +13,9 @@ from spiscape.commonlines.tiles import cc_figure, merge_tiles, read_tile, write_
 
 log = logging.getLogger(__name__)
 
+#: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
+OUTPUTS = {"out": "file", "figure": "file"}
+
 
 def add_args(parser):
     parser.add_argument("--tiles", nargs="+", required=True,

@@ -36,10 +36,13 @@ from spiscape.io import read_detector
 from spiscape.orient import rotations as rot
 from spiscape.orient.search import best_slices, fit_size, orient_averages, size_range
 from spiscape.orient.slices import AnalyticReference, ewald_points, read_reference_volume
-from spiscape.utils.args import auto_or_number
+from spiscape.utils.args import at_least, auto_or_number
 from spiscape.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
+
+#: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
+OUTPUTS = {"out": "file", "figure": "file"}
 
 QUATERNION_CONVENTION = ("scalar-first (w, x, y, z), w >= 0, fundamental zone of the point "
                          "group; average a shows I(R_a q) at its grid points' Ewald q")
@@ -71,7 +74,7 @@ def add_args(parser):
                         help="finest spacing of the local refinement, degrees (0: no refinement)")
     parser.add_argument("--floor", type=float, default=0.1,
                         help="log transform floor, as a fraction of each image's median")
-    parser.add_argument("--candidates", type=int, default=2,
+    parser.add_argument("--candidates", type=at_least(1), default=2,
                         help="best grid rotations refined per average")
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                         help="where to slice and correlate (gpu: CuPy)")

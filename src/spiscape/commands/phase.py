@@ -39,9 +39,13 @@ from spiscape.phasing.volume import (
     particle_volume_nm3,
     voxel_size_nm,
 )
+from spiscape.utils.args import at_least
 from spiscape.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
+
+#: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
+OUTPUTS = {"out": "file", "curve": "file", "figure_dir": "folder", "mrc_dir": "folder"}
 
 
 def add_args(parser):
@@ -53,19 +57,19 @@ def add_args(parser):
     parser.add_argument("--recipe", default=DEFAULT_RECIPE,
                         help="iterations and algorithms in order, e.g. '100 DM 50 ER' "
                         "(DM, RAAR, HIO, ER)")
-    parser.add_argument("--starts", type=int, default=8,
+    parser.add_argument("--starts", type=at_least(1), default=8,
                         help="random starts per pattern, aligned and averaged")
-    parser.add_argument("--seed", type=int, default=1, help="seed of the random starts")
-    parser.add_argument("--min-agree", type=int, default=2,
+    parser.add_argument("--seed", type=at_least(0), default=1, help="seed of the random starts")
+    parser.add_argument("--min-agree", type=at_least(1), default=2,
                         help="starts (the best included) whose aligned densities must agree "
                         "(CC >= --agree-cc) before a result is trusted; fewer and another batch "
                         "of --starts is phased (1: no check)")
     parser.add_argument("--agree-cc", type=float, default=0.8,
                         help="aligned density CC with the best start that counts as agreeing")
-    parser.add_argument("--max-rounds", type=int, default=3,
+    parser.add_argument("--max-rounds", type=at_least(1), default=3,
                         help="most batches of --starts phased per pattern")
     parser.add_argument("--beta", type=float, default=0.9, help="HIO / RAAR feedback parameter")
-    parser.add_argument("--shrinkwrap-every", type=int, default=20,
+    parser.add_argument("--shrinkwrap-every", type=at_least(1), default=20,
                         help="iterations between support updates (0: fixed support)")
     parser.add_argument("--shrinkwrap-threshold", type=float, default=0.15,
                         help="support = blurred density above this fraction of its maximum at the last "

@@ -27,6 +27,9 @@ from spiscape.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
+#: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
+OUTPUTS = {"out": "folder"}
+
 CONDITION = re.compile(r"^\s*(pc|z)(\d+)\s*(<=|>=|<|>)\s*([-+0-9.eE]+)\s*$", re.IGNORECASE)
 OPERATORS = {"<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal}
 

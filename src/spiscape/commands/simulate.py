@@ -18,6 +18,9 @@ from spiscape.simulate.run import POPULATIONS, SimulationParams, simulate_datase
 
 log = logging.getLogger(__name__)
 
+#: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
+OUTPUTS = {"out_dir": "folder"}
+
 _DEFAULTS = SimulationParams()
 
 # field name -> help; every SimulationParams field has a flag named after it (_ -> -)

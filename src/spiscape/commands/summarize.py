@@ -19,6 +19,9 @@ from spiscape.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
+#: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
+OUTPUTS = {"out": "file", "health": "file"}
+
 COLUMNS = (
     "dataset", "frames", "photons_per_frame", "empty_frames", "averages", "replicates",
     "clusters", "explained_variance_pc1", "frames_placed", "ari_populations",

@@ -55,10 +55,13 @@ from pathlib import Path
 import numpy as np
 
 from spiscape.errors import ConfigError, InputError
-from spiscape.utils.args import auto_or_number
+from spiscape.utils.args import at_least, auto_or_number
 from spiscape.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
+
+#: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
+OUTPUTS = {"out_dir": "folder"}
 
 
 def add_args(parser):
@@ -83,7 +86,7 @@ def add_args(parser):
                         "the embedding stands apart (another species) and is left out")
     g.add_argument("--replicates", nargs="+", default=None,
                    help="classify2d rep*.h5: write the per-frame latents frame_latent.h5")
-    g.add_argument("--num-frames", type=int, default=None,
+    g.add_argument("--num-frames", type=at_least(1), default=None,
                    help="frames in the dataset (default: the largest frame index + 1)")
     g.add_argument("--truth", default=None,
                    help="truth.h5 of a simulated dataset: q per voxel, and score the latent and "
@@ -91,13 +94,14 @@ def add_args(parser):
     g.add_argument("--q-per-pixel", type=float, default=None,
                    help="q per voxel (1/nm) to record in volumes.h5 and the MRC headers")
     m = parser.add_argument_group("model and training")
-    m.add_argument("--zdim", type=int, default=1, help="latent dimension (the paper: 1 or 2)")
-    m.add_argument("--volume-size", type=int, default=61,
+    m.add_argument("--zdim", type=at_least(1), default=1,
+                   help="latent dimension (the paper: 1 or 2)")
+    m.add_argument("--volume-size", type=at_least(1), default=61,
                    help="V, odd: side of the decoded volume in voxels (paper: 81, 161, 243)")
     m.add_argument("--point-group", default="m-3m", choices=["1", "-1", "m-3m"],
                    help="symmetry imposed on the volumes (1: none)")
-    m.add_argument("--epochs", type=int, default=40)
-    m.add_argument("--batch-size", type=int, default=8)
+    m.add_argument("--epochs", type=at_least(1), default=40)
+    m.add_argument("--batch-size", type=at_least(1), default=8)
     m.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     m.add_argument("--lr-schedule", default="cosine", choices=["cosine", "constant"],
                    help="learning rate over the epochs: cosine decay to --lr-final x lr, or "
@@ -125,27 +129,29 @@ def add_args(parser):
                         "refinement, as cryoDRGN's); latent.h5 gets the refined quaternions")
     m.add_argument("--pose-lr", type=float, default=1e-3,
                    help="Adam learning rate of the pose corrections (radians)")
-    m.add_argument("--pose-start", type=int, default=10,
+    m.add_argument("--pose-start", type=at_least(0), default=10,
                    help="epoch from which the poses are refined (the decoder needs a first "
                         "volume to align to)")
     m.add_argument("--emc-merge", action=argparse.BooleanOptionalAction, default=False,
                    help="predict each average as the 2D EMC merged it (bilinear back-projection "
                         "at its in-plane angles, from the --replicates' geometry) instead of as "
                         "a plain slice (needs --replicates)")
-    m.add_argument("--seed", type=int, default=1)
+    m.add_argument("--seed", type=at_least(0), default=1)
     m.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    m.add_argument("--threads", type=int, default=1,
+    m.add_argument("--threads", type=at_least(1), default=1,
                    help="CPU threads of torch (on a shared 2-core box one thread was 20x faster "
                         "than two: OpenMP threads spin against other jobs)")
-    m.add_argument("--check-every", type=int, default=5,
+    m.add_argument("--check-every", type=at_least(1), default=5,
                    help="epochs between convergence checks")
-    m.add_argument("--dec-channels", type=int, default=32, help="decoder channels at the base")
-    m.add_argument("--enc-channels", type=int, default=16, help="encoder channels, first layer")
+    m.add_argument("--dec-channels", type=at_least(1), default=32,
+                   help="decoder channels at the base")
+    m.add_argument("--enc-channels", type=at_least(1), default=16,
+                   help="encoder channels, first layer")
     m.add_argument("--resume", action="store_true",
                    help="continue from out-dir/checkpoint.pt if it was made with the same "
                         "settings and data (else it is moved to checkpoint.stale.pt and "
                         "training starts afresh); more --epochs extend it")
-    m.add_argument("--num-volumes", type=int, default=11,
+    m.add_argument("--num-volumes", type=at_least(1), default=11,
                    help="volumes written along the latent (zdim 2: a grid of about this many)")
     m.add_argument("--no-figures", action="store_true", help="skip the figures")
 

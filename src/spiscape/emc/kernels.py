@@ -169,12 +169,13 @@ def product(a, b, xp=np):
     return out
 
 
-def block_log_likelihood(parts, log_view_chunks, view_sums, scale, xp):
+def block_log_likelihood(parts, log_view_chunks, view_sums, scale, xp, subtract: bool = True):
     """R_dj = Σ_t K_dt log W_tj − φ_d Σ_t W_tj (b, R·M) float32, summed over pixel chunks.
 
     ``parts[i]`` (b × chunk) holds the photons on pixel chunk i, dense (BLAS / cuBLAS) or CSR
     (SciPy / cuSPARSE); ``log_view_chunks[i]`` (chunk × R·M) its log-views, zero on pixels that
     are merged but not used in the likelihood; ``view_sums`` (R·M,) Σ_t W_tj over used pixels.
+    With ``subtract`` False the φ_d Σ_t W_tj term is left out (a partial sum over some chunks).
     """
     log_r = None
     for part, lw in zip(parts, log_view_chunks, strict=True):
@@ -183,7 +184,8 @@ def block_log_likelihood(parts, log_view_chunks, view_sums, scale, xp):
             log_r = term if term.flags.c_contiguous else xp.ascontiguousarray(term)
         else:
             log_r += term
-    log_r -= (scale[:, None] * view_sums[None, :]).astype(log_r.dtype)
+    if subtract:
+        log_r -= (scale[:, None] * view_sums[None, :]).astype(log_r.dtype)
     return log_r
 
 

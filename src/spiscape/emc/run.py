@@ -331,21 +331,28 @@ class EMC2D:
         xp, p = self.xp, self.params
         m, r = p.num_classes, p.num_rot
         lo, hi = block.start, block.stop
-        log_views = ctx["log_views"] or [self._log_view_chunk(i, ctx["models_t"], ctx["floor"])
-                                         for i in range(len(self.chunks))]
         scale = xp.asarray(ctx["scale"][lo:hi].astype(np.float32))
-        log_r = kernels.block_log_likelihood(block.parts, log_views, ctx["view_sums"], scale, xp)
-        del log_views
+        # one pixel chunk at a time: with the views not cached, only one chunk's log-views and
+        # one chunk's numerator exist at once (the memory budget), whatever the pixel count
+        log_r = None
+        for i in range(len(self.chunks)):
+            log_view = (ctx["log_views"][i] if ctx["log_views"] is not None
+                        else self._log_view_chunk(i, ctx["models_t"], ctx["floor"]))
+            term = kernels.block_log_likelihood([block.parts[i]], [log_view],
+                                                ctx["view_sums"], scale, xp, subtract=False)
+            log_r = term if log_r is None else xp.add(log_r, term, out=log_r)
+            del log_view, term
+        log_r -= (scale[:, None] * ctx["view_sums"][None, :]).astype(log_r.dtype)
         prob, logsum, mutual_info = kernels.responsibilities(
             log_r, xp.asarray(ctx["beta"][lo:hi]), xp)
-        numerators = kernels.block_numerators(block.parts_t, prob, xp,
-                                              kernels.sparse_probabilities(prob, xp))
-        grid = kernels.merge_numerators(numerators, self.merge_ops, m)
-        acc["grid_num"] += grid.astype(xp.float64)
-        if ctx["collect"]:
-            for i, num in enumerate(numerators):
+        prob_sparse = kernels.sparse_probabilities(prob, xp)
+        for i in range(len(self.chunks)):
+            (num,) = kernels.block_numerators([block.parts_t[i]], prob, xp, prob_sparse)
+            acc["grid_num"] += kernels.merge_numerators([num], [self.merge_ops[i]],
+                                                        m).astype(xp.float64)
+            if ctx["collect"]:
                 acc["numerator"][i] += num
-        del numerators
+            del num
         acc["denominator"] += (prob.T @ scale).astype(xp.float64)
         ctx["occupancies"][lo:hi] = to_numpy(prob.reshape(-1, r, m).sum(axis=1))
         ctx["best"][lo:hi] = to_numpy(prob.argmax(axis=1))

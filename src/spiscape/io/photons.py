@@ -437,6 +437,11 @@ class _Source:
         pass
 
 
+#: what a file that is neither HDF5 nor a Dragonfly .emc is told
+NOT_PHOTONS = ("not a photon file: neither HDF5 nor a Dragonfly .emc (a 1024-byte header of "
+               "two counts and zeros)")
+
+
 class _EmcSource(_Source):
     """A binary ``.emc`` file, read with offsets into the file."""
 
@@ -446,10 +451,14 @@ class _EmcSource(_Source):
         if size == 0:
             raise InputError(path, "empty file")
         if size < EMC_HEADER_BYTES:
+            if path.suffix.lower() != ".emc":
+                raise InputError(path, NOT_PHOTONS)
             raise InputError(
                 path, f"truncated: {size} bytes, shorter than the {EMC_HEADER_BYTES}-byte header"
             )
-        header = np.fromfile(path, dtype="<i4", count=2)
+        header = np.fromfile(path, dtype="<i4", count=EMC_HEADER_BYTES // 4)
+        if np.any(header[2:]):
+            raise InputError(path, NOT_PHOTONS)
         self.num_frames, self.num_pix = int(header[0]), int(header[1])
         if self.num_frames < 0 or self.num_pix <= 0:
             raise InputError(

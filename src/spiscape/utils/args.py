@@ -25,3 +25,20 @@ def auto_or_number(minimum: float | None = None, kind=float):
         return value
 
     return parse
+
+
+def at_least(minimum: int, kind=int):
+    """An argparse type: a ``kind`` (int by default) >= ``minimum``."""
+    what = "an integer" if kind is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(value) or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what} >= {minimum}, got {text!r}")
+        return value
+
+    parse.__name__ = f"{kind.__name__} >= {minimum}"
+    return parse

@@ -28,6 +28,24 @@ def check_output(path: str | os.PathLike) -> Path:
     return path
 
 
+def check_output_dir(path: str | os.PathLike) -> Path:
+    """Refuse, before any work, an output folder that cannot be made: a file at the path or
+    where one of its parents should be, or a parent that is not writable."""
+    from spiscape.errors import InputError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(path, "is a file; give a folder for the output")
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(path, f"cannot be created: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK):
+                raise InputError(path, f"cannot be created: {parent} is not writable")
+            break
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds.

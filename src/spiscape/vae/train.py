@@ -112,18 +112,46 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def plain(obj):
+    """``obj`` with only what ``torch.load(weights_only=True)`` reads back: tensors, numbers,
+    strings, None, and dicts, lists and tuples of them (NumPy arrays become tensors, NumPy
+    scalars numbers, paths strings). Nothing is ever unpickled from an output folder: a file
+    placed there can hold data, not code."""
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor)):
+        return obj
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    raise TypeError(f"cannot store {type(obj).__name__} in a weights-only file")
+
+
+def load_plain(path, what: str) -> dict:
+    """A file of :func:`plain` values, read with ``weights_only=True`` (never unpickled)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise InputError(path, f"unreadable {what} ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # pickle.UnpicklingError: something other than weights
+        raise InputError(path, f"not a spiscape {what}: it holds Python objects other than "
+                         f"tensors and plain values ({type(exc).__name__}); delete it") from None
+
+
 def save_checkpoint(path, model, optimiser, epoch, history, convergence, extra) -> None:
     with atomic_path(path) as tmp:
-        torch.save({"model": model.state_dict(), "optimiser": optimiser.state_dict(),
-                    "epoch": epoch, "rng": rng_states(), "history": history,
-                    "convergence": convergence, **extra}, tmp)
+        torch.save(plain({"model": model.state_dict(), "optimiser": optimiser.state_dict(),
+                          "epoch": epoch, "rng": rng_states(), "history": history,
+                          "convergence": convergence, **extra}), tmp)
 
 
 def load_checkpoint(path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise InputError(path, f"unreadable checkpoint ({exc})") from None
+    return load_plain(path, "checkpoint")
 
 
 #: settings that may change between a run and its --resume: how long, where and how it runs
@@ -175,18 +203,16 @@ def fingerprint_changes(old: dict | None, new: dict) -> list[str]:
 
 def save_model(path, model: SPIVAE, profile: np.ndarray, q: np.ndarray, extra: dict) -> None:
     with atomic_path(path) as tmp:
-        torch.save({"config": model.config, "state_dict": model.state_dict(),
-                    "profile": np.asarray(profile), "q": np.asarray(q), **extra}, tmp)
+        torch.save(plain({"config": model.config, "state_dict": model.state_dict(),
+                          "profile": np.asarray(profile), "q": np.asarray(q), **extra}), tmp)
 
 
 def load_model(path, device="cpu") -> SPIVAE:
     """The trained VAE of model.pt."""
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise InputError(path, f"unreadable model ({exc})") from None
+    blob = load_plain(path, "model")
     cfg = blob["config"]
-    model = SPIVAE(q=blob["q"], radial_log_profile=np.log(blob["profile"]), **cfg)
+    model = SPIVAE(q=np.asarray(blob["q"]), radial_log_profile=np.log(np.asarray(blob["profile"])),
+                   **cfg)
     model.load_state_dict(blob["state_dict"])
     return model.to(device).eval()
 
