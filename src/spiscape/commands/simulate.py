@@ -15,6 +15,7 @@ import logging
 
 from spiscape.errors import ConfigError
 from spiscape.simulate.run import POPULATIONS, SimulationParams, simulate_dataset
+from spiscape.utils.args import at_least
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                                metavar="NAME=FRACTION",
                                help=f"{HELP[name]} (default: {' '.join(default)})")
             continue
-        kind = int if isinstance(value, int) else float
+        if isinstance(value, int):  # counts and sizes >= 1; the seed and pixel radii >= 0
+            kind = at_least(0 if name in ("seed", "beamstop_px", "gap_px") else 1)
+        else:
+            kind = float
         group.add_argument(flag, type=kind, default=value, help=HELP[name])
 
 

@@ -118,7 +118,7 @@ def plain(obj):
     scalars numbers, paths strings). Nothing is ever unpickled from an output folder: a file
     placed there can hold data, not code."""
     if isinstance(obj, dict):
-        return {str(k): plain(v) for k, v in obj.items()}
+        return {(k if isinstance(k, (str, int)) else str(k)): plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(plain(v) for v in obj)
     if isinstance(obj, np.ndarray):
