@@ -13,30 +13,24 @@ from pathlib import Path
 def check_output(path: str | os.PathLike) -> Path:
     """Refuse, before any work, an output that cannot be written: a directory at the path, or a
     file (or nothing creatable) where its folder should be. Raises InputError naming the path."""
-    from spiscape.errors import InputError
-
-    path = Path(path)
-    if path.is_dir():
-        raise InputError(path, "is a directory; give a file name for the output")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise InputError(path, f"cannot be created: {parent} is a file, not a folder")
-            if not os.access(parent, os.W_OK):
-                raise InputError(path, f"cannot be created: {parent} is not writable")
-            break
-    return path
+    return _check_writable(Path(path), folder=False)
 
 
 def check_output_dir(path: str | os.PathLike) -> Path:
     """Refuse, before any work, an output folder that cannot be made: a file at the path or
     where one of its parents should be, or a parent that is not writable."""
+    return _check_writable(Path(path), folder=True)
+
+
+def _check_writable(path: Path, folder: bool) -> Path:
     from spiscape.errors import InputError
 
-    path = Path(path)
-    if path.exists() and not path.is_dir():
+    if folder and path.exists() and not path.is_dir():
         raise InputError(path, "is a file; give a folder for the output")
-    for parent in (path, *path.parents):
+    if not folder and path.is_dir():
+        raise InputError(path, "is a directory; give a file name for the output")
+    # the nearest existing folder on the way (the folder itself when it exists)
+    for parent in ((path,) if folder else ()) + tuple(path.parents):
         if parent.exists():
             if not parent.is_dir():
                 raise InputError(path, f"cannot be created: {parent} is a file, not a folder")
