@@ -91,12 +91,12 @@ def run_dragonfly(intens: np.ndarray, n_angles: int, mask_radius: int, nproc: in
 
 def run_ours(intens, support, params, precision="float64", workers=None, device="cpu") -> dict:
     from spiscape.commonlines import compute_matrix
-    from spiscape.commonlines.tiles import averages_checksum
+    from spiscape.io.averages import Averages
 
-    averages = {"intens": intens, "support": support, "path": "bench",
-                "replicate": np.zeros(intens.shape[0], np.int32),
-                "class": np.arange(intens.shape[0], dtype=np.int32),
-                "sha256": averages_checksum(intens, support)}
+    count = intens.shape[0]
+    averages = Averages(intens=intens, support=support, replicate=np.zeros(count, np.int32),
+                        klass=np.arange(count, dtype=np.int32), frames=np.ones(count),
+                        count=count, size=intens.shape[1], path="bench")
     start = time.perf_counter()
     merged = compute_matrix(averages, params, device=device, precision=precision,
                             workers=workers, progress=False)
@@ -135,7 +135,7 @@ def table(rows) -> str:
 
 
 def main() -> None:
-    from spiscape.commonlines import PolarParams, read_averages
+    from spiscape.commonlines import PolarParams, pairable_averages
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--averages", default=str(ROOT / "results" / "demo" / "averages.h5"))
@@ -152,8 +152,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(HERE / "results" / "commonlines.json"))
     args = parser.parse_args()
 
-    averages = read_averages(args.averages)
-    intens, support = averages["intens"].astype(np.float64), averages["support"]
+    averages = pairable_averages(args.averages)
+    intens, support = averages.intens.astype(np.float64), averages.support
     size = intens.shape[-1]
     nproc = cores()
     default = PolarParams(n_angles=args.n_angles)

@@ -40,12 +40,14 @@ def spiscape(*args) -> float:
 
 def sweep(commonlines: Path, averages: Path, replicates, truth_path: Path) -> list[dict]:
     from spiscape.embed import clustering, embedding
-    from spiscape.embed.landscape import frame_coordinates, read_replicates
+    from spiscape.embed.landscape import frame_coordinates
+    from spiscape.io.averages import read_averages
+    from spiscape.io.replicate import read_replicates
     from spiscape.metrics.landscape import score_landscape
     from spiscape.simulate.truth import read_truth
 
     cc = embedding.read_commonlines(commonlines)
-    avg = embedding.read_averages(averages, with_intens=False)
+    avg = read_averages(averages, with_intens=False)
     reps = read_replicates(replicates)
     truth = read_truth(truth_path, volumes=False)
     rows = []
@@ -57,8 +59,8 @@ def sweep(commonlines: Path, averages: Path, replicates, truth_path: Path) -> li
                 for cluster, count in (("kmeans", "auto"), ("kmeans", 3), ("kmeans", 4),
                                        ("gmm", "auto"), ("hdbscan", "auto")):
                     groups = clustering.cluster(coords, cluster, count, 1)
-                    placed = frame_coordinates(truth.num_frames, reps, avg["replicate"],
-                                               avg["class"], coords, groups.labels)
+                    placed = frame_coordinates(truth.num_frames, reps, avg.replicate,
+                                               avg.klass, coords, groups.labels)
                     score = score_landscape(placed["coords"], placed["label"], truth.label,
                                             truth.t)
                     rows.append({"cc_transform": transform, "method": method,

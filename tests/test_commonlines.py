@@ -14,8 +14,8 @@ from spiscape.commonlines import (
     compute_matrix,
     compute_tile,
     correlate,
+    pairable_averages,
     polar,
-    read_averages,
     tiles,
 )
 from spiscape.errors import ConfigError, InputError
@@ -85,10 +85,12 @@ def angle_gap(a, b):
 
 
 def averages_dict(intens, support, path="mem.h5"):
+    from spiscape.io.averages import Averages
+
     count = intens.shape[0]
-    return {"intens": intens, "support": support, "replicate": np.zeros(count, np.int32),
-            "class": np.arange(count, dtype=np.int32), "path": path,
-            "sha256": tiles.averages_checksum(intens, support)}
+    return Averages(intens=intens, support=support, replicate=np.zeros(count, np.int32),
+                    klass=np.arange(count, dtype=np.int32), frames=np.ones(count), count=count,
+                    size=intens.shape[1], path=path)
 
 
 def write_averages(path, intens, support):
@@ -300,11 +302,11 @@ def test_nan_and_bad_averages_are_refused(tmp_path, small_set):
     bad[3, 10, 12] = np.nan
     path = write_averages(tmp_path / "nan.h5", bad, support)
     with pytest.raises(InputError, match="NaN") as err:
-        read_averages(path)
+        pairable_averages(path)
     assert str(path) in str(err.value) and "average 3" in str(err.value)
     one = write_averages(tmp_path / "one.h5", intens[:1], support)
     with pytest.raises(InputError, match="at least 2"):
-        read_averages(one)
+        pairable_averages(one)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -325,7 +325,7 @@ def test_bootstrap_replicates_and_gather(tiny_dataset, tmp_path):
     with h5py.File(tmp_path / "averages.h5") as f:
         assert f["intens"].shape[0] == f["replicate"].size == f["class"].size
         assert set(f["replicate"][:]) == {0, 1}
-    assert result["intens"].shape[1:] == (result["intens"].shape[1],) * 2
+    assert result.intens.shape[1:] == (result.size,) * 2 and result.count == result.klass.size
 
 
 def test_gather_refuses_an_empty_or_broken_replicate(tmp_path):

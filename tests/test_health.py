@@ -32,8 +32,10 @@ def fake_results(folder, *, last_rms=0.01, class_frames=(50, 40, 30, 20), placed
         f["frames"] = np.array([40.0, 30.0, 20.0, 10.0])
         f["intens"] = np.ones((4, 5, 5))
         f["replicate"] = np.zeros(4, dtype=np.int64)
+        f["support"] = np.ones((5, 5), dtype=bool)
     with h5py.File(folder / "orientation.h5", "w") as f:
         f["cc"] = np.array([0.8, 0.7, 0.9, 0.2])
+        f["quaternion"] = np.tile([1.0, 0.0, 0.0, 0.0], (4, 1))
     grid = np.indices((11, 11, 11)) - 5
     r = np.sqrt((grid ** 2).sum(0)) + 1.0
     one = r ** -4.0

@@ -212,9 +212,9 @@ def test_frame_latents_weighting(tmp_path):
         f["occupancies"] = np.array([[0.5, 0.5], [0.2, 0.8]])
     # averages: (rep 0, class 0) mu 0, (rep 0, class 1) mu 4, (rep 1, class 0) mu 2; rep 1's
     # class 1 is not an average (dropped), so its weight is renormalised onto class 0
-    averages = {"replicate": np.array([0, 0, 1]), "class": np.array([0, 1, 0])}
     mu = np.array([[0.0], [4.0], [2.0]])
-    lat = frame_latents([tmp_path / "rep0.h5", tmp_path / "rep1.h5"], averages, mu, 5)
+    lat = frame_latents([tmp_path / "rep0.h5", tmp_path / "rep1.h5"], np.array([0, 0, 1]),
+                        np.array([0, 1, 0]), mu, 5)
     assert lat.shape == (5, 1)
     assert lat[0, 0] == pytest.approx(0.0)
     assert lat[1, 0] == pytest.approx(0.5 * (0.25 * 0 + 0.75 * 4) + 0.5 * 2.0)

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from spiscape.emc import figures
-from spiscape.emc.averages import collect_averages, write_averages
+from spiscape.emc.averages import collect_averages
+from spiscape.io.averages import write_averages
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,10 @@ def main(args):
     # averages.h5 last: the figures must not be missing when it looks finished
     result = collect_averages(args.replicates, args.min_frames)
     if args.montage_figure:
-        order = np.argsort(-result["frames"])
-        titles = [f"r{result['replicate'][k]} c{result['class'][k]} n={result['frames'][k]:.0f}"
+        order = np.argsort(-result.frames)
+        titles = [f"r{result.replicate[k]} c{result.klass[k]} n={result.frames[k]:.0f}"
                   for k in order]
-        figures.montage_figure(result["intens"][order], Path(args.montage_figure), titles)
-    write_averages(result, Path(args.out), args.replicates, args.min_frames)
-    log.info("%d averages from %d replicates -> %s", result["intens"].shape[0],
+        figures.montage_figure(result.intens[order], Path(args.montage_figure), titles)
+    write_averages(Path(args.out), result, args.replicates, args.min_frames)
+    log.info("%d averages from %d replicates -> %s", result.count,
              len(args.replicates), args.out)

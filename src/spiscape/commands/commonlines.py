@@ -16,7 +16,7 @@ from spiscape.commonlines import (
     PolarParams,
     compute_matrix,
     compute_tile,
-    read_averages,
+    pairable_averages,
     write_commonlines,
     write_tile,
 )
@@ -92,7 +92,7 @@ def main(args):
         raise ConfigError(f"--threads must be >= 0, got {args.threads}")
     if args.tile is None and args.num_tiles != 1:
         raise ConfigError("--num-tiles needs --tile (which tile to compute)")
-    averages = read_averages(args.averages)
+    averages = pairable_averages(args.averages)
     if args.tile is not None:
         if args.figure:
             raise ConfigError("--figure draws the whole matrix; give it to merge-commonlines")

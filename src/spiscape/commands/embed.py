@@ -35,11 +35,12 @@ from spiscape.embed.embedding import (
     CC_TRANSFORMS,
     METHODS,
     embed,
-    read_averages,
     read_commonlines,
 )
-from spiscape.embed.landscape import average_truth, read_replicates, replicate_stability
+from spiscape.embed.landscape import average_truth, replicate_stability
 from spiscape.errors import ConfigError, InputError
+from spiscape.io.averages import read_averages
+from spiscape.io.replicate import read_replicates
 from spiscape.utils.args import at_least, auto_or_number
 from spiscape.utils.atomic import atomic_path
 
@@ -119,9 +120,9 @@ def main(args):
                           f"{args.validation_fraction}")
     cc = read_commonlines(args.commonlines)
     averages = read_averages(args.averages, with_intens=bool(args.model or args.figure_dir))
-    if averages["count"] != cc.shape[0]:
+    if averages.count != cc.shape[0]:
         raise InputError(args.commonlines, f"cc is {cc.shape[0]}x{cc.shape[0]} but "
-                                           f"{args.averages} holds {averages['count']} averages")
+                                           f"{args.averages} holds {averages.count} averages")
     result = embed(cc, args.method, args.components, args.seed, args.neighbors, args.perplexity,
                    args.cc_transform)
     log.info("%s embedding of %d averages; explained variance ratio %s", args.method,
@@ -150,12 +151,12 @@ def main(args):
                 raise InputError(args.truth, f"{truth.num_frames} frames, but the replicates "
                                              f"name frame {num_frames - 1}")
             num_frames = truth.num_frames
-        metrics["stability"] = replicate_stability(cc, reps, averages["replicate"],
-                                                   averages["class"], num_frames,
+        metrics["stability"] = replicate_stability(cc, reps, averages.replicate,
+                                                   averages.klass, num_frames,
                                                    _embed_fn(args))
         log.info("bootstrap stability: Procrustes disparity %s", metrics["stability"]["pairs"])
         if truth is not None:
-            truth_avg = average_truth(cc.shape[0], reps, averages["replicate"], averages["class"],
+            truth_avg = average_truth(cc.shape[0], reps, averages.replicate, averages.klass,
                                       truth.label, truth.t, max(len(truth.label_names), 5))
             truth_avg["names"] = truth.label_names
     centres = clustering.centroids(result.coords, groups.labels)
@@ -164,7 +165,7 @@ def main(args):
         params = TrainParams(epochs=args.epochs, patience=args.patience,
                              learning_rate=args.learning_rate,
                              validation_fraction=args.validation_fraction, seed=args.seed)
-        model = fit_absolute_embedding(averages["intens"], averages["support"], result.coords,
+        model = fit_absolute_embedding(averages.intens, averages.support, result.coords,
                                        params, args.method, centres)
         metrics["regressor"] = model.metrics
         log.info("regressor validation MSE per component %s (R^2 %s)",
@@ -181,8 +182,8 @@ def main(args):
         f["explained_variance"] = result.explained_variance
         f["explained_variance_ratio"] = result.explained_variance_ratio
         f["centroids"] = centres
-        f["replicate"] = averages["replicate"]
-        f["class"] = averages["class"]
+        f["replicate"] = averages.replicate
+        f["class"] = averages.klass
         if truth_avg is not None:
             f["truth_label"] = truth_avg["majority"]
             f["truth_t"] = truth_avg["mean_t"]
@@ -209,8 +210,8 @@ def draw(folder: Path, result, groups, averages, model, truth_avg) -> None:
                                            f"{groups.method} clusters")
     figures.explained_variance_figure(result.explained_variance_ratio,
                                       folder / "explained_variance.png", result.method)
-    titles = [f"r{r} c{c}" for r, c in zip(averages["replicate"], averages["class"], strict=True)]
-    figures.cluster_montage(averages["intens"], result.coords, groups.labels,
+    titles = [f"r{r} c{c}" for r, c in zip(averages.replicate, averages.klass, strict=True)]
+    figures.cluster_montage(averages.intens, result.coords, groups.labels,
                             folder / "cluster_montage.png", titles=titles)
     if model is not None:
         figures.regressor_figure(result.coords, model.training_prediction,

@@ -20,8 +20,8 @@ import numpy as np
 
 from spiscape.embed import figures
 from spiscape.embed.clustering import nearest_cluster
-from spiscape.embed.embedding import read_averages
 from spiscape.errors import InputError
+from spiscape.io.averages import read_averages
 from spiscape.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -47,10 +47,10 @@ def main(args):
     model = AbsoluteEmbedding.load(args.model)
     averages = read_averages(args.averages)
     size = model.feature_params.size
-    if averages["size"] != size:
-        raise InputError(args.averages, f"averages of {averages['size']}x{averages['size']} "
+    if averages.size != size:
+        raise InputError(args.averages, f"averages of {averages.size}x{averages.size} "
                                         f"pixels, the regressor was trained on {size}x{size}")
-    coords = model.predict(averages["intens"], averages["support"])
+    coords = model.predict(averages.intens, averages.support)
     labels = nearest_cluster(coords, model.centroids)
     log.info("placed %d averages; nearest clusters %s", coords.shape[0],
              np.bincount(labels[labels >= 0]).tolist() if labels.size else [])
@@ -69,8 +69,8 @@ def main(args):
     with atomic_path(args.out) as tmp, h5py.File(tmp, "w") as f:
         f["coords"] = coords
         f["labels"] = labels
-        f["replicate"] = averages["replicate"]
-        f["class"] = averages["class"]
+        f["replicate"] = averages.replicate
+        f["class"] = averages.klass
         f.attrs["model"] = str(args.model)
         f.attrs["averages"] = str(args.averages)
         f.attrs["method"] = f"regressor:{model.method}"

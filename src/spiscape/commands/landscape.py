@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from spiscape.embed import figures
-from spiscape.embed.embedding import read_averages
-from spiscape.embed.landscape import frame_coordinates, read_replicates, write_landscape
+from spiscape.embed.landscape import frame_coordinates, write_landscape
 from spiscape.errors import InputError
+from spiscape.io.averages import read_averages
 from spiscape.io.hdf5 import open_input
+from spiscape.io.replicate import read_replicates
 from spiscape.utils.args import at_least
 from spiscape.utils.atomic import atomic_path
 
@@ -86,17 +87,17 @@ def dataset_size(args, reps) -> int:
 def main(args):
     embedding = read_embedding(args.embedding)
     averages = read_averages(args.averages, with_intens=False)
-    if averages["count"] != embedding["coords"].shape[0]:
+    if averages.count != embedding["coords"].shape[0]:
         raise InputError(args.embedding, f"{embedding['coords'].shape[0]} averages embedded but "
-                                         f"{args.averages} holds {averages['count']}")
+                                         f"{args.averages} holds {averages.count}")
     reps = read_replicates(args.replicates)
-    known = set(np.unique(averages["replicate"]).tolist())
+    known = set(np.unique(averages.replicate).tolist())
     if not known & {r.number for r in reps}:
         raise InputError(args.replicates[0], f"none of these replicates "
                                              f"({[r.number for r in reps]}) made the averages "
                                              f"(replicates {sorted(known)})")
     num_frames = dataset_size(args, reps)
-    result = frame_coordinates(num_frames, reps, averages["replicate"], averages["class"],
+    result = frame_coordinates(num_frames, reps, averages.replicate, averages.klass,
                                embedding["coords"], embedding["labels"])
     placed = int(np.sum(result["num_replicates"] > 0))
     log.info("%d of %d frames placed in the landscape; cluster sizes %s", placed, num_frames,

@@ -30,14 +30,14 @@ import h5py
 import numpy as np
 
 from spiscape.backend import get_array_module
-from spiscape.emc.averages import read_averages as read_averages_file
 from spiscape.errors import ConfigError, InputError
 from spiscape.io import read_detector
+from spiscape.io.averages import read_averages
+from spiscape.io.orientation import write_orientation
 from spiscape.orient import rotations as rot
 from spiscape.orient.search import best_slices, fit_size, orient_averages, size_range
 from spiscape.orient.slices import AnalyticReference, ewald_points, read_reference_volume
 from spiscape.utils.args import at_least, auto_or_number
-from spiscape.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +79,6 @@ def add_args(parser):
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                         help="where to slice and correlate (gpu: CuPy)")
     parser.add_argument("--figure", default=None, help="PNG: gain histogram and best matches")
-
-
-def read_averages(path) -> tuple[np.ndarray, np.ndarray]:
-    """intens (A, S, S) and support (S, S) of averages.h5, validated."""
-    data = read_averages_file(path)
-    return data["intens"], data["support"]
 
 
 def q_per_pixel_from(args) -> float:
@@ -169,7 +163,8 @@ def main(args):
         raise ConfigError(f"--floor must be positive, got {args.floor}")
     if args.candidates < 1:
         raise ConfigError(f"--candidates must be >= 1, got {args.candidates}")
-    intens, support = read_averages(args.averages)
+    averages = read_averages(args.averages)
+    intens, support = averages.intens, averages.support
     det = read_detector(args.detector)
     q_per_pixel = q_per_pixel_from(args)
     size = intens.shape[1]
@@ -187,7 +182,7 @@ def main(args):
     if args.figure:
         slices = best_slices(reference, points, result.quaternion).reshape(intens.shape)
         orientation_figure(intens, slices, support, result, Path(args.figure))
-    write_orientation(Path(args.out), result, reference, q_per_pixel, args)
+    save_orientation(Path(args.out), result, reference, q_per_pixel, args)
     finite = np.isfinite(result.gain)
     log.info("gain: median %.3f, range %.3f-%.3f; %.1f s -> %s",
              float(np.median(result.gain[finite])) if finite.any() else float("nan"),
@@ -196,28 +191,21 @@ def main(args):
     return 0
 
 
-def write_orientation(path: Path, result, reference, q_per_pixel: float, args) -> None:
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset("quaternion", data=result.quaternion.astype(np.float64))
-        f.create_dataset("cc", data=result.cc.astype(np.float64))
-        f.create_dataset("gain", data=result.gain.astype(np.float64))
-        f.create_dataset("mean_cc", data=result.mean_cc.astype(np.float64))
-        f.create_dataset("grid_cc", data=result.grid_cc.astype(np.float64))
-        f.attrs["reference"] = reference.kind
-        f.attrs["reference_file"] = str(args.reference_file or "")
-        f.attrs["size_nm"] = float(reference.size_nm)
-        f.attrs["point_group"] = args.point_group
-        f.attrs["step_deg"] = float(args.step_deg)
-        f.attrs["refine_deg"] = float(args.refine_deg)
-        f.attrs["num_rotations"] = int(result.num_rotations)
-        f.attrs["transform"] = result.info["transform"]
-        f.attrs["floor"] = float(args.floor)
-        f.attrs["q_per_pixel_inv_nm"] = float(q_per_pixel)
-        f.attrs["quaternion_convention"] = QUATERNION_CONVENTION
-        f.attrs["averages"] = str(args.averages)
-        f.attrs["note"] = result.info.get("note", "")
-        f.attrs["info"] = json.dumps({k: v for k, v in result.info.items()
-                                      if isinstance(v, (int, float, str))})
+def save_orientation(path: Path, result, reference, q_per_pixel: float, args) -> None:
+    """``orientation.h5`` (:mod:`spiscape.io.orientation`) of a search result."""
+    datasets = {key: getattr(result, key) for key in ("quaternion", "cc", "gain", "mean_cc",
+                                                       "grid_cc")}
+    write_orientation(path, datasets, {
+        "reference": reference.kind, "reference_file": str(args.reference_file or ""),
+        "size_nm": float(reference.size_nm), "point_group": args.point_group,
+        "step_deg": float(args.step_deg), "refine_deg": float(args.refine_deg),
+        "num_rotations": int(result.num_rotations), "transform": result.info["transform"],
+        "floor": float(args.floor), "q_per_pixel_inv_nm": float(q_per_pixel),
+        "quaternion_convention": QUATERNION_CONVENTION, "averages": str(args.averages),
+        "note": result.info.get("note", ""),
+        "info": json.dumps({k: v for k, v in result.info.items()
+                            if isinstance(v, (int, float, str))}),
+    })
 
 
 def orientation_figure(intens, slices, support, result, path: Path, count: int = 5) -> None:

@@ -27,8 +27,8 @@ import h5py
 import numpy as np
 
 from spiscape.backend import get_array_module
-from spiscape.emc.averages import read_averages as read_averages_file
 from spiscape.errors import ConfigError, InputError
+from spiscape.io.averages import read_averages
 from spiscape.io.hdf5 import open_input
 from spiscape.phasing import PhasingParams, measured_shell_mask, parse_recipe, phase_pattern
 from spiscape.phasing.algorithms import DEFAULT_RECIPE
@@ -149,17 +149,17 @@ def read_volumes(path, q_per_voxel=None, indices=None):
     return (z[:, None] if z.ndim == 1 else z), intens, float(dq), idx, has_data
 
 
-def read_averages(path, q_per_voxel=None, indices=None):
+def averages_to_phase(path, q_per_voxel=None, indices=None):
     """averages.h5 for 2D phasing: intens (float32), support, q step (None: not in the file)."""
-    data = read_averages_file(path)
-    intens = data["intens"].astype(np.float32)
+    data = read_averages(path)
+    intens = data.intens.astype(np.float32)
     if intens.shape[-1] % 2 == 0:
         raise InputError(path, f"S = {intens.shape[-1]} is even: the beam centre (S-1)/2 is not "
                          "a pixel, phasing needs an odd grid")
     idx = list(range(intens.shape[0])) if indices is None else list(indices)
     if any(i < 0 or i >= intens.shape[0] for i in idx):
         raise InputError(path, f"indices {idx} out of range 0..{intens.shape[0] - 1}")
-    return intens[idx], data["support"], (float(q_per_voxel) if q_per_voxel else None), idx
+    return intens[idx], data.support, (float(q_per_voxel) if q_per_voxel else None), idx
 
 
 def main(args):
@@ -177,7 +177,8 @@ def main(args):
             q_max = file_max
         log.info("unmeasured: |q| < %.3g or |q| > %.3g voxels", q_min, q_max)
     else:
-        intens, extra, dq, idx = read_averages(args.averages, args.q_per_voxel, args.indices)
+        intens, extra, dq, idx = averages_to_phase(args.averages, args.q_per_voxel,
+                                                   args.indices)
         z = np.asarray(idx, dtype=np.float64)[:, None]
         has_data = np.ones(len(idx), dtype=bool)
     shape = intens.shape[1:]

@@ -265,16 +265,15 @@ def main(args):
                             "q_max_measured": float(qnorm[weight].max())})
     analysis.write_mrc(out / "volumes", vols, q_per_voxel)
     if args.replicates:
-        from spiscape.embed.landscape import read_replicates
+        from spiscape.io.replicate import read_replicates
 
         reps = read_replicates(args.replicates)
         num_frames = args.num_frames or (truth.num_frames if truth is not None else None) or (
             max(int(r.frames.max()) for r in reps if r.frames.size) + 1)
         # only the averages trained on: frames of excluded clusters (contaminants) stay NaN, and
         # mixed frames are renormalised over the kept classes
-        latent = analysis.frame_latents(args.replicates, {"replicate": inputs.replicate[sel],
-                                                          "class": inputs.klass[sel]}, mu[sel],
-                                        num_frames)
+        latent = analysis.frame_latents(args.replicates, inputs.replicate[sel],
+                                        inputs.klass[sel], mu[sel], num_frames)
         analysis.write_frame_latent(out / "frame_latent.h5", latent,
                                     {"averages": str(args.averages), "zdim": cfg.zdim})
         scores["frames_assigned"] = int(np.isfinite(latent[:, 0]).sum())
@@ -333,7 +332,8 @@ def average_truth_t(args, inputs, truth):
             return t, lab, onehot, False
     if not args.replicates:
         return None
-    from spiscape.embed.landscape import average_truth, read_replicates
+    from spiscape.embed.landscape import average_truth
+    from spiscape.io.replicate import read_replicates
 
     res = average_truth(inputs.intens.shape[0], read_replicates(args.replicates),
                         inputs.replicate, inputs.klass, truth.label, truth.t,

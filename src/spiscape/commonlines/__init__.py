@@ -21,27 +21,28 @@ from spiscape.commonlines.correlate import correlate_pairs
 from spiscape.commonlines.polar import PolarParams, line_angles, polar_lines
 from spiscape.commonlines.tiles import (
     merge_tiles,
-    read_averages,
+    pairable_averages,
     tile_attrs,
     tile_pairs,
     write_commonlines,
     write_tile,
 )
+from spiscape.io.averages import Averages
 
 log = logging.getLogger(__name__)
 
 
-def compute_tile(averages: dict, params: PolarParams, tile: int = 0, num_tiles: int = 1,
+def compute_tile(averages: Averages, params: PolarParams, tile: int = 0, num_tiles: int = 1,
                  device: str = "cpu", batch_pairs: int | None = None,
                  precision: str = "float64", workers: int | None = None,
                  progress: bool = True) -> dict:
     """Pairs, CCs and angles of one tile of the upper triangle, with its file attributes.
 
-    ``averages`` as returned by :func:`read_averages`. The result has the datasets of a tile
+    ``averages`` as returned by :func:`pairable_averages`. The result has the datasets of a tile
     file plus ``attrs``, ``path`` and ``seconds`` (time of the correlation itself).
     """
-    pair_i, pair_j = tile_pairs(averages["intens"].shape[0], tile, num_tiles)
-    lines, mask, signed = polar_lines(averages["intens"], averages["support"], params)
+    pair_i, pair_j = tile_pairs(averages.count, tile, num_tiles)
+    lines, mask, signed = polar_lines(averages.intens, averages.support, params)
     if not mask.all():
         log.info("line masks differ between angles: per line-pair overlap (5 products per pair)")
     log.info("tile %d/%d: %d pairs of %d averages, %d lines x %d samples (radii %.1f..%.1f)",
@@ -57,14 +58,14 @@ def compute_tile(averages: dict, params: PolarParams, tile: int = 0, num_tiles: 
     angles = line_angles(params.n_angles)
     return {
         "i": pair_i, "j": pair_j, "cc": cc, "angle_i": angles[line_i], "angle_j": angles[line_j],
-        "replicate": averages["replicate"], "class": averages["class"],
+        "replicate": averages.replicate, "class": averages.klass,
         "attrs": {**tile_attrs(params.as_attrs(), averages, signed, tile, num_tiles),
                   "precision": precision},
-        "path": averages["path"], "seconds": seconds,
+        "path": averages.path, "seconds": seconds,
     }
 
 
-def compute_matrix(averages: dict, params: PolarParams, device: str = "cpu",
+def compute_matrix(averages: Averages, params: PolarParams, device: str = "cpu",
                    batch_pairs: int | None = None, precision: str = "float64",
                    workers: int | None = None, progress: bool = True) -> dict:
     """The merged matrix (``cc``, ``angles``, labels, ``attrs``) computed as one tile."""
@@ -80,7 +81,7 @@ __all__ = [
     "compute_matrix",
     "compute_tile",
     "merge_tiles",
-    "read_averages",
+    "pairable_averages",
     "write_commonlines",
     "write_tile",
 ]

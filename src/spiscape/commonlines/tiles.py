@@ -29,8 +29,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from spiscape.emc.averages import read_averages as read_averages_file
 from spiscape.errors import ConfigError, InputError
+from spiscape.io.averages import Averages, read_averages
 from spiscape.io.hdf5 import plain_attr
 from spiscape.utils.atomic import atomic_path
 
@@ -83,13 +83,12 @@ def averages_checksum(intens: np.ndarray, support: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def read_averages(path) -> dict:
-    """averages.h5 (see :func:`spiscape.emc.averages.read_averages`) with the checksum tiles
-    carry; common lines need at least two averages."""
-    data = read_averages_file(path)
-    if data["count"] < 2:
-        raise InputError(path, f"{data['count']} average(s): common lines need at least 2")
-    return {**data, "sha256": averages_checksum(data["intens"], data["support"])}
+def pairable_averages(path) -> Averages:
+    """``averages.h5`` (:mod:`spiscape.io.averages`) for common lines: at least two."""
+    averages = read_averages(path)
+    if averages.count < 2:
+        raise InputError(path, f"{averages.count} average(s): common lines need at least 2")
+    return averages
 
 
 # ----------------------------------------------------------------------------- tile files
@@ -213,14 +212,15 @@ def write_commonlines(path, merged: dict) -> None:
         _write_attrs(f, merged["attrs"])
 
 
-def tile_attrs(params_attrs: dict, averages: dict, signed_radii, tile: int,
+def tile_attrs(params_attrs: dict, averages: Averages, signed_radii, tile: int,
                num_tiles: int) -> dict:
-    """The attributes of a tile file."""
-    count = int(averages["intens"].shape[0])
+    """The attributes of a tile file (with the checksum that ties it to its averages)."""
+    count = int(averages.intens.shape[0])
     start, stop = tile_range(count, tile, num_tiles)
     attrs = dict(params_attrs)
     attrs.update(radii=np.asarray(signed_radii, dtype=np.float64),
-                 averages_sha256=averages["sha256"], averages=os.fspath(averages["path"]),
+                 averages_sha256=averages_checksum(averages.intens, averages.support),
+                 averages=os.fspath(averages.path),
                  tile=tile, num_tiles=num_tiles, num_averages=count, pair_start=start,
                  pair_stop=stop)
     return attrs

@@ -6,8 +6,8 @@
 """
 
 from spiscape.embed.clustering import cluster
-from spiscape.embed.embedding import clpca, embed, read_averages, read_commonlines
-from spiscape.embed.landscape import frame_coordinates, read_landscape, read_replicates
+from spiscape.embed.embedding import clpca, embed, read_commonlines
+from spiscape.embed.landscape import frame_coordinates, read_landscape
 
-__all__ = ["cluster", "clpca", "embed", "frame_coordinates", "read_averages", "read_commonlines",
-           "read_landscape", "read_replicates"]
+__all__ = ["cluster", "clpca", "embed", "frame_coordinates", "read_commonlines",
+           "read_landscape"]

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 import h5py
 import numpy as np
 
-from spiscape.emc.averages import read_averages as read_averages_file
 from spiscape.errors import ConfigError, InputError
 
 METHODS = ("pca", "isomap", "spectral", "tsne", "umap")
@@ -73,11 +72,6 @@ def read_commonlines(path) -> np.ndarray:
     if not np.allclose(cc, cc.T, atol=1e-5):
         raise InputError(path, "cc is not symmetric")
     return cc
-
-
-def read_averages(path, with_intens: bool = True) -> dict:
-    """``averages.h5``: ``intens`` (optional), ``replicate``, ``class``, ``frames``, ``support``."""
-    return read_averages_file(path, with_intens=with_intens)
 
 
 def transform_cc(cc: np.ndarray, transform: str = "fisher") -> np.ndarray:

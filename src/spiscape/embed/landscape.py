@@ -24,8 +24,6 @@ Attributes: ``num_frames``, ``components``, ``method`` (of the embedding), ``emb
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -33,45 +31,8 @@ import numpy as np
 
 from spiscape.errors import ConfigError, InputError
 from spiscape.io.hdf5 import open_input
+from spiscape.io.replicate import Replicate
 from spiscape.utils.atomic import atomic_path
-
-
-@dataclass
-class Replicate:
-    """What the landscape needs of one classify2d replicate file."""
-
-    number: int
-    frames: np.ndarray  # (n,) global frame indices
-    occupancies: np.ndarray  # (n, M)
-    path: str = ""
-
-
-def read_replicate(path, fallback_number: int = 0) -> Replicate:
-    """``frames``, ``occupancies`` and the replicate number (attr ``params``) of a rep file."""
-    try:
-        with h5py.File(path, "r") as f:
-            frames = f["frames"][()].astype(np.int64)
-            occ = f["occupancies"][()]  # kept as stored (float32): millions of frames
-            params = json.loads(f.attrs["params"]) if "params" in f.attrs else {}
-    except FileNotFoundError:
-        raise InputError(path, "no such file") from None
-    except KeyError as exc:
-        raise InputError(path, f"not a classify2d replicate (missing {exc})") from None
-    except (OSError, ValueError) as exc:
-        raise InputError(path, f"not a readable classify2d replicate ({exc})") from None
-    if occ.ndim != 2 or occ.shape[0] != frames.size:
-        raise InputError(path, f"occupancies {occ.shape} do not match {frames.size} frames")
-    if not np.all(np.isfinite(occ)):
-        raise InputError(path, "occupancies hold NaN or infinite values")
-    return Replicate(int(params.get("replicate", fallback_number)), frames, occ, str(path))
-
-
-def read_replicates(paths) -> list[Replicate]:
-    reps = [read_replicate(p, n) for n, p in enumerate(paths)]
-    numbers = [r.number for r in reps]
-    if len(set(numbers)) != len(numbers):
-        raise InputError(paths[0], f"replicate numbers repeat across files: {numbers}")
-    return reps
 
 
 def kept_classes(rep: Replicate, replicate_of, class_of) -> tuple[np.ndarray, np.ndarray]:

@@ -30,6 +30,7 @@ from spiscape.emc.frames import FrameStore, measure_crossover, pixel_chunks
 from spiscape.errors import ConfigError, InputError
 from spiscape.io import count_frames, read_detector, shard_bounds
 from spiscape.io.photons import photon_files as list_photon_files
+from spiscape.io.replicate import write_replicate
 from spiscape.utils.atomic import atomic_path, check_output
 
 log = logging.getLogger(__name__)
@@ -648,30 +649,25 @@ class EMC2D:
             [tuple(row[c] for c in LOG_COLUMNS) for row in state.log_rows],
             dtype=[(c, np.int32 if c == "iteration" else np.float64) for c in LOG_COLUMNS],
         )
-        with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-            f["intens"] = frame_results["intens"]
-            f["frames"] = self.selection
-            f.create_dataset("occupancies", data=occupancies, compression="gzip")
-            f["best_rotation"] = best_rotation.astype(np.int32)
-            f["best_class"] = best_class.astype(np.int32)
-            f["scale"] = scale
-            f["log"] = table
-            f["angles"] = self.angles
-            f["model_pixels"] = self.merge_pix
-            f["support"] = self.support
-            f.attrs["params"] = json.dumps(asdict(p))
-            f.attrs["photons"] = json.dumps([str(x) for x in self.photon_files])
-            f.attrs["detector"] = self.detector_path
-            f.attrs["size"] = self.size
-            f.attrs["centre"] = (self.size - 1) / 2.0
-            f.attrs["ranks"] = self.nranks
+        datasets = {
+            "intens": frame_results["intens"], "frames": self.selection,
+            "occupancies": occupancies, "best_rotation": best_rotation.astype(np.int32),
+            "best_class": best_class.astype(np.int32), "scale": scale, "log": table,
+            "angles": self.angles, "model_pixels": self.merge_pix, "support": self.support,
+            "empty_frames": self.empty_frames,
+        }
+        attrs = {
+            "params": json.dumps(asdict(p)),
+            "photons": json.dumps([str(x) for x in self.photon_files]),
+            "detector": self.detector_path, "size": self.size, "centre": (self.size - 1) / 2.0,
+            "ranks": self.nranks,
             # before the gather of the per-frame arrays, which only rank 0 pays for
-            f.attrs["peak_memory_mb_per_rank"] = np.asarray(peak_per_rank)
-            f.attrs["frames_per_rank"] = np.asarray(self.frames_per_rank)
-            f["empty_frames"] = self.empty_frames
-            f.attrs["dense_pixels"] = self.num_dense
-            f.attrs["sparse_below"] = self.crossover
-            f.attrs["threads_per_rank"] = self.threads
+            "peak_memory_mb_per_rank": np.asarray(peak_per_rank),
+            "frames_per_rank": np.asarray(self.frames_per_rank),
+            "dense_pixels": self.num_dense, "sparse_below": self.crossover,
+            "threads_per_rank": self.threads,
+        }
+        write_replicate(path, datasets, attrs)
 
     def run(self, out: Path, checkpoint: Path | None = None, resume: bool = False) -> EMCState:
         p = self.params

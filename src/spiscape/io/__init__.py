@@ -1,9 +1,11 @@
-"""Reading and writing spiscape's inputs: detector geometry and photon frames.
+"""Reading and writing the files of a run, one module per file (docs/formats.md lists them).
 
-Formats are Dragonfly's (so Dragonfly reads what spiscape writes) plus dense CXI frames; each is
-documented in the module that reads it: :mod:`.detector`, :mod:`.photons`, :mod:`.cxi`. Every
-reader raises :class:`spiscape.errors.InputError` (the file and one line) for bad input, and every
-writer writes atomically.
+Inputs in Dragonfly's formats (so Dragonfly reads what spiscape writes) plus dense CXI frames:
+:mod:`.detector`, :mod:`.photons`, :mod:`.cxi`. Files handed between stages: :mod:`.replicate`
+(``classify2d/rep{r}.h5``), :mod:`.averages` (``averages.h5``), :mod:`.orientation`
+(``orientation.h5``). Each documents its layout in its docstring; every reader raises
+:class:`spiscape.errors.InputError` (the file and one line) for bad input, and every writer
+writes atomically.
 """
 
 from spiscape.io.cxi import read_cxi, write_cxi

@@ -41,6 +41,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from spiscape.io.averages import read_averages
+from spiscape.io.orientation import read_orientation
 from spiscape.phasing.align import centred_radius
 from spiscape.utils.atomic import atomic_path
 
@@ -113,15 +115,13 @@ def vae_checks(folder: Path) -> dict:
     if latent.exists() and averages.exists():
         with h5py.File(latent, "r") as f:
             selected = f["selected"][()].astype(bool)
-        with h5py.File(averages, "r") as f:
-            frames = f["frames"][()] if "frames" in f else np.ones(selected.size)
+        frames = read_averages(averages, with_intens=False).frames
         frames = np.where(np.isfinite(frames) & (frames > 0), frames, 0.0)
         if frames.sum() > 0 and frames.shape == selected.shape:
             out["vae_frames"] = float(frames[selected].sum() / frames.sum())
         orientation = folder / "orientation.h5"
         if orientation.exists():
-            with h5py.File(orientation, "r") as f:
-                cc = f["cc"][()]
+            cc = read_orientation(orientation).cc
             if cc.shape == selected.shape and selected.any():
                 out["orientation_cc"] = float(np.nanmedian(cc[selected]))
     volumes = folder / "vae/volumes.h5"

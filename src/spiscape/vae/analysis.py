@@ -55,23 +55,19 @@ def decode_volumes(model, z: np.ndarray, device="cpu", chunk: int = 4) -> np.nda
     return np.concatenate(out).astype(np.float32)
 
 
-def frame_latents(replicate_files, averages, mu: np.ndarray, num_frames: int) -> np.ndarray:
+def frame_latents(replicate_files, replicate_of, class_of, mu: np.ndarray,
+                  num_frames: int) -> np.ndarray:
     """Per-frame latent (N, zdim): the occupancy-weighted mean of the latents of the averages of
     the frame's classes (weights renormalised over the classes present in averages.h5), averaged
     over the replicates that drew the frame; NaN for frames never assigned.
 
-    ``averages``: a path to averages.h5 or a mapping with ``replicate`` and ``class`` (A,).
+    ``replicate_of``, ``class_of`` (A,): where each average of ``mu`` (A, zdim) came from.
     """
-    from spiscape.embed.landscape import frame_coordinates, read_replicates
+    from spiscape.embed.landscape import frame_coordinates
+    from spiscape.io.replicate import read_replicates
 
-    if not hasattr(averages, "__getitem__") or isinstance(averages, (str, bytes)) or \
-            hasattr(averages, "__fspath__"):
-        import h5py
-
-        with h5py.File(averages, "r") as f:
-            averages = {"replicate": f["replicate"][()], "class": f["class"][()]}
     reps = read_replicates(list(replicate_files))
-    res = frame_coordinates(int(num_frames), reps, averages["replicate"], averages["class"],
+    res = frame_coordinates(int(num_frames), reps, replicate_of, class_of,
                             np.asarray(mu, dtype=np.float64))
     return res["coords"]
 

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from spiscape.errors import ConfigError, InputError
+from spiscape.io.averages import read_averages
+from spiscape.io.orientation import read_orientation
 
 LOG_FLOOR = 0.1
 
@@ -49,28 +51,14 @@ def read_inputs(averages, orientation, embedding=None, clusters="all",
                 min_cluster_fraction: float = 0.01, max_isolation: float = 10.0) -> VAEData:
     """Read averages.h5 + orientation.h5 (+ embedding.h5 labels and coordinates for a cluster
     selection: ``clusters`` "all", "auto" (see :func:`auto_clusters`) or cluster numbers)."""
-    av = _read(averages, ["intens", "support"], ["replicate", "class", "frames"])
-    ori = _read(orientation, ["quaternion"], ["gain", "cc"])
-    intens = np.asarray(av["intens"], dtype=np.float32)
-    if intens.ndim != 3 or intens.shape[1] != intens.shape[2]:
-        raise InputError(averages, f"intens has shape {intens.shape}, expected (A, S, S)")
-    A = intens.shape[0]
-    support = np.asarray(av["support"], dtype=bool)
-    if support.shape != intens.shape[1:]:
-        raise InputError(averages, f"support {support.shape} does not match intens {intens.shape}")
-    quat = np.asarray(ori["quaternion"], dtype=np.float64)
-    if quat.shape != (A, 4):
-        raise InputError(orientation, f"quaternion has shape {quat.shape} but {averages} has "
-                                      f"{A} averages")
-    gain = np.asarray(ori.get("gain", np.ones(A)), dtype=np.float64)
-    if gain.shape != (A,):
-        raise InputError(orientation, f"gain has shape {gain.shape}, expected ({A},)")
-    if not np.all(np.isfinite(quat)) or np.any(np.linalg.norm(quat, axis=1) < 1e-6):
-        raise InputError(orientation, "quaternions must be finite and nonzero")
-    gain = np.where(np.isfinite(gain) & (gain > 0), gain, 1.0)
-    quat = quat / np.linalg.norm(quat, axis=1, keepdims=True)
-    quat[quat[:, 0] < 0] *= -1.0  # q and -q are one rotation: the encoder sees one of them
-    frames = np.asarray(av.get("frames", np.ones(A)), dtype=np.float64)
+    av = read_averages(averages)
+    intens = av.intens.astype(np.float32)
+    A = av.count
+    support = av.support
+    # unit quaternions with w >= 0 (q and -q are one rotation: the encoder sees one of them)
+    ori = read_orientation(orientation, count=A)
+    quat, gain = ori.quaternion, ori.gain
+    frames = np.where(np.isfinite(av.frames), av.frames, 1.0).astype(np.float64)
     selected = np.ones(A, dtype=bool)
     if clusters not in (None, "all", ["all"]):
         if embedding is None:
@@ -90,8 +78,8 @@ def read_inputs(averages, orientation, embedding=None, clusters="all",
             raise ConfigError(f"no average is in the clusters {wanted}")
     return VAEData(
         intens=intens, support=support, quaternion=quat, gain=gain,
-        replicate=np.asarray(av.get("replicate", np.zeros(A)), dtype=np.int64),
-        klass=np.asarray(av.get("class", np.arange(A)), dtype=np.int64),
+        replicate=np.asarray(av.replicate, dtype=np.int64),
+        klass=np.asarray(av.klass, dtype=np.int64),
         frames=frames, selected=selected,
     )
 
