@@ -50,13 +50,13 @@ def main(argv=None):
     p.add_argument("--json", default=str(REPO / "bench/results/averages.json"))
     p.add_argument("--max-ring", type=int, default=26)
     args = p.parse_args(argv)
-    from spiscape.commands.vae import truth_reference
     from spiscape.embed.landscape import average_truth
     from spiscape.io import read_detector
     from spiscape.io.replicate import read_replicates
     from spiscape.orient.rotations import to_matrix
     from spiscape.simulate.truth import read_truth
     from spiscape.vae.model import ewald_grid, slice_volumes
+    from spiscape.vae.scoring import truth_reference
 
     res = Path(args.results)
     truth = read_truth(res / "data/truth.h5")

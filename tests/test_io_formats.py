@@ -96,7 +96,8 @@ def test_orientation_round_trip_and_refusals(tmp_path):
 def test_each_contract_has_one_reader():
     # the readers of the files handed between stages live in spiscape.io, nowhere else
     names = ("read_averages", "read_replicate", "read_replicates", "read_orientation",
-             "write_averages", "write_replicate", "write_orientation")
+             "read_embedding", "write_averages", "write_replicate", "write_orientation",
+             "write_embedding")
     homes = {}
     for path in (REPO / "src/spiscape").rglob("*.py"):
         for name in re.findall(r"^def (\w+)\(", path.read_text(), re.M):
@@ -105,3 +106,29 @@ def test_each_contract_has_one_reader():
     assert all(len(where) == 1 and where[0].startswith("spiscape/io/")
                for where in homes.values()), homes
     assert set(homes) == set(names)
+
+
+def test_no_bench_or_test_imports_a_command():
+    # commands parse arguments and call the library; what a benchmark or a test needs lives in
+    # the library (the command line itself is tested through spiscape.cli)
+    offenders = [p.relative_to(REPO).as_posix()
+                 for folder in ("bench", "tests") for p in (REPO / folder).rglob("*.py")
+                 if re.search(r"^\s*(from spiscape\.commands|import spiscape\.commands)",
+                              p.read_text(), re.M)]
+    assert offenders == []
+
+
+def test_embedding_round_trip_and_refusals(tmp_path):
+    from spiscape.io.embedding import read_embedding, write_embedding
+
+    coords = np.array([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]])
+    write_embedding(tmp_path / "e.h5", {"coords": coords, "labels": np.array([0, 0, 1])},
+                    {"method": "pca"})
+    emb = read_embedding(tmp_path / "e.h5", count=3)
+    np.testing.assert_array_equal(emb.coords, coords)
+    assert emb.method == "pca" and emb.labels.tolist() == [0, 0, 1]
+    with pytest.raises(InputError, match="3 averages embedded, 4 expected"):
+        read_embedding(tmp_path / "e.h5", count=4)
+    write_embedding(tmp_path / "bad.h5", {"coords": coords, "labels": np.array([0, 1])}, {})
+    with pytest.raises(InputError, match="do not match"):
+        read_embedding(tmp_path / "bad.h5")

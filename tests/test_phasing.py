@@ -281,7 +281,7 @@ def test_stagnated_patterns_are_the_outliers_of_the_curve():
     support error several times the curve's: those patterns are phased again (spiscape phase)."""
     from types import SimpleNamespace
 
-    from spiscape.commands.phase import final_error, stagnated
+    from spiscape.phasing.algorithms import final_error, stagnated
 
     def result(last_error):
         errors = np.array([[0.9, 0.9], [last_error, last_error + 0.02]])

@@ -199,12 +199,9 @@ def test_cli_rejects_impossible_config(tmp_path, capsys, flags, message):
 
 
 def test_cli_flags_match_fields():
-    import argparse
+    from spiscape.workflow_config import command_parser
 
-    from spiscape.commands import simulate as command
-
-    parser = argparse.ArgumentParser()
-    command.add_args(parser)
+    parser = command_parser("simulate")
     flags = {opt for action in parser._actions for opt in action.option_strings}
     for name in SimulationParams().to_dict():
         assert "--" + name.replace("_", "-") in flags

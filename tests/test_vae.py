@@ -288,9 +288,9 @@ def test_cli_runs_and_rejects_mismatched_orientation(tiny, tmp_path, capsys):
 def test_pose_refinement_recovers_perturbed_orientations(tmp_path):
     """Cube averages whose orientations are 6 degrees off (random axes): the refined poses are
     within half of that of the truth, modulo the cube's 48 symmetries."""
-    from spiscape.commands.vae import refined_poses
     from spiscape.orient.rotations import from_rotvec, misorientation_deg, multiply, point_group
     from spiscape.vae.data import VAEData, loss_weight, radial_profile, tensors
+    from spiscape.vae.scoring import refined_poses
 
     n, size, detd = 21, 19, 90.0
     cube = analytic_volumes(n)[:1]
@@ -384,7 +384,7 @@ def test_frame_weights_and_loss_q_min():
 
 
 def test_pure_averages_rule():
-    from spiscape.commands.vae import pure_averages
+    from spiscape.vae.scoring import pure_averages
 
     mask, rule = pure_averages(np.array([0.85, 0.1, 0.95, np.nan]))
     assert mask.tolist() == [True, False, True, False] and "0.8" in rule

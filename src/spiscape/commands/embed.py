@@ -27,7 +27,6 @@ import json
 import logging
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from spiscape.embed import clustering, figures
@@ -40,6 +39,7 @@ from spiscape.embed.embedding import (
 from spiscape.embed.landscape import average_truth, replicate_stability
 from spiscape.errors import ConfigError, InputError
 from spiscape.io.averages import read_averages
+from spiscape.io.embedding import write_embedding
 from spiscape.io.replicate import read_replicates
 from spiscape.utils.args import at_least, auto_or_number
 from spiscape.utils.atomic import atomic_path
@@ -176,29 +176,20 @@ def main(args):
     if model is not None:
         with atomic_path(args.model) as tmp:
             model.save(tmp)
-    with atomic_path(args.out) as tmp, h5py.File(tmp, "w") as f:
-        f["coords"] = result.coords
-        f["labels"] = groups.labels
-        f["explained_variance"] = result.explained_variance
-        f["explained_variance_ratio"] = result.explained_variance_ratio
-        f["centroids"] = centres
-        f["replicate"] = averages.replicate
-        f["class"] = averages.klass
-        if truth_avg is not None:
-            f["truth_label"] = truth_avg["majority"]
-            f["truth_t"] = truth_avg["mean_t"]
-            f.attrs["label_names"] = json.dumps(truth_avg["names"])
-        f.attrs["method"] = args.method
-        f.attrs["method_params"] = json.dumps(result.params)
-        f.attrs["cc_transform"] = args.cc_transform
-        f.attrs["components"] = args.components
-        f.attrs["cluster_method"] = args.cluster
-        f.attrs["num_clusters"] = groups.num_clusters
-        f.attrs["seed"] = args.seed
-        f.attrs["commonlines"] = str(args.commonlines)
-        f.attrs["averages"] = str(args.averages)
-        f.attrs["model"] = str(args.model or "")
-        f.attrs["metrics"] = json.dumps(metrics)
+    datasets = {"coords": result.coords, "labels": groups.labels,
+                "explained_variance": result.explained_variance,
+                "explained_variance_ratio": result.explained_variance_ratio,
+                "centroids": centres, "replicate": averages.replicate, "class": averages.klass}
+    attrs = {}
+    if truth_avg is not None:
+        datasets.update(truth_label=truth_avg["majority"], truth_t=truth_avg["mean_t"])
+        attrs["label_names"] = json.dumps(truth_avg["names"])
+    attrs.update(method=args.method, method_params=json.dumps(result.params),
+                 cc_transform=args.cc_transform, components=args.components,
+                 cluster_method=args.cluster, num_clusters=groups.num_clusters, seed=args.seed,
+                 commonlines=str(args.commonlines), averages=str(args.averages),
+                 model=str(args.model or ""), metrics=json.dumps(metrics))
+    write_embedding(args.out, datasets, attrs)
     log.info("wrote %s", args.out)
 
 

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import logging
 
-import h5py
 import numpy as np
 
 from spiscape.embed import figures
 from spiscape.embed.clustering import nearest_cluster
 from spiscape.errors import InputError
 from spiscape.io.averages import read_averages
-from spiscape.utils.atomic import atomic_path
+from spiscape.io.embedding import read_embedding, write_embedding
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,6 @@ def add_args(parser):
 
 
 def main(args):
-    from spiscape.commands.landscape import read_embedding
     from spiscape.embed.regressor import AbsoluteEmbedding
 
     model = AbsoluteEmbedding.load(args.model)
@@ -57,22 +55,17 @@ def main(args):
     if args.figure:
         if args.embedding:
             old = read_embedding(args.embedding)
-            if old["coords"].shape[1] != coords.shape[1]:
-                raise InputError(args.embedding, f"{old['coords'].shape[1]} components, the "
+            if old.coords.shape[1] != coords.shape[1]:
+                raise InputError(args.embedding, f"{old.coords.shape[1]} components, the "
                                                  f"regressor gives {coords.shape[1]}")
-            figures.embedding_scatter(old["coords"], old["labels"], args.figure,
+            figures.embedding_scatter(old.coords, old.labels, args.figure,
                                       extra=(coords, labels),
                                       title="new averages (stars) in the existing landscape")
         else:
             figures.embedding_scatter(coords, labels, args.figure,
                                       title="new averages placed by the regressor")
-    with atomic_path(args.out) as tmp, h5py.File(tmp, "w") as f:
-        f["coords"] = coords
-        f["labels"] = labels
-        f["replicate"] = averages.replicate
-        f["class"] = averages.klass
-        f.attrs["model"] = str(args.model)
-        f.attrs["averages"] = str(args.averages)
-        f.attrs["method"] = f"regressor:{model.method}"
-        f.attrs["components"] = coords.shape[1]
+    write_embedding(args.out, {"coords": coords, "labels": labels,
+                               "replicate": averages.replicate, "class": averages.klass},
+                    {"model": str(args.model), "averages": str(args.averages),
+                     "method": f"regressor:{model.method}", "components": coords.shape[1]})
     log.info("wrote %s", args.out)

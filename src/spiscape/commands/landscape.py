@@ -23,6 +23,7 @@ from spiscape.embed import figures
 from spiscape.embed.landscape import frame_coordinates, write_landscape
 from spiscape.errors import InputError
 from spiscape.io.averages import read_averages
+from spiscape.io.embedding import read_embedding
 from spiscape.io.hdf5 import open_input
 from spiscape.io.replicate import read_replicates
 from spiscape.utils.args import at_least
@@ -54,16 +55,6 @@ def add_args(parser):
     parser.add_argument("--figure-dir", default=None, help="folder for the figures (PNG)")
 
 
-def read_embedding(path) -> dict:
-    with open_input(path, "an embedding file") as f:
-        data = {"coords": f["coords"][()], "labels": f["labels"][()],
-                "method": str(f.attrs.get("method", "pca"))}
-    if data["coords"].ndim != 2 or data["labels"].shape != (data["coords"].shape[0],):
-        raise InputError(path, f"coords {data['coords'].shape} and labels "
-                               f"{data['labels'].shape} do not match")
-    return data
-
-
 def dataset_size(args, reps) -> int:
     largest = max(int(r.frames.max()) for r in reps if r.frames.size) + 1
     if args.num_frames is not None:
@@ -87,7 +78,7 @@ def dataset_size(args, reps) -> int:
 def main(args):
     embedding = read_embedding(args.embedding)
     averages = read_averages(args.averages, with_intens=False)
-    if averages.count != embedding["coords"].shape[0]:
+    if averages.count != embedding.coords.shape[0]:
         raise InputError(args.embedding, f"{embedding['coords'].shape[0]} averages embedded but "
                                          f"{args.averages} holds {averages.count}")
     reps = read_replicates(args.replicates)
@@ -98,7 +89,7 @@ def main(args):
                                              f"(replicates {sorted(known)})")
     num_frames = dataset_size(args, reps)
     result = frame_coordinates(num_frames, reps, averages.replicate, averages.klass,
-                               embedding["coords"], embedding["labels"])
+                               embedding.coords, embedding.labels)
     placed = int(np.sum(result["num_replicates"] > 0))
     log.info("%d of %d frames placed in the landscape; cluster sizes %s", placed, num_frames,
              np.bincount(result["label"][result["label"] >= 0]).tolist())
@@ -119,7 +110,7 @@ def main(args):
                  summary["melting_spearman"]["best_component"])
     if args.figure_dir:
         folder = Path(args.figure_dir)
-        prefix = "PC" if embedding["method"] == "pca" else f"{embedding['method']} "
+        prefix = "PC" if embedding.method == "pca" else f"{embedding.method} "
         figures.frame_scatter(result["coords"], result["label"], folder / "frames_clusters.png",
                               prefix, "cluster", title="frames by cluster")
         if truth is not None:
@@ -132,7 +123,7 @@ def main(args):
     if args.metrics_json:
         with atomic_path(args.metrics_json) as tmp:
             tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    attrs = {"method": embedding["method"], "embedding": str(args.embedding),
+    attrs = {"method": embedding.method, "embedding": str(args.embedding),
              "averages": str(args.averages),
              "replicates": json.dumps([str(p) for p in args.replicates])}
     latent = None

@@ -31,7 +31,12 @@ from spiscape.errors import ConfigError, InputError
 from spiscape.io.averages import read_averages
 from spiscape.io.hdf5 import open_input
 from spiscape.phasing import PhasingParams, measured_shell_mask, parse_recipe, phase_pattern
-from spiscape.phasing.algorithms import DEFAULT_RECIPE
+from spiscape.phasing.algorithms import (
+    DEFAULT_RECIPE,
+    STAGNATION_RETRIES,
+    final_error,
+    stagnated,
+)
 from spiscape.phasing.volume import (
     DEFAULT_RULE,
     DEFAULT_SMOOTHING,
@@ -269,26 +274,6 @@ def main(args):
             f.attrs[key] = value
     log.info("%d patterns phased (%.1f s each) -> %s", len(results), np.mean(seconds), args.out)
     return 0
-
-
-#: a pattern whose final support error is more than this many times the median of the curve's
-#: patterns stagnated (on Dragonfly-simulated data: 0.39-0.43 against 0.06-0.12, with a tenth
-#: of the particle volume)
-STAGNATION_FACTOR = 2.0
-STAGNATION_RETRIES = 2
-
-
-def final_error(res) -> float:
-    """The support error of a phasing result: the last iteration's, over the starts averaged."""
-    return float(np.asarray(res.errors)[-1][res.kept].mean())
-
-
-def stagnated(results) -> list[int]:
-    """Patterns whose final error is an outlier of the curve's (needs 3 patterns or more)."""
-    if len(results) < 3:
-        return []
-    errors = np.array([final_error(r) for r in results])
-    return [int(k) for k in np.flatnonzero(errors > STAGNATION_FACTOR * np.median(errors))]
 
 
 def write_curve(path, idx, z, volumes, resolution, has_data, converged):

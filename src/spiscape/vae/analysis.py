@@ -74,7 +74,7 @@ def frame_latents(replicate_files, replicate_of, class_of, mu: np.ndarray,
 
 def write_latent(path, mu, logvar, selected, poses: dict | None = None) -> None:
     """latent.h5: mu, logvar, selected; with pose refinement also quaternion_refined (A, 4) and
-    pose_change_deg (A,) (from :func:`spiscape.commands.vae.refined_poses`)."""
+    pose_change_deg (A,) (from :func:`spiscape.vae.scoring.refined_poses`)."""
     import h5py
 
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:

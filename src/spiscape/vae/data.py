@@ -16,6 +16,7 @@ import torch
 
 from spiscape.errors import ConfigError, InputError
 from spiscape.io.averages import read_averages
+from spiscape.io.embedding import read_embedding
 from spiscape.io.orientation import read_orientation
 
 LOG_FLOOR = 0.1
@@ -31,20 +32,6 @@ class VAEData:
     klass: np.ndarray         # (A,)
     frames: np.ndarray        # (A,)
     selected: np.ndarray      # (A,) bool, averages the VAE trains on
-
-
-def _read(path, keys, optional=()):
-    try:
-        with h5py.File(path, "r") as f:
-            out = {k: f[k][()] for k in keys}
-            out.update({k: f[k][()] for k in optional if k in f})
-    except FileNotFoundError:
-        raise InputError(path, "no such file") from None
-    except KeyError as exc:
-        raise InputError(path, f"missing dataset {exc}") from None
-    except OSError as exc:
-        raise InputError(path, f"not a readable HDF5 file ({exc})") from None
-    return out
 
 
 def read_inputs(averages, orientation, embedding=None, clusters="all",
@@ -64,12 +51,10 @@ def read_inputs(averages, orientation, embedding=None, clusters="all",
         if embedding is None:
             raise ConfigError(f"--clusters {clusters!r} needs --embedding (its cluster labels)")
         auto = clusters in ("auto", ["auto"])
-        emb = _read(embedding, ["labels", "coords"] if auto else ["labels"])
-        labels = emb["labels"]
-        if labels.shape != (A,) or (auto and emb["coords"].shape[0] != A):
-            raise InputError(embedding, f"labels has shape {labels.shape}, expected ({A},)")
+        emb = read_embedding(embedding, count=A)
+        labels = emb.labels
         if auto:
-            wanted = auto_clusters(labels, frames, min_cluster_fraction, emb["coords"],
+            wanted = auto_clusters(labels, frames, min_cluster_fraction, emb.coords,
                                    max_isolation)
         else:
             wanted = parse_clusters(clusters)
