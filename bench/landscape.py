@@ -42,11 +42,12 @@ def sweep(commonlines: Path, averages: Path, replicates, truth_path: Path) -> li
     from spiscape.embed import clustering, embedding
     from spiscape.embed.landscape import frame_coordinates
     from spiscape.io.averages import read_averages
+    from spiscape.io.commonlines import read_commonlines
     from spiscape.io.replicate import read_replicates
     from spiscape.metrics.landscape import score_landscape
     from spiscape.simulate.truth import read_truth
 
-    cc = embedding.read_commonlines(commonlines)
+    cc = read_commonlines(commonlines)
     avg = read_averages(averages, with_intens=False)
     reps = read_replicates(replicates)
     truth = read_truth(truth_path, volumes=False)

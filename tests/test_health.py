@@ -25,6 +25,7 @@ def fake_results(folder, *, last_rms=0.01, class_frames=(50, 40, 30, 20), placed
     label = np.where(np.arange(100) < placed * 100, 0, -1)
     with h5py.File(folder / "frames.h5", "w") as f:
         f["label"] = label
+        f["clpca"] = np.zeros((label.size, 2))
     (folder / "vae").mkdir()
     with h5py.File(folder / "vae/latent.h5", "w") as f:
         f["selected"] = np.array(selected)

@@ -96,8 +96,9 @@ def test_orientation_round_trip_and_refusals(tmp_path):
 def test_each_contract_has_one_reader():
     # the readers of the files handed between stages live in spiscape.io, nowhere else
     names = ("read_averages", "read_replicate", "read_replicates", "read_orientation",
-             "read_embedding", "write_averages", "write_replicate", "write_orientation",
-             "write_embedding")
+             "read_embedding", "read_tile", "read_commonlines", "write_averages",
+             "write_replicate", "write_orientation", "write_embedding", "write_tile",
+             "write_commonlines", "read_landscape", "write_landscape")
     homes = {}
     for path in (REPO / "src/spiscape").rglob("*.py"):
         for name in re.findall(r"^def (\w+)\(", path.read_text(), re.M):

@@ -9,15 +9,10 @@ import numpy as np
 import pytest
 
 from spiscape import cli
-from spiscape.embed.landscape import (
-    Replicate,
-    average_truth,
-    frame_coordinates,
-    read_landscape,
-    replicate_stability,
-    write_landscape,
-)
+from spiscape.embed.landscape import average_truth, frame_coordinates, replicate_stability
 from spiscape.io import SparsePhotons, read_photons, write_photons
+from spiscape.io.frames import read_landscape, write_landscape
+from spiscape.io.replicate import Replicate
 from spiscape.metrics.landscape import melting_spearman, population_ari, populations
 
 # averages.h5 rows: (replicate, class) = (0, 0), (0, 1), (1, 0); replicate 0's class 2 and

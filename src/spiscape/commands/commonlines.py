@@ -17,12 +17,11 @@ from spiscape.commonlines import (
     compute_matrix,
     compute_tile,
     pairable_averages,
-    write_commonlines,
-    write_tile,
 )
 from spiscape.commonlines.polar import LAYOUTS, MISSING, TRANSFORMS
 from spiscape.commonlines.tiles import cc_figure
 from spiscape.errors import ConfigError
+from spiscape.io.commonlines import write_commonlines, write_tile
 from spiscape.utils.args import at_least
 
 log = logging.getLogger(__name__)

@@ -34,11 +34,11 @@ from spiscape.embed.embedding import (
     CC_TRANSFORMS,
     METHODS,
     embed,
-    read_commonlines,
 )
 from spiscape.embed.landscape import average_truth, replicate_stability
 from spiscape.errors import ConfigError, InputError
 from spiscape.io.averages import read_averages
+from spiscape.io.commonlines import read_commonlines
 from spiscape.io.embedding import write_embedding
 from spiscape.io.replicate import read_replicates
 from spiscape.utils.args import at_least, auto_or_number

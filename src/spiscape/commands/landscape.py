@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from spiscape.embed import figures
-from spiscape.embed.landscape import frame_coordinates, write_landscape
+from spiscape.embed.landscape import frame_coordinates
 from spiscape.errors import InputError
 from spiscape.io.averages import read_averages
 from spiscape.io.embedding import read_embedding
+from spiscape.io.frames import write_landscape
 from spiscape.io.hdf5 import open_input
 from spiscape.io.replicate import read_replicates
 from spiscape.utils.args import at_least

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 
-from spiscape.commonlines.tiles import cc_figure, merge_tiles, read_tile, write_commonlines
+from spiscape.commonlines.tiles import cc_figure, merge_tiles
+from spiscape.io.commonlines import read_tile, write_commonlines
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from spiscape.embed.landscape import read_landscape
 from spiscape.errors import ConfigError, InputError
+from spiscape.io.frames import read_landscape
 from spiscape.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)

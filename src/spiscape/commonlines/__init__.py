@@ -24,8 +24,6 @@ from spiscape.commonlines.tiles import (
     pairable_averages,
     tile_attrs,
     tile_pairs,
-    write_commonlines,
-    write_tile,
 )
 from spiscape.io.averages import Averages
 
@@ -82,6 +80,4 @@ __all__ = [
     "compute_tile",
     "merge_tiles",
     "pairable_averages",
-    "write_commonlines",
-    "write_tile",
 ]

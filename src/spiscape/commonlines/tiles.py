@@ -6,17 +6,7 @@ Tile plan. The pairs (i, j), i < j, of A averages are listed row by row, (0, 1),
 few runs of consecutive j for consecutive i: one batched product with no wasted pairs (a square
 block of the triangle would waste the pairs below the diagonal on the blocks that straddle it).
 
-Tile file ``commonlines/tile{k}.h5``: datasets ``i``, ``j`` (int64), ``cc``, ``angle_i``,
-``angle_j`` (float64, radians in [0, π)) for the pairs of the tile, in plan order; ``replicate``
-and ``class`` of all averages (for the merged file); attributes: every sampling parameter
-(:meth:`PolarParams.as_attrs`), ``radii`` (the radii actually used, negative ones in the
-diameter layout), ``averages_sha256`` (checksum of the averages' intens and support),
-``averages`` (path), ``tile``, ``num_tiles``, ``num_averages``, ``pair_start``, ``pair_stop``.
-
-Merged file ``commonlines.h5``: ``cc (A, A)`` float64 symmetric with diagonal exactly 1;
-``angles (A, A, 2)`` float64, ``angles[i, j] = (θ of the best line in i, θ in j)`` and
-``angles[j, i] = angles[i, j][::-1]`` (diagonal 0); ``replicate (A,)``, ``class (A,)``; the same
-attributes as the tiles less the per-tile ones, plus ``num_tiles``.
+The files (tiles and ``commonlines.h5``) are :mod:`spiscape.io.commonlines`.
 """
 
 from __future__ import annotations
@@ -24,22 +14,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from pathlib import Path
 
-import h5py
 import numpy as np
 
 from spiscape.errors import ConfigError, InputError
 from spiscape.io.averages import Averages, read_averages
-from spiscape.io.hdf5 import plain_attr
-from spiscape.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
 #: attributes that must agree between the tiles of one matrix
 SHARED_ATTRS = ("n_angles", "r_min", "r_max", "radial_step", "transform", "lines", "missing",
                 "interpolation", "precision", "averages_sha256", "num_averages", "num_tiles")
-PAIR_DATASETS = ("i", "j", "cc", "angle_i", "angle_j")
 
 
 # ----------------------------------------------------------------------------- tile plan
@@ -92,41 +77,7 @@ def pairable_averages(path) -> Averages:
 
 
 # ----------------------------------------------------------------------------- tile files
-def _write_attrs(f, attrs: dict) -> None:
-    for key, value in attrs.items():
-        f.attrs[key] = value
 
-
-def write_tile(path, result: dict, attrs: dict, replicate, klass) -> None:
-    """Write one tile (layout in the module docstring) atomically."""
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        for key in PAIR_DATASETS:
-            f.create_dataset(key, data=result[key])
-        f["replicate"] = np.asarray(replicate)
-        f["class"] = np.asarray(klass)
-        _write_attrs(f, attrs)
-
-
-def read_tile(path) -> dict:
-    """Datasets and attributes of a tile file; InputError when unreadable or incomplete."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(path, "no such tile file")
-    try:
-        with h5py.File(path, "r") as f:
-            data = {key: f[key][()] for key in PAIR_DATASETS + ("replicate", "class")}
-            attrs = {key: plain_attr(value) for key, value in f.attrs.items()}
-    except KeyError as exc:
-        raise InputError(path, f"not a common-line tile (missing {exc})") from None
-    except OSError as exc:
-        raise InputError(path, f"unreadable tile file ({exc})") from None
-    missing = [key for key in ("tile", "pair_start", "pair_stop", "num_tiles", "num_averages",
-                               "averages_sha256") if key not in attrs]
-    if missing:
-        raise InputError(path, f"not a common-line tile (attributes {missing} missing)")
-    data["attrs"] = attrs
-    data["path"] = str(path)
-    return data
 
 
 def _short(value, width: int = 40) -> str:
@@ -202,14 +153,6 @@ def merge_tiles(tiles: list[dict]) -> dict:
                     if k not in ("tile", "pair_start", "pair_stop")}
     return {"cc": cc, "angles": angles, "replicate": tiles[0]["replicate"],
             "class": tiles[0]["class"], "attrs": merged_attrs}
-
-
-def write_commonlines(path, merged: dict) -> None:
-    """Write commonlines.h5 (layout in the module docstring) atomically."""
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        for key in ("cc", "angles", "replicate", "class"):
-            f.create_dataset(key, data=merged[key])
-        _write_attrs(f, merged["attrs"])
 
 
 def tile_attrs(params_attrs: dict, averages: Averages, signed_radii, tile: int,

@@ -6,8 +6,7 @@
 """
 
 from spiscape.embed.clustering import cluster
-from spiscape.embed.embedding import clpca, embed, read_commonlines
-from spiscape.embed.landscape import frame_coordinates, read_landscape
+from spiscape.embed.embedding import clpca, embed
+from spiscape.embed.landscape import frame_coordinates
 
-__all__ = ["cluster", "clpca", "embed", "frame_coordinates", "read_commonlines",
-           "read_landscape"]
+__all__ = ["cluster", "clpca", "embed", "frame_coordinates"]

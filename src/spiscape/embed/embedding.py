@@ -26,10 +26,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import h5py
 import numpy as np
 
-from spiscape.errors import ConfigError, InputError
+from spiscape.errors import ConfigError
 
 METHODS = ("pca", "isomap", "spectral", "tsne", "umap")
 CC_TRANSFORMS = ("fisher", "none")
@@ -50,28 +49,6 @@ class Embedding:
     explained_variance_ratio: np.ndarray
     method: str
     params: dict = field(default_factory=dict)
-
-
-def read_commonlines(path) -> np.ndarray:
-    """The symmetric common-line correlation matrix ``cc (A, A)`` of ``commonlines.h5``."""
-    try:
-        with h5py.File(path, "r") as f:
-            cc = np.asarray(f["cc"][()], dtype=np.float64)
-    except FileNotFoundError:
-        raise InputError(path, "no such file") from None
-    except KeyError:
-        raise InputError(path, "missing dataset 'cc' (the common-line matrix)") from None
-    except OSError as exc:
-        raise InputError(path, f"not a readable HDF5 file ({exc})") from None
-    if cc.ndim != 2 or cc.shape[0] != cc.shape[1]:
-        raise InputError(path, f"cc has shape {cc.shape}, expected a square (A, A) matrix")
-    if cc.shape[0] < 3:
-        raise InputError(path, f"cc holds {cc.shape[0]} averages; an embedding needs 3 or more")
-    if not np.all(np.isfinite(cc)):
-        raise InputError(path, "cc holds NaN or infinite values (a common-line tile missing?)")
-    if not np.allclose(cc, cc.T, atol=1e-5):
-        raise InputError(path, "cc is not symmetric")
-    return cc
 
 
 def transform_cc(cc: np.ndarray, transform: str = "fisher") -> np.ndarray:

@@ -9,30 +9,15 @@ replicate. Each bootstrap replicate places the frames it drew; a frame's final c
 mean over the replicates that placed it, its cluster the vote summed over them (each replicate's
 vote normalised to one). Frames that no replicate placed keep NaN coordinates and label -1.
 
-``frames.h5`` layout (DESIGN.md contract):
-
-``clpca``          f8 ``(N, k)``  embedding coordinates of each frame (NaN when never placed)
-``label``          i8 ``(N,)``    cluster (-1 when never placed, or when the vote went to outliers)
-``latent``         f4 ``(N, z)``  VAE latent coordinates; all NaN until the VAE stage fills it
-                                  (``z = 1`` placeholder column)
-``num_replicates`` i4 ``(N,)``    replicates that placed the frame
-``label_weight``   f8 ``(N,)``    share of the vote won by the frame's cluster (confidence)
-
-Attributes: ``num_frames``, ``components``, ``method`` (of the embedding), ``embedding``,
-``averages``, ``replicates`` (JSON list of paths), ``latent_note``.
+The file, ``frames.h5``, is :mod:`spiscape.io.frames`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import h5py
 import numpy as np
 
 from spiscape.errors import ConfigError, InputError
-from spiscape.io.hdf5 import open_input
 from spiscape.io.replicate import Replicate
-from spiscape.utils.atomic import atomic_path
 
 
 def kept_classes(rep: Replicate, replicate_of, class_of) -> tuple[np.ndarray, np.ndarray]:
@@ -96,41 +81,6 @@ def frame_coordinates(num_frames: int, reps: list[Replicate], replicate_of, clas
         label = np.where(seen & (winner < num_labels), winner, -1).astype(np.int64)
         result.update(label=label, label_weight=share)
     return result
-
-
-def write_landscape(path, result: dict, attrs: dict, latent=None) -> None:
-    """Write frames.h5 (layout in the module docstring) atomically; ``latent`` (N, z) the VAE's
-    per-frame latents, or None (one all-NaN column until the VAE has run)."""
-    num = result["coords"].shape[0]
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f["clpca"] = result["coords"]
-        f["label"] = result["label"]
-        if latent is None:
-            latent = np.full((num, 1), np.nan)
-        f["latent"] = np.asarray(latent, dtype=np.float32)
-        f["num_replicates"] = result["num_replicates"]
-        f["label_weight"] = result["label_weight"]
-        f.attrs["num_frames"] = num
-        f.attrs["components"] = result["coords"].shape[1]
-        f.attrs["latent_note"] = (
-            "the VAE latent of each frame (occupancy-weighted over its classes' averages), NaN "
-            "for frames in no trained average" if np.isfinite(latent).any() else
-            "latent is all NaN (one placeholder column): the VAE has not run for this dataset")
-        for key, value in attrs.items():
-            f.attrs[key] = value
-
-
-def read_landscape(path) -> dict:
-    """``clpca``, ``label``, ``latent`` and attributes of a frames.h5."""
-    path = Path(path)
-    with open_input(path, "a landscape file") as f:
-        data = {key: f[key][()] for key in ("clpca", "label")}
-        data["latent"] = f["latent"][()] if "latent" in f else None
-        data["attrs"] = dict(f.attrs)
-    if data["clpca"].ndim != 2 or data["label"].shape != (data["clpca"].shape[0],):
-        raise InputError(path, f"clpca {data['clpca'].shape} and label {data['label'].shape} "
-                               "do not describe the same frames")
-    return data
 
 
 def average_truth(num_averages: int, reps: list[Replicate], replicate_of, class_of,

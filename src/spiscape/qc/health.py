@@ -42,6 +42,7 @@ import h5py
 import numpy as np
 
 from spiscape.io.averages import read_averages
+from spiscape.io.frames import read_landscape
 from spiscape.io.orientation import read_orientation
 from spiscape.phasing.align import centred_radius
 from spiscape.utils.atomic import atomic_path
@@ -97,8 +98,7 @@ def landscape_checks(folder: Path) -> dict:
     path = folder / "frames.h5"
     if not path.exists():
         return {}
-    with h5py.File(path, "r") as f:
-        label = f["label"][()]
+    label = read_landscape(path)["label"]
     return {"frames_placed": float(np.mean(label >= 0)) if label.size else float("nan")}
 
 

@@ -1,0 +1,96 @@
+"""The common-line files (written by ``spiscape commonlines`` and ``merge-commonlines``; the
+matrix is read by ``spiscape embed``). How the pairs are cut into tiles is
+:mod:`spiscape.commonlines.tiles`.
+
+Tile file ``commonlines/tile{k}.h5``: datasets ``i``, ``j`` (int64), ``cc``, ``angle_i``,
+``angle_j`` (float64, radians in [0, π)) for the pairs of the tile, in plan order; ``replicate``
+and ``class`` of all averages (for the merged file); attributes: every sampling parameter
+(:meth:`PolarParams.as_attrs`), ``radii`` (the radii actually used, negative ones in the
+diameter layout), ``averages_sha256`` (checksum of the averages' intens and support),
+``averages`` (path), ``tile``, ``num_tiles``, ``num_averages``, ``pair_start``, ``pair_stop``.
+
+Merged file ``commonlines.h5``: ``cc (A, A)`` float64 symmetric with diagonal exactly 1;
+``angles (A, A, 2)`` float64, ``angles[i, j] = (θ of the best line in i, θ in j)`` and
+``angles[j, i] = angles[i, j][::-1]`` (diagonal 0); ``replicate (A,)``, ``class (A,)``; the same
+attributes as the tiles less the per-tile ones, plus ``num_tiles``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from spiscape.errors import InputError
+from spiscape.io.hdf5 import plain_attr
+from spiscape.utils.atomic import atomic_path
+
+PAIR_DATASETS = ("i", "j", "cc", "angle_i", "angle_j")
+
+
+def _write_attrs(f, attrs: dict) -> None:
+    for key, value in attrs.items():
+        f.attrs[key] = value
+
+
+def write_tile(path, result: dict, attrs: dict, replicate, klass) -> None:
+    """Write one tile (layout in the module docstring) atomically."""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        for key in PAIR_DATASETS:
+            f.create_dataset(key, data=result[key])
+        f["replicate"] = np.asarray(replicate)
+        f["class"] = np.asarray(klass)
+        _write_attrs(f, attrs)
+
+
+def read_tile(path) -> dict:
+    """Datasets and attributes of a tile file; InputError when unreadable or incomplete."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "no such tile file")
+    try:
+        with h5py.File(path, "r") as f:
+            data = {key: f[key][()] for key in PAIR_DATASETS + ("replicate", "class")}
+            attrs = {key: plain_attr(value) for key, value in f.attrs.items()}
+    except KeyError as exc:
+        raise InputError(path, f"not a common-line tile (missing {exc})") from None
+    except OSError as exc:
+        raise InputError(path, f"unreadable tile file ({exc})") from None
+    missing = [key for key in ("tile", "pair_start", "pair_stop", "num_tiles", "num_averages",
+                               "averages_sha256") if key not in attrs]
+    if missing:
+        raise InputError(path, f"not a common-line tile (attributes {missing} missing)")
+    data["attrs"] = attrs
+    data["path"] = str(path)
+    return data
+
+
+def write_commonlines(path, merged: dict) -> None:
+    """Write commonlines.h5 (layout in the module docstring) atomically."""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        for key in ("cc", "angles", "replicate", "class"):
+            f.create_dataset(key, data=merged[key])
+        _write_attrs(f, merged["attrs"])
+
+
+def read_commonlines(path) -> np.ndarray:
+    """The symmetric common-line correlation matrix ``cc (A, A)`` of ``commonlines.h5``."""
+    try:
+        with h5py.File(path, "r") as f:
+            cc = np.asarray(f["cc"][()], dtype=np.float64)
+    except FileNotFoundError:
+        raise InputError(path, "no such file") from None
+    except KeyError:
+        raise InputError(path, "missing dataset 'cc' (the common-line matrix)") from None
+    except OSError as exc:
+        raise InputError(path, f"not a readable HDF5 file ({exc})") from None
+    if cc.ndim != 2 or cc.shape[0] != cc.shape[1]:
+        raise InputError(path, f"cc has shape {cc.shape}, expected a square (A, A) matrix")
+    if cc.shape[0] < 3:
+        raise InputError(path, f"cc holds {cc.shape[0]} averages; an embedding needs 3 or more")
+    if not np.all(np.isfinite(cc)):
+        raise InputError(path, "cc holds NaN or infinite values (a common-line tile missing?)")
+    if not np.allclose(cc, cc.T, atol=1e-5):
+        raise InputError(path, "cc is not symmetric")
+    return cc
