@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 
 #: values that measure the run, not its result
-TIMINGS = {"log", "peak_memory_mb_per_rank", "info", "seconds"}
+TIMINGS = {"log", "peak_memory_mb_per_rank", "info", "seconds", "seconds_per_pattern"}
 
 
 def contents(path: Path) -> tuple[dict, dict]:

@@ -22,6 +22,10 @@ def fake_results(folder, *, last_rms=0.01, class_frames=(50, 40, 30, 20), placed
     with h5py.File(folder / "classify2d/rep0.h5", "w") as f:
         f["log"] = log
         f["occupancies"] = occ
+        f["frames"] = np.arange(occ.shape[0])
+        for key in ("best_class", "best_rotation"):
+            f[key] = np.zeros(occ.shape[0], np.int32)
+        f["angles"] = np.zeros(4)
     label = np.where(np.arange(100) < placed * 100, 0, -1)
     with h5py.File(folder / "frames.h5", "w") as f:
         f["label"] = label
@@ -29,6 +33,7 @@ def fake_results(folder, *, last_rms=0.01, class_frames=(50, 40, 30, 20), placed
     (folder / "vae").mkdir()
     with h5py.File(folder / "vae/latent.h5", "w") as f:
         f["selected"] = np.array(selected)
+        f["mu"] = f["logvar"] = np.zeros((len(selected), 1))
     with h5py.File(folder / "averages.h5", "w") as f:
         f["frames"] = np.array([40.0, 30.0, 20.0, 10.0])
         f["intens"] = np.ones((4, 5, 5))

@@ -98,7 +98,9 @@ def test_each_contract_has_one_reader():
     names = ("read_averages", "read_replicate", "read_replicates", "read_orientation",
              "read_embedding", "read_tile", "read_commonlines", "write_averages",
              "write_replicate", "write_orientation", "write_embedding", "write_tile",
-             "write_commonlines", "read_landscape", "write_landscape")
+             "write_commonlines", "read_landscape", "write_landscape", "read_volumes",
+             "write_volumes", "read_latent", "write_latent", "read_frame_latent",
+             "write_frame_latent", "write_phasing", "read_converged", "write_curve")
     homes = {}
     for path in (REPO / "src/spiscape").rglob("*.py"):
         for name in re.findall(r"^def (\w+)\(", path.read_text(), re.M):

@@ -25,8 +25,8 @@ from spiscape.errors import InputError
 from spiscape.io.averages import read_averages
 from spiscape.io.embedding import read_embedding
 from spiscape.io.frames import write_landscape
-from spiscape.io.hdf5 import open_input
 from spiscape.io.replicate import read_replicates
+from spiscape.io.volumes import read_frame_latent
 from spiscape.utils.args import at_least
 from spiscape.utils.atomic import atomic_path
 
@@ -129,13 +129,7 @@ def main(args):
              "replicates": json.dumps([str(p) for p in args.replicates])}
     latent = None
     if args.frame_latent:
-        with open_input(args.frame_latent, "a frame-latent file") as f:
-            if "latent" not in f:
-                raise InputError(args.frame_latent, "no 'latent' dataset (vae/frame_latent.h5)")
-            latent = f["latent"][()]
-        if latent.ndim != 2 or latent.shape[0] != num_frames:
-            raise InputError(args.frame_latent, f"latent has shape {latent.shape}, the dataset "
-                                                f"has {num_frames} frames")
+        latent = read_frame_latent(args.frame_latent, num_frames)
         attrs["frame_latent"] = str(args.frame_latent)
     write_landscape(args.out, result, attrs, latent)
     log.info("wrote %s", args.out)

@@ -16,20 +16,19 @@ free; for 3D the limits default to the input's ``q_min_measured`` / ``q_max_meas
 # ruff: noqa: E501 (the docstring's first line is the CLI summary, kept on one line)
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import time
 from dataclasses import replace
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from spiscape.backend import get_array_module
 from spiscape.errors import ConfigError, InputError
 from spiscape.io.averages import read_averages
-from spiscape.io.hdf5 import open_input
+from spiscape.io.phasing import write_curve, write_phasing
+from spiscape.io.volumes import read_volumes
 from spiscape.phasing import PhasingParams, measured_shell_mask, parse_recipe, phase_pattern
 from spiscape.phasing.algorithms import (
     DEFAULT_RECIPE,
@@ -122,38 +121,6 @@ def _params(args) -> PhasingParams:
                          max_rounds=args.max_rounds)
 
 
-def read_q_limits(path):
-    """(q_min_measured, q_max_measured) attributes of a volumes file in voxels, None if absent.
-
-    The VAE decoder extrapolates outside the measured q range; those voxels must be left free.
-    """
-    with h5py.File(path, "r") as f:
-        return tuple(float(f.attrs[key]) if key in f.attrs else None
-                     for key in ("q_min_measured", "q_max_measured"))
-
-
-def read_volumes(path, q_per_voxel=None, indices=None):
-    """z (K, zdim), intens (K, V, ...) lazily indexed, q step; InputError on a bad file."""
-    with open_input(path, "a volumes file") as f:
-        if "intens" not in f:
-            raise InputError(path, "no 'intens' dataset (expected vae/volumes.h5)")
-        shape = f["intens"].shape
-        idx = list(range(shape[0])) if indices is None else list(indices)
-        if any(i < 0 or i >= shape[0] for i in idx):
-            raise InputError(path, f"indices {idx} out of range 0..{shape[0] - 1}")
-        intens = np.stack([f["intens"][i] for i in idx]).astype(np.float32)
-        z = f["z"][()][idx] if "z" in f else np.arange(shape[0], dtype=np.float64)[idx, None]
-        has_data = (np.asarray(f["has_data"][()], dtype=bool)[idx] if "has_data" in f
-                    else np.ones(len(idx), dtype=bool))
-        dq = q_per_voxel or f.attrs.get("q_per_voxel_inv_nm")
-    if intens.ndim != 4 or len(set(intens.shape[1:])) != 1:
-        raise InputError(path, f"intens must be (K, V, V, V), got {intens.shape}")
-    if dq is None:
-        raise InputError(path, "no q_per_voxel_inv_nm attribute; pass --q-per-voxel")
-    z = np.asarray(z, dtype=np.float64)
-    return (z[:, None] if z.ndim == 1 else z), intens, float(dq), idx, has_data
-
-
 def averages_to_phase(path, q_per_voxel=None, indices=None):
     """averages.h5 for 2D phasing: intens (float32), support, q step (None: not in the file)."""
     data = read_averages(path)
@@ -173,9 +140,14 @@ def main(args):
     q_min = 0.0 if args.q_min is None else args.q_min
     q_max = float("inf") if args.q_max is None else args.q_max
     if args.volumes:
-        z, intens, dq, idx, has_data = read_volumes(args.volumes, args.q_per_voxel, args.indices)
+        stored = read_volumes(args.volumes, args.indices)
+        z, intens, idx, has_data = stored.z, stored.intens, stored.indices, stored.has_data
+        dq = args.q_per_voxel or stored.q_per_voxel
+        if dq is None:
+            raise InputError(args.volumes, "no q_per_voxel_inv_nm attribute; pass --q-per-voxel")
+        dq = float(dq)
         extra = None
-        file_min, file_max = read_q_limits(args.volumes)
+        file_min, file_max = stored.q_min_measured, stored.q_max_measured
         if args.q_min is None and file_min is not None:
             q_min = file_min
         if args.q_max is None and file_max is not None:
@@ -253,45 +225,20 @@ def main(args):
     if args.curve:
         write_curve(Path(args.curve), idx, z, volumes, resolution, has_data,
                     np.array([r.converged for r in results]))
-    with atomic_path(args.out) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset("density", data=np.stack([r.density for r in results]),
-                         compression="gzip", shuffle=True)
-        f.create_dataset("support", data=np.stack([r.support for r in results]),
-                         compression="gzip")
-        f.create_dataset("volume" if args.volumes else "area", data=volumes)
-        f.create_dataset("prtf", data=prtf)
-        f.create_dataset("prtf_q", data=prtf_q)
-        f.create_dataset("resolution_nm", data=resolution)
-        f.create_dataset("z", data=z)
-        f.create_dataset("index", data=np.asarray(idx))
+    write_phasing(args.out, {
+        "density": np.stack([r.density for r in results]),
+        "support": np.stack([r.support for r in results]),
+        "volume" if args.volumes else "area": volumes,
+        "prtf": prtf, "prtf_q": prtf_q, "resolution_nm": resolution, "z": z,
+        "index": np.asarray(idx),
         # mean support error of the averaged starts (a pattern phased in several rounds: of the
         # round's iterations, all rounds together)
-        f.create_dataset("error", data=np.stack([r.errors[:, r.kept].mean(axis=1)
-                                                 for r in results]))
-        f.create_dataset("converged", data=np.array([r.converged for r in results]))
-        f.create_dataset("starts_averaged", data=np.array([r.kept.size for r in results]))
-        for key, value in attrs.items():
-            f.attrs[key] = value
+        "error": np.stack([r.errors[:, r.kept].mean(axis=1) for r in results]),
+        "converged": np.array([r.converged for r in results]),
+        "starts_averaged": np.array([r.kept.size for r in results]),
+    }, attrs)
     log.info("%d patterns phased (%.1f s each) -> %s", len(results), np.mean(seconds), args.out)
     return 0
-
-
-def write_curve(path, idx, z, volumes, resolution, has_data, converged):
-    """volume_curve.csv: index, z0..z{d-1}, volume_nm3, volume_relative (to the first), PRTF
-    resolution, has_data (1: an average's latent lies within a grid step of the point; 0: the
-    decoder's extrapolation between or beyond the data), converged (1: at least --min-agree
-    phasing starts agreed; 0: the volume rests on one start and may be an outlier)."""
-    first = volumes[0] if volumes.size and volumes[0] > 0 else np.nan
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["index"] + [f"z{j}" for j in range(z.shape[1])]
-                        + ["volume_nm3", "volume_relative", "prtf_resolution_nm", "has_data",
-                           "converged"])
-        for k, i in enumerate(idx):
-            writer.writerow([i] + [f"{v:.6g}" for v in z[k]]
-                            + [f"{volumes[k]:.6g}", f"{volumes[k] / first:.6g}",
-                               f"{resolution[k]:.4g}", int(bool(has_data[k])),
-                               int(bool(converged[k]))])
 
 
 def _write_mrc(directory, results, voxel):

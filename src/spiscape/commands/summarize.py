@@ -12,9 +12,9 @@ import json
 import logging
 from pathlib import Path
 
-import h5py
-
 from spiscape.errors import InputError
+from spiscape.io.averages import read_averages
+from spiscape.io.embedding import read_embedding
 from spiscape.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -58,15 +58,16 @@ def dataset_row(results: Path, name: str) -> dict:
     row["empty_frames"] = summary.get("empty_frames")
     averages = folder / "averages.h5"
     if averages.exists():
-        with h5py.File(averages, "r") as f:
-            row["averages"] = int(f["intens"].shape[0])
-            row["replicates"] = len(set(f["replicate"][:].tolist()))
+        stored = read_averages(averages, with_intens=False)
+        row["averages"] = stored.count
+        row["replicates"] = len(set(stored.replicate.tolist()))
     embedding = folder / "embedding.h5"
     if embedding.exists():
-        with h5py.File(embedding, "r") as f:
-            row["clusters"] = int(f.attrs["num_clusters"])
-            ratio = f["explained_variance_ratio"][:] if "explained_variance_ratio" in f else []
-            row["explained_variance_pc1"] = round(float(ratio[0]), 3) if len(ratio) else None
+        emb = read_embedding(embedding)
+        row["clusters"] = int(emb.attrs["num_clusters"])
+        ratio = emb.explained_variance_ratio
+        row["explained_variance_pc1"] = (round(float(ratio[0]), 3) if ratio is not None
+                                         and len(ratio) else None)
     metrics = _json(folder / "landscape_metrics.json")
     row["frames_placed"] = metrics.get("frames_placed")
     ari = metrics.get("population_ari", {}).get("ari")

@@ -55,6 +55,7 @@ from pathlib import Path
 import numpy as np
 
 from spiscape.errors import ConfigError, InputError
+from spiscape.io import volumes as volumes_io
 from spiscape.utils.args import at_least, auto_or_number
 from spiscape.utils.atomic import atomic_path
 from spiscape.vae import scoring
@@ -259,10 +260,10 @@ def main(args):
                  "%.2f deg (90th percentile), %.2f deg (max)", change.size, np.median(change),
                  np.percentile(change, 90), change.max())
         scores["pose_change_deg_median"] = float(np.median(change))
-    analysis.write_latent(out / "latent.h5", mu, logvar, sel, poses)
+    volumes_io.write_latent(out / "latent.h5", mu, logvar, sel, poses)
     z, has_data = analysis.latent_points(mu[sel], args.num_volumes)
     vols = analysis.decode_volumes(model, z, ctx.device)
-    analysis.write_volumes(out / "volumes.h5", z, vols, has_data, q_per_voxel, cfg.point_group,
+    volumes_io.write_volumes(out / "volumes.h5", z, vols, has_data, q_per_voxel, cfg.point_group,
                            {"q_min_measured": float(qnorm[weight].min()),
                             "q_max_measured": float(qnorm[weight].max())})
     analysis.write_mrc(out / "volumes", vols, q_per_voxel)
@@ -276,7 +277,7 @@ def main(args):
         # mixed frames are renormalised over the kept classes
         latent = analysis.frame_latents(args.replicates, inputs.replicate[sel],
                                         inputs.klass[sel], mu[sel], num_frames)
-        analysis.write_frame_latent(out / "frame_latent.h5", latent,
+        volumes_io.write_frame_latent(out / "frame_latent.h5", latent,
                                     {"averages": str(args.averages), "zdim": cfg.zdim})
         scores["frames_assigned"] = int(np.isfinite(latent[:, 0]).sum())
     colour = None

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import h5py
 import numpy as np
 from matplotlib.colors import LogNorm
 
+from spiscape.io.replicate import read_replicate
 from spiscape.plotting import plt, save
 
 
@@ -13,8 +13,7 @@ def convergence_figure(replicate_paths, path) -> None:
     """rms change, mutual information and log-likelihood per iteration, one line per replicate."""
     fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
     for number, rep in enumerate(replicate_paths):
-        with h5py.File(rep, "r") as f:
-            table = f["log"][:]
+        table = read_replicate(rep, models=False, details=True).log
         it = table["iteration"]
         axes[0].semilogy(it, table["rms_change"], label=f"rep{number}")
         axes[1].plot(it, table["mutual_info"])

@@ -33,6 +33,7 @@ class EmbeddingFile:
     coords: np.ndarray  # (A, k)
     labels: np.ndarray  # (A,)
     method: str = "pca"
+    explained_variance_ratio: np.ndarray | None = None  # (k,), None for embed-new's files
     attrs: dict = field(default_factory=dict)
     path: str = ""
 
@@ -43,6 +44,7 @@ def read_embedding(path, count: int | None = None) -> EmbeddingFile:
     with open_input(path, "an embedding file") as f:
         coords = np.asarray(f["coords"][()], dtype=np.float64)
         labels = f["labels"][()]
+        ratio = f["explained_variance_ratio"][()] if "explained_variance_ratio" in f else None
         attrs = {k: plain_attr(v) for k, v in f.attrs.items()}
     if coords.ndim != 2 or labels.shape != (coords.shape[0],):
         raise InputError(path, f"coords {coords.shape} and labels {labels.shape} do not match")
@@ -51,7 +53,7 @@ def read_embedding(path, count: int | None = None) -> EmbeddingFile:
     if not np.all(np.isfinite(coords)):
         raise InputError(path, "coords hold NaN or infinite values")
     return EmbeddingFile(coords=coords, labels=labels, method=str(attrs.get("method", "pca")),
-                         attrs=attrs, path=str(path))
+                         explained_variance_ratio=ratio, attrs=attrs, path=str(path))
 
 
 def write_embedding(path, datasets: dict, attrs: dict) -> None:

@@ -47,12 +47,22 @@ class Replicate:
     support: np.ndarray | None = None  # (S, S) bool
     params: dict = field(default_factory=dict)
     path: str = ""
+    # with details: the per-iteration table and each frame's best class and rotation
+    log: np.ndarray | None = None
+    best_class: np.ndarray | None = None
+    best_rotation: np.ndarray | None = None
+    angles: np.ndarray | None = None
 
 
-def read_replicate(path, fallback_number: int = 0, models: bool = True) -> Replicate:
+def read_replicate(path, fallback_number: int = 0, models: bool = True,
+                   details: bool = False) -> Replicate:
     """A replicate file, validated (InputError naming it otherwise). With ``models`` False only
-    the frames, occupancies and number are read (the landscape of millions of frames)."""
+    the frames, occupancies and number are read (the landscape of millions of frames); with
+    ``details`` also the ``log`` table, ``best_class``, ``best_rotation`` and ``angles``."""
+    extra = {}
     with open_input(path, "a classify2d replicate") as f:
+        if details:
+            extra = {key: f[key][()] for key in ("log", "best_class", "best_rotation", "angles")}
         frames = f["frames"][()].astype(np.int64)
         occupancies = f["occupancies"][()]  # kept as stored (float32)
         try:
@@ -79,9 +89,13 @@ def read_replicate(path, fallback_number: int = 0, models: bool = True) -> Repli
         if support.shape != intens.shape[1:]:
             raise InputError(path, f"support {support.shape} does not match intens "
                                    f"{intens.shape}")
+    for key in ("best_class", "best_rotation"):
+        if key in extra and extra[key].shape != frames.shape:
+            raise InputError(path, f"{key} has shape {extra[key].shape}, expected "
+                                   f"({frames.size},)")
     return Replicate(number=int(params.get("replicate", fallback_number)), frames=frames,
                      occupancies=occupancies, intens=intens, support=support, params=params,
-                     path=str(path))
+                     path=str(path), **extra)
 
 
 def read_replicates(paths, models: bool = False) -> list[Replicate]:

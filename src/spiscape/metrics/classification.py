@@ -9,6 +9,7 @@ import numpy as np
 
 from spiscape.emc import geometry, kernels
 from spiscape.io import Detector
+from spiscape.io.replicate import read_replicate
 from spiscape.simulate.frames import quaternion_to_matrix, slice_volume
 
 
@@ -79,15 +80,10 @@ def truth_class_averages(rep: dict, truth, detector: Detector, members_of) -> di
 def score_replicate(rep_path, truth_path, detector: Detector, min_purity: float = 0.9,
                     min_frames: int = 10) -> dict:
     """Purity by population and, for pure classes, the CC of the average with the truth."""
-    with h5py.File(rep_path, "r") as f:
-        rep = {
-            "frames": f["frames"][:],
-            "best_rotation": f["best_rotation"][:],
-            "angles": f["angles"][:],
-            "size": int(f.attrs["size"]),
-            "intens": f["intens"][:],
-            "classes": f["occupancies"][:].argmax(axis=1),
-        }
+    stored = read_replicate(rep_path, details=True)
+    rep = {"frames": stored.frames, "best_rotation": stored.best_rotation,
+           "angles": stored.angles, "size": int(stored.intens.shape[1]),
+           "intens": stored.intens, "classes": stored.occupancies.argmax(axis=1)}
     with h5py.File(truth_path, "r") as truth:
         names = json.loads(truth.attrs["label_names"])
         labels = truth["label"][:][rep["frames"]].astype(np.int64)

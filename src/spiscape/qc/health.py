@@ -38,12 +38,14 @@ import logging
 import math
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from spiscape.io.averages import read_averages
 from spiscape.io.frames import read_landscape
 from spiscape.io.orientation import read_orientation
+from spiscape.io.phasing import read_converged
+from spiscape.io.replicate import read_replicate
+from spiscape.io.volumes import read_latent, read_volumes
 from spiscape.phasing.align import centred_radius
 from spiscape.utils.atomic import atomic_path
 
@@ -86,9 +88,9 @@ def emc_checks(folder: Path) -> dict:
         return {}
     change, live = [], []
     for path in reps:
-        with h5py.File(path, "r") as f:
-            change.append(float(f["log"]["rms_change"][-1]))
-            frames = f["occupancies"][()].sum(axis=0)
+        rep = read_replicate(path, models=False, details=True)
+        change.append(float(rep.log["rms_change"][-1]))
+        frames = rep.occupancies.sum(axis=0)
         fair = frames.sum() / frames.size
         live.append(float(np.mean(frames >= 0.1 * fair)))
     return {"emc_converged": max(change), "emc_live_classes": min(live)}
@@ -113,8 +115,7 @@ def vae_checks(folder: Path) -> dict:
     out = {}
     latent, averages = folder / "vae/latent.h5", folder / "averages.h5"
     if latent.exists() and averages.exists():
-        with h5py.File(latent, "r") as f:
-            selected = f["selected"][()].astype(bool)
+        selected = read_latent(latent)["selected"]
         frames = read_averages(averages, with_intens=False).frames
         frames = np.where(np.isfinite(frames) & (frames > 0), frames, 0.0)
         if frames.sum() > 0 and frames.shape == selected.shape:
@@ -126,8 +127,7 @@ def vae_checks(folder: Path) -> dict:
                 out["orientation_cc"] = float(np.nanmedian(cc[selected]))
     volumes = folder / "vae/volumes.h5"
     if volumes.exists():
-        with h5py.File(volumes, "r") as f:
-            intens = f["intens"][()]
+        intens = read_volumes(volumes).intens
         if intens.shape[0] >= 2:
             radius = centred_radius(intens.shape[1:])
             # the shells every decoded volume is constrained on: outside the beamstop, inside
@@ -143,8 +143,7 @@ def phasing_checks(folder: Path) -> dict:
     path = folder / "phasing.h5"
     if not path.exists():
         return {}
-    with h5py.File(path, "r") as f:
-        converged = f["converged"][()] if "converged" in f else None
+    converged = read_converged(path)
     return {} if converged is None or not converged.size else {
         "phasing": float(np.mean(converged))}
 

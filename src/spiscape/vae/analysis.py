@@ -72,40 +72,6 @@ def frame_latents(replicate_files, replicate_of, class_of, mu: np.ndarray,
     return res["coords"]
 
 
-def write_latent(path, mu, logvar, selected, poses: dict | None = None) -> None:
-    """latent.h5: mu, logvar, selected; with pose refinement also quaternion_refined (A, 4) and
-    pose_change_deg (A,) (from :func:`spiscape.vae.scoring.refined_poses`)."""
-    import h5py
-
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f["mu"] = np.asarray(mu, dtype=np.float32)
-        f["logvar"] = np.asarray(logvar, dtype=np.float32)
-        f["selected"] = np.asarray(selected, dtype=bool)
-        f.attrs["note"] = "selected: the averages the VAE was trained on (others only encoded)"
-        for name, value in (poses or {}).items():
-            f[name] = np.asarray(value, dtype=np.float64)
-        if poses:
-            f.attrs["quaternion_convention"] = ("scalar-first (w, x, y, z), fundamental zone of "
-                                                "the point group; refined by the VAE")
-
-
-def write_volumes(path, z, intens, has_data, q_per_voxel=None, point_group="m-3m",
-                  attrs: dict | None = None) -> None:
-    import h5py
-
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f["z"] = np.asarray(z, dtype=np.float32)
-        f.create_dataset("intens", data=np.asarray(intens, dtype=np.float32),
-                         chunks=(1,) + intens.shape[1:], compression="gzip", shuffle=True)
-        f["has_data"] = np.asarray(has_data, dtype=bool)
-        f.attrs["point_group"] = point_group
-        f.attrs["centre_voxel"] = intens.shape[1] // 2
-        if q_per_voxel is not None:
-            f.attrs["q_per_voxel_inv_nm"] = float(q_per_voxel)
-        for key, value in (attrs or {}).items():
-            f.attrs[key] = value
-
-
 def write_mrc(folder, intens, q_per_voxel=None) -> list:
     """One MRC per volume; voxel size in 1/nm when q per voxel is known (else 1)."""
     from pathlib import Path
@@ -123,15 +89,6 @@ def write_mrc(folder, intens, q_per_voxel=None) -> list:
                 m.voxel_size = float(q_per_voxel) if q_per_voxel else 1.0
         paths.append(path)
     return paths
-
-
-def write_frame_latent(path, latent, attrs=None) -> None:
-    import h5py
-
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f["latent"] = np.asarray(latent, dtype=np.float64)
-        for key, value in (attrs or {}).items():
-            f.attrs[key] = value
 
 
 def spearman(a, b) -> float:
