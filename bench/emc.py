@@ -199,8 +199,7 @@ def synthetic_dataset(folder: Path, side: int, frames: int, photons: float, seed
     photons from 40 anisotropic sphere-like patterns (radius 15-30 nm, axis ratio 1-1.3, random
     in-plane angle), mean ``photons`` a frame with a Gamma(4) fluence. Photons are drawn by
     position (inverse CDF), so 10^5 frames take seconds."""
-    from spiscape.io import write_detector
-    from spiscape.io.photons import PhotonWriter, SparsePhotons
+    from spiscape.io import PhotonWriter, SparsePhotons, write_detector
     from spiscape.simulate.detector import make_detector
     from spiscape.simulate.intensity import sphere_form_factor
 

@@ -53,8 +53,7 @@ def one_view_photons(tiny_dataset, tmp_path_factory):
     import numpy as np
 
     from spiscape.emc import geometry
-    from spiscape.io import read_detector
-    from spiscape.io.photons import SparsePhotons, write_photons
+    from spiscape.io import SparsePhotons, read_detector, write_photons
     from spiscape.orient.rotations import to_matrix
     from spiscape.simulate.frames import slice_volume
     from spiscape.simulate.truth import read_truth

@@ -448,7 +448,7 @@ def test_dense_csr_threaded_and_streamed_engines_agree(tiny_dataset, monkeypatch
 
 
 def with_frames_changed(dataset, path, change):
-    from spiscape.io.photons import SparsePhotons, read_photons, write_photons
+    from spiscape.io import SparsePhotons, read_photons, write_photons
 
     counts = read_photons(dataset / "photons.h5").to_dense()
     change(counts)

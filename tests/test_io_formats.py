@@ -135,3 +135,21 @@ def test_embedding_round_trip_and_refusals(tmp_path):
     write_embedding(tmp_path / "bad.h5", {"coords": coords, "labels": np.array([0, 1])}, {})
     with pytest.raises(InputError, match="do not match"):
         read_embedding(tmp_path / "bad.h5")
+
+
+def test_io_modules_share_no_private_names_and_form_no_circle():
+    io = REPO / "src/spiscape/io"
+    graph = {}
+    for path in io.glob("*.py"):
+        text = path.read_text()
+        imports = re.findall(r"^\s*from spiscape\.io\.(\w+) import ([^\n(]+|\([^)]*\))", text,
+                             re.M)
+        for _, names in imports:
+            assert not re.search(r"(^|[\s(,])_\w", names), (path.name, names)
+        graph[path.stem] = {module for module, _ in imports}
+
+    def reaches(start, target, seen=()):
+        return any(n == target or (n not in seen and reaches(n, target, (*seen, n)))
+                   for n in graph.get(start, ()))
+
+    assert not [m for m in graph if reaches(m, m)], graph

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from spiscape.errors import InputError
 from spiscape.io import PhotonWriter, iter_chunks, photon_files, photon_header, read_detector
-from spiscape.io.photons import output_format
+from spiscape.io.photon_writer import output_format
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse
 
-from spiscape.io.photons import _Dataset
+from spiscape.io.photons import PhotonDataset
 
 
 @dataclass
@@ -144,7 +144,7 @@ class FrameStore:
         """Photon counts of ``frames`` on the merged pixels, columns in ``self.pixels`` order."""
         with self._lock:  # h5py and .emc file handles are shared by the worker threads
             if self._dataset is None:
-                self._dataset = _Dataset(self.photon_files, self.num_pix)
+                self._dataset = PhotonDataset(self.photon_files, self.num_pix)
             photons = self._dataset.read(frames)
         csr = photons.to_csr()
         remap = np.full(self.num_pix, -1, dtype=np.int64)

@@ -11,20 +11,20 @@ reader raises :class:`spiscape.errors.InputError` (the file and one line) for ba
 every writer writes atomically.
 """
 
-from spiscape.io.cxi import read_cxi, write_cxi
+from spiscape.io.cxi import write_cxi
 from spiscape.io.detector import Detector, read_detector, write_detector
+from spiscape.io.photon_writer import PhotonWriter, write_photons
 from spiscape.io.photons import (
-    PhotonWriter,
-    SparsePhotons,
     count_frames,
     iter_chunks,
     photon_files,
     photon_header,
+    read_cxi,
     read_photons,
     read_shard,
     shard_bounds,
-    write_photons,
 )
+from spiscape.io.sparse import SparsePhotons
 
 __all__ = [
     "Detector",

@@ -21,21 +21,15 @@ import h5py
 import numpy as np
 
 from spiscape.errors import InputError
-from spiscape.io.photons import (
-    SparsePhotons,
-    _Dataset,
-    _open_source,
-    _reading,
-    _Source,
-    _split_runs,
-)
+from spiscape.io.sources import PhotonSource, reading, split_runs
+from spiscape.io.sparse import SparsePhotons
 from spiscape.utils.atomic import atomic_path
 
 CXI_DATA = "entry_1/data_1/data"
 _BLOCK_BYTES = 64 << 20
 
 
-class CxiSource(_Source):
+class CxiSource(PhotonSource):
     """Reader of the dense frames in one CXI file (kept open while the dataset is read)."""
 
     def __init__(self, path: Path, f: h5py.File):
@@ -74,7 +68,7 @@ class CxiSource(_Source):
         if frames.size == 0:
             return SparsePhotons.empty(self.num_pix)
         parts = []
-        for span in _split_runs(frames, max_gap=32, max_span=self.block_frames):
+        for span in split_runs(frames, max_gap=32, max_span=self.block_frames):
             start, stop = int(span[0]), int(span[-1]) + 1
             dense = self._convert(slice(start, stop), np.arange(start, stop))
             parts.append(dense if stop - start == span.size else dense.select(span - start))
@@ -82,7 +76,7 @@ class CxiSource(_Source):
 
     def _convert(self, selection, numbers: np.ndarray) -> SparsePhotons:
         """Dense frames at ``selection`` (numbered ``numbers`` in the file) as sparse frames."""
-        with _reading(self.path):
+        with reading(self.path):
             block = self.data[selection].reshape(len(numbers), self.num_pix)
         try:
             return SparsePhotons.from_dense(block)
@@ -112,21 +106,6 @@ class CxiSource(_Source):
 
     def close(self) -> None:
         self.file.close()
-
-
-def read_cxi(path: str | os.PathLike, frames=None, num_pix: int | None = None) -> SparsePhotons:
-    """Read the dense frames of a CXI file (all, or ``frames`` as in ``read_photons``) as sparse.
-
-    ``num_pix``, when given, must equal ``ny * nx``.
-    """
-    path = Path(path)
-    source = _open_source(path)
-    is_cxi = isinstance(source, CxiSource)
-    source.close()
-    if not is_cxi:
-        raise InputError(path, f"not a CXI file: no dataset '{CXI_DATA}'")
-    with _Dataset(path, num_pix) as dataset:
-        return dataset.read(frames)
 
 
 def write_cxi(dense, path: str | os.PathLike) -> None:
