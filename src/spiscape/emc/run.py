@@ -518,7 +518,8 @@ class EMC2D:
 
     def sharpen(self, state: EMCState, sums: dict) -> np.ndarray:
         """The class averages written out: the exact M-step of the final probabilities on a grid
-        ``sharpen_oversample`` times finer, back on the S x S grid (README, "Sharp averages").
+        ``sharpen_oversample`` times finer, back on the S x S grid (docs/methods.md, "Sharp
+        averages").
 
         The iterations' merge spreads every photon over the four grid points around it, which
         blurs a model by about half a pixel: harmless for the classification, but at a steep

@@ -3,7 +3,7 @@
 
 Layout (HDF5):
 
-- ``intens (M, S, S)`` float64: the class models (or their sharpened form, see the README),
+- ``intens (M, S, S)`` float64: the class models (or their sharpened form, docs/methods.md),
   photons per pixel at frame scale 1, the beam at grid index ((S-1)/2, (S-1)/2);
 - ``frames (n,)`` int64: the global indices (over the dataset's photon files, in order) of the
   frames this replicate classified; frames without a photon on a used pixel are left out and
