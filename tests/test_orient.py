@@ -194,7 +194,6 @@ def test_cli_writes_orientation_and_figure(cli_inputs):
 
 @pytest.mark.parametrize("extra, message", [
     (["--q-per-pixel", "0.0055", "--averages", "missing.h5"], "no such file"),
-    (["--q-per-pixel", "0.0055", "--step-deg", "0"], "--step-deg"),
     (["--q-per-pixel", "0.0055", "--reference-file", "{folder}/no_scale.h5"],
      "q_per_voxel_inv_nm"),
     (["--truth", "{folder}/averages.h5"], "q_per_voxel_inv_nm"),
@@ -207,6 +206,16 @@ def test_cli_errors_exit_2(cli_inputs, capsys, extra, message):
     assert cli.main(args) == 2
     assert message in capsys.readouterr().err
     assert not (folder / "bad.h5").exists()
+
+
+def test_out_of_range_options_stop_while_parsing(cli_inputs, capsys):
+    folder, _ = cli_inputs
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["orient", "--averages", str(folder / "averages.h5"), "--detector",
+                  str(folder / "detector.h5"), "--out", str(folder / "bad.h5"),
+                  "--q-per-pixel", "0.0055", "--step-deg", "0"])
+    assert exc.value.code == 2
+    assert "--step-deg: expected a number in (0, 90], got '0'" in capsys.readouterr().err
 
 
 def test_cli_needs_a_q_scale(cli_inputs):

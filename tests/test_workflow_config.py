@@ -54,6 +54,8 @@ def test_the_default_config_passes():
     ({"classify2d": {"options": {"friedel": 3}}}, "classify2d.options.friedel: a switch"),
     ({"embed": {"options": {"method": "pcaa"}}}, "embed.options.method: 'pcaa' is not one of"),
     ({"phase": {"options": {"starts": [1, 2]}}}, "phase.options.starts: takes one value"),
+    ({"orient": {"options": {"step_deg": 0}}},
+     "orient.options.step_deg: '0': expected a number in (0, 90]"),
     ({"datasets": {"x": {"photons": "a.h5", "detetor": "d.h5"}}},
      "datasets.x: unknown key 'detetor' (did you mean 'detector'?)"),
     ({"datasets": {"x": {"photons": "a.h5"}}}, "datasets.x.detector: missing"),

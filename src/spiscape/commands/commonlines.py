@@ -85,10 +85,6 @@ def params_from_args(args) -> PolarParams:
 
 def main(args):
     params = params_from_args(args)
-    if args.batch_pairs is not None and args.batch_pairs < 1:
-        raise ConfigError(f"--batch-pairs must be at least 1, got {args.batch_pairs}")
-    if args.threads < 0:
-        raise ConfigError(f"--threads must be >= 0, got {args.threads}")
     if args.tile is None and args.num_tiles != 1:
         raise ConfigError("--num-tiles needs --tile (which tile to compute)")
     averages = pairable_averages(args.averages)

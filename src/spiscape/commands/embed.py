@@ -41,7 +41,7 @@ from spiscape.io.averages import read_averages
 from spiscape.io.commonlines import read_commonlines
 from spiscape.io.embedding import write_embedding
 from spiscape.io.replicate import read_replicates
-from spiscape.utils.args import at_least, auto_or_number
+from spiscape.utils.args import at_least, auto_or_number, number_in
 from spiscape.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,8 @@ def add_args(parser):
     parser.add_argument("--patience", type=at_least(1), default=200,
                         help="regressor: stop after this many epochs without validation gain")
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="regressor: Adam rate")
-    parser.add_argument("--validation-fraction", type=float, default=0.2,
+    parser.add_argument("--validation-fraction", default=0.2,
+                        type=number_in(0, 1, low_open=True, high_open=True),
                         help="regressor: share of the averages held out for validation")
 
 
@@ -112,12 +113,6 @@ def main(args):
 
     if args.truth and not args.replicates:
         raise ConfigError("--truth needs --replicates (the frames of each average)")
-    if args.epochs < 1 or args.patience < 1:
-        raise ConfigError(f"--epochs and --patience must be >= 1 (got {args.epochs}, "
-                          f"{args.patience})")
-    if not 0 < args.validation_fraction < 1:
-        raise ConfigError(f"--validation-fraction must be in (0, 1), got "
-                          f"{args.validation_fraction}")
     cc = read_commonlines(args.commonlines)
     averages = read_averages(args.averages, with_intens=bool(args.model or args.figure_dir))
     if averages.count != cc.shape[0]:

@@ -37,7 +37,7 @@ from spiscape.io.orientation import write_orientation
 from spiscape.orient import rotations as rot
 from spiscape.orient.search import best_slices, fit_size, orient_averages, size_range
 from spiscape.orient.slices import AnalyticReference, ewald_points, read_reference_volume
-from spiscape.utils.args import at_least, auto_or_number
+from spiscape.utils.args import at_least, auto_or_number, number_in
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def add_args(parser):
     scale = parser.add_mutually_exclusive_group(required=True)
     scale.add_argument("--truth", default=None,
                        help="truth.h5 of a simulated dataset (q_per_voxel_inv_nm)")
-    scale.add_argument("--q-per-pixel", type=float, default=None,
+    scale.add_argument("--q-per-pixel", type=number_in(0, low_open=True), default=None,
                        help="q step of one detector pixel at the centre, in 1/nm")
     parser.add_argument("--out", required=True, help="output orientation.h5")
     parser.add_argument("--reference", choices=["cube", "sphere"], default=None,
@@ -68,11 +68,11 @@ def add_args(parser):
                         help="3D intensity HDF5 (intens (N,N,N), attr q_per_voxel_inv_nm)")
     parser.add_argument("--point-group", default="m-3m", choices=list(rot.POINT_GROUPS),
                         help="symmetry of the reference (m-3m: cube; 1: none)")
-    parser.add_argument("--step-deg", type=float, default=3.0,
+    parser.add_argument("--step-deg", type=number_in(0, 90, low_open=True), default=3.0,
                         help="spacing of the rotation grid, degrees")
-    parser.add_argument("--refine-deg", type=float, default=1.0,
+    parser.add_argument("--refine-deg", type=number_in(0), default=1.0,
                         help="finest spacing of the local refinement, degrees (0: no refinement)")
-    parser.add_argument("--floor", type=float, default=0.1,
+    parser.add_argument("--floor", type=number_in(0, low_open=True), default=0.1,
                         help="log transform floor, as a fraction of each image's median")
     parser.add_argument("--candidates", type=at_least(1), default=2,
                         help="best grid rotations refined per average")
@@ -83,8 +83,6 @@ def add_args(parser):
 
 def q_per_pixel_from(args) -> float:
     if args.q_per_pixel is not None:
-        if not args.q_per_pixel > 0:
-            raise ConfigError(f"--q-per-pixel must be positive, got {args.q_per_pixel}")
         return float(args.q_per_pixel)
     path = Path(args.truth)
     if not path.exists():
@@ -155,14 +153,6 @@ def auto_size(args, intens, support, points, q_per_pixel: float, max_q: float, x
 
 
 def main(args):
-    if args.step_deg <= 0 or args.step_deg > 90:
-        raise ConfigError(f"--step-deg must be in (0, 90], got {args.step_deg}")
-    if args.refine_deg < 0:
-        raise ConfigError(f"--refine-deg must be >= 0, got {args.refine_deg}")
-    if args.floor <= 0:
-        raise ConfigError(f"--floor must be positive, got {args.floor}")
-    if args.candidates < 1:
-        raise ConfigError(f"--candidates must be >= 1, got {args.candidates}")
     averages = read_averages(args.averages)
     intens, support = averages.intens, averages.support
     det = read_detector(args.detector)

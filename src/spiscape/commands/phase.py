@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from spiscape.backend import get_array_module
-from spiscape.errors import ConfigError, InputError
+from spiscape.errors import InputError
 from spiscape.io.averages import read_averages
 from spiscape.io.phasing import write_curve, write_phasing
 from spiscape.io.volumes import read_volumes
@@ -43,7 +43,7 @@ from spiscape.phasing.volume import (
     particle_volume_nm3,
     voxel_size_nm,
 )
-from spiscape.utils.args import at_least
+from spiscape.utils.args import at_least, number_in
 from spiscape.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def add_args(parser):
                         help="starts (the best included) whose aligned densities must agree "
                         "(CC >= --agree-cc) before a result is trusted; fewer and another batch "
                         "of --starts is phased (1: no check)")
-    parser.add_argument("--agree-cc", type=float, default=0.8,
+    parser.add_argument("--agree-cc", type=number_in(-1, 1), default=0.8,
                         help="aligned density CC with the best start that counts as agreeing")
     parser.add_argument("--max-rounds", type=at_least(1), default=3,
                         help="most batches of --starts phased per pattern")
@@ -107,13 +107,6 @@ def add_args(parser):
 
 def _params(args) -> PhasingParams:
     parse_recipe(args.recipe)
-    if args.starts < 1:
-        raise ConfigError(f"--starts must be at least 1, got {args.starts}")
-    if args.min_agree < 1 or args.max_rounds < 1:
-        raise ConfigError(f"--min-agree and --max-rounds must be at least 1, got "
-                          f"{args.min_agree} and {args.max_rounds}")
-    if not -1.0 <= args.agree_cc <= 1.0:
-        raise ConfigError(f"--agree-cc is a correlation in [-1, 1], got {args.agree_cc}")
     return PhasingParams(recipe=args.recipe, starts=args.starts, seed=args.seed, beta=args.beta,
                          shrinkwrap_every=args.shrinkwrap_every,
                          shrinkwrap_threshold=args.shrinkwrap_threshold,

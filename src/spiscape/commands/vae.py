@@ -56,7 +56,7 @@ import numpy as np
 
 from spiscape.errors import ConfigError, InputError
 from spiscape.io import volumes as volumes_io
-from spiscape.utils.args import at_least, auto_or_number
+from spiscape.utils.args import at_least, auto_or_number, number_in
 from spiscape.utils.atomic import atomic_path
 from spiscape.vae import scoring
 
@@ -79,10 +79,10 @@ def add_args(parser):
                    help="'all', 'auto' (the clusters connected to the landscape's main "
                         "part, see --max-isolation and --min-cluster-fraction) or cluster "
                         "numbers (e.g. '0 2') to train on; needs --embedding")
-    g.add_argument("--min-cluster-fraction", type=float, default=0.01,
+    g.add_argument("--min-cluster-fraction", type=number_in(0, 1, high_open=True), default=0.01,
                    help="with --clusters auto: smallest share of the frames a cluster must "
                         "hold to be trained on")
-    g.add_argument("--max-isolation", type=float, default=10.0,
+    g.add_argument("--max-isolation", type=number_in(0, low_open=True), default=10.0,
                    help="with --clusters auto: a cluster whose gap to the nearest other "
                         "cluster is more than this many median spacings of the averages in "
                         "the embedding stands apart (another species) and is left out")
@@ -93,7 +93,7 @@ def add_args(parser):
     g.add_argument("--truth", default=None,
                    help="truth.h5 of a simulated dataset: q per voxel, and score the latent and "
                         "the cube volume against the truth")
-    g.add_argument("--q-per-pixel", type=float, default=None,
+    g.add_argument("--q-per-pixel", type=number_in(0, low_open=True), default=None,
                    help="q per voxel (1/nm) to record in volumes.h5 and the MRC headers")
     m = parser.add_argument_group("model and training")
     m.add_argument("--zdim", type=at_least(1), default=1,
@@ -129,7 +129,7 @@ def add_args(parser):
     m.add_argument("--refine-poses", action=argparse.BooleanOptionalAction, default=False,
                    help="learn a small rotation per average on top of its orientation (pose "
                         "refinement, as cryoDRGN's); latent.h5 gets the refined quaternions")
-    m.add_argument("--pose-lr", type=float, default=1e-3,
+    m.add_argument("--pose-lr", type=number_in(0, low_open=True), default=1e-3,
                    help="Adam learning rate of the pose corrections (radians)")
     m.add_argument("--pose-start", type=at_least(0), default=10,
                    help="epoch from which the poses are refined (the decoder needs a first "
@@ -163,15 +163,6 @@ def config_from_args(args):
 
     if args.volume_size < 9 or args.volume_size % 2 == 0:
         raise ConfigError(f"--volume-size must be odd and >= 9, got {args.volume_size}")
-    if args.pose_lr <= 0 or args.pose_start < 0:
-        raise ConfigError("--pose-lr must be > 0 and --pose-start >= 0")
-    for name in ("zdim", "epochs", "batch_size", "num_volumes"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
-    if not 0.0 <= args.min_cluster_fraction < 1.0:
-        raise ConfigError("--min-cluster-fraction must be in [0, 1)")
-    if not args.max_isolation > 0:
-        raise ConfigError("--max-isolation must be positive")
     return TrainConfig(zdim=args.zdim, volume_size=args.volume_size, point_group=args.point_group,
                        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                        kl_weight=args.kl_weight, seed=args.seed, device=args.device,

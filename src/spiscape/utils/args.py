@@ -27,18 +27,43 @@ def auto_or_number(minimum: float | None = None, kind=float):
     return parse
 
 
-def at_least(minimum: int, kind=int):
-    """An argparse type: a ``kind`` (int by default) >= ``minimum``."""
+def number_in(low: float | None = None, high: float | None = None, kind=float,
+              low_open: bool = False, high_open: bool = False):
+    """An argparse type: a finite ``kind`` (float by default) between ``low`` and ``high``
+    (None: unbounded; ``*_open``: the bound itself excluded). With these types a command's
+    single-value limits are checked while its arguments are parsed, and the workflow's config
+    check (:mod:`spiscape.workflow_config`) applies the same limits before any job runs; a
+    parameter dataclass's ``check()`` holds only the rules that relate several values."""
     what = "an integer" if kind is int else "a number"
+    lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
+    hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
+    if low is not None and high is not None:
+        bound = f" in {lo}, {hi}"
+    elif low is not None:
+        bound = f" {'>' if low_open else '>='} {low:g}"
+    elif high is not None:
+        bound = f" {'<' if high_open else '<='} {high:g}"
+    else:
+        bound = ""
 
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not math.isfinite(value) or value < minimum:
-            raise argparse.ArgumentTypeError(f"expected {what} >= {minimum}, got {text!r}")
+        bad = not math.isfinite(value)
+        if low is not None:
+            bad |= value <= low if low_open else value < low
+        if high is not None:
+            bad |= value >= high if high_open else value > high
+        if bad:
+            raise argparse.ArgumentTypeError(f"expected {what}{bound}, got {text!r}")
         return value
 
-    parse.__name__ = f"{kind.__name__} >= {minimum}"
+    parse.__name__ = f"{kind.__name__}{bound}"
     return parse
+
+
+def at_least(minimum: int, kind=int):
+    """An argparse type: a ``kind`` (int by default) >= ``minimum``."""
+    return number_in(minimum, kind=kind)
