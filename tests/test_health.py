@@ -26,6 +26,7 @@ def fake_results(folder, *, last_rms=0.01, class_frames=(50, 40, 30, 20), placed
         for key in ("best_class", "best_rotation"):
             f[key] = np.zeros(occ.shape[0], np.int32)
         f["angles"] = np.zeros(4)
+        f["model_pixels"] = np.arange(4)
     label = np.where(np.arange(100) < placed * 100, 0, -1)
     with h5py.File(folder / "frames.h5", "w") as f:
         f["label"] = label

@@ -67,15 +67,16 @@ def test_emc_geometry_must_agree_and_fit(emc_of_one_view, tmp_path):
     det, _, _, rep = emc_of_one_view
     other = tmp_path / "rep1.h5"
     with h5py.File(rep) as src, h5py.File(other, "w") as dst:
-        for key in ("intens", "model_pixels"):
-            dst[key] = src[key][()]
+        for key in src:  # a whole replicate, but for its angles
+            if key != "angles":
+                dst[key] = src[key][()]
         dst["angles"] = src["angles"][()] + 0.1
         dst.attrs["params"] = src.attrs["params"]
     with pytest.raises(InputError, match="differs"):
         read_emc_geometry([rep, other])
     sharpened = tmp_path / "rep2.h5"
     with h5py.File(rep) as src, h5py.File(sharpened, "w") as dst:
-        for key in ("intens", "model_pixels", "angles"):
+        for key in src:
             dst[key] = src[key][()]
         dst.attrs["params"] = json.dumps({**json.loads(src.attrs["params"]),
                                           "sharpen_iterations": 20})

@@ -11,7 +11,6 @@ import json
 import logging
 from pathlib import Path
 
-import h5py
 import numpy as np
 from tqdm import tqdm
 
@@ -44,12 +43,10 @@ def add_args(parser):
 
 def read_truth_labels(path, num_frames: int) -> tuple[np.ndarray, list[str]]:
     """Per-frame population labels and their names from a simulator truth file."""
-    try:
-        with h5py.File(path, "r") as f:
-            labels = f["label"][:]
-            names = json.loads(f.attrs["label_names"])
-    except (OSError, KeyError, ValueError) as exc:
-        raise InputError(path, f"not a readable truth file ({exc})") from None
+    from spiscape.simulate.truth import read_truth
+
+    truth = read_truth(path, volumes=False)
+    labels, names = np.asarray(truth.label), truth.label_names
     if labels.shape != (num_frames,):
         raise InputError(
             path, f"has {labels.shape[0]} labels but the photons have {num_frames} frames"

@@ -26,11 +26,10 @@ import json
 import logging
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from spiscape.backend import get_array_module
-from spiscape.errors import ConfigError, InputError
+from spiscape.errors import ConfigError
 from spiscape.io import read_detector
 from spiscape.io.averages import read_averages
 from spiscape.io.orientation import write_orientation
@@ -84,17 +83,9 @@ def add_args(parser):
 def q_per_pixel_from(args) -> float:
     if args.q_per_pixel is not None:
         return float(args.q_per_pixel)
-    path = Path(args.truth)
-    if not path.exists():
-        raise InputError(path, "no such file")
-    try:
-        with h5py.File(path, "r") as f:
-            value = f.attrs.get("q_per_voxel_inv_nm")
-    except OSError as exc:
-        raise InputError(path, f"unreadable HDF5 file ({exc.__class__.__name__})") from None
-    if value is None:
-        raise InputError(path, "no attribute 'q_per_voxel_inv_nm' (not a spiscape truth.h5)")
-    return float(value)
+    from spiscape.simulate.truth import read_q_per_voxel
+
+    return read_q_per_voxel(args.truth)
 
 
 def make_reference(args, q_per_pixel: float, max_q: float):

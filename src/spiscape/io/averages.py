@@ -12,7 +12,9 @@ Layout (HDF5):
 - ``replicate (A,)`` int32 and ``class (A,)`` int32: where each average came from
   (``classify2d/rep{replicate}.h5``, class number);
 - ``frames (A,)`` float: its summed occupancy (effective frames);
-- attributes ``replicates`` (JSON list of the replicate files) and ``min_frames``.
+- attributes ``replicates`` (JSON list of the replicate files) and ``min_frames``;
+- synthetic averages (made for tests and benchmarks from known shapes) may carry their truth:
+  ``truth_t (A,)``, ``truth_label (A,)``, ``shape_index (A,)`` (:func:`read_average_truth`).
 
 A file without ``support`` (older than the contract) gets the grid points non-zero in some
 average, with a warning; one without ``replicate``/``class``/``frames`` gets -1 / NaN.
@@ -83,13 +85,32 @@ def read_averages(path, with_intens: bool = True) -> Averages:
                     count=count, size=shape[1], path=str(path))
 
 
-def write_averages(path, averages: Averages, replicate_paths, min_frames: float) -> None:
-    """Write ``averages.h5`` atomically (layout in the module docstring)."""
+def read_average_truth(path) -> tuple[np.ndarray, np.ndarray] | None:
+    """(``truth_t``, ``truth_label``) of synthetic averages, None for averages of real frames."""
+    with open_input(path, "an averages file") as f:
+        if "truth_t" in f and "truth_label" in f:
+            return f["truth_t"][()], f["truth_label"][()]
+    return None
+
+
+#: what synthetic averages may carry beside the contents
+TRUTH_KEYS = ("truth_t", "truth_label", "shape_index")
+
+
+def write_averages(path, averages: Averages, replicate_paths, min_frames: float,
+                   truth: dict | None = None) -> None:
+    """Write ``averages.h5`` atomically (layout in the module docstring); ``truth``: the
+    :data:`TRUTH_KEYS` of synthetic averages."""
+    unknown = set(truth or {}) - set(TRUTH_KEYS)
+    if unknown:
+        raise ValueError(f"averages truth keys: unknown {sorted(unknown)}")
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f["intens"] = averages.intens
         f["replicate"] = averages.replicate
         f["class"] = averages.klass
         f["frames"] = averages.frames
         f["support"] = averages.support
+        for key, value in (truth or {}).items():
+            f[key] = value
         f.attrs["replicates"] = json.dumps([str(Path(p)) for p in replicate_paths])
         f.attrs["min_frames"] = min_frames

@@ -52,17 +52,20 @@ class Replicate:
     best_class: np.ndarray | None = None
     best_rotation: np.ndarray | None = None
     angles: np.ndarray | None = None
+    model_pixels: np.ndarray | None = None
 
 
 def read_replicate(path, fallback_number: int = 0, models: bool = True,
                    details: bool = False) -> Replicate:
     """A replicate file, validated (InputError naming it otherwise). With ``models`` False only
     the frames, occupancies and number are read (the landscape of millions of frames); with
-    ``details`` also the ``log`` table, ``best_class``, ``best_rotation`` and ``angles``."""
+    ``details`` also the ``log`` table, ``best_class``, ``best_rotation``, ``angles`` and
+    ``model_pixels``."""
     extra = {}
     with open_input(path, "a classify2d replicate") as f:
         if details:
-            extra = {key: f[key][()] for key in ("log", "best_class", "best_rotation", "angles")}
+            extra = {key: f[key][()] for key in ("log", "best_class", "best_rotation", "angles",
+                                                 "model_pixels")}
         frames = f["frames"][()].astype(np.int64)
         occupancies = f["occupancies"][()]  # kept as stored (float32)
         try:

@@ -42,7 +42,7 @@ import h5py
 import numpy as np
 
 from spiscape.errors import InputError
-from spiscape.io.hdf5 import plain_attr
+from spiscape.io.hdf5 import open_input, plain_attr
 from spiscape.utils.atomic import atomic_path
 
 FRAME_FIELDS = {
@@ -136,3 +136,12 @@ def read_truth(path: str | os.PathLike, volumes: bool = True) -> Truth:
         raise InputError(path, f"unreadable truth file ({exc})") from None
     names = json.loads(attrs.get("label_names", "[]"))
     return Truth(frames=frames, volume_info=info, attrs=attrs, volumes=vol, label_names=names)
+
+
+def read_q_per_voxel(path: str | os.PathLike) -> float:
+    """The q step (1/nm per voxel of the 3D grid, per pixel at the detector centre) of truth.h5."""
+    with open_input(path, "a spiscape truth file") as f:
+        value = f.attrs.get("q_per_voxel_inv_nm")
+    if value is None:
+        raise InputError(path, "no attribute 'q_per_voxel_inv_nm' (not a spiscape truth.h5)")
+    return float(value)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import h5py
 import numpy as np
 import torch
 
@@ -292,14 +291,15 @@ def synthetic_averages(volumes: np.ndarray, size: int, detd: float, ewald_rad: f
 
 def write_synthetic(sim: dict, averages_path, orientation_path, extra: dict | None = None):
     """Write synthetic averages in the averages.h5 / orientation.h5 layout (plus truth keys)."""
-    from spiscape.utils.atomic import atomic_path
+    from spiscape.io.averages import Averages, write_averages
+    from spiscape.io.orientation import write_orientation
 
-    with atomic_path(averages_path) as tmp, h5py.File(tmp, "w") as f:
-        for key in ("intens", "support", "replicate", "class", "frames", "shape_index"):
-            f[key] = sim[key]
-        for key, value in (extra or {}).items():
-            f[key] = value
-    with atomic_path(orientation_path) as tmp, h5py.File(tmp, "w") as f:
-        f["quaternion"] = sim["quaternion"]
-        f["gain"] = sim["gain"]
-        f["cc"] = np.ones(len(sim["gain"]))
+    count = len(sim["gain"])
+    averages = Averages(intens=sim["intens"], support=sim["support"], replicate=sim["replicate"],
+                        klass=sim["class"], frames=sim["frames"], count=count,
+                        size=sim["intens"].shape[-1])
+    write_averages(averages_path, averages, [], 0.0,
+                   truth={"shape_index": sim["shape_index"], **(extra or {})})
+    write_orientation(orientation_path, {
+        "quaternion": sim["quaternion"], "gain": sim["gain"], "cc": np.ones(count),
+        "mean_cc": np.ones(count), "grid_cc": np.zeros((count, 0))}, {})

@@ -24,7 +24,6 @@ the rings only, which the ring-wise scores do not see.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,19 +42,15 @@ class EMCGeometry:
 def read_emc_geometry(rep_paths) -> EMCGeometry:
     """The in-plane angles, merged pixels, grid size and Friedel flag of classify2d replicates
     (all replicates must agree: they are averaged together)."""
-    import h5py
+    from spiscape.io.replicate import read_replicate
 
     geo = None
     for path in rep_paths:
-        try:
-            with h5py.File(path, "r") as f:
-                params = json.loads(f.attrs.get("params", "{}"))
-                this = EMCGeometry(np.asarray(f["angles"][()], dtype=np.float64),
-                                   np.asarray(f["model_pixels"][()], dtype=np.int64),
-                                   int(f["intens"].shape[-1]), bool(params.get("friedel", False)))
-        except (OSError, KeyError) as exc:
-            raise InputError(path, f"no EMC geometry (angles, model_pixels, intens): "
-                                   f"{exc}") from None
+        rep = read_replicate(path, details=True)
+        params = rep.params
+        this = EMCGeometry(np.asarray(rep.angles, dtype=np.float64),
+                           np.asarray(rep.model_pixels, dtype=np.int64),
+                           int(rep.intens.shape[-1]), bool(params.get("friedel", False)))
         if params.get("sharpen_iterations", 0):
             raise InputError(path, "its averages were sharpened (classify2d "
                                    "--sharpen-iterations): they are not the bilinear merge that "

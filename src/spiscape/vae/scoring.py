@@ -30,13 +30,13 @@ def average_truth_t(averages_path, replicate_paths, inputs, truth):
     """(true t, true label majority, label fractions (A, 3+): cube, melting, sphere, ..., from
     frames) per average: from averages.h5's truth keys (synthetic averages: from frames False)
     or from the replicates' occupancies of the truth's frames (from frames True)."""
-    import h5py
+    from spiscape.io.averages import read_average_truth
 
-    with h5py.File(averages_path, "r") as f:
-        if "truth_t" in f and "truth_label" in f:
-            t, lab = f["truth_t"][()], f["truth_label"][()]
-            onehot = (lab[:, None] == np.arange(max(int(lab.max()) + 1, 3))).astype(float)
-            return t, lab, onehot, False
+    known = read_average_truth(averages_path)
+    if known is not None:
+        t, lab = known
+        onehot = (lab[:, None] == np.arange(max(int(lab.max()) + 1, 3))).astype(float)
+        return t, lab, onehot, False
     if not replicate_paths:
         return None
     from spiscape.embed.landscape import average_truth
