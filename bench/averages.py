@@ -53,8 +53,8 @@ def main(argv=None):
     from spiscape.embed.landscape import average_truth
     from spiscape.io import read_detector
     from spiscape.io.replicate import read_replicates
+    from spiscape.io.truth import read_truth
     from spiscape.orient.rotations import to_matrix
-    from spiscape.simulate.truth import read_truth
     from spiscape.vae.model import ewald_grid, slice_volumes
     from spiscape.vae.scoring import truth_reference
 

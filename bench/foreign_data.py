@@ -47,10 +47,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from spiscape.io import PhotonWriter, SparsePhotons, read_detector, write_detector  # noqa: E402
+from spiscape.io.truth import write_truth  # noqa: E402
 from spiscape.simulate import frames as fr  # noqa: E402
 from spiscape.simulate import shapes as sh  # noqa: E402
 from spiscape.simulate.run import truncated_normal  # noqa: E402
-from spiscape.simulate.truth import write_truth  # noqa: E402
 
 log = logging.getLogger("foreign_data")
 

@@ -44,8 +44,8 @@ def sweep(commonlines: Path, averages: Path, replicates, truth_path: Path) -> li
     from spiscape.io.averages import read_averages
     from spiscape.io.commonlines import read_commonlines
     from spiscape.io.replicate import read_replicates
+    from spiscape.io.truth import read_truth
     from spiscape.metrics.landscape import score_landscape
-    from spiscape.simulate.truth import read_truth
 
     cc = read_commonlines(commonlines)
     avg = read_averages(averages, with_intens=False)

@@ -23,10 +23,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def main(argv=None):
+    from spiscape.io.truth import read_truth
     from spiscape.metrics.volumes import centre_crop, size_averaged
     from spiscape.phasing import PhasingParams, measured_shell_mask, phase_pattern
     from spiscape.phasing.volume import particle_volume_nm3
-    from spiscape.simulate.truth import read_truth
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--truth", default=str(REPO / "results/demo/data/truth.h5"))

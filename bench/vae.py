@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def make_synthetic(truth_path, detector_path, out: Path, num: int, seed: int, size: int = 61):
     from spiscape.io import read_detector
-    from spiscape.simulate.truth import read_truth
+    from spiscape.io.truth import read_truth
     from spiscape.vae.data import synthetic_averages, write_synthetic
 
     truth = read_truth(truth_path)

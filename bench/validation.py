@@ -94,9 +94,9 @@ def truth_path(name: str, data: Path, results: Path) -> Path:
 
 def score(name: str, data: Path, results: Path) -> dict:
     from spiscape.io import read_detector
+    from spiscape.io.truth import read_truth
     from spiscape.metrics.classification import score_replicate
     from spiscape.metrics.landscape import melting_spearman, population_ari, populations
-    from spiscape.simulate.truth import read_truth
 
     res = results / name
     tpath = truth_path(name, data, results)

@@ -54,9 +54,9 @@ def one_view_photons(tiny_dataset, tmp_path_factory):
 
     from spiscape.emc import geometry
     from spiscape.io import SparsePhotons, read_detector, write_photons
+    from spiscape.io.truth import read_truth
     from spiscape.orient.rotations import to_matrix
     from spiscape.simulate.frames import slice_volume
-    from spiscape.simulate.truth import read_truth
 
     out = tmp_path_factory.mktemp("one_view")
     det = read_detector(tiny_dataset / "detector.h5")

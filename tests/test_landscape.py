@@ -136,7 +136,7 @@ def write_landscape_inputs(folder):
 
 
 def test_landscape_cli(tmp_path, capsys):
-    from spiscape.simulate.truth import write_truth
+    from spiscape.io.truth import write_truth
 
     reps = write_landscape_inputs(tmp_path)
     frames = {"label": np.array([0, 2, 3]), "t": np.array([0.0, 1.0, np.nan]),

@@ -509,6 +509,7 @@ class _Trap:
 
 def test_checkpoints_and_models_are_never_unpickled(tmp_path):
     from spiscape.errors import InputError
+    from spiscape.io.weights import plain
     from spiscape.vae import train
 
     for name, load in (("checkpoint.pt", train.load_checkpoint), ("model.pt", train.load_model)):
@@ -519,7 +520,7 @@ def test_checkpoints_and_models_are_never_unpickled(tmp_path):
         assert not marker.exists()
     # what spiscape writes reads back, NumPy arrays as tensors
     values = {"a": np.arange(3.0), "b": [np.float32(2.5), (1, None)], "c": Path("x/y")}
-    torch.save(train.plain(values), tmp_path / "ok.pt")
+    torch.save(plain(values), tmp_path / "ok.pt")
     back = train.load_checkpoint(tmp_path / "ok.pt")
     assert back["b"] == [2.5, (1, None)] and back["c"] == "x/y"
     np.testing.assert_array_equal(np.asarray(back["a"]), values["a"])

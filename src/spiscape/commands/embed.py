@@ -139,7 +139,7 @@ def main(args):
         num_frames = max(int(r.frames.max()) for r in reps) + 1
         truth = None
         if args.truth:
-            from spiscape.simulate.truth import read_truth
+            from spiscape.io.truth import read_truth
 
             truth = read_truth(args.truth, volumes=False)
             if truth.num_frames < num_frames:

@@ -43,7 +43,7 @@ def add_args(parser):
 
 def read_truth_labels(path, num_frames: int) -> tuple[np.ndarray, list[str]]:
     """Per-frame population labels and their names from a simulator truth file."""
-    from spiscape.simulate.truth import read_truth
+    from spiscape.io.truth import read_truth
 
     truth = read_truth(path, volumes=False)
     labels, names = np.asarray(truth.label), truth.label_names

@@ -65,7 +65,7 @@ def dataset_size(args, reps) -> int:
 
         count, source = count_frames(args.photons), args.photons[0]
     elif args.truth:
-        from spiscape.simulate.truth import read_truth
+        from spiscape.io.truth import read_truth
 
         count, source = read_truth(args.truth, volumes=False).num_frames, args.truth
     else:
@@ -98,8 +98,8 @@ def main(args):
                "cluster_sizes": np.bincount(result["label"][result["label"] >= 0]).tolist()}
     truth = None
     if args.truth:
+        from spiscape.io.truth import read_truth
         from spiscape.metrics.landscape import score_landscape
-        from spiscape.simulate.truth import read_truth
 
         truth = read_truth(args.truth, volumes=False)
         if truth.num_frames != num_frames:

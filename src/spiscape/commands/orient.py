@@ -83,7 +83,7 @@ def add_args(parser):
 def q_per_pixel_from(args) -> float:
     if args.q_per_pixel is not None:
         return float(args.q_per_pixel)
-    from spiscape.simulate.truth import read_q_per_voxel
+    from spiscape.io.truth import read_q_per_voxel
 
     return read_q_per_voxel(args.truth)
 

@@ -203,7 +203,7 @@ def main(args):
     q_per_voxel = args.q_per_pixel
     truth = None
     if args.truth:
-        from spiscape.simulate.truth import read_truth
+        from spiscape.io.truth import read_truth
 
         truth = read_truth(args.truth)
         q_per_voxel = q_per_voxel or truth.attrs.get("q_per_voxel_inv_nm")

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from spiscape.embed.features import FeatureParams, rotation_invariant_features
 from spiscape.errors import InputError
+from spiscape.io.weights import load_plain, plain
 
 log = logging.getLogger(__name__)
 
@@ -126,12 +127,12 @@ class AbsoluteEmbedding:
         }
 
     def save(self, path) -> None:
-        torch.save(self.state(), path)
+        torch.save(plain(self.state()), path)
 
     @classmethod
     def load(cls, path) -> AbsoluteEmbedding:
+        state = load_plain(path, "embedding model")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
             network = mlp(int(state["inputs"]), int(state["components"]), tuple(state["hidden"]))
             network.load_state_dict(state["state_dict"])
             return cls(
@@ -142,9 +143,7 @@ class AbsoluteEmbedding:
                 hidden=tuple(state["hidden"]), method=str(state["method"]),
                 centroids=state["centroids"].numpy(), metrics=dict(state["metrics"]),
             )
-        except FileNotFoundError:
-            raise InputError(path, "no such file") from None
-        except Exception as exc:  # a pickle error, a wrong layout, missing keys ...
+        except Exception as exc:  # a wrong layout, missing keys ...
             line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise InputError(path, f"not a spiscape embedding model ({line})") from None
 

@@ -5,7 +5,8 @@ Inputs in Dragonfly's formats (so Dragonfly reads what spiscape writes) plus den
 (``classify2d/rep{r}.h5``), :mod:`.averages` (``averages.h5``), :mod:`.commonlines` (tiles and
 ``commonlines.h5``), :mod:`.embedding` (``embedding.h5``), :mod:`.frames` (``frames.h5``),
 :mod:`.orientation` (``orientation.h5``), :mod:`.volumes` (the VAE's ``volumes.h5``,
-``latent.h5``, ``frame_latent.h5``), :mod:`.phasing` (``phasing.h5``, ``volume_curve.csv``).
+``latent.h5``, ``frame_latent.h5``), :mod:`.phasing` (``phasing.h5``, ``volume_curve.csv``),
+:mod:`.truth` (a simulation's ``truth.h5``), :mod:`.weights` (the ``.pt`` files, weights only).
 Each documents its layout in its docstring; every
 reader raises :class:`spiscape.errors.InputError` (the file and one line) for bad input, and
 every writer writes atomically.

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-# truth.h5 label numbers (spiscape.simulate.truth): 0 cube, 1 melting, 2 sphere, 3 dimer, 4 rod
+# truth.h5 label numbers (spiscape.io.truth): 0 cube, 1 melting, 2 sphere, 3 dimer, 4 rod
 CUBE, MELTING, SPHERE, DIMER, ROD = range(5)
 POPULATIONS = ("cube", "sphere", "contaminant")
 

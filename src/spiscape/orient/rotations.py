@@ -1,7 +1,7 @@
 """Rotations for orienting 2D class averages: a near-uniform SO(3) grid, point groups, the
 asymmetric unit and the misorientation between two orientations modulo a point group.
 
-Convention (the simulator's, see :mod:`spiscape.simulate.truth`): unit quaternions scalar first
+Convention (the simulator's, see :mod:`spiscape.io.truth`): unit quaternions scalar first
 (w, x, y, z) with w >= 0; an average with orientation R shows I(R q) at its grid points' q, so
 when I(g q) = I(q) for every g of the point group G, R and g R are the same orientation (left
 cosets G R). Friedel's law (I(-q) = I(q)) makes an average at R look like the one at R Rz(pi)

@@ -4,9 +4,9 @@
 truth; the pieces (geometry, shapes, intensities, frames) are small functions usable on their own.
 """
 
+from spiscape.io.truth import Truth, read_truth
 from spiscape.simulate.detector import make_detector, q_per_voxel_inv_nm, wavelength_nm
 from spiscape.simulate.run import LABELS, POPULATIONS, SimulationParams, simulate_dataset
-from spiscape.simulate.truth import Truth, read_truth
 
 __all__ = [
     "LABELS",

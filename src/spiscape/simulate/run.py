@@ -1,7 +1,7 @@
 """The simulation driver: parameters, populations, and ``simulate_dataset(params, out_dir)``.
 
 Writes to ``out_dir``: ``detector.h5`` (Dragonfly detector), ``truth.h5`` (see
-:mod:`spiscape.simulate.truth`), ``photons.h5`` (Dragonfly sparse photons) and, last, the summary
+:mod:`spiscape.io.truth`), ``photons.h5`` (Dragonfly sparse photons) and, last, the summary
 ``simulate.json`` whose presence means the run finished.
 """
 
@@ -20,11 +20,11 @@ from tqdm import tqdm
 
 from spiscape.errors import ConfigError
 from spiscape.io import Detector, PhotonWriter, SparsePhotons, write_detector
+from spiscape.io.truth import write_truth
 from spiscape.simulate import detector as geom
 from spiscape.simulate import frames as fr
 from spiscape.simulate import intensity as it
 from spiscape.simulate import shapes as sh
-from spiscape.simulate.truth import write_truth
 from spiscape.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm import tqdm
 
-from spiscape.errors import ConfigError, InputError
+from spiscape.errors import ConfigError
+from spiscape.io.weights import load_plain, plain
 from spiscape.utils.atomic import atomic_path
 from spiscape.vae.model import SPIVAE, kl_divergence, poisson_loss
 
@@ -110,37 +111,6 @@ def set_rng_states(states: dict) -> None:
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def plain(obj):
-    """``obj`` with only what ``torch.load(weights_only=True)`` reads back: tensors, numbers,
-    strings, None, and dicts, lists and tuples of them (NumPy arrays become tensors, NumPy
-    scalars numbers, paths strings). Nothing is ever unpickled from an output folder: a file
-    placed there can hold data, not code."""
-    if isinstance(obj, dict):
-        return {(k if isinstance(k, (str, int)) else str(k)): plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(plain(v) for v in obj)
-    if isinstance(obj, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(obj))
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor)):
-        return obj
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    raise TypeError(f"cannot store {type(obj).__name__} in a weights-only file")
-
-
-def load_plain(path, what: str) -> dict:
-    """A file of :func:`plain` values, read with ``weights_only=True`` (never unpickled)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise InputError(path, f"unreadable {what} ({str(exc).splitlines()[0]})") from None
-    except Exception as exc:  # pickle.UnpicklingError: something other than weights
-        raise InputError(path, f"not a spiscape {what}: it holds Python objects other than "
-                         f"tensors and plain values ({type(exc).__name__}); delete it") from None
 
 
 def save_checkpoint(path, model, optimiser, epoch, history, convergence, extra) -> None:
