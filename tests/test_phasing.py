@@ -292,3 +292,38 @@ def test_stagnated_patterns_are_the_outliers_of_the_curve():
     assert stagnated(curve) == [2, 5]
     assert stagnated(curve[:2]) == []  # too few patterns to call one an outlier
     assert stagnated([result(0.1)] * 5) == []
+
+
+def test_density_maps_read_back_with_their_physical_size(tmp_path):
+    # a 10 nm sphere on a grid of 0.5 nm voxels (dq = 1 / (n 0.5 nm)), phased: its MRC maps say
+    # 5 A per voxel, centre at the origin, and hold a particle 100 A across
+    import mrcfile
+
+    n, voxel_nm, diameter_nm = 48, 0.5, 10.0
+    obj = sphere_density(diameter_nm / voxel_nm, n, 1.0)
+    intens = fft_intensity(obj, box_average=False).astype(np.float32)
+    src = tmp_path / "volumes.h5"
+    with h5py.File(src, "w") as f:
+        f["intens"] = np.stack([intens, intens])
+        f["z"] = np.array([[-1.0], [1.0]])
+        f.attrs["q_per_voxel_inv_nm"] = 1.0 / (n * voxel_nm)
+    maps = tmp_path / "maps"
+    assert cli.main(["phase", "--volumes", str(src), "--out", str(tmp_path / "p.h5"),
+                     "--recipe", "50 RAAR 30 ER", "--starts", "1", "--device", "cpu",
+                     "--mrc-dir", str(maps)]) == 0
+    assert sorted(p.name for p in maps.iterdir()) == ["density_000.mrc", "density_001.mrc",
+                                                     "z_values.txt"]
+    np.testing.assert_allclose(np.loadtxt(maps / "z_values.txt"), [-1.0, 1.0])
+    with mrcfile.open(maps / "density_001.mrc") as m:
+        assert m.voxel_size.x == pytest.approx(10 * voxel_nm)
+        origin = np.array([m.header.origin.x, m.header.origin.y, m.header.origin.z])
+        np.testing.assert_allclose(origin, -(n // 2) * 10 * voxel_nm)
+        labels = b" ".join(bytes(label) for label in m.header.label[: m.header.nlabl])
+        assert b"density map 1 of 2" in labels and b"latent 1" in labels
+        density = np.asarray(m.data, dtype=np.float64)
+        angstrom = float(m.voxel_size.x)
+    support = density > 0.5 * density.max()
+    for axis in range(3):  # the particle's extent along each axis, in Angstrom, and its centre
+        profile = support.any(axis=tuple(a for a in range(3) if a != axis))
+        assert profile.sum() * angstrom == pytest.approx(10 * diameter_nm, rel=0.15)
+        assert abs(np.flatnonzero(profile).mean() - n // 2) <= 1.5

@@ -136,6 +136,9 @@ def test_three_datasets_end_to_end_and_partial_reruns(tmp_path, env_with_venv_pa
         assert np.isnan(f["latent"][()]).all()  # vae: run: false
     assert not (tmp_path / "results/sim2/vae").exists()
     assert (tmp_path / "results/sim/volume_curve.csv").read_text().startswith("index,z0")
+    maps = sorted(p.name for p in (tmp_path / "results/sim/maps").glob("[!.]*"))
+    assert maps == ["density_000.mrc", "density_001.mrc", "z_values.txt"]
+    assert (tmp_path / "results/sim/vae/volumes/intensity_000.mrc").exists()
     metrics = json.loads((tmp_path / "results/sim/landscape_metrics.json").read_text())
     assert metrics["frames_total"] == 60
     measured = json.loads((tmp_path / "results/measured/inspect/summary.json").read_text())

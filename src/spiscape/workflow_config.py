@@ -48,7 +48,7 @@ RULE_FLAGS = {
     "orient": {"averages", "detector", "truth", "q_per_pixel", "out", "figure"},
     "vae": {"averages", "orientation", "detector", "embedding", "replicates", "truth",
             "q_per_pixel", "out_dir", "resume"},
-    "phase": {"volumes", "out", "curve", "figure_dir"},
+    "phase": {"volumes", "out", "curve", "figure_dir", "mrc_dir"},
 }
 COMMON_FLAGS = {"log_file", "help", "version"}
 

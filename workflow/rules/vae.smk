@@ -62,6 +62,7 @@ rule phase:
     output:
         phasing=f"{RESULTS}/{{ds}}/phasing.h5",
         curve=f"{RESULTS}/{{ds}}/volume_curve.csv",
+        maps=directory(f"{RESULTS}/{{ds}}/maps"),
         figures=report(
             directory(f"{RESULTS}/{{ds}}/phasing"),
             patterns=["{name}.png"],
@@ -83,4 +84,5 @@ rule phase:
         runtime=120,
     shell:
         "OMP_NUM_THREADS={threads} {params.cmd} phase --volumes {input:q} --out {output.phasing:q} "
-        "--curve {output.curve:q} --figure-dir {output.figures:q} {params.flags} 2> {log:q}"
+        "--curve {output.curve:q} --figure-dir {output.figures:q} --mrc-dir {output.maps:q} "
+        "{params.flags} 2> {log:q}"

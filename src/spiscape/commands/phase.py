@@ -27,6 +27,7 @@ import numpy as np
 from spiscape.backend import get_array_module
 from spiscape.errors import InputError
 from spiscape.io.averages import read_averages
+from spiscape.io.maps import write_maps
 from spiscape.io.phasing import write_curve, write_phasing
 from spiscape.io.volumes import read_volumes
 from spiscape.phasing import PhasingParams, measured_shell_mask, parse_recipe, phase_pattern
@@ -44,7 +45,6 @@ from spiscape.phasing.volume import (
     voxel_size_nm,
 )
 from spiscape.utils.args import at_least, number_in
-from spiscape.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,9 @@ def add_args(parser):
     parser.add_argument("--indices", type=int, nargs="+", default=None,
                         help="phase only these volumes / averages")
     parser.add_argument("--figure-dir", default=None, help="directory for the figures")
-    parser.add_argument("--mrc-dir", default=None, help="also write each density as MRC")
+    parser.add_argument("--mrc-dir", default=None,
+                        help="also write each 3D density as density_NNN.mrc (voxel size in A, "
+                             "centre at the origin) with z_values.txt, for ChimeraX")
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                         help="array device (CuPy on a GPU when available)")
 
@@ -213,8 +215,9 @@ def main(args):
     }
     if args.figure_dir:
         _figures(Path(args.figure_dir), results, z, volumes, prtf, prtf_q, bool(dq), has_data)
-    if args.mrc_dir:
-        _write_mrc(Path(args.mrc_dir), results, voxel)
+    if args.mrc_dir and results and results[0].density.ndim == 3:
+        write_maps(args.mrc_dir, [r.density for r in results], z, kind="density", voxel=voxel,
+                   source=str(args.volumes or args.averages), indices=idx)
     if args.curve:
         write_curve(Path(args.curve), idx, z, volumes, resolution, has_data,
                     np.array([r.converged for r in results]))
@@ -232,20 +235,6 @@ def main(args):
     }, attrs)
     log.info("%d patterns phased (%.1f s each) -> %s", len(results), np.mean(seconds), args.out)
     return 0
-
-
-def _write_mrc(directory, results, voxel):
-    import mrcfile
-
-    directory.mkdir(parents=True, exist_ok=True)
-    for k, r in enumerate(results):
-        if r.density.ndim != 3:
-            return
-        with atomic_path(directory / f"density_{k:03d}.mrc") as tmp:
-            with mrcfile.new(tmp, overwrite=True) as m:
-                m.set_data(r.density.astype(np.float32))
-                if np.isfinite(voxel):
-                    m.voxel_size = voxel
 
 
 def _figures(directory, results, z, volumes, prtf, prtf_q, physical, has_data):

@@ -12,8 +12,9 @@ inside the volume, plus kl_weight * KL(q(z|x) || N(0, 1)).
 
 Outputs in --out-dir: model.pt, checkpoint.pt (every epoch; --resume continues from it),
 latent.h5 (mu, logvar of every average), volumes.h5 (z, intens at --num-volumes points spanning
-the latent range, has_data), volumes/*.mrc, training.json (loss and convergence history, scores),
-figures (volumes.png, latent_hist.png, loss.png, convergence.png), and with --replicates
+the latent range, has_data), volumes/intensity_*.mrc (reciprocal space) with z_values.txt,
+training.json (loss and convergence history, scores), figures (volumes.png, latent_hist.png,
+loss.png, convergence.png), and with --replicates
 frame_latent.h5 (per-frame latent from the averages trained on, NaN where never assigned).
 Under torchrun the training is DistributedDataParallel (nccl on GPU, gloo on CPU); rank 0 writes.
 
@@ -56,6 +57,7 @@ import numpy as np
 
 from spiscape.errors import ConfigError, InputError
 from spiscape.io import volumes as volumes_io
+from spiscape.io.maps import write_maps
 from spiscape.utils.args import at_least, auto_or_number, number_in
 from spiscape.utils.atomic import atomic_path
 from spiscape.vae import scoring
@@ -257,7 +259,8 @@ def main(args):
     volumes_io.write_volumes(out / "volumes.h5", z, vols, has_data, q_per_voxel, cfg.point_group,
                            {"q_min_measured": float(qnorm[weight].min()),
                             "q_max_measured": float(qnorm[weight].max())})
-    analysis.write_mrc(out / "volumes", vols, q_per_voxel)
+    write_maps(out / "volumes", vols, z, kind="intensity", voxel=q_per_voxel,
+               source=str(args.averages))
     if args.replicates:
         from spiscape.io.replicate import read_replicates
 

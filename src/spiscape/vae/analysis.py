@@ -14,8 +14,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from spiscape.utils.atomic import atomic_path
-
 
 def latent_points(mu: np.ndarray, num: int) -> tuple[np.ndarray, np.ndarray]:
     """K points spanning the data's latent range: a line (zdim 1) or an n x n grid (zdim 2, n =
@@ -70,25 +68,6 @@ def frame_latents(replicate_files, replicate_of, class_of, mu: np.ndarray,
     res = frame_coordinates(int(num_frames), reps, replicate_of, class_of,
                             np.asarray(mu, dtype=np.float64))
     return res["coords"]
-
-
-def write_mrc(folder, intens, q_per_voxel=None) -> list:
-    """One MRC per volume; voxel size in 1/nm when q per voxel is known (else 1)."""
-    from pathlib import Path
-
-    import mrcfile
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for k, vol in enumerate(intens):
-        path = folder / f"volume_{k:03d}.mrc"
-        with atomic_path(path) as tmp:
-            with mrcfile.new(tmp, overwrite=True) as m:
-                m.set_data(np.ascontiguousarray(vol, dtype=np.float32))
-                m.voxel_size = float(q_per_voxel) if q_per_voxel else 1.0
-        paths.append(path)
-    return paths
 
 
 def spearman(a, b) -> float:
