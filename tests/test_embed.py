@@ -277,3 +277,12 @@ def test_embed_and_embed_new_cli(tmp_path, capsys):
                      str(tmp_path / "small.h5"), "--out", str(tmp_path / "x.h5")])
     assert code == 2 and "holds 5 averages" in capsys.readouterr().err
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_progress_bars_stay_out_of_log_files(capsys):
+    # with progress on but stderr not a terminal (a Snakemake log), no bar is drawn: logs hold
+    # lines, not hundreds of carriage returns
+    intens, coords = smooth_problem(count=30, size=13)
+    fit_absolute_embedding(intens, None, coords, TrainParams(epochs=20, patience=5, seed=1),
+                           progress=True)
+    assert "\r" not in capsys.readouterr().err

@@ -175,7 +175,9 @@ def _fit(x, y, train_idx, val_idx, params: TrainParams, progress: bool):
     loss_fn = nn.MSELoss()
     watch = val_idx if val_idx.size else train_idx
     best = (np.inf, 0, {k: v.clone() for k, v in network.state_dict().items()})
-    bar = tqdm(range(params.epochs), desc="regressor", disable=not progress, leave=False)
+    # disable=None: a bar on a terminal only, never carriage returns in a log file
+    bar = tqdm(range(params.epochs), desc="regressor", disable=None if progress else True,
+               leave=False)
     for epoch in bar:
         network.train()
         optimiser.zero_grad()

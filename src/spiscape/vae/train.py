@@ -357,7 +357,8 @@ def train(cfg: TrainConfig, tensors: dict, weight: np.ndarray, q: np.ndarray,
         sums = torch.zeros(4, dtype=torch.float64, device=device)
         model.train()
         for image, counts, quat, log_gain, wavg, idx in tqdm(loader, desc=f"epoch {epoch + 1}",
-                                                        leave=False, disable=not ctx.main,
+                                                        leave=False,
+                                                        disable=None if ctx.main else True,
                                                         mininterval=5):
             image, counts = image.to(device), counts.to(device)
             quat, log_gain, wavg = quat.to(device), log_gain.to(device), wavg.to(device)
