@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -122,3 +124,29 @@ def test_every_output_is_checked_before_the_work(command, tmp_path, capsys):
             err = capsys.readouterr().err
             assert err.count("\n") == 1 and f"spiscape {command}: error: {bad}" in err, err
             assert problem in err, err
+
+
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
+def test_every_subcommand_has_a_plain_help_with_an_example(command, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([command, "-h"])
+    text = capsys.readouterr().out
+    example = text.split("Example:", 1)
+    assert len(example) == 2 and f"spiscape {command}" in example[1], text
+    assert "(default: None)" not in text
+    assert "``" not in text and ":mod:`" not in text and ":func:`" not in text
+    options = text.split("options:", 1)[1].split("Example:", 1)[0]
+    entries = re.split(r"\n  (?=-)", options)
+    for entry in entries:
+        assert entry.count("(default:") <= 1, entry
+    from spiscape.workflow_config import command_parser
+
+    for action in command_parser(command)._actions:
+        if action.option_strings:
+            assert action.help, (command, action.option_strings)
+
+
+def test_options_are_never_abbreviated(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["simulate", "--out-dir", "x", "--num-frame", "10"])
+    assert "unrecognized arguments: --num-frame" in capsys.readouterr().err

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
+import textwrap
 
 from spiscape import __version__
 from spiscape.errors import SpiscapeError
@@ -87,6 +89,34 @@ COMMANDS = {
 }
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """cryoDRGN-style help: the description and example as written, each option's default once
+    (not for required options, not when None or when the help already states it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (action.required or default is None or default is argparse.SUPPRESS
+                or default is False or "default" in text or "%(default)" in text
+                or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+#: Sphinx/RST markup that a terminal should not show
+_MARKUP = ((re.compile(r":(?:mod|func|class|meth|data|attr):`~?([^`]+)`"), r"\1"),
+           (re.compile(r"``([^`]+)``"), r"\1"))
+
+
+def description(docstring: str | None, summary: str) -> str:
+    """A subcommand's description: the first paragraph of its module docstring (1-3
+    sentences), Sphinx markup removed; the summary when there is none."""
+    text = (docstring or summary).strip().split("\n\n")[0]
+    for pattern, plain in _MARKUP:
+        text = pattern.sub(plain, text)
+    return text
+
+
 def command_module(name: str):
     return importlib.import_module(f"spiscape.commands.{COMMANDS[name][0]}")
 
@@ -103,13 +133,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (_, summary) in COMMANDS.items():
         sub_parser = sub.add_parser(
-            name, help=summary, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            name, help=summary, formatter_class=HelpFormatter,
             allow_abbrev=False,  # `--num-frame` is an error, not --num-frames
         )
         if command is not None and name != command:
             continue
         module = command_module(name)
-        sub_parser.description = (module.__doc__ or summary).strip()
+        sub_parser.description = description(module.__doc__, summary)
+        example = getattr(module, "EXAMPLE", "").strip()
+        if example:
+            sub_parser.epilog = "Example:\n" + textwrap.indent(example, "  ")
         add_common_args(sub_parser)
         module.add_args(sub_parser)
         sub_parser.set_defaults(_main=module.main, _outputs=getattr(module, "OUTPUTS", {}))

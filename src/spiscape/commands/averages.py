@@ -21,6 +21,11 @@ log = logging.getLogger(__name__)
 #: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
 OUTPUTS = {"out": "file", "convergence_figure": "file", "montage_figure": "file"}
 
+#: shown under "Example" in ``spiscape averages -h``
+EXAMPLE = """\
+spiscape averages --replicates emc/rep0.h5 emc/rep1.h5 --out averages.h5
+"""
+
 
 def add_args(parser):
     parser.add_argument("--replicates", nargs="+", required=True,

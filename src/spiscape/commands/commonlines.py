@@ -29,6 +29,12 @@ log = logging.getLogger(__name__)
 #: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
 OUTPUTS = {"out": "file", "figure": "file"}
 
+#: shown under "Example" in ``spiscape commonlines -h``
+EXAMPLE = """\
+spiscape commonlines --averages averages.h5 --out commonlines.h5
+spiscape commonlines --averages averages.h5 --out tile0.h5 --tile 0 --num-tiles 4
+"""
+
 
 def add_args(parser):
     d = PolarParams()

@@ -24,6 +24,12 @@ log = logging.getLogger(__name__)
 #: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
 OUTPUTS = {"output": "file"}
 
+#: shown under "Example" in ``spiscape convert -h``
+EXAMPLE = """\
+spiscape convert run.cxi -o run.emc --detector det.h5
+spiscape convert a.emc b.emc -o all.h5
+"""
+
 
 def _positive_int(text: str) -> int:
     value = int(text)

@@ -49,6 +49,12 @@ log = logging.getLogger(__name__)
 #: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
 OUTPUTS = {"out": "file", "model": "file", "figure_dir": "folder"}
 
+#: shown under "Example" in ``spiscape embed -h``
+EXAMPLE = """\
+spiscape embed --commonlines commonlines.h5 --averages averages.h5 \
+    --replicates emc/rep0.h5 emc/rep1.h5 --out embedding.h5 --model embedding_model.pt
+"""
+
 
 def add_embedding_args(parser) -> None:
     parser.add_argument("--method", choices=METHODS, default="pca",

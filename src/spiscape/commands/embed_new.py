@@ -28,6 +28,12 @@ log = logging.getLogger(__name__)
 #: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
 OUTPUTS = {"out": "file", "figure": "file"}
 
+#: shown under "Example" in ``spiscape embed-new -h``
+EXAMPLE = """\
+spiscape embed-new --model embedding_model.pt --averages new_averages.h5 \
+    --out new_coords.h5 --embedding embedding.h5 --figure placed.png
+"""
+
 
 def add_args(parser):
     parser.add_argument("--model", required=True,

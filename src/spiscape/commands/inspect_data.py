@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 #: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
 OUTPUTS = {"out_dir": "folder"}
 
+#: shown under "Example" in ``spiscape inspect -h``
+EXAMPLE = """\
+spiscape inspect --photons data/photons.h5 --detector data/detector.h5 --out-dir qc/
+"""
+
 
 def add_args(parser):
     parser.add_argument(

@@ -35,6 +35,12 @@ log = logging.getLogger(__name__)
 #: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
 OUTPUTS = {"out": "file", "metrics_json": "file", "figure_dir": "folder"}
 
+#: shown under "Example" in ``spiscape landscape -h``
+EXAMPLE = """\
+spiscape landscape --embedding embedding.h5 --averages averages.h5 \
+    --replicates emc/rep0.h5 emc/rep1.h5 --photons data/photons.h5 --out frames.h5
+"""
+
 
 def add_args(parser):
     parser.add_argument("--embedding", required=True, help="embedding.h5 of `spiscape embed`")

@@ -17,6 +17,12 @@ log = logging.getLogger(__name__)
 #: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
 OUTPUTS = {"out": "file", "figure": "file"}
 
+#: shown under "Example" in ``spiscape merge-commonlines -h``
+EXAMPLE = """\
+spiscape merge-commonlines --tiles tile0.h5 tile1.h5 tile2.h5 tile3.h5 \
+    --out commonlines.h5 --figure cc.png
+"""
+
 
 def add_args(parser):
     parser.add_argument("--tiles", nargs="+", required=True,

@@ -43,6 +43,12 @@ log = logging.getLogger(__name__)
 #: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
 OUTPUTS = {"out": "file", "figure": "file"}
 
+#: shown under "Example" in ``spiscape orient -h``
+EXAMPLE = """\
+spiscape orient --averages averages.h5 --detector data/detector.h5 \
+    --q-per-pixel 0.0055 --out orientation.h5 --figure orientation.png
+"""
+
 QUATERNION_CONVENTION = ("scalar-first (w, x, y, z), w >= 0, fundamental zone of the point "
                          "group; average a shows I(R_a q) at its grid points' Ewald q")
 

@@ -51,6 +51,12 @@ log = logging.getLogger(__name__)
 #: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
 OUTPUTS = {"out": "file", "curve": "file", "figure_dir": "folder", "mrc_dir": "folder"}
 
+#: shown under "Example" in ``spiscape phase -h``
+EXAMPLE = """\
+spiscape phase --volumes vae/volumes.h5 --out phasing.h5 --curve volume_curve.csv \
+    --mrc-dir maps/
+"""
+
 
 def add_args(parser):
     src = parser.add_mutually_exclusive_group(required=True)

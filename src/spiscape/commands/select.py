@@ -30,6 +30,12 @@ log = logging.getLogger(__name__)
 #: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
 OUTPUTS = {"out": "folder"}
 
+#: shown under "Example" in ``spiscape select -h``
+EXAMPLE = """\
+spiscape select --landscape frames.h5 --photons data/photons.h5 --cluster 1 --out subset/
+spiscape select --landscape frames.h5 --photons data/photons.h5 --region 'pc1>0.1' --out subset/
+"""
+
 CONDITION = re.compile(r"^\s*(pc|z)(\d+)\s*(<=|>=|<|>)\s*([-+0-9.eE]+)\s*$", re.IGNORECASE)
 OPERATORS = {"<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal}
 

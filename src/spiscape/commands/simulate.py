@@ -22,6 +22,11 @@ log = logging.getLogger(__name__)
 #: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
 OUTPUTS = {"out_dir": "folder"}
 
+#: shown under "Example" in ``spiscape simulate -h``
+EXAMPLE = """\
+spiscape simulate --out-dir data/ --num-frames 4000 --mean-photons 1500 --seed 1
+"""
+
 _DEFAULTS = SimulationParams()
 
 # field name -> help; every SimulationParams field has a flag named after it (_ -> -)

@@ -22,6 +22,11 @@ log = logging.getLogger(__name__)
 #: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
 OUTPUTS = {"out": "file", "health": "file"}
 
+#: shown under "Example" in ``spiscape summarize -h``
+EXAMPLE = """\
+spiscape summarize --results results/ --datasets run1 run2 --out results/summary.tsv
+"""
+
 COLUMNS = (
     "dataset", "frames", "photons_per_frame", "empty_frames", "averages", "replicates",
     "clusters", "explained_variance_pc1", "frames_placed", "ari_populations",

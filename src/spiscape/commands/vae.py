@@ -67,6 +67,13 @@ log = logging.getLogger(__name__)
 #: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
 OUTPUTS = {"out_dir": "folder"}
 
+#: shown under "Example" in ``spiscape vae -h``
+EXAMPLE = """\
+spiscape vae --averages averages.h5 --orientation orientation.h5 \
+    --detector data/detector.h5 --embedding embedding.h5 \
+    --replicates emc/rep0.h5 emc/rep1.h5 --q-per-pixel 0.0055 --out-dir vae/
+"""
+
 
 def add_args(parser):
     g = parser.add_argument_group("inputs")
@@ -104,8 +111,10 @@ def add_args(parser):
                    help="V, odd: side of the decoded volume in voxels (paper: 81, 161, 243)")
     m.add_argument("--point-group", default="m-3m", choices=["1", "-1", "m-3m"],
                    help="symmetry imposed on the volumes (1: none)")
-    m.add_argument("--epochs", type=at_least(1), default=40)
-    m.add_argument("--batch-size", type=at_least(1), default=8)
+    m.add_argument("--epochs", type=at_least(1), default=40,
+                   help="passes over the averages (more extend a --resume'd run)")
+    m.add_argument("--batch-size", type=at_least(1), default=8,
+                   help="averages per optimiser step (per process under torchrun)")
     m.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     m.add_argument("--lr-schedule", default="cosine", choices=["cosine", "constant"],
                    help="learning rate over the epochs: cosine decay to --lr-final x lr, or "
@@ -140,7 +149,8 @@ def add_args(parser):
                    help="predict each average as the 2D EMC merged it (bilinear back-projection "
                         "at its in-plane angles, from the --replicates' geometry) instead of as "
                         "a plain slice (needs --replicates)")
-    m.add_argument("--seed", type=at_least(0), default=1)
+    m.add_argument("--seed", type=at_least(0), default=1,
+                   help="seed of the initial weights, the batches and the latent sampling")
     m.add_argument("--device", default="auto", help="auto, cpu or cuda")
     m.add_argument("--threads", type=at_least(1), default=1,
                    help="CPU threads of torch (on a shared 2-core box one thread was 20x faster "
