@@ -133,6 +133,7 @@ def test_every_subcommand_has_a_plain_help_with_an_example(command, capsys):
     text = capsys.readouterr().out
     example = text.split("Example:", 1)
     assert len(example) == 2 and f"spiscape {command}" in example[1], text
+    assert max(len(line) for line in example[1].splitlines()) <= 100  # lines kept as written
     assert "(default: None)" not in text
     assert "``" not in text and ":mod:`" not in text and ":func:`" not in text
     options = text.split("options:", 1)[1].split("Example:", 1)[0]

@@ -22,7 +22,7 @@ OUTPUTS = {"out": "file"}
 
 #: shown under "Example" in ``spiscape classify2d -h``
 EXAMPLE = """\
-spiscape classify2d --photons data/photons.h5 --detector data/detector.h5 \
+spiscape classify2d --photons data/photons.h5 --detector data/detector.h5 \\
     --out emc/rep0.h5 --num-classes 50 --num-rot 36 --friedel --iterations 40
 mpiexec -n 4 spiscape classify2d ... --replicate 1 --fraction 0.8   # MPI ranks
 """

@@ -51,7 +51,7 @@ OUTPUTS = {"out": "file", "model": "file", "figure_dir": "folder"}
 
 #: shown under "Example" in ``spiscape embed -h``
 EXAMPLE = """\
-spiscape embed --commonlines commonlines.h5 --averages averages.h5 \
+spiscape embed --commonlines commonlines.h5 --averages averages.h5 \\
     --replicates emc/rep0.h5 emc/rep1.h5 --out embedding.h5 --model embedding_model.pt
 """
 

@@ -30,7 +30,7 @@ OUTPUTS = {"out": "file", "figure": "file"}
 
 #: shown under "Example" in ``spiscape embed-new -h``
 EXAMPLE = """\
-spiscape embed-new --model embedding_model.pt --averages new_averages.h5 \
+spiscape embed-new --model embedding_model.pt --averages new_averages.h5 \\
     --out new_coords.h5 --embedding embedding.h5 --figure placed.png
 """
 

@@ -37,7 +37,7 @@ OUTPUTS = {"out": "file", "metrics_json": "file", "figure_dir": "folder"}
 
 #: shown under "Example" in ``spiscape landscape -h``
 EXAMPLE = """\
-spiscape landscape --embedding embedding.h5 --averages averages.h5 \
+spiscape landscape --embedding embedding.h5 --averages averages.h5 \\
     --replicates emc/rep0.h5 emc/rep1.h5 --photons data/photons.h5 --out frames.h5
 """
 

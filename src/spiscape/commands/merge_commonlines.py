@@ -19,7 +19,7 @@ OUTPUTS = {"out": "file", "figure": "file"}
 
 #: shown under "Example" in ``spiscape merge-commonlines -h``
 EXAMPLE = """\
-spiscape merge-commonlines --tiles tile0.h5 tile1.h5 tile2.h5 tile3.h5 \
+spiscape merge-commonlines --tiles tile0.h5 tile1.h5 tile2.h5 tile3.h5 \\
     --out commonlines.h5 --figure cc.png
 """
 

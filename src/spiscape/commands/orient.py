@@ -45,7 +45,7 @@ OUTPUTS = {"out": "file", "figure": "file"}
 
 #: shown under "Example" in ``spiscape orient -h``
 EXAMPLE = """\
-spiscape orient --averages averages.h5 --detector data/detector.h5 \
+spiscape orient --averages averages.h5 --detector data/detector.h5 \\
     --q-per-pixel 0.0055 --out orientation.h5 --figure orientation.png
 """
 

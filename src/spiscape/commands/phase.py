@@ -53,7 +53,7 @@ OUTPUTS = {"out": "file", "curve": "file", "figure_dir": "folder", "mrc_dir": "f
 
 #: shown under "Example" in ``spiscape phase -h``
 EXAMPLE = """\
-spiscape phase --volumes vae/volumes.h5 --out phasing.h5 --curve volume_curve.csv \
+spiscape phase --volumes vae/volumes.h5 --out phasing.h5 --curve volume_curve.csv \\
     --mrc-dir maps/
 """
 

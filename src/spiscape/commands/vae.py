@@ -69,8 +69,8 @@ OUTPUTS = {"out_dir": "folder"}
 
 #: shown under "Example" in ``spiscape vae -h``
 EXAMPLE = """\
-spiscape vae --averages averages.h5 --orientation orientation.h5 \
-    --detector data/detector.h5 --embedding embedding.h5 \
+spiscape vae --averages averages.h5 --orientation orientation.h5 \\
+    --detector data/detector.h5 --embedding embedding.h5 \\
     --replicates emc/rep0.h5 emc/rep1.h5 --q-per-pixel 0.0055 --out-dir vae/
 """
 
