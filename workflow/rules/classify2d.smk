@@ -37,13 +37,15 @@ rule averages:
         convergence=report(
             f"{RESULTS}/{{ds}}/classify2d/convergence.png",
             caption="../report/emc_convergence.rst",
-            category="EMC 2D classification",
+            labels={"figure": "EMC convergence"},
+            category="2. EMC 2D classification",
             subcategory="{ds}",
         ),
         montage=report(
             f"{RESULTS}/{{ds}}/classify2d/averages.png",
             caption="../report/emc_averages.rst",
-            category="EMC 2D classification",
+            labels={"figure": "class averages"},
+            category="2. EMC 2D classification",
             subcategory="{ds}",
         ),
     params:

@@ -37,7 +37,8 @@ rule commonlines_merge:
         figure=report(
             f"{RESULTS}/{{ds}}/commonlines/cc_matrix.png",
             caption="../report/commonlines.rst",
-            category="Common lines",
+            labels={"figure": "common-line matrix"},
+            category="3. Common lines",
             subcategory="{ds}",
         ),
     params:

@@ -14,8 +14,9 @@ rule embed:
         figures=report(
             directory(f"{RESULTS}/{{ds}}/embed"),
             patterns=["{name}.png"],
+            labels={"figure": "{name}"},
             caption="../report/embed.rst",
-            category="Landscape",
+            category="4. Landscape",
             subcategory="{ds}",
         ),
     params:
@@ -50,8 +51,9 @@ rule landscape:
         figures=report(
             directory(f"{RESULTS}/{{ds}}/landscape"),
             patterns=["{name}.png"],
+            labels={"figure": "{name}"},
             caption="../report/landscape.rst",
-            category="Landscape",
+            category="4. Landscape",
             subcategory="{ds}",
         ),
     params:

@@ -11,19 +11,22 @@ rule inspect:
         powder=report(
             f"{RESULTS}/{{ds}}/inspect/powder.png",
             caption="../report/powder.rst",
-            category="Dataset",
+            labels={"figure": "powder pattern"},
+            category="1. Dataset",
             subcategory="{ds}",
         ),
         photons=report(
             f"{RESULTS}/{{ds}}/inspect/photons_per_frame.png",
             caption="../report/photons_per_frame.rst",
-            category="Dataset",
+            labels={"figure": "photons per frame"},
+            category="1. Dataset",
             subcategory="{ds}",
         ),
         radial=report(
             f"{RESULTS}/{{ds}}/inspect/radial_profile.png",
             caption="../report/radial_profile.rst",
-            category="Dataset",
+            labels={"figure": "radial profile"},
+            category="1. Dataset",
             subcategory="{ds}",
         ),
     params:

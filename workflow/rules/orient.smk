@@ -11,7 +11,8 @@ rule orient:
         figure=report(
             f"{RESULTS}/{{ds}}/orient/orientation.png",
             caption="../report/orient.rst",
-            category="Orientation",
+            labels={"figure": "orientation and gain"},
+            category="5. Orientation",
             subcategory="{ds}",
         ),
     params:

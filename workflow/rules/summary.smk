@@ -9,13 +9,15 @@ rule summary:
         table=report(
             f"{RESULTS}/summary.tsv",
             caption="../report/summary.rst",
-            category="Summary",
+            labels={"figure": "index of the datasets"},
+            category="7. Summary",
         ),
         json=f"{RESULTS}/summary.json",
         health=report(
             f"{RESULTS}/health.tsv",
             caption="../report/health.rst",
-            category="Summary",
+            labels={"figure": "health checks"},
+            category="7. Summary",
         ),
         health_json=f"{RESULTS}/health.json",
     params:

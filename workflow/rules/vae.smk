@@ -20,19 +20,29 @@ rule vae:
         volume_figure=report(
             f"{RESULTS}/{{ds}}/vae/volumes.png",
             caption="../report/vae_volumes.rst",
-            category="3D",
+            labels={"figure": "VAE volumes along the latent"},
+            category="6. 3D: VAE and phasing",
             subcategory="{ds}",
         ),
         latent_figure=report(
             f"{RESULTS}/{{ds}}/vae/latent_hist.png",
             caption="../report/vae_latent.rst",
-            category="3D",
+            labels={"figure": "VAE latent of the averages"},
+            category="6. 3D: VAE and phasing",
+            subcategory="{ds}",
+        ),
+        convergence_figure=report(
+            f"{RESULTS}/{{ds}}/vae/convergence.png",
+            caption="../report/vae_convergence.rst",
+            labels={"figure": "VAE convergence"},
+            category="6. 3D: VAE and phasing",
             subcategory="{ds}",
         ),
         loss_figure=report(
             f"{RESULTS}/{{ds}}/vae/loss.png",
             caption="../report/vae_loss.rst",
-            category="3D",
+            labels={"figure": "VAE training loss"},
+            category="6. 3D: VAE and phasing",
             subcategory="{ds}",
         ),
     params:
@@ -61,13 +71,20 @@ rule phase:
         f"{RESULTS}/{{ds}}/vae/volumes.h5",
     output:
         phasing=f"{RESULTS}/{{ds}}/phasing.h5",
-        curve=f"{RESULTS}/{{ds}}/volume_curve.csv",
+        curve=report(
+            f"{RESULTS}/{{ds}}/volume_curve.csv",
+            caption="../report/volume_curve.rst",
+            labels={"figure": "volume along the latent (table)"},
+            category="6. 3D: VAE and phasing",
+            subcategory="{ds}",
+        ),
         maps=directory(f"{RESULTS}/{{ds}}/maps"),
         figures=report(
             directory(f"{RESULTS}/{{ds}}/phasing"),
             patterns=["{name}.png"],
+            labels={"figure": "{name}"},
             caption="../report/phasing.rst",
-            category="3D",
+            category="6. 3D: VAE and phasing",
             subcategory="{ds}",
         ),
     params:

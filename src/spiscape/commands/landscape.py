@@ -126,7 +126,8 @@ def main(args):
                                   title="frames by true population")
             figures.frame_scatter(result["coords"], truth.t, folder / "frames_t.png", prefix,
                                   "value", title="frames by melting parameter t (grey: "
-                                                 "contaminants)")
+                                                 "contaminants)",
+                                  colour_label="melting parameter t (0 cube, 1 sphere)")
     if args.metrics_json:
         with atomic_path(args.metrics_json) as tmp:
             tmp.write_text(json.dumps(summary, indent=2) + "\n")

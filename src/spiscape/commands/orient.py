@@ -209,6 +209,7 @@ def orientation_figure(intens, slices, support, result, path: Path, count: int =
     ax.hist(finite, bins=max(5, min(30, len(finite) // 3 or 5)), color="0.4")
     ax.set_xlabel("gain (best CC / mean CC)")
     ax.set_ylabel("averages")
+    ax.yaxis.get_major_locator().set_params(integer=True)  # counts
     for col, a in enumerate(picks, start=1):
         for row, (image, title) in enumerate(
                 [(intens[a], f"#{a} gain {gain[a]:.2f}"), (slices[a], f"CC {result.cc[a]:.2f}")]):

@@ -220,7 +220,8 @@ def main(args):
         "seconds_per_pattern": float(np.mean(seconds)),
     }
     if args.figure_dir:
-        _figures(Path(args.figure_dir), results, z, volumes, prtf, prtf_q, bool(dq), has_data)
+        _figures(Path(args.figure_dir), results, z, volumes, prtf, prtf_q, bool(dq), has_data,
+                 voxel)
     if args.mrc_dir and results and results[0].density.ndim == 3:
         write_maps(args.mrc_dir, [r.density for r in results], z, kind="density", voxel=voxel,
                    source=str(args.volumes or args.averages), indices=idx)
@@ -243,7 +244,13 @@ def main(args):
     return 0
 
 
-def _figures(directory, results, z, volumes, prtf, prtf_q, physical, has_data):
+def _nice_length(value: float) -> float:
+    """1, 2 or 5 times a power of ten, at most ``value``."""
+    power = 10.0 ** np.floor(np.log10(value))
+    return max(m * power for m in (1, 2, 5) if m * power <= value)
+
+
+def _figures(directory, results, z, volumes, prtf, prtf_q, physical, has_data, voxel_nm=None):
     from spiscape.plotting import plt, save
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -263,6 +270,12 @@ def _figures(directory, results, z, volumes, prtf, prtf_q, physical, has_data):
             ax.set_xticks([])
             ax.set_yticks([])
         axes[0, col].set_title(f"#{k} z0={z[k, 0]:.3g}", fontsize=7)
+    if voxel_nm and np.isfinite(voxel_nm):  # a scale bar on the first section
+        ax = axes[-1, 0]
+        size = results[0].density.shape[-1]
+        bar = _nice_length(0.25 * size * voxel_nm)
+        ax.plot([0.05 * size, 0.05 * size + bar / voxel_nm], [0.06 * size] * 2, color="C3", lw=2)
+        ax.text(0.05 * size, 0.1 * size, f"{bar:g} nm", color="C3", fontsize=6)
     if ndim == 3:
         for row, name in enumerate("xyz"):
             axes[row, 0].set_ylabel(f"{name} = 0", fontsize=7)
@@ -284,8 +297,15 @@ def _figures(directory, results, z, volumes, prtf, prtf_q, physical, has_data):
     cmap = plt.get_cmap("viridis")
     for k in range(n):
         ax.plot(prtf_q, prtf[k], color=cmap(k / max(n - 1, 1)), lw=0.8)
-    ax.axhline(1 / np.e, color="k", ls=":", lw=0.8)
+    ax.axhline(1 / np.e, color="k", ls=":", lw=0.8, label="1/e (resolution)")
+    if n > 1:  # one curve per volume along the latent: a colour bar, not 11 legend entries
+        scale = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(z[:, 0].min(), z[:, 0].max()))
+        fig.colorbar(scale, ax=ax, label="latent z0 of the volume")
+    ax.legend(fontsize=7, loc="lower left")
     ax.set_xlabel("q (1/nm)" if physical else "q (voxels)")
     ax.set_ylabel("PRTF")
     ax.set_ylim(0, 1.1)
+    if np.all(np.nanmin(prtf, axis=1) > 1 / np.e):
+        ax.set_title("PRTF never falls below 1/e: resolution not limited by phasing\n"
+                     "within the measured q (prtf_resolution_nm is NaN)", fontsize=7)
     save(fig, directory / "prtf.png")

@@ -10,10 +10,7 @@ from itertools import combinations
 import numpy as np
 from matplotlib.colors import LogNorm
 
-from spiscape.plotting import plt, save
-
-TRUTH_COLOURS = {"cube": "tab:blue", "melting": "tab:purple", "sphere": "tab:red",
-                 "dimer": "tab:green", "rod": "tab:olive"}
+from spiscape.plotting import cluster_colour, plt, population_colour, save
 
 
 def _pairs(k: int) -> list[tuple[int, int]]:
@@ -25,10 +22,6 @@ def _axis_label(prefix: str, j: int, ratio=None) -> str:
     if ratio is not None and j < len(ratio) and np.isfinite(ratio[j]):
         text += f" ({100 * ratio[j]:.0f} %)"
     return text
-
-
-def _cluster_colour(c: int):
-    return "lightgrey" if c < 0 else plt.get_cmap("tab10")(c % 10)
 
 
 def embedding_scatter(coords, labels, path, prefix: str = "PC", ratio=None, title: str = "",
@@ -44,13 +37,13 @@ def embedding_scatter(coords, labels, path, prefix: str = "PC", ratio=None, titl
     for ax, (i, j) in zip(axes[0], pairs, strict=True):
         for c in sorted(set(np.asarray(labels).tolist())):
             sel = np.asarray(labels) == c
-            ax.scatter(coords[sel, i], coords[sel, j], s=point_size, color=_cluster_colour(c),
+            ax.scatter(coords[sel, i], coords[sel, j], s=point_size, color=cluster_colour(c),
                        label="outliers" if c < 0 else f"cluster {c}", edgecolors="none",
                        alpha=0.8)
         if extra is not None:
             ex, ex_label = extra
             ax.scatter(ex[:, i], ex[:, j], s=point_size * 2.5, marker="*", edgecolors="black",
-                       linewidths=0.6, color=[_cluster_colour(c) for c in ex_label],
+                       linewidths=0.6, color=[cluster_colour(c) for c in ex_label],
                        label="placed by regressor")
         ax.set_xlabel(_axis_label(prefix, i, ratio))
         ax.set_ylabel(_axis_label(prefix, j, ratio))
@@ -73,7 +66,7 @@ def truth_scatter(coords, majority, mean_t, names, path, prefix: str = "PC", rat
             sel = np.asarray(majority) == lab
             name = names[lab] if 0 <= lab < len(names) else "none"
             ax.scatter(coords[sel, i], coords[sel, j], s=point_size, edgecolors="none",
-                       color=TRUTH_COLOURS.get(name, "grey"), label=name, alpha=0.8)
+                       color=population_colour(name), label=name, alpha=0.8)
         ax = axes[1, col]
         defined = np.isfinite(mean_t)
         ax.scatter(coords[~defined, i], coords[~defined, j], s=point_size, color="lightgrey",
@@ -161,7 +154,8 @@ def regressor_figure(coords, prediction, validation_index, path, metrics=None) -
 
 
 def frame_scatter(coords, colour, path, prefix: str = "PC", kind: str = "cluster", names=None,
-                  max_points: int = 20000, seed: int = 0, title: str = "") -> None:
+                  max_points: int = 20000, seed: int = 0, title: str = "",
+                  colour_label: str = "") -> None:
     """Per-frame landscape: pairwise scatter of frames coloured by cluster, label or value.
 
     ``kind``: "cluster" (integers, -1 grey), "label" (integers named by ``names``) or "value"
@@ -187,16 +181,16 @@ def frame_scatter(coords, colour, path, prefix: str = "PC", kind: str = "cluster
                 sel = c == v
                 if kind == "label":
                     name = names[v] if names is not None and 0 <= v < len(names) else str(v)
-                    col = TRUTH_COLOURS.get(name, "grey")
+                    col = population_colour(name)
                 else:
                     name = "unassigned" if v < 0 else f"cluster {v}"
-                    col = _cluster_colour(v)
+                    col = cluster_colour(v)
                 ax.scatter(x[sel], y[sel], s=size, color=col, edgecolors="none", alpha=0.6,
                            label=name)
         ax.set_xlabel(f"{prefix}{i + 1}")
         ax.set_ylabel(f"{prefix}{j + 1}")
     if kind == "value":
-        fig.colorbar(points, ax=axes[0, -1])
+        fig.colorbar(points, ax=axes[0, -1], label=colour_label)
     else:
         axes[0, 0].legend(fontsize=7, markerscale=2)
     if title:

@@ -6,7 +6,7 @@ import numpy as np
 from matplotlib.colors import LogNorm
 
 from spiscape.io import Detector
-from spiscape.plotting import plt, save
+from spiscape.plotting import plt, population_colour, save
 
 
 def powder_figure(powder: np.ndarray, detector: Detector, num_frames: int, path) -> None:
@@ -32,12 +32,14 @@ def photons_figure(counts: np.ndarray, path, groups: dict[str, np.ndarray] | Non
     top = max(int(np.percentile(counts, 99.5)) if counts.size else 1, 1)
     bins = np.linspace(0, top * 1.05, 60)
     if groups:
-        ax.hist(list(groups.values()), bins=bins, stacked=True, label=list(groups))
+        ax.hist(list(groups.values()), bins=bins, stacked=True, label=list(groups),
+                color=[population_colour(name) for name in groups])
         ax.legend(title="population", fontsize=8)
     else:
         ax.hist(counts, bins=bins, color="C0")
     ax.set_xlabel("photons per frame")
     ax.set_ylabel("frames")
+    ax.yaxis.get_major_locator().set_params(integer=True)  # counts
     mean = counts.mean() if counts.size else 0.0
     ax.set_title(f"{counts.size} frames, mean {mean:.0f} photons")
     save(fig, path)

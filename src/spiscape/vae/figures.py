@@ -61,6 +61,7 @@ def latent_histograms(path, mu: np.ndarray, selected=None, colour=None, colour_l
             ax.legend(fontsize=7)
         ax.set_xlabel(f"mu[{k}]")
         ax.set_ylabel("averages")
+        ax.yaxis.get_major_locator().set_params(integer=True)  # counts
     if zdim >= 2:
         ax = axes[0, zdim]
         sc = ax.scatter(mu[:, 0], mu[:, 1], c=colour if colour is not None else sel, s=8,
@@ -77,8 +78,11 @@ def loss_curves(path, history: dict):
     for ax, key in zip(axes, ("loss", "recon", "kl"), strict=True):
         ax.plot(history["epoch"], history[key], "o-", ms=2)
         ax.set_xlabel("epoch")
-        ax.set_title({"loss": "total", "recon": "reconstruction (Poisson deviance / pixel)",
+        ax.set_ylabel({"loss": "loss per average", "recon": "Poisson deviance per pixel",
+                       "kl": "KL divergence (nats)"}[key])
+        ax.set_title({"loss": "total", "recon": "reconstruction",
                       "kl": "KL"}[key], fontsize=9)
+        ax.xaxis.get_major_locator().set_params(integer=True)
     save(fig, path)
 
 
@@ -87,10 +91,12 @@ def convergence_curves(path, convergence: dict):
     ep = np.asarray(convergence["epoch"])
     axes[0].plot(ep, convergence["volume_cc"], "o-")
     axes[0].set_title("volumes at fixed z: CC with previous check", fontsize=9)
+    axes[0].set_ylabel("CC (log intensity)")
     lp = np.asarray(convergence["latent_pearson"], dtype=float)
     for k in range(lp.shape[1] if lp.ndim == 2 else 0):
         axes[1].plot(ep, lp[:, k], "o-", label=f"mu[{k}]")
     axes[1].set_title("latents: Pearson r with previous check", fontsize=9)
+    axes[1].set_ylabel("Pearson r")
     axes[1].legend(fontsize=7)
     for ax in axes:
         ax.set_xlabel("epoch")
