@@ -247,3 +247,27 @@ def test_select_refuses_empty_or_bad_selections(selectable, capsys):
     with pytest.raises(SystemExit) as exit_info:  # neither --cluster nor --region
         run_select(folder, photons)
     assert exit_info.value.code == 2
+
+
+def test_notebook_explores_the_landscape_and_exports_a_subset(selectable, monkeypatch):
+    import os
+    import sys
+
+    import nbformat
+
+    folder, photons = selectable
+    with h5py.File(folder / "frames.h5", "a") as f:
+        f.attrs["photons"] = json.dumps([str(photons)])
+    assert cli.main(["notebook", str(folder)]) == 0
+    notebook = nbformat.read(folder / "analyze.ipynb", as_version=4)
+    nbformat.validate(notebook)
+    # run its code cells as Jupyter would (headless figures, the venv's spiscape on the PATH)
+    monkeypatch.setenv("PATH", f"{os.path.dirname(sys.executable)}{os.pathsep}"
+                               f"{os.environ.get('PATH', '')}")
+    namespace = {}
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            exec(compile(cell.source, "analyze.ipynb", "exec"), namespace)  # noqa: S102
+    assert namespace["chosen"].tolist() == [1, 2, 4, 5]  # pc1 > 0, placed
+    lines = (folder / "subset" / "indices.txt").read_text().splitlines()
+    assert [int(x) for x in lines if not x.startswith("#")] == [1, 2, 4, 5]

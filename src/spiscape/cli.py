@@ -77,6 +77,11 @@ COMMANDS = {
         "vae",
         "Train the VAE that turns 2D class averages into 3D intensities along a continuous latent.",
     ),
+    "notebook": (
+        "notebook",
+        "Write a Jupyter notebook that explores a dataset's landscape and exports a chosen subset "
+        "of frames (as cryodrgn analyze does).",
+    ),
     "summarize": (
         "summarize",
         "One index table across datasets: frames, classes, clusters, key metrics, result paths.",

@@ -133,7 +133,8 @@ def main(args):
             tmp.write_text(json.dumps(summary, indent=2) + "\n")
     attrs = {"method": embedding.method, "embedding": str(args.embedding),
              "averages": str(args.averages),
-             "replicates": json.dumps([str(p) for p in args.replicates])}
+             "replicates": json.dumps([str(p) for p in args.replicates]),
+             "photons": json.dumps([str(p) for p in args.photons or []])}
     latent = None
     if args.frame_latent:
         latent = read_frame_latent(args.frame_latent, num_frames)

@@ -12,7 +12,8 @@ Layout (HDF5), one row per frame of the dataset:
 ``label_weight``   f8 ``(N,)``    share of the vote won by the frame's cluster (confidence)
 
 Attributes: ``num_frames``, ``components``, ``method`` (of the embedding), ``embedding``,
-``averages``, ``replicates`` (JSON list of paths), ``latent_note``.
+``averages``, ``replicates`` and ``photons`` (JSON lists of paths; photons empty when the
+landscape was made without them), ``latent_note``.
 """
 
 from __future__ import annotations
