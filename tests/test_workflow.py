@@ -172,7 +172,7 @@ def test_three_datasets_end_to_end_and_partial_reruns(tmp_path, env_with_venv_pa
     # captions render without Docutils errors, in pipeline order, with the VAE and the table
     assert "System Message" not in html and "Docutils" not in html
     for name in ("1. Dataset", "2. EMC 2D classification", "6. 3D: VAE and phasing",
-                 "VAE convergence", "volume along the latent"):
+                 "VAE convergence", "VAE latent_vs_t", "volume along the latent"):
         assert name in html, name
 
 

@@ -47,7 +47,7 @@ RULE_FLAGS = {
     "embed": {"commonlines", "averages", "replicates", "truth", "out", "model", "figure_dir"},
     "orient": {"averages", "detector", "truth", "q_per_pixel", "out", "figure"},
     "vae": {"averages", "orientation", "detector", "embedding", "replicates", "truth",
-            "q_per_pixel", "out_dir", "resume"},
+            "q_per_pixel", "out_dir", "figure_dir", "resume"},
     "phase": {"volumes", "out", "curve", "figure_dir", "mrc_dir"},
 }
 COMMON_FLAGS = {"log_file", "help", "version"}

@@ -17,31 +17,11 @@ rule vae:
         latent=f"{RESULTS}/{{ds}}/vae/latent.h5",
         volumes=f"{RESULTS}/{{ds}}/vae/volumes.h5",
         frame_latent=f"{RESULTS}/{{ds}}/vae/frame_latent.h5",
-        volume_figure=report(
-            f"{RESULTS}/{{ds}}/vae/volumes.png",
-            caption="../report/vae_volumes.rst",
-            labels={"figure": "VAE volumes along the latent"},
-            category="6. 3D: VAE and phasing",
-            subcategory="{ds}",
-        ),
-        latent_figure=report(
-            f"{RESULTS}/{{ds}}/vae/latent_hist.png",
-            caption="../report/vae_latent.rst",
-            labels={"figure": "VAE latent of the averages"},
-            category="6. 3D: VAE and phasing",
-            subcategory="{ds}",
-        ),
-        convergence_figure=report(
-            f"{RESULTS}/{{ds}}/vae/convergence.png",
-            caption="../report/vae_convergence.rst",
-            labels={"figure": "VAE convergence"},
-            category="6. 3D: VAE and phasing",
-            subcategory="{ds}",
-        ),
-        loss_figure=report(
-            f"{RESULTS}/{{ds}}/vae/loss.png",
-            caption="../report/vae_loss.rst",
-            labels={"figure": "VAE training loss"},
+        figures=report(
+            directory(f"{RESULTS}/{{ds}}/vae/figures"),
+            patterns=["{name}.png"],
+            labels={"figure": "VAE {name}"},
+            caption="../report/vae.rst",
             category="6. 3D: VAE and phasing",
             subcategory="{ds}",
         ),
@@ -63,7 +43,8 @@ rule vae:
         "{params.launcher} vae --averages {input.averages:q} --orientation {input.orientation:q} "
         "--detector {input.detector:q} --embedding {input.embedding:q} "
         "--replicates {input.replicates:q} {params.geometry} "
-        "--out-dir {params.out_dir:q} {params.flags} --resume 2> {log:q}"
+        "--out-dir {params.out_dir:q} --figure-dir {output.figures:q} {params.flags} --resume "
+        "2> {log:q}"
 
 
 rule phase:

@@ -65,7 +65,7 @@ from spiscape.vae import scoring
 log = logging.getLogger(__name__)
 
 #: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
-OUTPUTS = {"out_dir": "folder"}
+OUTPUTS = {"out_dir": "folder", "figure_dir": "folder"}
 
 #: shown under "Example" in ``spiscape vae -h``
 EXAMPLE = """\
@@ -168,6 +168,8 @@ def add_args(parser):
     m.add_argument("--num-volumes", type=at_least(1), default=11,
                    help="volumes written along the latent (zdim 2: a grid of about this many)")
     m.add_argument("--no-figures", action="store_true", help="skip the figures")
+    m.add_argument("--figure-dir", default=None,
+                   help="folder for the figures (default: --out-dir)")
 
 
 def config_from_args(args):
@@ -284,10 +286,13 @@ def main(args):
         volumes_io.write_frame_latent(out / "frame_latent.h5", latent,
                                     {"averages": str(args.averages), "zdim": cfg.zdim})
         scores["frames_assigned"] = int(np.isfinite(latent[:, 0]).sum())
+    figure_dir = Path(args.figure_dir or out)
+    if not args.no_figures:
+        figure_dir.mkdir(parents=True, exist_ok=True)
     colour = None
     if truth is not None:
         scores.update(scoring.score_against_truth(args.averages, args.replicates, inputs, truth,
-                                                  mu, model, weight, qnorm, ctx, out,
+                                                  mu, model, weight, qnorm, ctx, figure_dir,
                                                   figures=not args.no_figures))
         colour = scores.pop("_average_t", None)
     with atomic_path(out / "training.json") as tmp:
@@ -296,7 +301,7 @@ def main(args):
     if not args.no_figures:
         from spiscape.vae import figures
 
-        figures.all_figures(out, intens=vols, z=z, has_data=has_data, mu=mu, selected=sel,
+        figures.all_figures(figure_dir, intens=vols, z=z, has_data=has_data, mu=mu, selected=sel,
                             colour=colour, history=result["history"],
                             convergence=result["convergence"])
     log.info("wrote %s (model.pt, latent.h5, volumes.h5, %d MRC)%s", out, len(vols),
