@@ -64,6 +64,10 @@ COMMANDS = {
         "landscape",
         "Per-frame landscape: each frame's embedding coordinates and cluster from its classes.",
     ),
+    "place": (
+        "place",
+        "Place frames on the landscape of an existing dataset, without re-classifying them.",
+    ),
     "select": (
         "select",
         "Select frames from the landscape (a cluster or a region) and write them as a photon list.",
