@@ -110,6 +110,9 @@ def test_three_datasets_end_to_end_and_partial_reruns(tmp_path, env_with_venv_pa
                  "classify2d": {"options": {"num_classes": 5}}, "vae": {"run": False}},
         "measured": {"photons": "results/sim/data/photons.h5",
                      "detector": "results/sim/data/detector.h5"},
+        # facility-wide reprocessing: these frames placed on sim's landscape, no EMC of their own
+        "placed": {"photons": "results/sim/data/photons.h5",
+                   "detector": "results/sim/data/detector.h5", "reference": "sim"},
     }
     config = write_config(tmp_path / "c.yaml", datasets)
     snakemake(tmp_path, "--configfile", str(config), "--cores", "2", env=env_with_venv_path)
@@ -145,15 +148,20 @@ def test_three_datasets_end_to_end_and_partial_reruns(tmp_path, env_with_venv_pa
     assert measured["num_frames"] == 60 and "populations" not in measured
     assert measured["photons_total"] == summary["photons_total"]
     index = (tmp_path / "results/summary.tsv").read_text().splitlines()
-    assert index[0].startswith("dataset\tframes") and len(index) == 4
+    assert index[0].startswith("dataset\tframes") and len(index) == 5
     assert {line.split("\t")[0] for line in index[1:]} == set(datasets)
+    assert not (tmp_path / "results/placed/classify2d").exists()
+    rows = {row["dataset"]: row for row in json.loads(
+        (tmp_path / "results/summary.json").read_text())}
+    assert rows["placed"]["landscape"] == "placed on sim" and rows["sim"]["landscape"] == "own"
+    assert rows["placed"]["cluster_fractions"] and rows["sim"]["cluster_fractions"]
 
     # a stage's parameters rerun that stage and what follows, nothing upstream
     changed = write_config(tmp_path / "c2.yaml", datasets,
                            embed={"options": {"components": 2}})
     plan = planned_jobs(snakemake(tmp_path, "--configfile", str(changed), "-n"))
-    assert plan == {"embed": 3, "vae": 1, "phase": 1, "landscape": 3, "summary": 1, "all": 1,
-                    "total": 10}
+    assert plan == {"embed": 3, "vae": 1, "phase": 1, "landscape": 3, "place": 1, "summary": 1,
+                    "all": 1, "total": 11}
     one = {**datasets, "sim2": {**datasets["sim2"], "commonlines": {"num_tiles": 3}}}
     changed = write_config(tmp_path / "c3.yaml", one)
     plan = planned_jobs(snakemake(tmp_path, "--configfile", str(changed), "-n"))

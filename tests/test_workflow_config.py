@@ -61,6 +61,10 @@ def test_the_default_config_passes():
     ({"datasets": {"x": {"photons": "a.h5"}}}, "datasets.x.detector: missing"),
     ({"datasets": {"x": {**SIM, "photons": "a.h5", "detector": "d.h5"}}},
      "datasets.x: give either 'simulate' or 'photons'"),
+    ({"datasets": {"x": {**SIM, "reference": "nowhere"}}},
+     "datasets.x.reference: 'nowhere' is not another dataset"),
+    ({"datasets": {"x": {**SIM}, "y": {**SIM, "reference": "x"}, "z": {**SIM, "reference": "y"}}},
+     "datasets.z.reference: 'y' is itself placed"),
     ({"datasets": {"x": {"simulate": {"num_frame": 300}}}},
      "datasets.x.simulate.num_frame: not an option of `spiscape simulate` (did you mean "
      "'num_frames'?)"),

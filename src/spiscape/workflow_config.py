@@ -49,6 +49,7 @@ RULE_FLAGS = {
     "vae": {"averages", "orientation", "detector", "embedding", "replicates", "truth",
             "q_per_pixel", "out_dir", "figure_dir", "resume"},
     "phase": {"volumes", "out", "curve", "figure_dir", "mrc_dir"},
+    "place": {"reference", "photons", "detector", "out"},
 }
 COMMON_FLAGS = {"log_file", "help", "version"}
 
@@ -115,6 +116,14 @@ def check_datasets(datasets: dict) -> None:
         if measured and "detector" not in entry:
             raise ConfigError(f"config: datasets.{name}.detector: missing (the detector file "
                               "that goes with the photons)")
+        reference = entry.get("reference")
+        if reference is not None:
+            if reference == name or reference not in datasets:
+                raise ConfigError(f"config: datasets.{name}.reference: {reference!r} is not "
+                                  "another dataset of the config")
+            if "reference" in datasets[reference]:
+                raise ConfigError(f"config: datasets.{name}.reference: {reference!r} is itself "
+                                  "placed on another landscape; name the dataset that has one")
 
 
 def command_parser(command: str) -> argparse.ArgumentParser:

@@ -255,9 +255,10 @@ def has_q_scale(ds):
 
 
 def runs_3d(ds):
-    """Whether the dataset goes on to the VAE, phasing and the volume curve: it has a q scale
-    and its `vae` section does not say `run: false`."""
-    return has_q_scale(ds) and bool(stage_config(ds, "vae").get("run", True))
+    """Whether the dataset goes on to the VAE, phasing and the volume curve: it has its own
+    landscape, a q scale, and its `vae` section does not say `run: false`."""
+    return (not reference_of(ds) and has_q_scale(ds)
+            and bool(stage_config(ds, "vae").get("run", True)))
 
 
 def frame_latent_input(wildcards):
@@ -269,11 +270,33 @@ def frame_latent_flag(input):
     return f"--frame-latent {quoted(input.frame_latent)}" if input.frame_latent else ""
 
 
+def reference_of(ds):
+    """The dataset whose landscape this one's frames are placed on (None: its own)."""
+    return dataset(ds).get("reference")
+
+
+def frames_file(ds):
+    """Each frame's place: its own landscape's frames.h5, or placed.h5 on a reference's."""
+    return f"{RESULTS}/{ds}/{'placed' if reference_of(ds) else 'frames'}.h5"
+
+
+def reference_inputs(wildcards):
+    """What `spiscape place` reads of the reference dataset's results."""
+    ref = reference_of(wildcards.ds)
+    return {
+        "averages": f"{RESULTS}/{ref}/averages.h5",
+        "embedding": f"{RESULTS}/{ref}/embedding.h5",
+        "replicates": expand(f"{RESULTS}/{ref}/classify2d/rep{{rep}}.h5", rep=replicates(ref)),
+    }
+
+
 def all_targets():
     targets = [f"{RESULTS}/summary.tsv"]
     for ds in DATASETS:
         targets.append(f"{RESULTS}/{ds}/inspect/summary.json")
-        targets.append(f"{RESULTS}/{ds}/frames.h5")
+        targets.append(frames_file(ds))
+        if reference_of(ds):
+            continue
         if has_q_scale(ds):
             targets.append(f"{RESULTS}/{ds}/orientation.h5")
         if runs_3d(ds):

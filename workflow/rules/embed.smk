@@ -70,3 +70,28 @@ rule landscape:
         "--replicates {input.replicates:q} --photons {input.photons:q} {params.truth} "
         "{params.frame_latent} --out {output.frames:q} --metrics-json {output.metrics:q} --figure-dir {output.figures:q} "
         "2> {log:q}"
+
+
+# Facility-wide reprocessing: a dataset with `reference: <other dataset>` gets no landscape of
+# its own; its frames are placed on the reference's (spiscape place).
+rule place:
+    input:
+        unpack(reference_inputs),
+        photons=photons_input,
+        detector=detector_input,
+    output:
+        f"{RESULTS}/{{ds}}/placed.h5",
+    params:
+        cmd=SPISCAPE,
+        reference=lambda wc: f"{RESULTS}/{reference_of(wc.ds)}",
+        version=stage_version("place"),
+    conda:
+        "../../envs/cpu.yaml"
+    log:
+        f"{RESULTS}/logs/{{ds}}/place.log",
+    resources:
+        mem_mb=4000,
+        runtime=120,
+    shell:
+        "{params.cmd} place --reference {params.reference:q} --photons {input.photons:q} "
+        "--detector {input.detector:q} --out {output:q} 2> {log:q}"

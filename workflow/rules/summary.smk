@@ -4,7 +4,7 @@
 rule summary:
     input:
         [f"{RESULTS}/{ds}/inspect/summary.json" for ds in DATASETS],
-        [f"{RESULTS}/{ds}/frames.h5" for ds in DATASETS],
+        [frames_file(ds) for ds in DATASETS],
     output:
         table=report(
             f"{RESULTS}/summary.tsv",

@@ -12,6 +12,8 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from spiscape.errors import InputError
 from spiscape.io.averages import read_averages
 from spiscape.io.embedding import read_embedding
@@ -30,7 +32,7 @@ spiscape summarize --results results/ --datasets run1 run2 --out results/summary
 COLUMNS = (
     "dataset", "frames", "photons_per_frame", "empty_frames", "averages", "replicates",
     "clusters", "explained_variance_pc1", "frames_placed", "ari_populations",
-    "spearman_t", "health", "results",
+    "spearman_t", "landscape", "cluster_fractions", "health", "results",
 )
 
 
@@ -73,6 +75,22 @@ def dataset_row(results: Path, name: str) -> dict:
         ratio = emb.explained_variance_ratio
         row["explained_variance_pc1"] = (round(float(ratio[0]), 3) if ratio is not None
                                          and len(ratio) else None)
+    row["landscape"], labels = "own", None
+    if (folder / "placed.h5").exists():
+        from spiscape.io.placed import read_placed
+
+        placed = read_placed(folder / "placed.h5")
+        row["landscape"] = "placed on " + Path(str(placed["attrs"].get("reference", "?"))).name
+        labels = placed["label"]
+    elif (folder / "frames.h5").exists():
+        from spiscape.io.frames import read_landscape
+
+        labels = read_landscape(folder / "frames.h5")["label"]
+    if labels is not None and len(labels):
+        values, counts = np.unique(labels, return_counts=True)
+        # the runs of a beamtime compared on one map: each cluster's share of the frames
+        row["cluster_fractions"] = " ".join(f"{int(v)}:{c / len(labels):.3f}"
+                                            for v, c in zip(values, counts, strict=True))
     metrics = _json(folder / "landscape_metrics.json")
     row["frames_placed"] = metrics.get("frames_placed")
     ari = metrics.get("population_ari", {}).get("ari")
