@@ -76,3 +76,58 @@ def test_place_refuses_a_folder_without_a_landscape(tiny_dataset, tmp_path, caps
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "averages.h5: no such file" in err
     assert not (tmp_path / "p.h5").exists()
+
+
+def test_follow_places_frames_as_files_arrive_stops_on_sigterm_and_resumes(reference,
+                                                                          tiny_dataset, tmp_path):
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from spiscape.io import read_photons, write_photons
+
+    photons = read_photons(tiny_dataset / "photons.h5")
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    write_photons(photons.select(np.arange(0, 100)), incoming / "a.h5")
+    out = tmp_path / "live" / "placed.h5"
+    cmd = [sys.executable, "-m", "spiscape", "place", "--reference", str(reference),
+           "--photons", str(incoming), "--detector", str(tiny_dataset / "detector.h5"),
+           "--out", str(out), "--follow", "--poll-seconds", "0.2", "--block-frames", "40"]
+
+    def placed_frames():
+        try:
+            return len(read_placed(out)["label"])
+        except Exception:  # not written yet
+            return 0
+
+    def wait_for(count, proc):
+        deadline = time.time() + 60
+        while placed_frames() < count and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert placed_frames() == count
+
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    wait_for(100, proc)
+    # a file moved in complete, as a DAQ writer would: placed, and appended after the first
+    write_photons(photons.select(np.arange(100, 180)), tmp_path / "b.h5")
+    (tmp_path / "b.h5").rename(incoming / "b.h5")
+    wait_for(180, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0, proc.stderr.read()
+    summary = json.loads((out.parent / "placed.summary.json").read_text())
+    assert summary["frames"] == 180 and abs(sum(summary["cluster_fractions"].values()) - 1) < 1e-3
+    # resumed: only the new file's frames are placed, after the others, in the files' order
+    write_photons(photons.select(np.arange(180, 240)), incoming / "c.h5")
+    assert subprocess.run([*cmd, "--max-idle-seconds", "1"], capture_output=True,
+                          timeout=120).returncode == 0
+    live = read_placed(out)
+    assert len(live["label"]) == 240
+    batch = tmp_path / "batch.h5"
+    assert cli.main(["place", "--reference", str(reference), "--photons",
+                     str(tiny_dataset / "photons.h5"), "--detector",
+                     str(tiny_dataset / "detector.h5"), "--out", str(batch)]) == 0
+    np.testing.assert_array_equal(live["label"], read_placed(batch)["label"])
+    np.testing.assert_allclose(live["clpca"], read_placed(batch)["clpca"], rtol=1e-5, atol=1e-6)

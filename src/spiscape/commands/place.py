@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spiscape.utils.args import at_least
+from spiscape.utils.args import at_least, number_in
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,12 @@ OUTPUTS = {"out": "file"}
 EXAMPLE = """\
 spiscape place --reference results/demo --photons run0043.h5 --detector det.h5 \\
     --out results/run0043_on_demo.h5
+spiscape place --reference results/demo --photons incoming/ --detector det.h5 \\
+    --out live/placed.h5 --follow       # while files arrive; Ctrl-C stops, rerun resumes
 """
+
+#: photon files a watched folder may hold
+PHOTON_SUFFIXES = (".h5", ".hdf5", ".emc", ".cxi")
 
 
 def add_args(parser):
@@ -40,30 +45,146 @@ def add_args(parser):
     parser.add_argument("--out", required=True, help="output placed.h5")
     parser.add_argument("--block-frames", type=at_least(1), default=2000,
                         help="frames placed at a time (bounds the memory)")
+    parser.add_argument("--follow", action="store_true",
+                        help="keep watching --photons (a folder, or a list file) for new files and "
+                             "new frames, place them as they come and append them to --out (each "
+                             "write complete: a reader never sees half a batch); stops on "
+                             "SIGINT/SIGTERM after the batch in hand, and a rerun resumes where "
+                             "it stopped. Files must appear complete (written elsewhere, then "
+                             "moved in)")
+    parser.add_argument("--poll-seconds", type=number_in(0, low_open=True), default=2.0,
+                        help="with --follow: how often to look for new frames")
+    parser.add_argument("--max-idle-seconds", type=number_in(0, low_open=True), default=None,
+                        help="with --follow: stop after this long without new frames (default: "
+                             "never)")
 
 
 def main(args):
     from spiscape.embed.place import Placer, Reference
-    from spiscape.io import iter_chunks, read_detector
-    from spiscape.io.placed import write_placed
+    from spiscape.io import read_detector
 
     reference = Reference.from_results(args.reference)
     detector = read_detector(args.detector)
     placer = Placer(reference, detector)
+    if args.follow:
+        return follow(args, placer, detector.num_pix)
+    from spiscape.io import iter_chunks
+
     parts = []
     for start, chunk in iter_chunks(args.photons, args.block_frames, num_pix=detector.num_pix):
-        parts.append(placer.place(chunk.to_dense()))
+        parts.append(_place(placer, chunk))
         log.info("placed frames %d-%d", start, start + chunk.num_frames - 1)
     if not parts:
         from spiscape.errors import InputError
 
         raise InputError(args.photons[0], "no frames to place")
-    placed = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    save(args, parts, {})
+    return 0
+
+
+def _place(placer, chunk) -> dict:
+    placed = placer.place(chunk.to_dense())
     placed["clpca"] = placed.pop("coords")
+    return placed
+
+
+def save(args, parts: list[dict], progress: dict) -> dict:
+    """Write every placed frame so far to --out at once (atomically), and a summary beside it:
+    each cluster's share of the frames, for a live view of what the sample is doing."""
+    from spiscape.io.placed import write_placed
+
+    placed = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     write_placed(args.out, placed, {
         "reference": str(Path(args.reference)), "detector": str(args.detector),
-        "photons": json.dumps([str(p) for p in args.photons])})
-    counts = np.unique(placed["label"], return_counts=True)
-    log.info("%d frames placed on %s; clusters %s -> %s", len(placed["label"]), args.reference,
-             dict(zip(counts[0].tolist(), counts[1].tolist(), strict=True)), args.out)
+        "photons": json.dumps([str(p) for p in args.photons]),
+        "progress": json.dumps(progress)})
+    values, counts = np.unique(placed["label"], return_counts=True)
+    shares = {int(v): round(float(c) / len(placed["label"]), 4)
+              for v, c in zip(values, counts, strict=True)}
+    log.info("%d frames placed on %s; cluster shares %s -> %s", len(placed["label"]),
+             args.reference, shares, args.out)
+    return {"frames": int(len(placed["label"])), "cluster_fractions": shares}
+
+
+def _watched_files(spec: list[str]) -> list[Path]:
+    """The photon files of a watched folder (sorted by name) or list file, as they are now."""
+    from spiscape.io import photon_files
+
+    files = []
+    for item in spec:
+        path = Path(item)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.iterdir() if not p.name.startswith(".")
+                                and p.suffix.lower() in PHOTON_SUFFIXES))
+        else:
+            files.extend(photon_files([item]))
+    return files
+
+
+def follow(args, placer, num_pix: int) -> int:
+    """Place frames as they arrive (see --follow); resume from --out's progress."""
+    import signal
+    import time
+
+    from spiscape.errors import InputError
+    from spiscape.io import count_frames, read_photons
+
+    parts, progress = [], {}
+    out = Path(args.out)
+    if out.exists():
+        from spiscape.io.placed import read_placed
+
+        previous = read_placed(out)
+        progress = json.loads(previous["attrs"].get("progress", "{}"))
+        parts.append({k: previous[k] for k in previous if k != "attrs"})
+        log.info("resuming: %d frames already placed in %s", len(previous["label"]), out)
+    stop = {"now": False}
+
+    def request_stop(signum, frame):
+        stop["now"] = True
+        log.info("signal %d: stopping after the batch in hand", signum)
+
+    handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    idle_since, started, placed_now = time.monotonic(), time.monotonic(), 0
+    try:
+        while not stop["now"]:
+            new = False
+            for path in _watched_files(args.photons):
+                try:
+                    total = count_frames([path])
+                except InputError as exc:  # not complete yet, or not a photon file
+                    log.debug("skipping %s for now: %s", path, exc)
+                    continue
+                done = int(progress.get(str(path), 0))
+                while done < total and not stop["now"]:
+                    stop_at = min(done + args.block_frames, total)
+                    chunk = read_photons([path], frames=np.arange(done, stop_at),
+                                         num_pix=num_pix)
+                    parts.append(_place(placer, chunk))
+                    progress[str(path)] = done = stop_at
+                    placed_now += chunk.num_frames
+                    summary = save(args, parts, progress)
+                    summary["frames_per_second"] = round(
+                        placed_now / max(time.monotonic() - started, 1e-9), 1)
+                    _write_summary(out, summary)
+                    new = True
+            if new:
+                idle_since = time.monotonic()
+            elif (args.max_idle_seconds is not None
+                  and time.monotonic() - idle_since >= args.max_idle_seconds):
+                log.info("no new frames for %.0f s: stopping", args.max_idle_seconds)
+                break
+            if not stop["now"]:
+                time.sleep(args.poll_seconds)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     return 0
+
+
+def _write_summary(out: Path, summary: dict) -> None:
+    """``<out>.summary.json``: frames so far, each cluster's share, frames per second."""
+    from spiscape.utils.atomic import atomic_path
+
+    with atomic_path(out.with_name(out.stem + ".summary.json")) as tmp:
+        tmp.write_text(json.dumps(summary, indent=1) + "\n")
