@@ -13,11 +13,11 @@ from spiscape.io.frames import read_landscape
 from spiscape.io.placed import read_placed
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_dataset, tmp_path_factory):
-    out = tmp_path_factory.mktemp("reference")
-    data = ["--photons", str(tiny_dataset / "photons.h5")]
-    det = ["--detector", str(tiny_dataset / "detector.h5")]
+def build_reference(photons, detector, out):
+    """A results folder made by the CLI stages: 2 replicates, averages, common lines, embedding
+    and the batch landscape of ``photons``."""
+    data = ["--photons", str(photons)]
+    det = ["--detector", str(detector)]
     reps = []
     for r in range(2):
         rep = out / "classify2d" / f"rep{r}.h5"
@@ -39,6 +39,12 @@ def reference(tiny_dataset, tmp_path_factory):
     for step in steps:
         assert cli.main(step) == 0, step
     return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dataset, tmp_path_factory):
+    return build_reference(tiny_dataset / "photons.h5", tiny_dataset / "detector.h5",
+                           tmp_path_factory.mktemp("reference"))
 
 
 def test_placing_the_reference_frames_agrees_with_the_batch_landscape(reference, tiny_dataset,

@@ -13,7 +13,9 @@ with (its own schedule at its last iteration), so a frame is as sure of its aver
 frames the landscape was built from were of their classes. The frame's coordinates are the
 probability-weighted mean of the averages' embedding coordinates, its cluster the
 probability-weighted vote of their clusters (as ``spiscape landscape`` does per replicate), and
-``loglik_per_photon`` = max L / N_d measures how well the best average explains it.
+``loglik_per_photon`` = max L / N_d is the mean log-probability of its photons' pixels under the
+best view, and ``fit_z`` how far that lies from what photons drawn from the view itself give (in
+standard errors): a frame of a species the reference does not hold lies far below.
 """
 
 from __future__ import annotations
@@ -88,6 +90,13 @@ class Placer:
         views = np.maximum(views, floor)
         self.log_views = np.log(views).astype(np.float32)
         self.view_sums = views.sum(axis=0)  # (R·A,)
+        # a photon of view j lands on pixel t with probability p_tj = W_tj / Σ_t W_tj: the mean
+        # and variance of log p over such photons say what a frame of that view should score
+        log_p = np.log(views) - np.log(self.view_sums)[None, :]
+        p = views / self.view_sums[None, :]
+        self.expected_log_p = (p * log_p).sum(axis=0)
+        self.variance_log_p = np.maximum((p * log_p**2).sum(axis=0) - self.expected_log_p**2,
+                                         1e-12)
         self.num_avg = num_avg
 
     def place(self, counts: np.ndarray) -> dict:
@@ -134,8 +143,13 @@ class Placer:
         label = clusters[votes.argmax(axis=1)]
         prob, _, _ = kernels.responsibilities(loglik.astype(np.float32), beta, np)
         rotation, average = np.divmod(best, self.num_avg)
+        # goodness of fit: how far the frame's mean log p under its best view lies from what
+        # photons drawn from that view give, in standard errors (about -1..1 for a frame of the
+        # view; far below for a frame of something the reference does not hold)
+        fit = ((top / photons - self.expected_log_p[best])
+               / np.sqrt(self.variance_log_p[best] / photons))
         return {"coords": coords, "label": label.astype(np.int64),
                 "label_weight": votes.max(axis=1), "average": average.astype(np.int32),
                 "rotation": rotation.astype(np.int32),
                 "probability": prob[np.arange(len(k)), best].astype(np.float64),
-                "scale": scale, "loglik_per_photon": (top + 0.0) / photons}
+                "scale": scale, "loglik_per_photon": (top + 0.0) / photons, "fit_z": fit}

@@ -5,9 +5,12 @@ coordinates in the reference's landscape; ``label (N,)`` its cluster there;
 ``label_weight (N,)`` the share of its probability on that cluster; ``average (N,)``,
 ``rotation (N,)`` and ``probability (N,)`` its most probable reference average and in-plane
 rotation and their probability; ``scale (N,)`` the fitted scale (fluence) for that view;
-``loglik_per_photon (N,)`` how well that view explains the frame (higher is better: frames far
-below the reference's own are unlike anything in it). Attributes: ``reference`` (the results
-folder), ``photons`` (JSON list), ``detector``, ``method`` (of the reference's embedding).
+``loglik_per_photon (N,)`` how well that view explains the frame: the mean log-probability of
+a photon landing where it did under the best view (scale-free; higher is better);
+``fit_z (N,)``: that value against what photons drawn from the view itself give, in standard
+errors (raw scores: no outlier threshold is derived from them yet, see the README). Attributes:
+``reference`` (the results folder), ``photons`` (JSON list), ``detector``, ``progress`` (JSON:
+frames placed per file, for --follow's resume).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from spiscape.io.hdf5 import open_input
 from spiscape.utils.atomic import atomic_path
 
 DATASETS = ("clpca", "label", "label_weight", "average", "rotation", "probability", "scale",
-            "loglik_per_photon")
+            "loglik_per_photon", "fit_z")
 
 
 def write_placed(path, datasets: dict, attrs: dict) -> None:

@@ -28,7 +28,7 @@ import h5py
 import numpy as np
 
 from spiscape.errors import InputError
-from spiscape.io.hdf5 import open_input
+from spiscape.io.hdf5 import open_input, plain_attr
 from spiscape.utils.atomic import atomic_path
 
 #: the datasets every replicate file holds, in the order they are written
@@ -53,6 +53,7 @@ class Replicate:
     best_rotation: np.ndarray | None = None
     angles: np.ndarray | None = None
     model_pixels: np.ndarray | None = None
+    attrs: dict = field(default_factory=dict)  # the file's attributes (detector, photons, ...)
 
 
 def read_replicate(path, fallback_number: int = 0, models: bool = True,
@@ -72,6 +73,7 @@ def read_replicate(path, fallback_number: int = 0, models: bool = True,
             params = json.loads(f.attrs["params"]) if "params" in f.attrs else {}
         except ValueError as exc:
             raise InputError(path, f"attribute 'params' is not JSON ({exc})") from None
+        attrs = {k: plain_attr(v) for k, v in f.attrs.items()}
         intens = f["intens"][()] if models else None
         support = f["support"][()].astype(bool) if models else None
     if frames.size == 0:
@@ -98,7 +100,7 @@ def read_replicate(path, fallback_number: int = 0, models: bool = True,
                                    f"({frames.size},)")
     return Replicate(number=int(params.get("replicate", fallback_number)), frames=frames,
                      occupancies=occupancies, intens=intens, support=support, params=params,
-                     path=str(path), **extra)
+                     path=str(path), attrs=attrs, **extra)
 
 
 def read_replicates(paths, models: bool = False) -> list[Replicate]:
