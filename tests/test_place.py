@@ -101,7 +101,8 @@ def test_follow_places_frames_as_files_arrive_stops_on_sigterm_and_resumes(refer
     out = tmp_path / "live" / "placed.h5"
     cmd = [sys.executable, "-m", "spiscape", "place", "--reference", str(reference),
            "--photons", str(incoming), "--detector", str(tiny_dataset / "detector.h5"),
-           "--out", str(out), "--follow", "--poll-seconds", "0.2", "--block-frames", "40"]
+           "--out", str(out), "--follow", "--poll-seconds", "0.2", "--block-frames", "40",
+           "--figure", str(tmp_path / "live" / "placed.png")]
 
     def placed_frames():
         try:
@@ -124,6 +125,9 @@ def test_follow_places_frames_as_files_arrive_stops_on_sigterm_and_resumes(refer
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0, proc.stderr.read()
     summary = json.loads((out.parent / "placed.summary.json").read_text())
+    page = (out.parent / "placed.summary.html").read_text()
+    assert "180 frames placed" in page and 'http-equiv="refresh"' in page
+    assert 'src="placed.png"' in page and (out.parent / "placed.png").stat().st_size > 1000
     assert summary["frames"] == 180 and abs(sum(summary["cluster_fractions"].values()) - 1) < 1e-3
     # resumed: only the new file's frames are placed, after the others, in the files' order
     write_photons(photons.select(np.arange(180, 240)), incoming / "c.h5")

@@ -49,7 +49,7 @@ RULE_FLAGS = {
     "vae": {"averages", "orientation", "detector", "embedding", "replicates", "truth",
             "q_per_pixel", "out_dir", "figure_dir", "resume"},
     "phase": {"volumes", "out", "curve", "figure_dir", "mrc_dir"},
-    "place": {"reference", "photons", "detector", "out"},
+    "place": {"reference", "photons", "detector", "out", "figure"},
 }
 COMMON_FLAGS = {"log_file", "help", "version"}
 

@@ -286,6 +286,7 @@ def reference_inputs(wildcards):
     return {
         "averages": f"{RESULTS}/{ref}/averages.h5",
         "embedding": f"{RESULTS}/{ref}/embedding.h5",
+        "landscape": f"{RESULTS}/{ref}/frames.h5",  # the reference's frames, drawn under these
         "replicates": expand(f"{RESULTS}/{ref}/classify2d/rep{{rep}}.h5", rep=replicates(ref)),
     }
 

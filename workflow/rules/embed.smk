@@ -80,7 +80,14 @@ rule place:
         photons=photons_input,
         detector=detector_input,
     output:
-        f"{RESULTS}/{{ds}}/placed.h5",
+        placed=f"{RESULTS}/{{ds}}/placed.h5",
+        figure=report(
+            f"{RESULTS}/{{ds}}/placed.png",
+            caption="../report/placed.rst",
+            labels={"figure": "frames placed on another landscape"},
+            category="4. Landscape",
+            subcategory="{ds}",
+        ),
     params:
         cmd=SPISCAPE,
         reference=lambda wc: f"{RESULTS}/{reference_of(wc.ds)}",
@@ -94,4 +101,5 @@ rule place:
         runtime=120,
     shell:
         "{params.cmd} place --reference {params.reference:q} --photons {input.photons:q} "
-        "--detector {input.detector:q} --out {output:q} 2> {log:q}"
+        "--detector {input.detector:q} --out {output.placed:q} --figure {output.figure:q} "
+        "2> {log:q}"

@@ -20,7 +20,7 @@ from spiscape.utils.args import at_least, number_in
 log = logging.getLogger(__name__)
 
 #: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
-OUTPUTS = {"out": "file"}
+OUTPUTS = {"out": "file", "figure": "file"}
 
 #: shown under "Example" in ``spiscape place -h``
 EXAMPLE = """\
@@ -45,6 +45,10 @@ def add_args(parser):
     parser.add_argument("--out", required=True, help="output placed.h5")
     parser.add_argument("--block-frames", type=at_least(1), default=2000,
                         help="frames placed at a time (bounds the memory)")
+    parser.add_argument("--figure", default=None,
+                        help="PNG: the placed frames over the reference's (and, with --follow, "
+                             "the clusters' shares as frames arrive; an HTML page beside --out "
+                             "shows it and reloads itself)")
     parser.add_argument("--follow", action="store_true",
                         help="keep watching --photons (a folder, or a list file) for new files and "
                              "new frames, place them as they come and append them to --out (each "
@@ -78,8 +82,40 @@ def main(args):
         from spiscape.errors import InputError
 
         raise InputError(args.photons[0], "no frames to place")
+    if args.figure:  # before the placed frames: a failure leaves no finished-looking output
+        draw(args, parts, [])
     save(args, parts, {})
     return 0
+
+
+def draw(args, parts, history) -> None:
+    """The placement figure (see --figure) from the parts placed so far."""
+    from spiscape.embed.figures import placed_figure
+    from spiscape.io.frames import read_landscape
+
+    reference = read_landscape(Path(args.reference) / "frames.h5")["clpca"]
+    coords = np.concatenate([p["clpca"] for p in parts])
+    labels = np.concatenate([p["label"] for p in parts])
+    placed_figure(reference, coords, labels, args.figure,
+                  history if args.follow and len(history) > 1 else None)
+
+
+def _write_page(out: Path, figure, summary: dict, refresh: float) -> None:
+    """``<out>.summary.html``: the summary and the figure, reloading itself every few seconds."""
+    from spiscape.utils.atomic import atomic_path
+
+    rows = "".join(f"<tr><td>cluster {c}</td><td>{100 * v:.1f} %</td></tr>"
+                   for c, v in sorted(summary["cluster_fractions"].items()))
+    import os
+
+    image = (f'<img src="{os.path.relpath(Path(figure).resolve(), out.resolve().parent)}" '
+             'width="720">' if figure else "")
+    page = (f'<html><head><meta http-equiv="refresh" content="{max(1, round(refresh))}">'
+            f"<title>spiscape place</title></head><body><h3>{summary['frames']} frames placed, "
+            f"{summary.get('frames_per_second', 0)} frames/s</h3><table>{rows}</table>{image}"
+            "</body></html>\n")
+    with atomic_path(out.with_name(out.stem + ".summary.html")) as tmp:
+        tmp.write_text(page)
 
 
 def _place(placer, chunk) -> dict:
@@ -129,7 +165,7 @@ def follow(args, placer, num_pix: int) -> int:
     from spiscape.errors import InputError
     from spiscape.io import count_frames, read_photons
 
-    parts, progress = [], {}
+    parts, progress, history = [], {}, []
     out = Path(args.out)
     if out.exists():
         from spiscape.io.placed import read_placed
@@ -167,6 +203,10 @@ def follow(args, placer, num_pix: int) -> int:
                     summary["frames_per_second"] = round(
                         placed_now / max(time.monotonic() - started, 1e-9), 1)
                     _write_summary(out, summary)
+                    history.append((summary["frames"], summary["cluster_fractions"]))
+                    if args.figure:
+                        draw(args, parts, history)
+                    _write_page(out, args.figure, summary, max(args.poll_seconds, 2.0))
                     new = True
             if new:
                 idle_since = time.monotonic()

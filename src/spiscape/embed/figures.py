@@ -197,3 +197,47 @@ def frame_scatter(coords, colour, path, prefix: str = "PC", kind: str = "cluster
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     save(fig, path)
+
+
+def placed_figure(reference_coords, coords, labels, path, shares_history=None,
+                  max_points: int = 20000, seed: int = 0) -> None:
+    """Frames placed on a reference landscape: the reference's frames in grey, the placed ones
+    coloured by cluster (left, PC1-PC2); with ``shares_history`` (list of (frames, {cluster:
+    share})) the clusters' shares as frames arrived (right)."""
+    rng = np.random.default_rng(seed)
+
+    def sample(points):
+        points = np.asarray(points)
+        keep = np.flatnonzero(np.all(np.isfinite(points), axis=1))
+        return points[rng.choice(keep, max_points, replace=False) if keep.size > max_points
+                      else keep], keep
+
+    panels = 2 if shares_history else 1
+    fig, axes = plt.subplots(1, panels, figsize=(4.8 * panels, 3.8), squeeze=False)
+    ax = axes[0, 0]
+    ref, _ = sample(reference_coords)
+    second = min(1, ref.shape[1] - 1)
+    ax.scatter(ref[:, 0], ref[:, second], s=3, color="lightgrey", edgecolors="none",
+               label="reference frames")
+    coords, labels = np.asarray(coords), np.asarray(labels)
+    for c in sorted(set(labels.tolist())):
+        sel = labels == c
+        ax.scatter(coords[sel, 0], coords[sel, second], s=4, edgecolors="none",
+                   color=cluster_colour(c), label="not placed" if c < 0 else f"cluster {c}")
+    ax.set_xlabel("PC1")
+    ax.set_ylabel(f"PC{second + 1}")
+    ax.set_title(f"{len(labels)} frames placed", fontsize=9)
+    ax.legend(fontsize=7, markerscale=3)
+    if shares_history:
+        ax = axes[0, 1]
+        frames = [n for n, _ in shares_history]
+        clusters = sorted({c for _, shares in shares_history for c in shares})
+        for c in clusters:
+            ax.plot(frames, [shares.get(c, 0.0) for _, shares in shares_history], "o-", ms=3,
+                    color=cluster_colour(c), label=f"cluster {c}")
+        ax.set_xlabel("frames placed")
+        ax.set_ylabel("share of the frames")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    save(fig, path)
