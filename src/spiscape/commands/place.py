@@ -69,7 +69,7 @@ def main(args):
 
     reference = Reference.from_results(args.reference)
     detector = read_detector(args.detector)
-    placer = Placer(reference, detector)
+    placer = Placer(reference, detector, args.detector)
     if args.follow:
         return follow(args, placer, detector.num_pix)
     from spiscape.io import iter_chunks

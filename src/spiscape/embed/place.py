@@ -67,20 +67,21 @@ class Reference:
 class Placer:
     """The reference's views on a detector's used pixels, ready for blocks of frames."""
 
-    def __init__(self, reference: Reference, detector):
+    def __init__(self, reference: Reference, detector, detector_path=None):
         self.reference = reference
         used = np.flatnonzero(detector.mask == 0)
         if used.size == 0:
-            raise InputError(None, "the detector has no used pixel (mask 0)")
+            raise InputError(detector_path, "the detector has no used pixel (mask 0)")
         self.used = used
         size = reference.intens.shape[-1]
         cx, cy = geometry.pixel_coords_2d(detector)
         angles = geometry.rotation_angles(reference.num_rot, reference.friedel)
         try:
             table = geometry.rotation_table(cx[used], cy[used], angles, size)
-        except Exception as exc:  # pixels beyond the averages' grid: another detector
-            raise InputError(None, f"the detector's pixels do not fit the averages' "
-                                   f"{size} x {size} grid ({exc})") from None
+        except Exception:  # pixels beyond the averages' grid: another detector
+            raise InputError(detector_path, f"its pixels reach beyond the reference averages' "
+                                            f"{size} x {size} grid: not the detector (or "
+                                            "geometry) the reference was made with") from None
         operator = kernels.view_operator(table.index, table.weight, size, np)  # (R·P, S²)
         num_avg = reference.intens.shape[0]
         views = operator @ reference.intens.reshape(num_avg, -1).T  # (R·P, A)
