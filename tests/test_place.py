@@ -143,18 +143,26 @@ def test_follow_places_frames_as_files_arrive_stops_on_sigterm_and_resumes(refer
     np.testing.assert_allclose(live["clpca"], read_placed(batch)["clpca"], rtol=1e-5, atol=1e-6)
 
 
-def test_place_refuses_a_detector_the_reference_was_not_made_with(reference, tmp_path, capsys):
-    from spiscape.io import Detector, SparsePhotons, write_detector, write_photons
+def test_place_refuses_a_detector_the_reference_was_not_made_with(reference, tiny_dataset,
+                                                                   tmp_path, capsys):
+    from spiscape.io import Detector, SparsePhotons, read_detector, write_detector, write_photons
 
-    n = 30  # pixels far outside the averages' grid
-    write_detector(Detector(qx=np.linspace(-500, 500, n), qy=np.zeros(n), qz=np.zeros(n),
-                            corr=np.ones(n), mask=np.zeros(n, np.uint8), detd=100.0,
-                            ewald_rad=100.0), tmp_path / "other.h5")
+    own = read_detector(tiny_dataset / "detector.h5")
+    n = 30
     write_photons(SparsePhotons.from_dense(np.ones((3, n), int)), tmp_path / "p.h5")
-    capsys.readouterr()
-    assert cli.main(["place", "--reference", str(reference), "--photons",
-                     str(tmp_path / "p.h5"), "--detector", str(tmp_path / "other.h5"),
-                     "--out", str(tmp_path / "placed.h5")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "other.h5: its pixels reach beyond" in err
-    assert not (tmp_path / "placed.h5").exists()
+    cases = (  # another distance; the same geometry with pixels far beyond the averages' grid
+        (100.0, 100.0, 1.0, "detd 100 differs from the reference's"),
+        (own.detd, own.ewald_rad, 0.5 * own.ewald_rad, "its pixels reach beyond"),
+    )
+    for k, (detd, ewald, reach, message) in enumerate(cases):
+        det = tmp_path / f"other{k}.h5"
+        write_detector(Detector(qx=np.linspace(-reach, reach, n), qy=np.zeros(n),
+                                qz=np.zeros(n), corr=np.ones(n), mask=np.zeros(n, np.uint8),
+                                detd=detd, ewald_rad=ewald), det)
+        capsys.readouterr()
+        assert cli.main(["place", "--reference", str(reference), "--photons",
+                         str(tmp_path / "p.h5"), "--detector", str(det),
+                         "--out", str(tmp_path / "placed.h5")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"other{k}.h5: {message}" in err, err
+        assert not (tmp_path / "placed.h5").exists()

@@ -69,6 +69,7 @@ def main(args):
 
     reference = Reference.from_results(args.reference)
     detector = read_detector(args.detector)
+    check_geometry(args.reference, detector, args.detector)
     placer = Placer(reference, detector, args.detector)
     if args.follow:
         return follow(args, placer, detector.num_pix)
@@ -116,6 +117,29 @@ def _write_page(out: Path, figure, summary: dict, refresh: float) -> None:
             "</body></html>\n")
     with atomic_path(out.with_name(out.stem + ".summary.html")) as tmp:
         tmp.write_text(page)
+
+
+def check_geometry(reference_dir, detector, detector_path) -> None:
+    """The frames' detector must have the reference's geometry (distance and Ewald radius, in
+    the detector file's units, within 1 %): averages of another q scale would place frames by
+    the wrong fringes. Checked when the reference's replicate names a detector file that exists."""
+    from spiscape.errors import InputError
+    from spiscape.io import read_detector
+    from spiscape.io.replicate import read_replicate
+
+    reps = sorted(p for p in (Path(reference_dir) / "classify2d").glob("rep*.h5")
+                  if ".ckpt" not in p.name)
+    own = read_replicate(reps[0], models=False).attrs.get("detector") if reps else None
+    if not own or not Path(own).exists():
+        log.warning("the reference does not name an existing detector file: its geometry is "
+                    "not compared with %s", detector_path)
+        return
+    ref = read_detector(own)
+    for name in ("detd", "ewald_rad"):
+        a, b = float(getattr(ref, name)), float(getattr(detector, name))
+        if abs(a - b) > 0.01 * max(abs(a), abs(b)):
+            raise InputError(detector_path, f"{name} {b:g} differs from the reference's {a:g} "
+                                            f"({own}): another geometry, another q scale")
 
 
 def _place(placer, chunk) -> dict:
