@@ -7,6 +7,7 @@
 #      the executed FLOP rate as a share of a measured SGEMM, and 2 MPI ranks sharing the GPU
 #   3. EMC 2D on the demo (s/iteration, purity) on the GPU
 #   4. the common-line matrix of 10,000 synthetic averages on the GPU
+#   5. spiscape place on the GPU (only when results/demo is carried to the device)
 # Each step has its own time limit and a failure does not stop the later steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,4 +23,9 @@ timeout 90 .venv/bin/python bench/emc.py --device gpu --iterations 20 \
     --out "$out/emc_gpu.json" 2>&1 | tail -n 12 | tee "$out/emc_gpu.txt"
 timeout 90 .venv/bin/python bench/commonlines.py --no-dragonfly --device gpu --large 10000 \
     --out "$out/commonlines_gpu.json" 2>&1 | tail -n 20 | tee "$out/commonlines_gpu.txt"
+# 5. placement of the demo's frames on its landscape on the GPU (needs make run's results/demo)
+if [ -d results/demo ]; then
+    timeout 60 .venv/bin/python bench/place.py --device gpu --out "$out/place_gpu.json" 2>&1 \
+        | tail -n 16 | tee "$out/place_gpu.txt"
+fi
 echo "GPU check done: $out"

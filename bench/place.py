@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--detector", default=None)
     parser.add_argument("--block-frames", type=int, default=2000)
     parser.add_argument("--repeat", type=int, default=3, help="passes over the frames (best)")
+    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="cpu")
     parser.add_argument("--out", default=str(HERE / "results" / "place.json"))
     args = parser.parse_args()
     ref_dir = Path(args.reference)
@@ -43,7 +44,9 @@ def main() -> None:
 
     t0 = time.perf_counter()
     reference = Reference.from_results(ref_dir)
-    placer = Placer(reference, detector)
+    from spiscape.backend import get_array_module
+
+    placer = Placer(reference, detector, xp=get_array_module(args.device))
     setup = time.perf_counter() - t0
     blocks = [chunk.to_dense() for _, chunk in
               iter_chunks(photons, args.block_frames, num_pix=detector.num_pix)]
@@ -54,7 +57,8 @@ def main() -> None:
         results = [placer.place(b) for b in blocks]
         best = min(best, time.perf_counter() - t0)
     placed = {k: np.concatenate([r[k] for r in results]) for k in results[0]}
-    row = {"reference": str(ref_dir), "frames": frames, "averages": int(reference.intens.shape[0]),
+    row = {"reference": str(ref_dir), "device": args.device, "frames": frames,
+           "averages": int(reference.intens.shape[0]),
            "rotations": reference.num_rot, "pixels_used": int(placer.used.size),
            "photons_per_frame": float(np.mean([b.sum(axis=1).mean() for b in blocks])),
            "setup_seconds": setup, "seconds": best, "frames_per_second": frames / best}

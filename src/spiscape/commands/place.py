@@ -45,6 +45,8 @@ def add_args(parser):
     parser.add_argument("--out", required=True, help="output placed.h5")
     parser.add_argument("--block-frames", type=at_least(1), default=2000,
                         help="frames placed at a time (bounds the memory)")
+    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
+                        help="where the frames x views product runs (gpu: CuPy)")
     parser.add_argument("--figure", default=None,
                         help="PNG: the placed frames over the reference's (and, with --follow, "
                              "the clusters' shares as frames arrive; an HTML page beside --out "
@@ -70,7 +72,9 @@ def main(args):
     reference = Reference.from_results(args.reference)
     detector = read_detector(args.detector)
     check_geometry(args.reference, detector, args.detector)
-    placer = Placer(reference, detector, args.detector)
+    from spiscape.backend import get_array_module
+
+    placer = Placer(reference, detector, args.detector, xp=get_array_module(args.device))
     if args.follow:
         return follow(args, placer, detector.num_pix)
     from spiscape.io import iter_chunks

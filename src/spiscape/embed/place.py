@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from spiscape.backend import to_numpy
 from spiscape.emc import geometry, kernels
 from spiscape.errors import InputError
 
@@ -67,8 +68,9 @@ class Reference:
 class Placer:
     """The reference's views on a detector's used pixels, ready for blocks of frames."""
 
-    def __init__(self, reference: Reference, detector, detector_path=None):
+    def __init__(self, reference: Reference, detector, detector_path=None, xp=np):
         self.reference = reference
+        self.xp = xp  # the array module of the big product (CuPy on a GPU); the rest on the host
         used = np.flatnonzero(detector.mask == 0)
         if used.size == 0:
             raise InputError(detector_path, "the detector has no used pixel (mask 0)")
@@ -99,6 +101,7 @@ class Placer:
         self.variance_log_p = np.maximum((p * log_p**2).sum(axis=0) - self.expected_log_p**2,
                                          1e-12)
         self.num_avg = num_avg
+        self.device_log_views = self.log_views if xp is np else xp.asarray(self.log_views)
 
     def place(self, counts: np.ndarray) -> dict:
         """Place a block of frames given as dense counts (b, num_pix) over the detector."""
@@ -107,7 +110,11 @@ class Placer:
         if np.any(photons <= 0):
             raise InputError(None, f"{int(np.sum(photons <= 0))} frame(s) have no photon on a "
                                    "used pixel: they cannot be placed")
-        data_term = (k @ self.log_views).astype(np.float64)  # (b, R·A)
+        # the one big product, photons x log-views (b x P x R·A), where the arrays live
+        if self.xp is np:
+            data_term = (k @ self.log_views).astype(np.float64)  # (b, R·A)
+        else:
+            data_term = to_numpy(self.xp.asarray(k) @ self.device_log_views).astype(np.float64)
         # the scale profiled per view picks the best view; then, as the EMC, one scale per
         # frame (photons over the probability-weighted expected photons) for all views
         profiled = data_term - photons[:, None] * np.log(self.view_sums)[None, :]
