@@ -23,6 +23,20 @@ def venv_executable(name: str) -> str:
     return found
 
 
+@pytest.fixture(scope="session")
+def cupy():
+    """CuPy with a usable CUDA device; the test is skipped otherwise (no CuPy, no driver, no
+    device)."""
+    module = pytest.importorskip("cupy")
+    try:
+        devices = module.cuda.runtime.getDeviceCount()
+    except Exception:  # noqa: BLE001 - a CuPy without a driver
+        devices = 0
+    if devices == 0:
+        pytest.skip("no CUDA device")
+    return module
+
+
 @pytest.fixture
 def env_with_venv_path():
     """Environment whose PATH starts with the venv, so Snakemake's shell finds `spiscape`."""

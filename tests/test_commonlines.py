@@ -354,10 +354,7 @@ def test_cli_tiles_merge_and_whole_matrix(tmp_path, small_set, capsys):
 
 
 @pytest.mark.gpu
-def test_gpu_path_matches_numpy(small_set):
-    cupy = pytest.importorskip("cupy")
-    if cupy.cuda.runtime.getDeviceCount() == 0:
-        pytest.skip("no CUDA device")
+def test_gpu_path_matches_numpy(cupy, small_set):
     intens, support = small_set
     averages = averages_dict(intens, support)
     for params in (PolarParams(n_angles=60, r_min=2.5),

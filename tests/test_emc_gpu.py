@@ -7,15 +7,10 @@ import pytest
 
 from spiscape.emc import EMC2D, EMCParams, geometry, kernels
 
-cupy = pytest.importorskip("cupy")
-try:
-    HAS_GPU = cupy.cuda.runtime.getDeviceCount() > 0
-except Exception:  # noqa: BLE001 - a CuPy without a driver
-    HAS_GPU = False
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")]
+pytestmark = pytest.mark.gpu  # each test takes the `cupy` fixture (skipped without a GPU)
 
 
-def test_kernels_match_numpy():
+def test_kernels_match_numpy(cupy):
     # every kernel of the engine on CuPy (cuBLAS, cuSPARSE) against NumPy/SciPy, with a dense
     # chunk and a CSR chunk of pixels
     import cupyx.scipy.sparse
@@ -61,7 +56,7 @@ def test_kernels_match_numpy():
         np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-5 * max(1.0, np.abs(a).max()))
 
 
-def test_gpu_run_matches_cpu_run(tiny_dataset, tmp_path):
+def test_gpu_run_matches_cpu_run(cupy, tiny_dataset, tmp_path):
     out = {}
     for device in ("cpu", "gpu"):
         params = EMCParams(num_classes=3, num_rot=8, iterations=4, device=device,

@@ -7,15 +7,10 @@ import pytest
 
 from tests.test_place import reference  # noqa: F401 - the module-scoped fixture
 
-cupy = pytest.importorskip("cupy")
-try:
-    HAS_GPU = cupy.cuda.runtime.getDeviceCount() > 0
-except Exception:  # noqa: BLE001 - a CuPy without a driver
-    HAS_GPU = False
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")]
+pytestmark = pytest.mark.gpu
 
 
-def test_gpu_placement_matches_cpu(reference, tiny_dataset):  # noqa: F811
+def test_gpu_placement_matches_cpu(cupy, reference, tiny_dataset):  # noqa: F811
     from spiscape.embed.place import Placer, Reference
     from spiscape.io import read_detector, read_photons
 
