@@ -71,7 +71,7 @@ def main(args):
 
     reference = Reference.from_results(args.reference)
     detector = read_detector(args.detector)
-    check_geometry(args.reference, detector, args.detector)
+    check_geometry(reference.detector_path, detector, args.detector)
     from spiscape.backend import get_array_module
 
     placer = Placer(reference, detector, args.detector, xp=get_array_module(args.device))
@@ -123,17 +123,14 @@ def _write_page(out: Path, figure, summary: dict, refresh: float) -> None:
         tmp.write_text(page)
 
 
-def check_geometry(reference_dir, detector, detector_path) -> None:
+def check_geometry(own, detector, detector_path) -> None:
     """The frames' detector must have the reference's geometry (distance and Ewald radius, in
     the detector file's units, within 1 %): averages of another q scale would place frames by
-    the wrong fringes. Checked when the reference's replicate names a detector file that exists."""
+    the wrong fringes. Checked when the reference's replicate names (``own``) a detector file
+    that exists."""
     from spiscape.errors import InputError
     from spiscape.io import read_detector
-    from spiscape.io.replicate import read_replicate
 
-    reps = sorted(p for p in (Path(reference_dir) / "classify2d").glob("rep*.h5")
-                  if ".ckpt" not in p.name)
-    own = read_replicate(reps[0], models=False).attrs.get("detector") if reps else None
     if not own or not Path(own).exists():
         log.warning("the reference does not name an existing detector file: its geometry is "
                     "not compared with %s", detector_path)

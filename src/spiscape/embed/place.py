@@ -41,6 +41,7 @@ class Reference:
     num_rot: int
     friedel: bool
     beta_params: dict  # beta_start, beta_jump, beta_period, iterations
+    detector_path: str | None = None  # the detector file the reference's EMC was run with
 
     @classmethod
     def from_results(cls, folder) -> Reference:
@@ -48,21 +49,23 @@ class Reference:
 
         from spiscape.io.averages import read_averages
         from spiscape.io.embedding import read_embedding
-        from spiscape.io.replicate import read_replicate
+        from spiscape.io.replicate import read_replicate, replicate_files
 
         folder = Path(folder)
         averages = read_averages(folder / "averages.h5")
         emb = read_embedding(folder / "embedding.h5", count=averages.count)
-        reps = sorted(p for p in (folder / "classify2d").glob("rep*.h5") if ".ckpt" not in p.name)
+        reps = replicate_files(folder)
         if not reps:
             raise InputError(folder / "classify2d", "no replicate rep*.h5: not a results folder "
                                                     "of spiscape classify2d")
-        params = read_replicate(reps[0], models=False).params
+        first = read_replicate(reps[0], models=False)
+        params = first.params
         return cls(intens=averages.intens, coords=emb.coords, labels=np.asarray(emb.labels),
                    replicate=np.asarray(averages.replicate), num_rot=int(params["num_rot"]),
                    friedel=bool(params["friedel"]),
                    beta_params={key: params[key] for key in ("beta_start", "beta_jump",
-                                                             "beta_period", "iterations")})
+                                                             "beta_period", "iterations")},
+                   detector_path=first.attrs.get("detector"))
 
 
 class Placer:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -101,6 +102,13 @@ def read_replicate(path, fallback_number: int = 0, models: bool = True,
     return Replicate(number=int(params.get("replicate", fallback_number)), frames=frames,
                      occupancies=occupancies, intens=intens, support=support, params=params,
                      path=str(path), attrs=attrs, **extra)
+
+
+def replicate_files(results) -> list[Path]:
+    """The replicate files of a dataset's results folder (``classify2d/rep*.h5``, checkpoints
+    left out), sorted."""
+    return sorted(p for p in (Path(results) / "classify2d").glob("rep*.h5")
+                  if ".ckpt" not in p.name)
 
 
 def read_replicates(paths, models: bool = False) -> list[Replicate]:

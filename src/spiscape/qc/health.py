@@ -44,7 +44,7 @@ from spiscape.io.averages import read_averages
 from spiscape.io.frames import read_landscape
 from spiscape.io.orientation import read_orientation
 from spiscape.io.phasing import read_converged
-from spiscape.io.replicate import read_replicate
+from spiscape.io.replicate import read_replicate, replicate_files
 from spiscape.io.volumes import read_latent, read_volumes
 from spiscape.phasing.align import centred_radius
 from spiscape.utils.atomic import atomic_path
@@ -83,7 +83,7 @@ def _status(check: str, value: float | None) -> str:
 
 
 def emc_checks(folder: Path) -> dict:
-    reps = sorted(p for p in (folder / "classify2d").glob("rep*.h5") if ".ckpt" not in p.name)
+    reps = replicate_files(folder)
     if not reps:
         return {}
     change, live = [], []
