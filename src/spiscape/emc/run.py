@@ -209,14 +209,12 @@ class EMC2D:
         order = np.lexsort((np.arange(density.size), -density))
         self.powder = to_numpy(self._allreduce(store.powder))[order]  # the engine's pixel order
         views = p.num_classes * p.num_rot
-        if crossover is not None:
-            pass
-        elif p.sparse_below == "auto":
+        if crossover is None and p.sparse_below == "auto":
             if self.rank == 0:
                 with self._blas_threads(1):
                     crossover = measure_crossover(store.sample(CALIBRATION_FRAMES), views, self.xp)
             crossover = self.comm.bcast(crossover, root=0)
-        else:
+        elif crossover is None:
             crossover = float(p.sparse_below)
         self.crossover = crossover
         num_dense = int(np.sum(density[order] >= crossover)) if crossover < 1 else 0
