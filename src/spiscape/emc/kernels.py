@@ -169,13 +169,14 @@ def product(a, b, xp=np):
     return out
 
 
-def block_log_likelihood(parts, log_view_chunks, view_sums, scale, xp, subtract: bool = True):
+def block_log_likelihood(parts, log_view_chunks, view_sums, scale, xp):
     """R_dj = Σ_t K_dt log W_tj − φ_d Σ_t W_tj (b, R·M) float32, summed over pixel chunks.
 
     ``parts[i]`` (b × chunk) holds the photons on pixel chunk i, dense (BLAS / cuBLAS) or CSR
-    (SciPy / cuSPARSE); ``log_view_chunks[i]`` (chunk × R·M) its log-views, zero on pixels that
-    are merged but not used in the likelihood; ``view_sums`` (R·M,) Σ_t W_tj over used pixels.
-    With ``subtract`` False the φ_d Σ_t W_tj term is left out (a partial sum over some chunks).
+    (SciPy / cuSPARSE); ``log_view_chunks`` yields chunk i's log-views (chunk × R·M), zero on
+    pixels that are merged but not used in the likelihood: a list, or a generator that makes
+    them one at a time (then only one chunk's log-views exist at once); ``view_sums`` (R·M,)
+    Σ_t W_tj over used pixels.
     """
     log_r = None
     for part, lw in zip(parts, log_view_chunks, strict=True):
@@ -184,8 +185,8 @@ def block_log_likelihood(parts, log_view_chunks, view_sums, scale, xp, subtract:
             log_r = term if term.flags.c_contiguous else xp.ascontiguousarray(term)
         else:
             log_r += term
-    if subtract:
-        log_r -= (scale[:, None] * view_sums[None, :]).astype(log_r.dtype)
+        del lw, term  # before the generator makes the next chunk's
+    log_r -= (scale[:, None] * view_sums[None, :]).astype(log_r.dtype)
     return log_r
 
 

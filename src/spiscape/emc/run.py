@@ -333,15 +333,9 @@ class EMC2D:
         scale = xp.asarray(ctx["scale"][lo:hi].astype(np.float32))
         # one pixel chunk at a time: with the views not cached, only one chunk's log-views and
         # one chunk's numerator exist at once (the memory budget), whatever the pixel count
-        log_r = None
-        for i in range(len(self.chunks)):
-            log_view = (ctx["log_views"][i] if ctx["log_views"] is not None
-                        else self._log_view_chunk(i, ctx["models_t"], ctx["floor"]))
-            term = kernels.block_log_likelihood([block.parts[i]], [log_view],
-                                                ctx["view_sums"], scale, xp, subtract=False)
-            log_r = term if log_r is None else xp.add(log_r, term, out=log_r)
-            del log_view, term
-        log_r -= (scale[:, None] * ctx["view_sums"][None, :]).astype(log_r.dtype)
+        log_views = ctx["log_views"] or (self._log_view_chunk(i, ctx["models_t"], ctx["floor"])
+                                         for i in range(len(self.chunks)))
+        log_r = kernels.block_log_likelihood(block.parts, log_views, ctx["view_sums"], scale, xp)
         prob, logsum, mutual_info = kernels.responsibilities(
             log_r, xp.asarray(ctx["beta"][lo:hi]), xp)
         prob_sparse = kernels.sparse_probabilities(prob, xp)
