@@ -214,9 +214,13 @@ def block_numerators(parts_t, prob, xp, prob_sparse=None):
     (CSR × dense costs its photons × R·M), since a CSR × CSR product (SpGEMM, then a dense
     chunk × R·M result) costs several times more than either.
     """
-    return [product(part_t, prob if prob_sparse is None or hasattr(part_t, "tocsr")
-                    else prob_sparse, xp)
-            for part_t in parts_t]
+    return [chunk_numerator(part_t, prob, xp, prob_sparse) for part_t in parts_t]
+
+
+def chunk_numerator(part_t, prob, xp, prob_sparse=None):
+    """One pixel chunk's Σ_d P_dj K_dt (chunk, R·M) (see :func:`block_numerators`)."""
+    dense_chunk = not hasattr(part_t, "tocsr")
+    return product(part_t, prob_sparse if prob_sparse is not None and dense_chunk else prob, xp)
 
 
 def merge_numerators(numerators, merge_ops, num_classes: int):

@@ -340,7 +340,7 @@ class EMC2D:
             log_r, xp.asarray(ctx["beta"][lo:hi]), xp)
         prob_sparse = kernels.sparse_probabilities(prob, xp)
         for i in range(len(self.chunks)):
-            (num,) = kernels.block_numerators([block.parts_t[i]], prob, xp, prob_sparse)
+            num = kernels.chunk_numerator(block.parts_t[i], prob, xp, prob_sparse)
             acc["grid_num"] += kernels.merge_numerators([num], [self.merge_ops[i]],
                                                         m).astype(xp.float64)
             if ctx["collect"]:
