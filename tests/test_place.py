@@ -74,6 +74,65 @@ def test_placing_the_reference_frames_agrees_with_the_batch_landscape(reference,
     assert np.all(np.isfinite(placed["loglik_per_photon"]))
 
 
+def test_frames_of_a_species_the_reference_lacks_are_flagged_as_outliers(tiny_dataset,
+                                                                         tmp_path_factory):
+    """A landscape built from cubes and spheres; the tiny dataset's cubes and rods placed on it:
+    the rods (a species the reference never saw) are flagged, the cubes mostly not, and the
+    flagged share of the reference's own frames is about 1 - the calibration quantile."""
+    from spiscape.io.truth import read_truth
+    from spiscape.simulate.run import SimulationParams, simulate_dataset
+
+    root = tmp_path_factory.mktemp("no_rods")
+    simulate_dataset(SimulationParams(num_frames=400, seed=9, mean_photons=1500, binning=6,
+                                      grid_size=48, fractions={"cube": 0.5, "sphere": 0.5},
+                                      chunk_frames=200), root / "data")
+    reference = build_reference(root / "data" / "photons.h5", root / "data" / "detector.h5",
+                                root / "results")
+    out = root / "placed.h5"
+    assert cli.main(["place", "--reference", str(reference), "--photons",
+                     str(tiny_dataset / "photons.h5"), "--detector",
+                     str(tiny_dataset / "detector.h5"), "--out", str(out),
+                     "--figure", str(root / "placed.png")]) == 0
+    placed = read_placed(out)
+    truth = read_truth(tiny_dataset / "truth.h5", volumes=False)
+    rod = np.asarray(truth.label) == truth.label_names.index("rod")
+    assert np.isfinite(placed["attrs"]["outlier_threshold"])
+    print("outlier share: rods", placed["outlier"][rod].mean(), "cubes",
+          placed["outlier"][~rod].mean())
+    assert placed["outlier"][rod].mean() >= 0.6, placed["outlier"][rod].mean()
+    assert placed["outlier"][~rod].mean() <= 0.1, placed["outlier"][~rod].mean()
+    # a cube's misfit is small (what the class averages blur away), a rod's several times more
+    assert np.median(placed["misfit"][rod]) > 3 * np.median(placed["misfit"][~rod])
+    own = root / "own.h5"
+    assert cli.main(["place", "--reference", str(reference), "--photons",
+                     str(root / "data" / "photons.h5"), "--detector",
+                     str(root / "data" / "detector.h5"), "--out", str(own)]) == 0
+    assert read_placed(own)["outlier"].mean() <= 0.03
+
+
+def test_misfit_is_chi_square_divergence_of_the_binned_photons():
+    """Frames drawn from a view have misfit ~0 at any photon count; frames drawn from another
+    distribution have misfit near its χ² divergence from the view over the bins."""
+    from spiscape.embed.place import misfit, misfit_bins
+
+    rng = np.random.default_rng(0)
+    view = rng.gamma(0.5, size=(400, 1))
+    view /= view.sum()
+    bins, share = misfit_bins(view)
+    assert bins.shape == (400, 1) and abs(share.sum() - 1) < 1e-12
+    for photons in (200, 3000):
+        own = rng.multinomial(photons, view[:, 0], size=2000)
+        m = misfit(own, np.zeros(2000, int), bins, share)
+        assert abs(m.mean()) < 3 * m.std() / np.sqrt(2000)
+    other = np.roll(view[:, 0], 1)
+    frames = rng.multinomial(3000, other, size=500)
+    b = bins[:, 0]
+    q = np.bincount(b, weights=other, minlength=share.shape[1])
+    divergence = np.sum((q - share[0]) ** 2 / share[0])
+    m = misfit(frames, np.zeros(500, int), bins, share)
+    assert abs(m.mean() - divergence) < 0.05 * divergence + 3 * m.std() / np.sqrt(500)
+
+
 def test_place_refuses_a_folder_without_a_landscape(tiny_dataset, tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["place", "--reference", str(tmp_path), "--photons",

@@ -155,6 +155,8 @@ def test_three_datasets_end_to_end_and_partial_reruns(tmp_path, env_with_venv_pa
         (tmp_path / "results/summary.json").read_text())}
     assert rows["placed"]["landscape"] == "placed on sim" and rows["sim"]["landscape"] == "own"
     assert rows["placed"]["cluster_fractions"] and rows["sim"]["cluster_fractions"]
+    # sim's own frames: flagged as often as the calibration quantile says (1 of 60), no more
+    assert rows["placed"]["outliers"] <= 0.05 and rows["sim"]["outliers"] is None
 
     # a stage's parameters rerun that stage and what follows, nothing upstream
     changed = write_config(tmp_path / "c2.yaml", datasets,

@@ -2,9 +2,10 @@
 
 Each frame gets its most probable reference average and in-plane rotation, its coordinates in
 the reference's landscape (its averages' coordinates weighted by the frame's probabilities), its
-cluster, its scale and how well the best view explains it (loglik_per_photon), from an E-step
-against the reference's class averages at the β its EMC ended with. Frames are read in blocks,
-so the memory does not grow with the file.
+cluster, its scale, how well the best view explains it (loglik_per_photon) and whether it is
+unlike anything the reference holds (misfit, outlier; the threshold calibrated on a sample of
+the reference's own frames), from an E-step against the reference's class averages at the β its
+EMC ended with. Frames are read in blocks, so the memory does not grow with the file.
 """
 
 from __future__ import annotations
@@ -45,6 +46,14 @@ def add_args(parser):
     parser.add_argument("--out", required=True, help="output placed.h5")
     parser.add_argument("--block-frames", type=at_least(1), default=2000,
                         help="frames placed at a time (bounds the memory)")
+    parser.add_argument("--outlier-quantile", type=number_in(0, 1, low_open=True,
+                                                              high_open=True), default=0.99,
+                        help="flag frames whose misfit exceeds this quantile of the reference's "
+                             "own frames' (about 1 - q of frames like the reference's are "
+                             "flagged)")
+    parser.add_argument("--calibration-frames", type=at_least(1), default=2000,
+                        help="reference frames (evenly spread over its photon files) placed to "
+                             "set the outlier threshold")
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                         help="where the frames x views product runs (gpu: CuPy)")
     parser.add_argument("--figure", default=None,
@@ -75,6 +84,7 @@ def main(args):
     from spiscape.backend import get_array_module
 
     placer = Placer(reference, detector, args.detector, xp=get_array_module(args.device))
+    calibrate(placer, reference, detector.num_pix, args)
     if args.follow:
         return follow(args, placer, detector.num_pix)
     from spiscape.io import iter_chunks
@@ -89,8 +99,33 @@ def main(args):
         raise InputError(args.photons[0], "no frames to place")
     if args.figure:  # before the placed frames: a failure leaves no finished-looking output
         draw(args, parts, [])
-    save(args, parts, {})
+    save(args, parts, {}, placer.outlier_threshold)
     return 0
+
+
+def calibrate(placer, reference, num_pix: int, args) -> None:
+    """The outlier threshold from the reference's own photon files (named by its replicates);
+    without them, a warning and no frame flagged (threshold NaN in the output)."""
+    from spiscape.errors import InputError
+    from spiscape.io import count_frames, read_photons
+
+    files = [Path(p) for p in reference.photons]
+    if not files or not all(p.exists() for p in files):
+        log.warning("the reference's photon files %s are not all here: no outlier threshold, "
+                    "no frame flagged", [str(p) for p in files])
+        return
+    try:
+        total = count_frames(files)
+        take = np.unique(np.linspace(0, total - 1, min(total, args.calibration_frames))
+                         .astype(np.int64))
+        sample = read_photons(files, frames=take, num_pix=num_pix).to_dense()
+    except InputError as exc:
+        raise InputError(exc.path, f"the reference's photons (for the outlier threshold): "
+                                   f"{exc.problem}") from None
+    sample = sample[sample[:, placer.used].sum(axis=1) > 0]
+    threshold = placer.calibrate(sample, args.outlier_quantile)
+    log.info("outlier threshold: misfit %.4g (quantile %g of %d reference frames)", threshold,
+             args.outlier_quantile, len(sample))
 
 
 def draw(args, parts, history) -> None:
@@ -101,8 +136,9 @@ def draw(args, parts, history) -> None:
     reference = read_landscape(Path(args.reference) / "frames.h5")["clpca"]
     coords = np.concatenate([p["clpca"] for p in parts])
     labels = np.concatenate([p["label"] for p in parts])
+    outlier = np.concatenate([p["outlier"] for p in parts])
     placed_figure(reference, coords, labels, args.figure,
-                  history if args.follow and len(history) > 1 else None)
+                  history if args.follow and len(history) > 1 else None, outlier=outlier)
 
 
 def _write_page(out: Path, figure, summary: dict, refresh: float) -> None:
@@ -111,6 +147,8 @@ def _write_page(out: Path, figure, summary: dict, refresh: float) -> None:
 
     rows = "".join(f"<tr><td>cluster {c}</td><td>{100 * v:.1f} %</td></tr>"
                    for c, v in sorted(summary["cluster_fractions"].items()))
+    rows += (f"<tr><td>outliers</td><td>{100 * summary.get('outlier_fraction', 0):.1f} %"
+             "</td></tr>")
     import os
 
     image = (f'<img src="{os.path.relpath(Path(figure).resolve(), out.resolve().parent)}" '
@@ -149,7 +187,7 @@ def _place(placer, chunk) -> dict:
     return placed
 
 
-def save(args, parts: list[dict], progress: dict) -> dict:
+def save(args, parts: list[dict], progress: dict, threshold: float) -> dict:
     """Write every placed frame so far to --out at once (atomically), and a summary beside it:
     each cluster's share of the frames, for a live view of what the sample is doing."""
     from spiscape.io.placed import write_placed
@@ -158,13 +196,16 @@ def save(args, parts: list[dict], progress: dict) -> dict:
     write_placed(args.out, placed, {
         "reference": str(Path(args.reference)), "detector": str(args.detector),
         "photons": json.dumps([str(p) for p in args.photons]),
-        "progress": json.dumps(progress)})
+        "progress": json.dumps(progress), "outlier_threshold": threshold,
+        "outlier_quantile": args.outlier_quantile})
     values, counts = np.unique(placed["label"], return_counts=True)
     shares = {int(v): round(float(c) / len(placed["label"]), 4)
               for v, c in zip(values, counts, strict=True)}
-    log.info("%d frames placed on %s; cluster shares %s -> %s", len(placed["label"]),
-             args.reference, shares, args.out)
-    return {"frames": int(len(placed["label"])), "cluster_fractions": shares}
+    outliers = float(np.mean(placed["outlier"]))
+    log.info("%d frames placed on %s; cluster shares %s; outliers %.1f %% -> %s",
+             len(placed["label"]), args.reference, shares, 100 * outliers, args.out)
+    return {"frames": int(len(placed["label"])), "cluster_fractions": shares,
+            "outlier_fraction": round(outliers, 4)}
 
 
 def _watched_files(spec: list[str]) -> list[Path]:
@@ -224,7 +265,7 @@ def follow(args, placer, num_pix: int) -> int:
                     parts.append(_place(placer, chunk))
                     progress[str(path)] = done = stop_at
                     placed_now += chunk.num_frames
-                    summary = save(args, parts, progress)
+                    summary = save(args, parts, progress, placer.outlier_threshold)
                     summary["frames_per_second"] = round(
                         placed_now / max(time.monotonic() - started, 1e-9), 1)
                     _write_summary(out, summary)

@@ -32,7 +32,7 @@ spiscape summarize --results results/ --datasets run1 run2 --out results/summary
 COLUMNS = (
     "dataset", "frames", "photons_per_frame", "empty_frames", "averages", "replicates",
     "clusters", "explained_variance_pc1", "frames_placed", "ari_populations",
-    "spearman_t", "landscape", "cluster_fractions", "health", "results",
+    "spearman_t", "landscape", "cluster_fractions", "outliers", "health", "results",
 )
 
 
@@ -75,13 +75,15 @@ def dataset_row(results: Path, name: str) -> dict:
         ratio = emb.explained_variance_ratio
         row["explained_variance_pc1"] = (round(float(ratio[0]), 3) if ratio is not None
                                          and len(ratio) else None)
-    row["landscape"], labels = "own", None
+    row["landscape"], row["outliers"], labels = "own", None, None
     if (folder / "placed.h5").exists():
         from spiscape.io.placed import read_placed
 
         placed = read_placed(folder / "placed.h5")
         row["landscape"] = "placed on " + Path(str(placed["attrs"].get("reference", "?"))).name
         labels = placed["label"]
+        if np.isfinite(float(placed["attrs"].get("outlier_threshold", np.nan))):
+            row["outliers"] = round(float(np.mean(placed["outlier"])), 4)
     elif (folder / "frames.h5").exists():
         from spiscape.io.frames import read_landscape
 

@@ -200,9 +200,10 @@ def frame_scatter(coords, colour, path, prefix: str = "PC", kind: str = "cluster
 
 
 def placed_figure(reference_coords, coords, labels, path, shares_history=None,
-                  max_points: int = 20000, seed: int = 0) -> None:
+                  max_points: int = 20000, seed: int = 0, outlier=None) -> None:
     """Frames placed on a reference landscape: the reference's frames in grey, the placed ones
-    coloured by cluster (left, PC1-PC2); with ``shares_history`` (list of (frames, {cluster:
+    coloured by cluster and the outliers (``outlier``, bool) as black crosses (left, PC1-PC2);
+    with ``shares_history`` (list of (frames, {cluster:
     share})) the clusters' shares as frames arrived (right)."""
     rng = np.random.default_rng(seed)
 
@@ -224,6 +225,11 @@ def placed_figure(reference_coords, coords, labels, path, shares_history=None,
         sel = labels == c
         ax.scatter(coords[sel, 0], coords[sel, second], s=4, edgecolors="none",
                    color=cluster_colour(c), label="not placed" if c < 0 else f"cluster {c}")
+    if outlier is not None and np.any(outlier):
+        flagged = np.asarray(outlier, dtype=bool)
+        ax.scatter(coords[flagged, 0], coords[flagged, second], s=10, marker="x",
+                   linewidths=0.6, color="black",
+                   label=f"outlier ({100 * flagged.mean():.1f} %)")
     ax.set_xlabel("PC1")
     ax.set_ylabel(f"PC{second + 1}")
     ax.set_title(f"{len(labels)} frames placed", fontsize=9)

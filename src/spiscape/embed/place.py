@@ -14,12 +14,24 @@ frames the landscape was built from were of their classes. The frame's coordinat
 probability-weighted mean of the averages' embedding coordinates, its cluster the
 probability-weighted vote of their clusters (as ``spiscape landscape`` does per replicate), and
 ``loglik_per_photon`` = max L / N_d is the mean log-probability of its photons' pixels under the
-best view, and ``fit_z`` how far that lies from what photons drawn from the view itself give (in
-standard errors): a frame of a species the reference does not hold lies far below.
+best view.
+
+**Outliers.** A frame of a species the reference does not hold still has a best view, and its
+log-likelihood is no guide: a rod's photons, gathered where a cube's view is bright, can score
+*higher* per photon than the cube's own frames. What gives it away is the *shape* of where its
+photons fall. The best view's pixels are cut into ``MISFIT_BINS`` bins of equal expected photon
+share, from its faintest pixels to its brightest; a frame drawn from the view puts N_d / B
+photons in each, up to Poisson noise, and Pearson's statistic X² over the bins follows χ²(B − 1).
+``misfit`` = (X² − (B − 1)) / N_d estimates the χ² divergence between where the frame's photons
+fell and where the view puts them: about 0 for a frame of the view whatever its photon count,
+positive for a frame the view does not explain. ``calibrate`` places a sample of the reference's
+own frames and sets the outlier threshold at a quantile of their misfit (0.99: about 1 % of
+frames like the reference's are flagged); frames above it are ``outlier``.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +39,9 @@ import numpy as np
 from spiscape.backend import to_numpy
 from spiscape.emc import geometry, kernels
 from spiscape.errors import InputError
+
+#: bins of equal expected photon share of the best view for the misfit statistic (see above)
+MISFIT_BINS = 16
 
 
 @dataclass
@@ -42,6 +57,7 @@ class Reference:
     friedel: bool
     beta_params: dict  # beta_start, beta_jump, beta_period, iterations
     detector_path: str | None = None  # the detector file the reference's EMC was run with
+    photons: tuple = ()  # the reference's photon files (for the outlier calibration)
 
     @classmethod
     def from_results(cls, folder) -> Reference:
@@ -65,7 +81,8 @@ class Reference:
                    friedel=bool(params["friedel"]),
                    beta_params={key: params[key] for key in ("beta_start", "beta_jump",
                                                              "beta_period", "iterations")},
-                   detector_path=first.attrs.get("detector"))
+                   detector_path=first.attrs.get("detector"),
+                   photons=tuple(json.loads(first.attrs.get("photons", "[]"))))
 
 
 class Placer:
@@ -96,14 +113,9 @@ class Placer:
         views = np.maximum(views, floor)
         self.log_views = np.log(views).astype(np.float32)
         self.view_sums = views.sum(axis=0)  # (R·A,)
-        # a photon of view j lands on pixel t with probability p_tj = W_tj / Σ_t W_tj: the mean
-        # and variance of log p over such photons say what a frame of that view should score
-        log_p = np.log(views) - np.log(self.view_sums)[None, :]
-        p = views / self.view_sums[None, :]
-        self.expected_log_p = (p * log_p).sum(axis=0)
-        self.variance_log_p = np.maximum((p * log_p**2).sum(axis=0) - self.expected_log_p**2,
-                                         1e-12)
+        self.bins, self.bin_share = misfit_bins(views / self.view_sums[None, :])
         self.num_avg = num_avg
+        self.outlier_threshold = float("nan")  # set by calibrate
         self.device_log_views = self.log_views if xp is np else xp.asarray(self.log_views)
 
     def place(self, counts: np.ndarray) -> dict:
@@ -154,13 +166,54 @@ class Placer:
         label = clusters[votes.argmax(axis=1)]
         prob, _, _ = kernels.responsibilities(loglik.astype(np.float32), beta, np)
         rotation, average = np.divmod(best, self.num_avg)
-        # goodness of fit: how far the frame's mean log p under its best view lies from what
-        # photons drawn from that view give, in standard errors (about -1..1 for a frame of the
-        # view; far below for a frame of something the reference does not hold)
-        fit = ((top / photons - self.expected_log_p[best])
-               / np.sqrt(self.variance_log_p[best] / photons))
+        fit = misfit(k, best, self.bins, self.bin_share)
         return {"coords": coords, "label": label.astype(np.int64),
                 "label_weight": votes.max(axis=1), "average": average.astype(np.int32),
                 "rotation": rotation.astype(np.int32),
                 "probability": prob[np.arange(len(k)), best].astype(np.float64),
-                "scale": scale, "loglik_per_photon": (top + 0.0) / photons, "fit_z": fit}
+                "scale": scale, "loglik_per_photon": (top + 0.0) / photons, "misfit": fit,
+                "outlier": fit > self.outlier_threshold}
+
+    def calibrate(self, counts: np.ndarray, quantile: float = 0.99) -> float:
+        """Set the outlier threshold at ``quantile`` of the misfit of ``counts`` (dense frames
+        of the reference's own data, or of data known to hold only what it holds)."""
+        if len(counts) == 0:
+            raise InputError(None, "no frame to calibrate the outlier threshold on")
+        values = self.place(counts)["misfit"]
+        self.outlier_threshold = float(np.quantile(values, quantile))
+        return self.outlier_threshold
+
+
+def misfit_bins(p: np.ndarray, num_bins: int = MISFIT_BINS) -> tuple[np.ndarray, np.ndarray]:
+    """For each view (column of the pixel probabilities ``p`` (P, C), columns summing to 1) the
+    bin of every pixel, (P, C) uint8: pixels sorted by p and cut where the cumulative share
+    crosses k / num_bins; and each bin's share of the view's photons, (C, num_bins)."""
+    bins = np.empty(p.shape, dtype=np.uint8)
+    share = np.zeros((p.shape[1], num_bins))
+    step = max(1, (1 << 24) // max(p.shape[0], 1))  # columns at a time: bounded memory
+    for lo in range(0, p.shape[1], step):
+        block = p[:, lo:lo + step]
+        order = np.argsort(block, axis=0, kind="stable")
+        sorted_p = np.take_along_axis(block, order, axis=0)
+        cumulative = np.cumsum(sorted_p, axis=0) - 0.5 * sorted_p  # a pixel's mid-point
+        b = np.minimum((cumulative * num_bins).astype(np.int64), num_bins - 1)
+        np.put_along_axis(bins[:, lo:lo + step], order, b.astype(np.uint8), axis=0)
+        for k in range(num_bins):
+            share[lo:lo + step, k] = np.where(b == k, sorted_p, 0).sum(axis=0)
+    return bins, share
+
+
+def misfit(counts: np.ndarray, best: np.ndarray, bins: np.ndarray,
+           share: np.ndarray) -> np.ndarray:
+    """(X² − (B − 1)) / N of each frame's photons ``counts`` (b, P) over the bins of its view
+    ``best`` (b,), with B bins of expected shares ``share`` (see the module docstring)."""
+    num_bins = share.shape[1]
+    rows, pix = np.nonzero(counts)
+    which = bins[pix, best[rows]].astype(np.int64)
+    observed = np.bincount(rows * num_bins + which, weights=counts[rows, pix],
+                           minlength=len(counts) * num_bins).reshape(len(counts), num_bins)
+    photons = observed.sum(axis=1)
+    expected = photons[:, None] * share[best]
+    pearson = ((observed - expected) ** 2 / np.maximum(expected, 1e-12)).sum(axis=1)
+    freedom = (share[best] > 0).sum(axis=1) - 1  # a pixel brighter than 1/B leaves bins empty
+    return (pearson - freedom) / photons

@@ -7,10 +7,13 @@ coordinates in the reference's landscape; ``label (N,)`` its cluster there;
 rotation and their probability; ``scale (N,)`` the fitted scale (fluence) for that view;
 ``loglik_per_photon (N,)`` how well that view explains the frame: the mean log-probability of
 a photon landing where it did under the best view (scale-free; higher is better);
-``fit_z (N,)``: that value against what photons drawn from the view itself give, in standard
-errors (raw scores: no outlier threshold is derived from them yet, see the README). Attributes:
-``reference`` (the results folder), ``photons`` (JSON list), ``detector``, ``progress`` (JSON:
-frames placed per file, for --follow's resume).
+``misfit (N,)``: how differently from the best view the frame's photons fall (an estimate of
+the χ² divergence over bins of equal expected share of the view, ~0 for a frame of the view;
+``spiscape.embed.place``); ``outlier (N,)`` (bool): misfit above ``outlier_threshold``.
+Attributes: ``reference`` (the results folder), ``photons`` (JSON list), ``detector``,
+``progress`` (JSON: frames placed per file, for --follow's resume), ``outlier_threshold`` (the
+reference's own frames' misfit at ``outlier_quantile``; NaN when it could not be calibrated, and
+then no frame is flagged).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from spiscape.io.hdf5 import open_input
 from spiscape.utils.atomic import atomic_path
 
 DATASETS = ("clpca", "label", "label_weight", "average", "rotation", "probability", "scale",
-            "loglik_per_photon", "fit_z")
+            "loglik_per_photon", "misfit", "outlier")
 
 
 def write_placed(path, datasets: dict, attrs: dict) -> None:
