@@ -39,6 +39,10 @@ COMMANDS = {
         "EMC 2D classification of sparse photon frames into class averages (one bootstrap "
         "replicate).",
     ),
+    "emc3d": (
+        "emc3d",
+        "Multi-model 3D EMC: K 3D intensity models and each frame's model, orientation and scale.",
+    ),
     "averages": (
         "averages",
         "Gather the 2D class averages of all bootstrap replicates into averages.h5, with figures.",

@@ -70,7 +70,11 @@ def add_args(parser):
                              "'auto': the size whose slices match the averages best (a scan "
                              "from 3 fringes on the detector to an oversampling of 2)")
     parser.add_argument("--reference-file", default=None,
-                        help="3D intensity HDF5 (intens (N,N,N), attr q_per_voxel_inv_nm)")
+                        help="3D intensity HDF5 (intens (N,N,N), attr q_per_voxel_inv_nm), or "
+                             "an emc3d.h5 with --reference-model")
+    parser.add_argument("--reference-model", type=at_least(0), default=None,
+                        help="with an emc3d.h5 --reference-file: the model to orient against "
+                             "(e.g. its cube model)")
     parser.add_argument("--point-group", default="m-3m", choices=list(rot.POINT_GROUPS),
                         help="symmetry of the reference (m-3m: cube; 1: none)")
     parser.add_argument("--step-deg", type=number_in(0, 90, low_open=True), default=3.0,
@@ -98,7 +102,8 @@ def make_reference(args, q_per_pixel: float, max_q: float):
     if args.reference_file and args.reference:
         raise ConfigError("give either --reference or --reference-file, not both")
     if args.reference_file:
-        reference = read_reference_volume(args.reference_file, q_per_pixel)
+        reference = read_reference_volume(args.reference_file, q_per_pixel,
+                                          args.reference_model)
         if max_q > reference.reach():
             log.warning("%s reaches |q| = %.1f pixels but the averages extend to %.1f: the "
                         "corners read 0", args.reference_file, reference.reach(), max_q)

@@ -127,20 +127,30 @@ class VolumeReference:
         return f"3D intensity {self.path} ({self.intens.shape[0]}^3)"
 
 
-def read_reference_volume(path: str | os.PathLike, q_per_pixel: float) -> VolumeReference:
-    """Read ``intens (N, N, N)`` and its ``q_per_voxel_inv_nm`` attribute; InputError if unfit."""
+def read_reference_volume(path: str | os.PathLike, q_per_pixel: float,
+                          model: int | None = None) -> VolumeReference:
+    """Read ``intens (N, N, N)`` — or model ``model`` of ``intens (K, N, N, N)``, as
+    ``spiscape emc3d`` writes — and its ``q_per_voxel_inv_nm`` attribute; InputError if
+    unfit."""
     with open_input(path, "a 3D intensity file") as f:
         if "intens" not in f:
             raise InputError(path, "no dataset 'intens' (a 3D intensity N x N x N)")
         dset = f["intens"]
-        if dset.ndim != 3 or len(set(dset.shape)) != 1:
-            raise InputError(path, f"'intens' must be a cube N x N x N, got {dset.shape}")
+        shape = dset.shape
+        if dset.ndim == 4 and len(set(shape[1:])) == 1:
+            if model is None or not 0 <= model < shape[0]:
+                raise InputError(path, f"holds {shape[0]} models: choose one with a model "
+                                       f"number from 0 to {shape[0] - 1}")
+        elif model is not None:
+            raise InputError(path, f"'intens' {shape} holds one volume: no model {model}")
+        elif dset.ndim != 3 or len(set(shape)) != 1:
+            raise InputError(path, f"'intens' must be a cube N x N x N, got {shape}")
         if "q_per_voxel_inv_nm" not in dset.attrs and "q_per_voxel_inv_nm" not in f.attrs:
             raise InputError(path, "no attribute 'q_per_voxel_inv_nm' on 'intens' or the "
                              "file (the grid's q step in 1/nm)")
         attrs = dset.attrs if "q_per_voxel_inv_nm" in dset.attrs else f.attrs
         q_per_voxel = float(attrs["q_per_voxel_inv_nm"])
-        intens = np.asarray(dset[()], dtype=np.float64)
+        intens = np.asarray(dset[()] if model is None else dset[model], dtype=np.float64)
     if not q_per_voxel > 0:
         raise InputError(path, f"q_per_voxel_inv_nm must be positive, got {q_per_voxel}")
     if not np.all(np.isfinite(intens)):

@@ -1,0 +1,161 @@
+"""Multi-model 3D EMC: K 3D intensity models and each frame's model, orientation and scale.
+
+Each frame is explained by one of K models at one of the orientations of the refined 600-cell
+(Dragonfly's num_div: 10 (5n³ + n) rotations), with a per-frame scale, Friedel symmetry,
+optionally a point group (its asymmetric unit sampled and the models symmetrised, after a warm-up
+without it that lets the data choose the axes) and annealed beta. Frames are sharded over MPI
+ranks (mpiexec / srun); CuPy on a GPU. A checkpoint is written after every iteration; --resume
+continues a killed run. Writes emc3d.h5, and optionally MRC maps and figures.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from spiscape.orient import rotations
+from spiscape.utils.args import at_least, auto_or_number, number_in
+
+log = logging.getLogger(__name__)
+
+#: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
+OUTPUTS = {"out": "file", "maps": "folder", "figure": "file", "convergence": "file"}
+
+#: shown under "Example" in ``spiscape emc3d -h``
+EXAMPLE = """\
+spiscape emc3d --photons data/photons.h5 --detector data/detector.h5 --out emc3d/emc3d.h5 \\
+    --num-models 2 --num-div 4 --iterations 30 --maps emc3d/maps --figure emc3d/models.png
+spiscape emc3d ... --num-models 1 --point-group m-3m --num-div 10   # cubes, asymmetric unit
+mpiexec -n 4 spiscape emc3d ...                                      # MPI ranks
+"""
+
+
+def add_args(parser):
+    from spiscape.emc3d.run import EMC3DParams
+
+    d = EMC3DParams()
+    parser.add_argument("--photons", nargs="+", required=True,
+                        help="photon files (or a list file)")
+    parser.add_argument("--detector", required=True, help="Dragonfly detector file (.h5 or .dat)")
+    parser.add_argument("--out", required=True, help="output emc3d.h5")
+    parser.add_argument("--num-models", type=at_least(1), default=None,
+                        help=f"K: 3D models the frames are shared between (default "
+                             f"{d.num_models}, or the number of groups of --init-labels)")
+    parser.add_argument("--init-labels", default=None,
+                        help="frames.h5 of the 2D route's landscape (same photon files): its "
+                             "clusters seed the models (frames held to their cluster's model "
+                             "for --label-iterations, then free; frames outside any cluster are "
+                             "free from the start)")
+    parser.add_argument("--init-by", choices=["clusters", "coordinates"], default="clusters",
+                        help="with --init-labels: the landscape's clusters, or its frames' "
+                             "coordinates grouped into --num-models groups by k-means")
+    parser.add_argument("--label-iterations", type=at_least(1), default=d.label_iterations,
+                        help="with --init-labels: iterations that hold the frames to them")
+    parser.add_argument("--num-div", type=at_least(1), default=d.num_div,
+                        help="orientation refinement: 10 (5n³ + n) rotations, about 54°/n "
+                             "apart (4: 3,240)")
+    parser.add_argument("--iterations", type=at_least(1), default=d.iterations)
+    parser.add_argument("--point-group", default=d.point_group, choices=rotations.POINT_GROUPS,
+                        help="symmetry of the models (m-3m / 432: cubes; 1: none)")
+    parser.add_argument("--warmup", type=at_least(0), default=d.warmup,
+                        help="with a point group: iterations without it (at half the num_div) "
+                             "before the models are turned onto the group's axes and "
+                             "symmetrised")
+    parser.add_argument("--beta-start", type=auto_or_number(0.0), default=d.beta_start,
+                        help="'auto': 1/sqrt(photons) per frame")
+    parser.add_argument("--beta-jump", type=number_in(1), default=d.beta_jump)
+    parser.add_argument("--beta-period", type=at_least(1), default=d.beta_period)
+    parser.add_argument("--need-scaling", action="store_true", default=d.need_scaling,
+                        help="fit a scale (fluence) per frame (default on)")
+    parser.add_argument("--no-scaling", dest="need_scaling", action="store_false")
+    parser.add_argument("--seed", type=at_least(0), default=d.seed)
+    parser.add_argument("--init-noise", type=number_in(0, 1, high_open=True),
+                        default=d.init_noise,
+                        help="relative noise on the initial models (the powder, isotropic)")
+    parser.add_argument("--block-frames", type=at_least(1), default=None,
+                        help="frames per E-step block (default: from --memory-mb)")
+    parser.add_argument("--memory-mb", type=at_least(1), default=None,
+                        help="memory budget per rank (default 1024 on a CPU, 40 %% of a GPU's "
+                             "free memory)")
+    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default=d.device)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the checkpoint beside --out (same data and settings)")
+    parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--q-per-pixel", type=number_in(0, low_open=True), default=None,
+                        help="1/nm per detector pixel: sets the maps' and emc3d.h5's q scale "
+                             "(needed by spiscape orient --reference-file)")
+    parser.add_argument("--maps", default=None,
+                        help="folder for the models' intensities as MRC maps (intensity_K.mrc)")
+    parser.add_argument("--figure", default=None, help="PNG: the models' central sections")
+    parser.add_argument("--convergence", default=None, help="PNG: convergence and occupancy")
+
+
+def landscape_groups(coords, count: int, seed: int):
+    """K groups of the frames by k-means on their (standardised) landscape coordinates; frames
+    without coordinates −1."""
+    import numpy as np
+    from sklearn.cluster import KMeans
+
+    coords = np.asarray(coords, dtype=np.float64)
+    placed = np.all(np.isfinite(coords), axis=1)
+    labels = np.full(len(coords), -1, dtype=np.int64)
+    z = coords[placed]
+    z = (z - z.mean(axis=0)) / np.maximum(z.std(axis=0), 1e-12)
+    labels[placed] = KMeans(count, n_init=10, random_state=seed).fit_predict(z)
+    return labels
+
+
+def main(args):
+    from spiscape.emc3d.run import EMC3D, EMC3DParams
+
+    labels = None
+    num_models = args.num_models
+    if args.init_labels:
+        import numpy as np
+
+        from spiscape.io.frames import read_landscape
+
+        landscape = read_landscape(args.init_labels)
+        labels = np.asarray(landscape["label"])
+        if args.init_by == "coordinates":
+            num_models = num_models or EMC3DParams().num_models
+            labels = landscape_groups(landscape["clpca"], num_models, args.seed)
+        elif num_models is None:
+            num_models = int(np.unique(labels[labels >= 0]).size)
+    params = EMC3DParams(
+        num_models=num_models or EMC3DParams().num_models,
+        label_iterations=args.label_iterations, num_div=args.num_div, iterations=args.iterations,
+        point_group=args.point_group, warmup=args.warmup if args.point_group not in ("1", "-1")
+        else 0, beta_start=args.beta_start, beta_jump=args.beta_jump,
+        beta_period=args.beta_period, need_scaling=args.need_scaling, seed=args.seed,
+        init_noise=args.init_noise, block_frames=args.block_frames, memory_mb=args.memory_mb,
+        device=args.device)
+    emc = EMC3D(args.photons, args.detector, params, labels=labels)
+    q_per_voxel = None
+    if args.q_per_pixel is not None:
+        from spiscape.io import read_detector
+
+        det = read_detector(args.detector)
+        q_per_voxel = float(args.q_per_pixel) * float(det.detd) / float(det.ewald_rad)
+    emc.run(Path(args.out), checkpoint=Path(args.checkpoint) if args.checkpoint else None,
+            resume=args.resume, q_per_voxel=q_per_voxel)
+    if emc.rank != 0:
+        return 0
+    from spiscape.io.emc3d import read_emc3d
+
+    result = read_emc3d(args.out)
+    if args.maps:
+        from spiscape.io.maps import write_maps
+
+        write_maps(args.maps, result.intens, list(range(len(result.intens))),
+                   kind="intensity", voxel=q_per_voxel, source=f"spiscape emc3d {args.out}")
+    if args.figure:
+        from spiscape.emc3d.figures import sections_figure
+
+        sections_figure(result.intens, result.occupancy, args.figure)
+    if args.convergence:
+        from spiscape.emc3d.figures import convergence_figure
+
+        convergence_figure(result.log, args.convergence)
+    log.info("wrote %s: occupancy %s", args.out, [round(float(x), 3) for x in result.occupancy])
+    return 0
