@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
+from spiscape.io.emc3d import read_emc3d
 from tests.conftest import REPO, venv_executable
 
 
@@ -107,7 +108,9 @@ def test_three_datasets_end_to_end_and_partial_reruns(tmp_path, env_with_venv_pa
     datasets = {
         "sim": {"simulate": {"num_frames": 60, "seed": 3, "mean_photons": 300}},
         "sim2": {"simulate": {"num_frames": 50, "seed": 4, "mean_photons": 300},
-                 "classify2d": {"options": {"num_classes": 5}}, "vae": {"run": False}},
+                 "classify2d": {"options": {"num_classes": 5}}, "vae": {"run": False},
+                 # the 3D EMC branch (off by default), seeded from the landscape's clusters
+                 "emc3d": {"run": True, "options": {"num_div": 1, "iterations": 3}}},
         "measured": {"photons": "results/sim/data/photons.h5",
                      "detector": "results/sim/data/detector.h5"},
         # facility-wide reprocessing: these frames placed on sim's landscape, no EMC of their own
@@ -138,6 +141,11 @@ def test_three_datasets_end_to_end_and_partial_reruns(tmp_path, env_with_venv_pa
     with h5py.File(tmp_path / "results/sim2/frames.h5") as f:
         assert np.isnan(f["latent"][()]).all()  # vae: run: false
     assert not (tmp_path / "results/sim2/vae").exists()
+    emc3d = read_emc3d(tmp_path / "results/sim2/emc3d/emc3d.h5", volumes=False)
+    assert emc3d.frames["model"].shape == (50,) and len(emc3d.occupancy) >= 1
+    assert (tmp_path / "results/sim2/emc3d/phasing.h5").exists()
+    assert sorted(p.name for p in (tmp_path / "results/sim2/emc3d/maps").glob("*.mrc"))
+    assert not (tmp_path / "results/sim/emc3d").exists()  # off by default
     assert (tmp_path / "results/sim/volume_curve.csv").read_text().startswith("index,z0")
     maps = sorted(p.name for p in (tmp_path / "results/sim/maps").glob("[!.]*"))
     assert maps == ["density_000.mrc", "density_001.mrc", "z_values.txt"]
@@ -163,12 +171,12 @@ def test_three_datasets_end_to_end_and_partial_reruns(tmp_path, env_with_venv_pa
                            embed={"options": {"components": 2}})
     plan = planned_jobs(snakemake(tmp_path, "--configfile", str(changed), "-n"))
     assert plan == {"embed": 3, "vae": 1, "phase": 1, "landscape": 3, "place": 1, "summary": 1,
-                    "all": 1, "total": 11}
+                    "emc3d": 1, "emc3d_phase": 1, "all": 1, "total": 13}
     one = {**datasets, "sim2": {**datasets["sim2"], "commonlines": {"num_tiles": 3}}}
     changed = write_config(tmp_path / "c3.yaml", one)
     plan = planned_jobs(snakemake(tmp_path, "--configfile", str(changed), "-n"))
     assert plan == {"commonlines_tile": 3, "commonlines_merge": 1, "embed": 1, "landscape": 1,
-                    "summary": 1, "all": 1, "total": 8}
+                    "summary": 1, "emc3d": 1, "emc3d_phase": 1, "all": 1, "total": 10}
     plan = planned_jobs(snakemake(tmp_path, "--configfile", str(config), "-n",
                                   "--forcerun", "averages", "--until", "averages"))
     assert plan == {"averages": 3, "total": 3}
@@ -182,7 +190,8 @@ def test_three_datasets_end_to_end_and_partial_reruns(tmp_path, env_with_venv_pa
     # captions render without Docutils errors, in pipeline order, with the VAE and the table
     assert "System Message" not in html and "Docutils" not in html
     for name in ("1. Dataset", "2. EMC 2D classification", "6. 3D: VAE and phasing",
-                 "VAE convergence", "VAE latent_vs_t", "volume along the latent"):
+                 "VAE convergence", "VAE latent_vs_t", "volume along the latent",
+                 "7. 3D EMC", "3D EMC models"):
         assert name in html, name
 
 

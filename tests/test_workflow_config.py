@@ -113,8 +113,8 @@ def test_dry_runs_refuse_typos_with_one_line(tmp_path):
     line = next(x for x in proc.stderr.splitlines() if "config:" in x)
     assert line == ("spiscape workflow: config: (top level): unknown key 'clasify2d' (did you "
                     "mean 'classify2d'?) (allowed: classify2d, commonlines, datasets, "
-                    "datasets_table, embed, inspect, orient, phase, results, spiscape_command, "
-                    "vae)")
+                    "datasets_table, embed, emc3d, inspect, orient, phase, results, "
+                    "spiscape_command, vae)")
     # elsewhere, with only --configfile: the defaults beside the Snakefile, and a word about it
     config = write_config(tmp_path / "ok.yaml", {"d": SIM})
     proc = snakemake(tmp_path, "--configfile", str(config), "-n", "-p")

@@ -34,6 +34,7 @@ STAGE_COMMANDS = {
     "orient": "orient",
     "vae": "vae",
     "phase": "phase",
+    "emc3d": "emc3d",
 }
 
 #: flags the workflow's rules set themselves (inputs, outputs, the replicate, tiles): an option
@@ -50,6 +51,8 @@ RULE_FLAGS = {
             "q_per_pixel", "out_dir", "figure_dir", "resume"},
     "phase": {"volumes", "out", "curve", "figure_dir", "mrc_dir"},
     "place": {"reference", "photons", "detector", "out", "figure"},
+    "emc3d": {"photons", "detector", "out", "maps", "figure", "convergence", "volumes",
+              "init_labels", "truth", "q_per_pixel", "resume"},
 }
 COMMON_FLAGS = {"log_file", "help", "version"}
 

@@ -291,6 +291,21 @@ def reference_inputs(wildcards):
     }
 
 
+def runs_emc3d(ds):
+    """Whether the dataset runs the 3D EMC and phases its models: `emc3d: {run: true}`, a q
+    scale and a landscape of its own."""
+    return (not reference_of(ds) and has_q_scale(ds)
+            and bool(stage_config(ds, "emc3d").get("run", False)))
+
+
+def emc3d_landscape_input(wildcards):
+    """The landscape whose clusters seed the 3D EMC's models (unless init_from_landscape is
+    false)."""
+    if stage_config(wildcards.ds, "emc3d").get("init_from_landscape", True):
+        return f"{RESULTS}/{wildcards.ds}/frames.h5"
+    return []
+
+
 def all_targets():
     targets = [f"{RESULTS}/summary.tsv"]
     for ds in DATASETS:
@@ -302,4 +317,6 @@ def all_targets():
             targets.append(f"{RESULTS}/{ds}/orientation.h5")
         if runs_3d(ds):
             targets.append(f"{RESULTS}/{ds}/volume_curve.csv")
+        if runs_emc3d(ds):
+            targets.append(f"{RESULTS}/{ds}/emc3d/phasing.h5")
     return targets

@@ -19,7 +19,8 @@ from spiscape.utils.args import at_least, auto_or_number, number_in
 log = logging.getLogger(__name__)
 
 #: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
-OUTPUTS = {"out": "file", "maps": "folder", "figure": "file", "convergence": "file"}
+OUTPUTS = {"out": "file", "maps": "folder", "figure": "file", "convergence": "file",
+           "volumes": "file"}
 
 #: shown under "Example" in ``spiscape emc3d -h``
 EXAMPLE = """\
@@ -81,9 +82,15 @@ def add_args(parser):
     parser.add_argument("--resume", action="store_true",
                         help="continue from the checkpoint beside --out (same data and settings)")
     parser.add_argument("--checkpoint", default=None)
-    parser.add_argument("--q-per-pixel", type=number_in(0, low_open=True), default=None,
-                        help="1/nm per detector pixel: sets the maps' and emc3d.h5's q scale "
-                             "(needed by spiscape orient --reference-file)")
+    scale = parser.add_mutually_exclusive_group()
+    scale.add_argument("--q-per-pixel", type=number_in(0, low_open=True), default=None,
+                       help="1/nm per detector pixel at the centre: the models' q scale (for "
+                            "the maps, spiscape orient --reference-file and phasing)")
+    scale.add_argument("--truth", default=None,
+                       help="the simulator's truth.h5: its q scale (same as --q-per-pixel)")
+    parser.add_argument("--volumes", default=None,
+                        help="also write the models as a volumes file for spiscape phase "
+                             "(z = model number)")
     parser.add_argument("--maps", default=None,
                         help="folder for the models' intensities as MRC maps (intensity_K.mrc)")
     parser.add_argument("--figure", default=None, help="PNG: the models' central sections")
@@ -132,7 +139,11 @@ def main(args):
         device=args.device)
     emc = EMC3D(args.photons, args.detector, params, labels=labels)
     q_per_voxel = None
-    if args.q_per_pixel is not None:
+    if args.truth is not None:
+        from spiscape.io.truth import read_q_per_voxel
+
+        q_per_voxel = read_q_per_voxel(args.truth)
+    elif args.q_per_pixel is not None:
         from spiscape.io import read_detector
 
         det = read_detector(args.detector)
@@ -149,6 +160,16 @@ def main(args):
 
         write_maps(args.maps, result.intens, list(range(len(result.intens))),
                    kind="intensity", voxel=q_per_voxel, source=f"spiscape emc3d {args.out}")
+    if args.volumes:
+        import numpy as np
+
+        from spiscape.io.volumes import write_volumes
+
+        count = len(result.intens)
+        write_volumes(args.volumes, np.arange(count, dtype=np.float64), result.intens,
+                      np.ones(count, dtype=bool), q_per_voxel=q_per_voxel,
+                      point_group=params.point_group,
+                      attrs={"source": f"spiscape emc3d {args.out}"})
     if args.figure:
         from spiscape.emc3d.figures import sections_figure
 

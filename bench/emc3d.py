@@ -1,0 +1,152 @@
+"""Multi-model 3D EMC against Dragonfly's 3D multi-mode EMC: same data, K, num_div, iterations,
+start models and threads, one run.
+
+    .venv/bin/python bench/emc3d.py                       # demo and df80contam, K 2, num_div 3
+    .venv/bin/python bench/emc3d.py --datasets demo --num-models 3 --num-div 4 --iterations 12
+
+Both start from the same models (spiscape's powder start, written to Dragonfly's start model
+file) and anneal β by the same jump and period from their own automatic per-frame start. Per
+dataset: seconds per iteration (median of iterations 2..N), the ratio, and the quality of each
+model assignment against the truth's populations (adjusted Rand index, and each model's purity:
+the share of its frames from its most common population). Writes
+``bench/results/emc3d.json`` and prints a table. Dragonfly runs from its own environment (see
+bench/dragonfly_baseline.py); without it only ours runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import adjusted_rand_score
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "src"))
+
+from emc import dataset_files, emc_env, per_iteration, truth_labels  # noqa: E402
+
+
+def assignment_quality(models: np.ndarray, truth: Path | None) -> dict:
+    if truth is None:
+        return {}
+    labels, names = truth_labels(truth)
+    keep = models >= 0
+    out = {"ari": float(adjusted_rand_score(labels[keep], models[keep]))}
+    for k in np.unique(models[keep]):
+        counts = np.bincount(labels[models == k], minlength=len(names))
+        out[f"model{int(k)}"] = {"frames": int(counts.sum()),
+                                 "purity": float(counts.max() / counts.sum()),
+                                 "majority": names[int(counts.argmax())]}
+    return out
+
+
+def start_models(photons, detector, args) -> np.ndarray:
+    from spiscape.emc3d.run import EMC3D, EMC3DParams
+
+    emc = EMC3D([photons], detector, EMC3DParams(num_models=args.num_models,
+                                                  num_div=1, iterations=1, seed=args.seed))
+    return emc.initial_state().models
+
+
+def run_ours(photons, detector, out: Path, args) -> dict:
+    cmd = [sys.executable, "-m", "spiscape", "emc3d", "--photons", str(photons), "--detector",
+           str(detector), "--out", str(out), "--num-models", str(args.num_models),
+           "--num-div", str(args.num_div), "--iterations", str(args.iterations),
+           "--seed", str(args.seed), "--device", args.device, "--beta-jump",
+           str(args.beta_jump), "--beta-period", str(args.beta_period)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=emc_env(args.threads), capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"emc3d failed:\n{proc.stderr[-3000:]}")
+    from spiscape.io.emc3d import read_emc3d
+
+    result = read_emc3d(out, volumes=False)
+    return {**per_iteration(result.log["seconds"]), "wall_seconds": wall,
+            "seconds_per_iteration_all": result.log["seconds"].tolist(),
+            "num_orientations": int(result.attrs["num_orientations"]),
+            "models": result.frames["model"]}
+
+
+def compare(name: str, args, tmp: Path) -> dict:
+    photons, detector, truth = dataset_files(name)
+    from spiscape.io import count_frames
+
+    frames = count_frames([photons])
+    row = {"dataset": name, "frames": frames, "num_models": args.num_models,
+           "num_div": args.num_div, "iterations": args.iterations, "threads": args.threads}
+    print(f"[emc3d] {name}: spiscape", flush=True)
+    ours = run_ours(photons, detector, tmp / f"{name}_emc3d.h5", args)
+    row["spiscape"] = {k: v for k, v in ours.items() if k != "models"}
+    row["spiscape"]["quality"] = assignment_quality(ours["models"], truth)
+    if args.dragonfly:
+        import dragonfly_baseline as dfb
+
+        if dfb.find_dragonfly() is None:
+            print("Dragonfly is not installed:\n" + dfb.install_hint(), file=sys.stderr)
+        else:
+            print(f"[emc3d] {name}: Dragonfly", flush=True)
+            start = start_models(photons, detector, args)
+            df = dfb.run_emc3d(photons, detector, tmp / f"dragonfly3d_{name}", args.num_models,
+                               args.num_div, args.iterations, threads=args.threads,
+                               beta_jump=args.beta_jump, beta_period=args.beta_period,
+                               start_models=start if start.shape[1] == dfb.dragonfly_grid(
+                                   detector)["size"] else None)
+            entry = {**per_iteration(df["seconds_per_iteration"]),
+                     "num_rotations": df["num_rotations"], "command": df["command"],
+                     "same_start": "start_model_file" in df["config"]}
+            entry["quality"] = assignment_quality(np.asarray(df["modes"]), truth)
+            row["dragonfly"] = entry
+            row["speedup_vs_dragonfly"] = (entry["seconds_per_iteration"]
+                                           / row["spiscape"]["seconds_per_iteration"])
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| set | frames | K x orientations | spiscape s/it | Dragonfly s/it | ratio | "
+             "ARI ours / Dragonfly |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ours, df = r["spiscape"], r.get("dragonfly", {})
+        lines.append(
+            f"| {r['dataset']} | {r['frames']} | {r['num_models']} x "
+            f"{ours['num_orientations']} | {ours['seconds_per_iteration']:.2f} | "
+            f"{df.get('seconds_per_iteration', float('nan')):.2f} | "
+            f"{r.get('speedup_vs_dragonfly', float('nan')):.1f}x | "
+            f"{ours['quality'].get('ari', float('nan')):.2f} / "
+            f"{df.get('quality', {}).get('ari', float('nan')):.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    from spiscape.emc3d.run import EMC3DParams
+
+    d = EMC3DParams()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", default=["demo", "df80contam"])
+    parser.add_argument("--num-models", type=int, default=2)
+    parser.add_argument("--num-div", type=int, default=3)
+    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "gpu", "auto"])
+    parser.add_argument("--no-dragonfly", dest="dragonfly", action="store_false")
+    parser.add_argument("--beta-jump", type=float, default=d.beta_jump)
+    parser.add_argument("--beta-period", type=int, default=d.beta_period)
+    parser.add_argument("--tmp", default=str(HERE / "results" / "emc3d_runs"))
+    parser.add_argument("--json", default=str(HERE / "results" / "emc3d.json"))
+    args = parser.parse_args()
+    tmp = Path(args.tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    rows = [compare(name, args, tmp) for name in args.datasets]
+    Path(args.json).write_text(json.dumps({"rows": rows}, indent=1, default=float))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
