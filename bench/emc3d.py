@@ -29,20 +29,76 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from emc import dataset_files, emc_env, per_iteration, truth_labels  # noqa: E402
+from emc import dataset_files, emc_env, per_iteration  # noqa: E402
 
 
-def assignment_quality(models: np.ndarray, truth: Path | None) -> dict:
+def aligned_shell_cc(model: np.ndarray, reference: np.ndarray, symmetric: bool,
+                     fraction: float = 0.7) -> dict:
+    """Shell correlation of a model with a truth intensity turned to it: the rotation maximising
+    the correlation of their log intensities inside ``fraction`` of the grid radius, searched on
+    the refined 600-cell (the cube group's asymmetric unit when the truth has that symmetry,
+    n = 4; else n = 3) and two finer local grids; then the minimum and mean shell CC of the
+    intensities over the shells from 2 voxels to ``fraction`` of the grid radius."""
+    from spiscape.emc3d import quaternions, slicing
+    from spiscape.metrics.volumes import centre_crop, shell_correlation
+    from spiscape.orient import rotations
+
+    size = model.shape[0]
+    ref = centre_crop(reference, size) if reference.shape[0] >= size else None
+    if ref is None:
+        return {}
+    axis = np.arange(size) - size // 2
+    r = np.sqrt(axis[:, None, None] ** 2 + axis[None, :, None] ** 2 + axis[None, None, :] ** 2)
+    inside = (r >= 2) & (r <= fraction * (size // 2))
+    target = np.log(np.maximum(model, 1e-6 * model.max()))[inside]
+    log_ref = np.log(np.maximum(ref, 1e-6 * ref.max()))
+
+    def score(quat):
+        turned = slicing.rotate(log_ref, quat[None])[inside]
+        return float(np.corrcoef(turned, target)[0, 1])
+
+    candidates, _ = quaternions.sample(4 if symmetric else 3, "432" if symmetric else "1")
+    values = [score(q) for q in candidates]
+    best, top = candidates[int(np.argmax(values))], max(values)
+    for step in (8.0, 2.0):
+        trial = rotations.canonical(rotations.multiply(rotations.local_grid(step, 2 * step),
+                                                       best[None]))
+        vals = [score(q) for q in trial]
+        if max(vals) > top:
+            top, best = max(vals), trial[int(np.argmax(vals))]
+    q, cc = shell_correlation(model, slicing.rotate(ref, best[None]), qmin=2.0,
+                              qmax=fraction * (size // 2))
+    return {"shell_cc_min": float(np.nanmin(cc)), "shell_cc_mean": float(np.nanmean(cc)),
+            "log_cc": top}
+
+
+def model_scores(intens: np.ndarray, models: np.ndarray, truth: Path | None) -> dict:
+    """Per model: frames, purity, majority population and, for a cube or sphere majority, the
+    shell CC against that population's true intensity (averaged over its frames' sizes)."""
     if truth is None:
         return {}
-    labels, names = truth_labels(truth)
+    from spiscape.io.truth import read_truth
+    from spiscape.metrics.volumes import size_averaged
+
+    t = read_truth(truth)
+    labels, names = np.asarray(t.label), t.label_names
     keep = models >= 0
     out = {"ari": float(adjusted_rand_score(labels[keep], models[keep]))}
-    for k in np.unique(models[keep]):
-        counts = np.bincount(labels[models == k], minlength=len(names))
-        out[f"model{int(k)}"] = {"frames": int(counts.sum()),
-                                 "purity": float(counts.max() / counts.sum()),
-                                 "majority": names[int(counts.argmax())]}
+    for k in range(len(intens)):
+        mine = models == k
+        if not mine.any():
+            out[f"model{k}"] = {"frames": 0}
+            continue
+        counts = np.bincount(labels[mine], minlength=len(names))
+        major = int(counts.argmax())
+        entry = {"frames": int(mine.sum()), "purity": float(counts.max() / counts.sum()),
+                 "majority": names[major]}
+        if names[major] in ("cube", "sphere"):
+            volume = np.flatnonzero(np.asarray(t.volume_info["label"]) == major)[0]
+            sizes = np.asarray(t.frames["size"])[mine & (labels == major)]
+            reference = size_averaged(np.asarray(t.volumes[volume], dtype=np.float64), sizes)
+            entry.update(aligned_shell_cc(intens[k], reference, symmetric=True))
+        out[f"model{k}"] = entry
     return out
 
 
@@ -60,6 +116,8 @@ def run_ours(photons, detector, out: Path, args) -> dict:
            "--num-div", str(args.num_div), "--iterations", str(args.iterations),
            "--seed", str(args.seed), "--device", args.device, "--beta-jump",
            str(args.beta_jump), "--beta-period", str(args.beta_period)]
+    if args.init_labels:
+        cmd += ["--init-labels", args.init_labels]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=emc_env(args.threads), capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -84,7 +142,10 @@ def compare(name: str, args, tmp: Path) -> dict:
     print(f"[emc3d] {name}: spiscape", flush=True)
     ours = run_ours(photons, detector, tmp / f"{name}_emc3d.h5", args)
     row["spiscape"] = {k: v for k, v in ours.items() if k != "models"}
-    row["spiscape"]["quality"] = assignment_quality(ours["models"], truth)
+    from spiscape.io.emc3d import read_emc3d
+
+    row["spiscape"]["quality"] = model_scores(read_emc3d(tmp / f"{name}_emc3d.h5").intens,
+                                              ours["models"], truth)
     if args.dragonfly:
         import dragonfly_baseline as dfb
 
@@ -101,16 +162,30 @@ def compare(name: str, args, tmp: Path) -> dict:
             entry = {**per_iteration(df["seconds_per_iteration"]),
                      "num_rotations": df["num_rotations"], "command": df["command"],
                      "same_start": "start_model_file" in df["config"]}
-            entry["quality"] = assignment_quality(np.asarray(df["modes"]), truth)
+            entry["quality"] = model_scores(np.asarray(df["intens"]), np.asarray(df["modes"]),
+                                            truth)
             row["dragonfly"] = entry
             row["speedup_vs_dragonfly"] = (entry["seconds_per_iteration"]
                                            / row["spiscape"]["seconds_per_iteration"])
     return row
 
 
+def describe(quality: dict) -> str:
+    parts = []
+    for key in sorted(k for k in quality if k.startswith("model")):
+        m = quality[key]
+        if not m.get("frames"):
+            parts.append("empty")
+            continue
+        cc = f" ({m['shell_cc_min']:.2f})" if "shell_cc_min" in m else ""
+        parts.append(f"{m['majority']} {m['purity']:.2f}{cc}")
+    return ", ".join(parts)
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| set | frames | K x orientations | spiscape s/it | Dragonfly s/it | ratio | "
-             "ARI ours / Dragonfly |", "|---|---|---|---|---|---|---|"]
+             "ARI ours / Dragonfly | models ours: majority purity (shell CC min) | "
+             "models Dragonfly |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ours, df = r["spiscape"], r.get("dragonfly", {})
         lines.append(
@@ -119,7 +194,8 @@ def table(rows: list[dict]) -> str:
             f"{df.get('seconds_per_iteration', float('nan')):.2f} | "
             f"{r.get('speedup_vs_dragonfly', float('nan')):.1f}x | "
             f"{ours['quality'].get('ari', float('nan')):.2f} / "
-            f"{df.get('quality', {}).get('ari', float('nan')):.2f} |")
+            f"{df.get('quality', {}).get('ari', float('nan')):.2f} | "
+            f"{describe(ours['quality'])} | {describe(df.get('quality', {}))} |")
     return "\n".join(lines)
 
 
@@ -136,6 +212,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu", "auto"])
     parser.add_argument("--no-dragonfly", dest="dragonfly", action="store_false")
+    parser.add_argument("--init-labels", default=None,
+                        help="seed our models from this landscape (frames.h5 of the same "
+                             "photons; one dataset): Dragonfly keeps the shared random start")
     parser.add_argument("--beta-jump", type=float, default=d.beta_jump)
     parser.add_argument("--beta-period", type=int, default=d.beta_period)
     parser.add_argument("--tmp", default=str(HERE / "results" / "emc3d_runs"))

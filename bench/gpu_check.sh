@@ -8,6 +8,7 @@
 #   3. EMC 2D on the demo (s/iteration, purity) on the GPU
 #   4. the common-line matrix of 10,000 synthetic averages on the GPU
 #   5. spiscape place on the GPU (only when results/demo is carried to the device)
+#   6. the 3D EMC on the demo on the GPU (K 2, num_div 4; Dragonfly not run on the device)
 # Each step has its own time limit and a failure does not stop the later steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,4 +29,8 @@ if [ -d results/demo ]; then
     timeout 60 .venv/bin/python bench/place.py --device gpu --out "$out/place_gpu.json" 2>&1 \
         | tail -n 16 | tee "$out/place_gpu.txt"
 fi
+# 6. the multi-model 3D EMC on the GPU
+timeout 120 .venv/bin/python bench/emc3d.py --datasets demo --num-div 4 --iterations 6 \
+    --device gpu --no-dragonfly --json "$out/emc3d_gpu.json" --tmp "$out/emc3d_runs" 2>&1 \
+    | tail -n 6 | tee "$out/emc3d_gpu.txt"
 echo "GPU check done: $out"

@@ -108,7 +108,7 @@ def test_two_shapes_are_separated_from_the_landscapes_start(tiny_dataset, tmp_pa
     result = read_emc3d(out)
     truth = np.asarray(read_truth(tiny_dataset / "truth.h5", volumes=False).label)
     seeded = read_landscape(landscape / "frames.h5")["clpca"]
-    from spiscape.commands.emc3d import landscape_groups
+    from spiscape.emc3d.run import landscape_groups
 
     start = adjusted_rand_score(truth, landscape_groups(seeded, 2, 1))
     ari = adjusted_rand_score(truth, result.frames["model"])

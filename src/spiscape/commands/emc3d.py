@@ -10,6 +10,7 @@ continues a killed run. Writes emc3d.h5, and optionally MRC maps and figures.
 
 from __future__ import annotations
 
+import argparse
 import logging
 from pathlib import Path
 
@@ -55,7 +56,8 @@ def add_args(parser):
     parser.add_argument("--num-div", type=at_least(1), default=d.num_div,
                         help="orientation refinement: 10 (5n³ + n) rotations, about 54°/n "
                              "apart (4: 3,240)")
-    parser.add_argument("--iterations", type=at_least(1), default=d.iterations)
+    parser.add_argument("--iterations", type=at_least(1), default=d.iterations,
+                        help="EM iterations (β reaches 1 after 15-21 with the default schedule)")
     parser.add_argument("--point-group", default=d.point_group, choices=rotations.POINT_GROUPS,
                         help="symmetry of the models (m-3m / 432: cubes; 1: none)")
     parser.add_argument("--warmup", type=at_least(0), default=d.warmup,
@@ -64,12 +66,15 @@ def add_args(parser):
                              "symmetrised")
     parser.add_argument("--beta-start", type=auto_or_number(0.0), default=d.beta_start,
                         help="'auto': 1/sqrt(photons) per frame")
-    parser.add_argument("--beta-jump", type=number_in(1), default=d.beta_jump)
-    parser.add_argument("--beta-period", type=at_least(1), default=d.beta_period)
-    parser.add_argument("--need-scaling", action="store_true", default=d.need_scaling,
+    parser.add_argument("--beta-jump", type=number_in(1), default=d.beta_jump,
+                        help="β is multiplied by this every --beta-period iterations (to 1)")
+    parser.add_argument("--beta-period", type=at_least(1), default=d.beta_period,
+                        help="iterations between β jumps")
+    parser.add_argument("--need-scaling", action=argparse.BooleanOptionalAction,
+                        default=d.need_scaling,
                         help="fit a scale (fluence) per frame (default on)")
-    parser.add_argument("--no-scaling", dest="need_scaling", action="store_false")
-    parser.add_argument("--seed", type=at_least(0), default=d.seed)
+    parser.add_argument("--seed", type=at_least(0), default=d.seed,
+                        help="seed of the initial models' noise (and of --init-by coordinates)")
     parser.add_argument("--init-noise", type=number_in(0, 1, high_open=True),
                         default=d.init_noise,
                         help="relative noise on the initial models (the powder, isotropic)")
@@ -78,10 +83,12 @@ def add_args(parser):
     parser.add_argument("--memory-mb", type=at_least(1), default=None,
                         help="memory budget per rank (default 1024 on a CPU, 40 %% of a GPU's "
                              "free memory)")
-    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default=d.device)
+    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default=d.device,
+                        help="where the products run (gpu: CuPy)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the checkpoint beside --out (same data and settings)")
-    parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--checkpoint", default=None,
+                        help="checkpoint path (default: beside --out, removed when done)")
     scale = parser.add_mutually_exclusive_group()
     scale.add_argument("--q-per-pixel", type=number_in(0, low_open=True), default=None,
                        help="1/nm per detector pixel at the centre: the models' q scale (for "
@@ -97,23 +104,8 @@ def add_args(parser):
     parser.add_argument("--convergence", default=None, help="PNG: convergence and occupancy")
 
 
-def landscape_groups(coords, count: int, seed: int):
-    """K groups of the frames by k-means on their (standardised) landscape coordinates; frames
-    without coordinates −1."""
-    import numpy as np
-    from sklearn.cluster import KMeans
-
-    coords = np.asarray(coords, dtype=np.float64)
-    placed = np.all(np.isfinite(coords), axis=1)
-    labels = np.full(len(coords), -1, dtype=np.int64)
-    z = coords[placed]
-    z = (z - z.mean(axis=0)) / np.maximum(z.std(axis=0), 1e-12)
-    labels[placed] = KMeans(count, n_init=10, random_state=seed).fit_predict(z)
-    return labels
-
-
 def main(args):
-    from spiscape.emc3d.run import EMC3D, EMC3DParams
+    from spiscape.emc3d.run import EMC3D, EMC3DParams, landscape_groups
 
     labels = None
     num_models = args.num_models

@@ -447,3 +447,17 @@ class EMC3D:
                 checkpoint.unlink()
         return per_frame
 
+
+def landscape_groups(coords, count: int, seed: int):
+    """K groups of the frames by k-means on their (standardised) landscape coordinates; frames
+    without coordinates −1."""
+    import numpy as np
+    from sklearn.cluster import KMeans
+
+    coords = np.asarray(coords, dtype=np.float64)
+    placed = np.all(np.isfinite(coords), axis=1)
+    labels = np.full(len(coords), -1, dtype=np.int64)
+    z = coords[placed]
+    z = (z - z.mean(axis=0)) / np.maximum(z.std(axis=0), 1e-12)
+    labels[placed] = KMeans(count, n_init=10, random_state=seed).fit_predict(z)
+    return labels
