@@ -125,25 +125,29 @@ class Placer:
         if np.any(photons <= 0):
             raise InputError(None, f"{int(np.sum(photons <= 0))} frame(s) have no photon on a "
                                    "used pixel: they cannot be placed")
-        # the one big product, photons x log-views (b x P x R·A), where the arrays live
+        # the one big product, photons x log-views (b x P x R·A), where the arrays live; the
+        # rest in float32 as the EMC (log-likelihoods ~1e4, differences of 1e-3 are immaterial)
         if self.xp is np:
-            data_term = (k @ self.log_views).astype(np.float64)  # (b, R·A)
+            data_term = k @ self.log_views  # (b, R·A) float32
         else:
-            data_term = to_numpy(self.xp.asarray(k) @ self.device_log_views).astype(np.float64)
+            data_term = to_numpy(self.xp.asarray(k) @ self.device_log_views)
+        sums32 = self.view_sums.astype(np.float32)
         # the scale profiled per view picks the best view; then, as the EMC, one scale per
         # frame (photons over the probability-weighted expected photons) for all views
-        profiled = data_term - photons[:, None] * np.log(self.view_sums)[None, :]
+        profiled = data_term - (photons[:, None] * np.log(self.view_sums)[None, :]).astype(
+            np.float32)
         best = profiled.argmax(axis=1)
-        top = profiled.max(axis=1)
+        top = profiled[np.arange(len(k)), best].astype(np.float64)
+        del profiled
         p = self.reference.beta_params
         beta = kernels.beta_schedule(photons, int(p["iterations"]) - 1, p["beta_start"],
                                      float(p["beta_jump"]), int(p["beta_period"]))
         scale = photons / self.view_sums[best]
         for _ in range(2):
-            loglik = data_term - scale[:, None] * self.view_sums[None, :]
-            prob, _, _ = kernels.responsibilities(loglik.astype(np.float32), beta, np)
-            scale = photons / (prob.astype(np.float64) @ self.view_sums)
-        loglik = data_term - scale[:, None] * self.view_sums[None, :]
+            loglik = data_term - scale[:, None].astype(np.float32) * sums32[None, :]
+            prob, _, _ = kernels.responsibilities(loglik, beta, np)
+            scale = photons / (prob @ sums32).astype(np.float64)
+        loglik = data_term - scale[:, None].astype(np.float32) * sums32[None, :]
         ref = self.reference
         # as the batch landscape: within each bootstrap replicate the frame's probabilities over
         # that replicate's averages give coordinates and a cluster vote; the replicates' are
@@ -156,7 +160,7 @@ class Placer:
         for group in groups:
             cols = np.flatnonzero(ref.replicate == group)
             part = np.ascontiguousarray(by_rotation[:, :, cols].reshape(len(k), -1))
-            prob, _, _ = kernels.responsibilities(part.astype(np.float32), beta, np)
+            prob, _, _ = kernels.responsibilities(part, beta, np)
             per_average = prob.reshape(len(k), -1, cols.size).sum(axis=1)  # (b, A_group)
             coords += per_average @ ref.coords[cols]
             votes += np.stack([per_average[:, ref.labels[cols] == c].sum(axis=1)
@@ -164,14 +168,19 @@ class Placer:
         coords /= groups.size
         votes /= groups.size
         label = clusters[votes.argmax(axis=1)]
-        prob, _, _ = kernels.responsibilities(loglik.astype(np.float32), beta, np)
+        # the probability of the best view: exp(β (L_best − max)) / Σ_j exp(β (L_j − max))
+        shifted = loglik - loglik.max(axis=1, keepdims=True)
+        at_best = shifted[np.arange(len(k)), best].astype(np.float64)
+        shifted *= beta[:, None].astype(np.float32)
+        np.exp(np.maximum(shifted, kernels.LOG_PROB_CUT, out=shifted), out=shifted)
+        probability = np.exp(beta * at_best) / shifted.sum(axis=1, dtype=np.float64)
         rotation, average = np.divmod(best, self.num_avg)
         fit = misfit(k, best, self.bins, self.bin_share)
         return {"coords": coords, "label": label.astype(np.int64),
                 "label_weight": votes.max(axis=1), "average": average.astype(np.int32),
                 "rotation": rotation.astype(np.int32),
-                "probability": prob[np.arange(len(k)), best].astype(np.float64),
-                "scale": scale, "loglik_per_photon": (top + 0.0) / photons, "misfit": fit,
+                "probability": probability,
+                "scale": scale, "loglik_per_photon": top / photons, "misfit": fit,
                 "outlier": fit > self.outlier_threshold}
 
     def calibrate(self, counts: np.ndarray, quantile: float = 0.99) -> float:
