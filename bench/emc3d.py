@@ -117,7 +117,7 @@ def run_ours(photons, detector, out: Path, args) -> dict:
            "--seed", str(args.seed), "--device", args.device, "--beta-jump",
            str(args.beta_jump), "--beta-period", str(args.beta_period)]
     if args.init_labels:
-        cmd += ["--init-labels", args.init_labels]
+        cmd += ["--init-labels", args.init_labels, "--init-by", args.init_by]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=emc_env(args.threads), capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -215,6 +215,7 @@ def main() -> None:
     parser.add_argument("--init-labels", default=None,
                         help="seed our models from this landscape (frames.h5 of the same "
                              "photons; one dataset): Dragonfly keeps the shared random start")
+    parser.add_argument("--init-by", default="clusters", choices=["clusters", "coordinates"])
     parser.add_argument("--beta-jump", type=float, default=d.beta_jump)
     parser.add_argument("--beta-period", type=int, default=d.beta_period)
     parser.add_argument("--tmp", default=str(HERE / "results" / "emc3d_runs"))

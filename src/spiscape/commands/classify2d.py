@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 from spiscape.emc import EMC2D, EMCParams
-from spiscape.utils.args import at_least, auto_or_number
+from spiscape.utils.args import add_run_control, at_least, auto_or_number
 
 log = logging.getLogger(__name__)
 
@@ -84,20 +84,12 @@ def add_args(parser):
     parser.add_argument("--threads", type=at_least(1), default=None,
                         help="worker threads of each rank (default: OMP_NUM_THREADS, else "
                              "every core this process may use)")
-    parser.add_argument("--memory-mb", type=at_least(1), default=None,
-                        help="memory a rank may use for cached frames and views and the blocks "
-                             "in flight (default: 1024 on a CPU, 40%% of the free GPU memory); "
-                             "frames that do not fit are streamed from the photon files")
     parser.add_argument("--sparse-below", type=auto_or_number(0.0), default=d.sparse_below,
                         help="pixels whose photon density (share of frames with a photon there) "
                              "is below this go through CSR products, the rest dense; 'auto' "
                              "measures the crossover on this machine; 0: all dense, 1: all CSR")
-    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default=d.device,
-                        help="where the E-step runs")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the checkpoint of a killed run, if there is one")
-    parser.add_argument("--checkpoint", default=None,
-                        help="checkpoint file (default: beside --out, .ckpt.h5)")
+    add_run_control(parser, "where the E-step runs (frames that do not fit --memory-mb are "
+                            "streamed from the photon files)")
 
 
 def main(args):

@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 
 from spiscape.orient import rotations
-from spiscape.utils.args import at_least, auto_or_number, number_in
+from spiscape.utils.args import add_run_control, at_least, auto_or_number, number_in
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +80,7 @@ def add_args(parser):
                         help="relative noise on the initial models (the powder, isotropic)")
     parser.add_argument("--block-frames", type=at_least(1), default=None,
                         help="frames per E-step block (default: from --memory-mb)")
-    parser.add_argument("--memory-mb", type=at_least(1), default=None,
-                        help="memory budget per rank (default 1024 on a CPU, 40 %% of a GPU's "
-                             "free memory)")
-    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default=d.device,
-                        help="where the products run (gpu: CuPy)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the checkpoint beside --out (same data and settings)")
-    parser.add_argument("--checkpoint", default=None,
-                        help="checkpoint path (default: beside --out, removed when done)")
+    add_run_control(parser, "where the products run (gpu: CuPy)")
     scale = parser.add_mutually_exclusive_group()
     scale.add_argument("--q-per-pixel", type=number_in(0, low_open=True), default=None,
                        help="1/nm per detector pixel at the centre: the models' q scale (for "

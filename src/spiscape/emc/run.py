@@ -29,9 +29,10 @@ from spiscape.emc import geometry, kernels
 from spiscape.emc.frames import FrameStore, measure_crossover, pixel_chunks
 from spiscape.errors import ConfigError, InputError
 from spiscape.io import count_frames, read_detector, shard_bounds
+from spiscape.io.checkpoint import read_checkpoint, write_checkpoint
 from spiscape.io.photons import photon_files as list_photon_files
 from spiscape.io.replicate import write_replicate
-from spiscape.utils.atomic import atomic_path, check_output
+from spiscape.utils.atomic import check_output
 
 log = logging.getLogger(__name__)
 
@@ -570,34 +571,15 @@ class EMC2D:
         scale = self.gather_frames(state.scale)
         if self.rank != 0:
             return
-        with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-            f["intens"] = state.models
-            f["scale"] = scale
-            f["iteration"] = state.iteration
-            f.attrs["log"] = json.dumps(state.log_rows)
-            f.attrs["params"] = json.dumps(self._fingerprint())
-            f.attrs["sparse_below"] = self.crossover
+        write_checkpoint(path, state.models, scale, state.iteration, state.log_rows,
+                         self._fingerprint(), {"sparse_below": self.crossover})
 
     def load_checkpoint(self, path: Path) -> EMCState:
-        try:
-            with h5py.File(path, "r") as f:
-                models = f["intens"][:]
-                scale = f["scale"][:]
-                iteration = int(f["iteration"][()])
-                log_rows = json.loads(f.attrs["log"])
-                fingerprint = json.loads(f.attrs["params"])
-        except (OSError, KeyError, ValueError) as exc:
-            raise InputError(
-                path, f"unreadable checkpoint ({exc}); delete it to start afresh"
-            ) from None
-        if fingerprint != self._fingerprint():
-            raise InputError(path, "checkpoint was made with other parameters or data; delete it "
-                             "or run without --resume")
+        saved = read_checkpoint(path, self._fingerprint())
         start = self.local_start
-        return EMCState(
-            models=models, scale=scale[start : start + self.frames.size], iteration=iteration,
-            log_rows=log_rows,
-        )
+        return EMCState(models=saved["intens"],
+                        scale=saved["scale"][start:start + self.frames.size],
+                        iteration=saved["iteration"], log_rows=saved["log_rows"])
 
     def _resume_split(self, checkpoint: Path) -> None:
         """With ``sparse_below: auto``, take the dense/CSR split the checkpointed run measured, so

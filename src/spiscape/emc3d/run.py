@@ -34,6 +34,7 @@ from spiscape.emc import kernels
 from spiscape.emc.run import memory_budget, photon_fingerprint
 from spiscape.emc3d import quaternions, slicing
 from spiscape.errors import ConfigError, InputError
+from spiscape.io.checkpoint import read_checkpoint, write_checkpoint
 from spiscape.orient import rotations
 
 log = logging.getLogger(__name__)
@@ -356,37 +357,16 @@ class EMC3D:
         return out
 
     def save_checkpoint(self, path: Path, state: EMC3DState) -> None:
-        import h5py
-
-        from spiscape.utils.atomic import atomic_path
-
         scale = self.gather(self._full(state.scale, 1.0))
-        if self.rank != 0:
-            return
-        with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-            f["intens"] = state.models
-            f["scale"] = scale
-            f["iteration"] = state.iteration
-            f.attrs["log"] = json.dumps(state.log_rows)
-            f.attrs["fingerprint"] = json.dumps(self._fingerprint())
+        if self.rank == 0:
+            write_checkpoint(path, state.models, scale, state.iteration, state.log_rows,
+                             self._fingerprint())
 
     def load_checkpoint(self, path: Path) -> EMC3DState:
-        import h5py
-
-        try:
-            with h5py.File(path, "r") as f:
-                models, scale = f["intens"][:], f["scale"][:]
-                iteration = int(f["iteration"][()])
-                rows = json.loads(f.attrs["log"])
-                fingerprint = json.loads(f.attrs["fingerprint"])
-        except (OSError, KeyError, ValueError) as exc:
-            raise InputError(path, f"unreadable checkpoint ({exc}); delete it to start "
-                                   "afresh") from None
-        if fingerprint != json.loads(json.dumps(self._fingerprint())):
-            raise InputError(path, "checkpoint was made with other parameters or data; delete "
-                                   "it or run without --resume")
-        local = scale[self.local_start:self.local_start + self.keep.size][self.keep]
-        return EMC3DState(models=models, scale=local, iteration=iteration, log_rows=rows)
+        saved = read_checkpoint(path, self._fingerprint())
+        local = saved["scale"][self.local_start:self.local_start + self.keep.size][self.keep]
+        return EMC3DState(models=saved["intens"], scale=local, iteration=saved["iteration"],
+                          log_rows=saved["log_rows"])
 
     def run(self, out, checkpoint=None, resume: bool = False,
             q_per_voxel: float | None = None) -> dict:

@@ -67,3 +67,18 @@ def number_in(low: float | None = None, high: float | None = None, kind=float,
 def at_least(minimum: int, kind=int):
     """An argparse type: a ``kind`` (int by default) >= ``minimum``."""
     return number_in(minimum, kind=kind)
+
+
+def add_run_control(parser, device_help: str) -> None:
+    """The options every EMC engine shares: memory budget, device, resume and checkpoint."""
+    parser.add_argument("--memory-mb", type=at_least(1), default=None,
+                        help="memory a rank may use for cached frames and views and the blocks "
+                             "in flight (default: 1024 on a CPU, 40%% of the free GPU memory)")
+    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
+                        help=device_help)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the checkpoint of a killed run, if there is one "
+                             "(same data and settings)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="checkpoint file (default: beside --out, .ckpt.h5; removed when "
+                             "the run finishes)")
