@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import h5py
 import numpy as np
 
@@ -10,7 +12,8 @@ from spiscape.qc import health
 
 
 def fake_results(folder, *, last_rms=0.01, class_frames=(50, 40, 30, 20), placed=0.95,
-                 selected=(True, True, True, False), volumes_differ=True, phasing_failed=False):
+                 selected=(True, True, True, False), volumes_differ=True, phasing_failed=False,
+                 disparity=0.05):
     (folder / "classify2d").mkdir(parents=True)
     log = np.array([(1, 0.1, 0.5), (2, 0.1, last_rms)],
                    dtype=[("iteration", "i4"), ("seconds", "f8"), ("rms_change", "f8")])
@@ -31,6 +34,11 @@ def fake_results(folder, *, last_rms=0.01, class_frames=(50, 40, 30, 20), placed
     with h5py.File(folder / "frames.h5", "w") as f:
         f["label"] = label
         f["clpca"] = np.zeros((label.size, 2))
+    with h5py.File(folder / "embedding.h5", "w") as f:
+        f["coords"] = np.zeros((4, 2))
+        f["labels"] = np.zeros(4, dtype=np.int64)
+        f.attrs["metrics"] = json.dumps({"stability": {"mean_disparity": disparity}})
+        f.attrs["num_clusters"] = 1
     (folder / "vae").mkdir()
     with h5py.File(folder / "vae/latent.h5", "w") as f:
         f["selected"] = np.array(selected)
@@ -63,6 +71,7 @@ def test_a_healthy_run_has_no_warning(tmp_path):
     assert statuses(rows) == dict.fromkeys(health.THRESHOLDS, "ok")
     values = {r["check"]: r["value"] for r in rows}
     assert values["frames_placed"] == 0.95
+    assert values["landscape_shared"] == 0.95
     assert values["vae_frames"] == 0.9  # 90 of 100 averaged frames
     assert values["orientation_cc"] == 0.8  # median of the selected averages
     assert values["emc_live_classes"] == 1.0
@@ -70,7 +79,7 @@ def test_a_healthy_run_has_no_warning(tmp_path):
 
 def test_each_failure_mode_warns(tmp_path):
     fake_results(tmp_path, last_rms=0.2, class_frames=(180, 2, 1, 1), placed=0.5,
-                 selected=(False, False, True, True), volumes_differ=False)
+                 selected=(False, False, True, True), volumes_differ=False, disparity=0.3)
     with h5py.File(tmp_path / "phasing.h5", "a") as f:
         del f["converged"]
         f["converged"] = np.array([True, False, False, True, False])

@@ -14,6 +14,10 @@ emc_live_classes  share of the EMC classes holding >= 10 % of their fair < 0.5
                   share of the frames (the rest starved: annealing
                   collapsed onto a few classes)
 frames_placed     share of the frames with a cluster in the landscape    < 0.8
+landscape_shared  1 - Procrustes disparity of the bootstrap replicates'  < 0.8
+                  landscapes, each embedded alone, over the frames both
+                  placed: the share of the landscape's variance that
+                  two classifications of the same data agree on
 vae_frames        share of the averaged frames whose averages the VAE    < 0.5
                   trained on (the rest: clusters left out as
                   contaminants)
@@ -41,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from spiscape.io.averages import read_averages
+from spiscape.io.embedding import read_embedding
 from spiscape.io.frames import read_landscape
 from spiscape.io.orientation import read_orientation
 from spiscape.io.phasing import read_converged
@@ -58,6 +63,7 @@ THRESHOLDS = {
     "emc_converged": (0.05, False),
     "emc_live_classes": (0.5, True),
     "frames_placed": (0.8, True),
+    "landscape_shared": (0.8, True),
     "vae_frames": (0.5, True),
     "volume_spread": (0.01, True),
     "orientation_cc": (0.6, True),
@@ -67,6 +73,7 @@ MEANING = {
     "emc_converged": "largest relative rms change of the EMC models in the last iteration",
     "emc_live_classes": "share of EMC classes holding >= 10 % of their fair share of frames",
     "frames_placed": "share of frames placed in a cluster of the landscape",
+    "landscape_shared": "share of the landscape's variance the bootstrap replicates agree on",
     "vae_frames": "share of the averaged frames whose averages the VAE trained on",
     "volume_spread": "1 - smallest log-intensity CC between decoded volumes along the latent",
     "orientation_cc": "median CC of the VAE's averages with their best reference slice",
@@ -101,7 +108,13 @@ def landscape_checks(folder: Path) -> dict:
     if not path.exists():
         return {}
     label = read_landscape(path)["label"]
-    return {"frames_placed": float(np.mean(label >= 0)) if label.size else float("nan")}
+    out = {"frames_placed": float(np.mean(label >= 0)) if label.size else float("nan")}
+    if (folder / "embedding.h5").exists():
+        metrics = json.loads(read_embedding(folder / "embedding.h5").attrs.get("metrics", "{}"))
+        disparity = (metrics.get("stability") or {}).get("mean_disparity")
+        if disparity is not None:
+            out["landscape_shared"] = 1.0 - float(disparity)
+    return out
 
 
 def log_intensity_cc(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
