@@ -33,12 +33,13 @@ from emc import dataset_files, emc_env, per_iteration  # noqa: E402
 
 
 def aligned_shell_cc(model: np.ndarray, reference: np.ndarray, symmetric: bool,
-                     fraction: float = 0.7) -> dict:
+                     q_range: tuple[float, float], fraction: float = 0.7) -> dict:
     """Shell correlation of a model with a truth intensity turned to it: the rotation maximising
-    the correlation of their log intensities inside ``fraction`` of the grid radius, searched on
-    the refined 600-cell (the cube group's asymmetric unit when the truth has that symmetry,
-    n = 4; else n = 3) and two finer local grids; then the minimum and mean shell CC of the
-    intensities over the shells from 2 voxels to ``fraction`` of the grid radius."""
+    the correlation of their log intensities over the measured shells (``q_range``: the
+    detector's smallest and largest |q| of a used pixel, voxels) to ``fraction`` of the largest,
+    searched on the refined 600-cell (the cube group's asymmetric unit when the truth has that
+    symmetry, n = 4; else n = 3) and two finer local grids; then the minimum and mean shell CC
+    of the intensities over those shells (the VAE's cube-shell measure)."""
     from spiscape.emc3d import quaternions, slicing
     from spiscape.metrics.volumes import centre_crop, shell_correlation
     from spiscape.orient import rotations
@@ -49,7 +50,8 @@ def aligned_shell_cc(model: np.ndarray, reference: np.ndarray, symmetric: bool,
         return {}
     axis = np.arange(size) - size // 2
     r = np.sqrt(axis[:, None, None] ** 2 + axis[None, :, None] ** 2 + axis[None, None, :] ** 2)
-    inside = (r >= 2) & (r <= fraction * (size // 2))
+    qmin, qmax = float(np.ceil(q_range[0])), fraction * float(q_range[1])
+    inside = (r >= qmin) & (r <= qmax)
     target = np.log(np.maximum(model, 1e-6 * model.max()))[inside]
     log_ref = np.log(np.maximum(ref, 1e-6 * ref.max()))
 
@@ -66,15 +68,24 @@ def aligned_shell_cc(model: np.ndarray, reference: np.ndarray, symmetric: bool,
         vals = [score(q) for q in trial]
         if max(vals) > top:
             top, best = max(vals), trial[int(np.argmax(vals))]
-    q, cc = shell_correlation(model, slicing.rotate(ref, best[None]), qmin=2.0,
-                              qmax=fraction * (size // 2))
+    q, cc = shell_correlation(model, slicing.rotate(ref, best[None]), qmin=qmin, qmax=qmax)
     return {"shell_cc_min": float(np.nanmin(cc)), "shell_cc_mean": float(np.nanmean(cc)),
             "log_cc": top}
 
 
-def model_scores(intens: np.ndarray, models: np.ndarray, truth: Path | None) -> dict:
-    """Per model: frames, purity, majority population and, for a cube or sphere majority, the
-    shell CC against that population's true intensity (averaged over its frames' sizes)."""
+def measured_q(detector) -> tuple[float, float]:
+    from spiscape.io import read_detector
+
+    det = read_detector(detector)
+    q = np.sqrt(det.qx**2 + det.qy**2 + det.qz**2)[det.mask == 0]
+    return float(q.min()), float(q.max())
+
+
+def model_scores(intens: np.ndarray, models: np.ndarray, truth: Path | None,
+                 q_range: tuple[float, float]) -> dict:
+    """Per model: frames, purity (and over the pure populations: melting frames, a continuum
+    between cube and sphere, left out), majority population and, for a cube majority, the shell
+    CC against the true cube intensity averaged over its frames' sizes."""
     if truth is None:
         return {}
     from spiscape.io.truth import read_truth
@@ -93,13 +104,50 @@ def model_scores(intens: np.ndarray, models: np.ndarray, truth: Path | None) -> 
         major = int(counts.argmax())
         entry = {"frames": int(mine.sum()), "purity": float(counts.max() / counts.sum()),
                  "majority": names[major]}
-        if names[major] in ("cube", "sphere"):
+        pure = counts.copy()
+        if "melting" in names:
+            pure[names.index("melting")] = 0
+        if pure.sum():
+            entry["purity_pure"] = float(pure.max() / pure.sum())
+            entry["majority_pure"] = names[int(pure.argmax())]
+        if names[major] == "cube":
             volume = np.flatnonzero(np.asarray(t.volume_info["label"]) == major)[0]
             sizes = np.asarray(t.frames["size"])[mine & (labels == major)]
             reference = size_averaged(np.asarray(t.volumes[volume], dtype=np.float64), sizes)
-            entry.update(aligned_shell_cc(intens[k], reference, symmetric=True))
+            entry.update(aligned_shell_cc(intens[k], reference, True, q_range))
         out[f"model{k}"] = entry
     return out
+
+
+def refine_cube(photons, detector, truth, tmp: Path, name: str, quality: dict, args,
+                q_range) -> dict:
+    """The cube model's frames alone (--from-model) with the cube's point group at num_div 8:
+    its shell CC against the true cube, and the time."""
+    cube = [k for k in quality if k.startswith("model") and quality[k].get("majority") == "cube"]
+    if not cube:
+        return {}
+    k = int(cube[0][len("model"):])
+    out = tmp / f"{name}_cube_refined.h5"
+    cmd = [sys.executable, "-m", "spiscape", "emc3d", "--photons", str(photons), "--detector",
+           str(detector), "--out", str(out), "--num-models", "1", "--point-group", "m-3m",
+           "--num-div", "8", "--iterations", "30", "--seed", str(args.seed), "--from-model",
+           str(tmp / f"{name}_emc3d.h5"), str(k)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=emc_env(args.threads), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"emc3d --from-model failed:\n{proc.stderr[-3000:]}")
+    from spiscape.io.emc3d import read_emc3d
+    from spiscape.io.truth import read_truth
+    from spiscape.metrics.volumes import size_averaged
+
+    result = read_emc3d(out)
+    t = read_truth(truth)
+    labels = np.asarray(t.label)
+    chosen = result.frames["model"] == 0
+    sizes = np.asarray(t.frames["size"])[chosen & (labels == 0)]
+    reference = size_averaged(np.asarray(t.volumes[0], dtype=np.float64), sizes)
+    return {"model": k, "frames": int(chosen.sum()), "wall_seconds": time.perf_counter() - start,
+            **aligned_shell_cc(result.intens[0], reference, True, q_range)}
 
 
 def start_models(photons, detector, args) -> np.ndarray:
@@ -144,8 +192,12 @@ def compare(name: str, args, tmp: Path) -> dict:
     row["spiscape"] = {k: v for k, v in ours.items() if k != "models"}
     from spiscape.io.emc3d import read_emc3d
 
+    q_range = measured_q(detector)
     row["spiscape"]["quality"] = model_scores(read_emc3d(tmp / f"{name}_emc3d.h5").intens,
-                                              ours["models"], truth)
+                                              ours["models"], truth, q_range)
+    if args.refine_cube and truth is not None:
+        row["spiscape"]["cube_refined"] = refine_cube(photons, detector, truth, tmp, name,
+                                                      row["spiscape"]["quality"], args, q_range)
     if args.dragonfly:
         import dragonfly_baseline as dfb
 
@@ -163,7 +215,7 @@ def compare(name: str, args, tmp: Path) -> dict:
                      "num_rotations": df["num_rotations"], "command": df["command"],
                      "same_start": "start_model_file" in df["config"]}
             entry["quality"] = model_scores(np.asarray(df["intens"]), np.asarray(df["modes"]),
-                                            truth)
+                                            truth, q_range)
             row["dragonfly"] = entry
             row["speedup_vs_dragonfly"] = (entry["seconds_per_iteration"]
                                            / row["spiscape"]["seconds_per_iteration"])
@@ -177,14 +229,15 @@ def describe(quality: dict) -> str:
         if not m.get("frames"):
             parts.append("empty")
             continue
-        cc = f" ({m['shell_cc_min']:.2f})" if "shell_cc_min" in m else ""
-        parts.append(f"{m['majority']} {m['purity']:.2f}{cc}")
+        cc = f", shell CC min {m['shell_cc_min']:.2f}" if "shell_cc_min" in m else ""
+        pure = (f" / {m['purity_pure']:.2f}" if "purity_pure" in m else "")
+        parts.append(f"{m['majority']} {m['purity']:.2f}{pure}{cc}")
     return ", ".join(parts)
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| set | frames | K x orientations | spiscape s/it | Dragonfly s/it | ratio | "
-             "ARI ours / Dragonfly | models ours: majority purity (shell CC min) | "
+             "ARI ours / Dragonfly | models ours: majority, purity / over pure populations | "
              "models Dragonfly |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ours, df = r["spiscape"], r.get("dragonfly", {})
@@ -216,6 +269,8 @@ def main() -> None:
                         help="seed our models from this landscape (frames.h5 of the same "
                              "photons; one dataset): Dragonfly keeps the shared random start")
     parser.add_argument("--init-by", default="clusters", choices=["clusters", "coordinates"])
+    parser.add_argument("--refine-cube", action="store_true",
+                        help="then refine our cube model's frames alone with m-3m at num_div 8")
     parser.add_argument("--beta-jump", type=float, default=d.beta_jump)
     parser.add_argument("--beta-period", type=int, default=d.beta_period)
     parser.add_argument("--tmp", default=str(HERE / "results" / "emc3d_runs"))
@@ -226,6 +281,12 @@ def main() -> None:
     rows = [compare(name, args, tmp) for name in args.datasets]
     Path(args.json).write_text(json.dumps({"rows": rows}, indent=1, default=float))
     print(table(rows))
+    for r in rows:
+        if r["spiscape"].get("cube_refined"):
+            c = r["spiscape"]["cube_refined"]
+            print(f"{r['dataset']}: cube model {c['model']} refined alone (m-3m, num_div 8): "
+                  f"{c['frames']} frames, shell CC min {c['shell_cc_min']:.3f} mean "
+                  f"{c['shell_cc_mean']:.3f}, {c['wall_seconds']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -222,3 +222,16 @@ def test_impossible_settings_are_refused(tiny_dataset, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "warmup" in err
     assert not (tmp_path / "e.h5").exists()
+
+
+def test_from_model_refines_one_models_frames_alone(tiny_dataset, tmp_path):
+    base = ["emc3d", "--photons", str(tiny_dataset / "photons.h5"), "--detector",
+            str(tiny_dataset / "detector.h5"), "--num-div", "1", "--iterations", "3"]
+    first = tmp_path / "first.h5"
+    assert cli.main([*base, "--out", str(first), "--num-models", "2"]) == 0
+    chosen = read_emc3d(first, volumes=False).frames["model"] == 1
+    second = tmp_path / "second.h5"
+    assert cli.main([*base, "--out", str(second), "--num-models", "1", "--from-model",
+                     str(first), "1"]) == 0
+    models = read_emc3d(second, volumes=False).frames["model"]
+    np.testing.assert_array_equal(models >= 0, chosen)  # the others are left out (-1)

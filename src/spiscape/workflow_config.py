@@ -52,7 +52,7 @@ RULE_FLAGS = {
     "phase": {"volumes", "out", "curve", "figure_dir", "mrc_dir"},
     "place": {"reference", "photons", "detector", "out", "figure"},
     "emc3d": {"photons", "detector", "out", "maps", "figure", "convergence", "volumes",
-              "init_labels", "truth", "q_per_pixel", "resume"},
+              "init_labels", "truth", "q_per_pixel", "resume", "from_model"},
 }
 COMMON_FLAGS = {"log_file", "help", "version"}
 

@@ -48,6 +48,10 @@ def add_args(parser):
                              "clusters seed the models (frames held to their cluster's model "
                              "for --label-iterations, then free; frames outside any cluster are "
                              "free from the start)")
+    parser.add_argument("--from-model", nargs=2, metavar=("EMC3D_H5", "K"), default=None,
+                        help="only the frames an earlier emc3d run gave to its model K (same "
+                             "photon files): refine one population alone, e.g. the cube model "
+                             "with --point-group m-3m and a finer --num-div")
     parser.add_argument("--init-by", choices=["clusters", "coordinates"], default="clusters",
                         help="with --init-labels: the landscape's clusters, or its frames' "
                              "coordinates grouped into --num-models groups by k-means")
@@ -121,7 +125,18 @@ def main(args):
         beta_period=args.beta_period, need_scaling=args.need_scaling, seed=args.seed,
         init_noise=args.init_noise, block_frames=args.block_frames, memory_mb=args.memory_mb,
         device=args.device)
-    emc = EMC3D(args.photons, args.detector, params, labels=labels)
+    select = None
+    if args.from_model:
+        from spiscape.errors import InputError
+        from spiscape.io.emc3d import read_emc3d
+
+        earlier, model = args.from_model
+        if not model.isdigit():
+            raise InputError(earlier, f"--from-model: the model number must be an integer, "
+                                      f"got {model!r}")
+        select = read_emc3d(earlier, volumes=False).frames["model"] == int(model)
+        log.info("%d frames of model %s of %s", int(select.sum()), model, earlier)
+    emc = EMC3D(args.photons, args.detector, params, labels=labels, select=select)
     q_per_voxel = None
     if args.truth is not None:
         from spiscape.io.truth import read_q_per_voxel

@@ -84,7 +84,7 @@ class EMC3D:
     """One 3D EMC reconstruction over this rank's shard of the frames."""
 
     def __init__(self, photon_files, detector_path, params: EMC3DParams, comm=None,
-                 labels=None):
+                 labels=None, select=None):
         from spiscape.io import read_detector, read_shard
 
         params.check()
@@ -114,6 +114,15 @@ class EMC3D:
             raise InputError(self.photon_files[0], "no frame has a photon on a used pixel")
         if empty:
             log.warning("%d frame(s) without a photon on a used pixel are left out", empty)
+        if select is not None:  # only these frames (e.g. one model's of an earlier run)
+            select = np.asarray(select, dtype=bool)
+            if select.shape != (self.num_total,):
+                raise InputError(None, f"a selection of {select.size} frames for "
+                                       f"{self.num_total}")
+            keep &= select[self.local_start:self.local_start + photons.num_frames]
+        self.num_used = int(self._sum(float(keep.sum())))
+        if self.num_used == 0:
+            raise InputError(self.photon_files[0], "no frame selected")
         self.keep = keep
         self.counts = counts[np.flatnonzero(keep)]
         self.labels = None
@@ -208,7 +217,7 @@ class EMC3D:
         sums = self._allreduce(np.bincount(shells, weights=np.asarray(
             self.counts.sum(axis=0)).ravel(), minlength=self.size))
         hits = np.bincount(shells, minlength=self.size).astype(np.float64)
-        profile = sums / np.maximum(hits, 1) / max(self.num_total, 1)
+        profile = sums / np.maximum(hits, 1) / self.num_used
         filled = hits > 0
         profile = np.interp(np.arange(self.size), np.flatnonzero(filled), profile[filled])
         c = self.size // 2
@@ -301,11 +310,11 @@ class EMC3D:
         new_models = np.where(reached, num / np.where(reached, dnm, 1.0), state.models)
         change = np.sqrt(((new_models - state.models) ** 2).sum(axis=(1, 2, 3))
                          / np.maximum((state.models**2).sum(axis=(1, 2, 3)), 1e-30))
-        occupancy = self._allreduce(model_frames) / max(self.num_total - 0, 1)
+        occupancy = self._allreduce(model_frames) / self.num_used
         row = {"iteration": state.iteration + 1, "beta_mean": self._sum(beta.sum())
-               / self.num_total, "rms_change": float(change.max()),
-               "mutual_info": self._sum(mutual.sum()) / self.num_total,
-               "log_likelihood": self._sum(loglik.sum()) / self.num_total,
+               / self.num_used, "rms_change": float(change.max()),
+               "mutual_info": self._sum(mutual.sum()) / self.num_used,
+               "log_likelihood": self._sum(loglik.sum()) / self.num_used,
                "occupancy": [round(float(x), 4) for x in occupancy],
                "seconds": round(time.perf_counter() - t0, 3)}
         new = EMC3DState(models=new_models, scale=new_scale, iteration=state.iteration + 1,
@@ -342,7 +351,8 @@ class EMC3D:
                                          if self.rank == 0 else None, root=0)
         params = {k: v for k, v in asdict(self.params).items()
                   if k not in ("block_frames", "memory_mb", "device")}
-        return {"params": params, "photons": self._hash, "frames": self.num_total}
+        return {"params": params, "photons": self._hash, "frames": self.num_total,
+                "used": self.num_used}
 
     def gather(self, local: np.ndarray):
         if self.nranks == 1:
