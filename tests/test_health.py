@@ -13,7 +13,7 @@ from spiscape.qc import health
 
 def fake_results(folder, *, last_rms=0.01, class_frames=(50, 40, 30, 20), placed=0.95,
                  selected=(True, True, True, False), volumes_differ=True, phasing_failed=False,
-                 disparity=0.05):
+                 disparity=0.05, volume_jumps=False):
     (folder / "classify2d").mkdir(parents=True)
     log = np.array([(1, 0.1, 0.5), (2, 0.1, last_rms)],
                    dtype=[("iteration", "i4"), ("seconds", "f8"), ("rms_change", "f8")])
@@ -59,6 +59,7 @@ def fake_results(folder, *, last_rms=0.01, class_frames=(50, 40, 30, 20), placed
         f["intens"] = np.stack([one, (one + other) / 2, other])
     with h5py.File(folder / "phasing.h5", "w") as f:
         f["converged"] = np.array([True] * 9 + [not phasing_failed])
+        f["volume"] = np.linspace(1.0, 1.1, 10) * (np.linspace(1, 10, 10) if volume_jumps else 1)
 
 
 def statuses(rows):
@@ -79,10 +80,12 @@ def test_a_healthy_run_has_no_warning(tmp_path):
 
 def test_each_failure_mode_warns(tmp_path):
     fake_results(tmp_path, last_rms=0.2, class_frames=(180, 2, 1, 1), placed=0.5,
-                 selected=(False, False, True, True), volumes_differ=False, disparity=0.3)
+                 selected=(False, False, True, True), volumes_differ=False, disparity=0.3,
+                 volume_jumps=True)
     with h5py.File(tmp_path / "phasing.h5", "a") as f:
         del f["converged"]
-        f["converged"] = np.array([True, False, False, True, False])
+        f["converged"] = np.array([True, False, False, True, False, True, True, True, False,
+                                   False])
     got = statuses(health.dataset_health(tmp_path))
     assert got == dict.fromkeys(health.THRESHOLDS, "warn")
 

@@ -46,6 +46,16 @@ def read_converged(path) -> np.ndarray | None:
         return np.asarray(f["converged"][()], dtype=bool) if "converged" in f else None
 
 
+def read_phased_volumes(path) -> tuple[np.ndarray, np.ndarray] | None:
+    """``volume (K,)`` and ``converged (K,)`` of a 3D ``phasing.h5`` (None for a 2D one or a
+    file without them)."""
+    with open_input(path, "a phasing file") as f:
+        if "volume" not in f or "converged" not in f:
+            return None
+        return (np.asarray(f["volume"][()], dtype=np.float64),
+                np.asarray(f["converged"][()], dtype=bool))
+
+
 def write_curve(path, idx, z, volumes, resolution, has_data, converged):
     """volume_curve.csv: index, z0..z{d-1}, volume_nm3, volume_relative (to the first), PRTF
     resolution, has_data (1: an average's latent lies within a grid step of the point; 0: the

@@ -31,6 +31,11 @@ orientation_cc    median CC of the averages the VAE trained on with      < 0.6
 phasing           share of the volume curve's points whose phasing       < 0.8
                   converged (starts agree, support error not an
                   outlier of the curve's)
+volume_range      largest / smallest phased volume along the curve       > 2
+                  (converged points): a continuous latent does not
+                  double a particle's volume (on the validation matrix
+                  it caught df64's +917 % ratio, which no other check
+                  did)
 ================  =====================================================  ==========
 """
 
@@ -48,7 +53,7 @@ from spiscape.io.averages import read_averages
 from spiscape.io.embedding import read_embedding
 from spiscape.io.frames import read_landscape
 from spiscape.io.orientation import read_orientation
-from spiscape.io.phasing import read_converged
+from spiscape.io.phasing import read_converged, read_phased_volumes
 from spiscape.io.replicate import read_replicate, replicate_files
 from spiscape.io.volumes import read_latent, read_volumes
 from spiscape.phasing.align import centred_radius
@@ -68,6 +73,7 @@ THRESHOLDS = {
     "volume_spread": (0.01, True),
     "orientation_cc": (0.6, True),
     "phasing": (0.8, True),
+    "volume_range": (2.0, False),
 }
 MEANING = {
     "emc_converged": "largest relative rms change of the EMC models in the last iteration",
@@ -78,6 +84,7 @@ MEANING = {
     "volume_spread": "1 - smallest log-intensity CC between decoded volumes along the latent",
     "orientation_cc": "median CC of the VAE's averages with their best reference slice",
     "phasing": "share of the volume curve's points whose phasing converged",
+    "volume_range": "largest / smallest phased volume along the latent (converged points)",
 }
 
 
@@ -157,8 +164,15 @@ def phasing_checks(folder: Path) -> dict:
     if not path.exists():
         return {}
     converged = read_converged(path)
-    return {} if converged is None or not converged.size else {
+    out = {} if converged is None or not converged.size else {
         "phasing": float(np.mean(converged))}
+    phased = read_phased_volumes(path)
+    if phased is not None:
+        volume, ok = phased
+        ok &= np.isfinite(volume) & (volume > 0)
+        if ok.sum() >= 2:
+            out["volume_range"] = float(volume[ok].max() / volume[ok].min())
+    return out
 
 
 def dataset_health(folder: Path) -> list[dict]:
