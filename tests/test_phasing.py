@@ -292,6 +292,22 @@ def test_stagnated_patterns_are_the_outliers_of_the_curve():
     assert stagnated(curve) == [2, 5]
     assert stagnated(curve[:2]) == []  # too few patterns to call one an outlier
     assert stagnated([result(0.1)] * 5) == []
+    # most of a curve collapsed alike (df64 of the validation matrix: 6 of 11): still found,
+    # where a rule on the median would have called the good ones normal and the rest too
+    df64 = [result(e) for e in (0.10, 0.40, 0.10, 0.10, 0.11, 0.39, 0.21, 0.42, 0.40, 0.43,
+                                0.42)]
+    assert stagnated(df64) == [1, 5, 7, 8, 9, 10]  # 0.21 (half the volume) is just under
+
+
+def test_retries_lower_the_shrinkwrap_threshold_and_change_the_seed():
+    from spiscape.phasing.algorithms import PhasingParams, retry_params
+
+    base = PhasingParams(seed=3)
+    first, second = retry_params(base, 1), retry_params(base, 2)
+    assert first.shrinkwrap_threshold == pytest.approx(base.shrinkwrap_threshold / 2)
+    assert second.shrinkwrap_threshold_start == pytest.approx(
+        base.shrinkwrap_threshold_start / 4)
+    assert len({base.seed, first.seed, second.seed}) == 3
 
 
 def test_density_maps_read_back_with_their_physical_size(tmp_path):

@@ -35,6 +35,7 @@ from spiscape.phasing.algorithms import (
     DEFAULT_RECIPE,
     STAGNATION_RETRIES,
     final_error,
+    retry_params,
     stagnated,
 )
 from spiscape.phasing.volume import (
@@ -182,21 +183,30 @@ def main(args):
                  res.kept.size, res.errors.shape[1],
                  "" if res.converged else " (NOT CONVERGED: no two starts agree)",
                  final_error(res), volumes[-1], res.resolution_q)
-    for k in stagnated(results):
+    outliers = stagnated(results)
+    # the volume the curve's sound patterns agree on: a re-phased pattern must land within a
+    # factor 2 of it (a lower shrink-wrap threshold can also let a support grow to the box, with
+    # a low support error and a volume 10-100 times the particle's)
+    sound = [volumes[k] for k in range(len(results)) if k not in outliers]
+    typical = float(np.median(sound)) if sound else float("nan")
+    for k in outliers:
         # every start of a batch can stagnate alike (they agree with each other, so the
         # agreement rule passes) in a solution whose support error is several times that of the
-        # curve's other patterns and whose F(0) is far too small; other seeds mostly escape it
+        # curve's other patterns and whose F(0) is far too small
         for attempt in range(1, STAGNATION_RETRIES + 1):
-            retry = phase_pattern(intens[k], replace(params, seed=params.seed + 7919 * attempt),
-                                  xp=xp, measured=measured)
-            if final_error(retry) < final_error(results[k]):
-                results[k], volumes[k] = retry, volume_of(retry, k)
+            retry = phase_pattern(intens[k], retry_params(params, attempt), xp=xp,
+                                  measured=measured)
+            volume = volume_of(retry, k)
+            plausible = not np.isfinite(typical) or 0.5 * typical <= volume <= 2.0 * typical
+            if final_error(retry) < final_error(results[k]) and plausible:
+                results[k], volumes[k] = retry, volume
             if k not in stagnated(results):
                 break
         still = k in stagnated(results)
         if still:
             results[k] = replace(results[k], converged=False)
-        log.warning("pattern %d/%d: support error an outlier of the curve's; phased again: "
+        log.warning("pattern %d/%d: support error an outlier of the curve's; phased again "
+                    "(other seeds, lower shrink-wrap threshold): "
                     "error %.2g, volume %.4g%s", k + 1, intens.shape[0], final_error(results[k]),
                     volumes[k], " (still an outlier: NOT CONVERGED)" if still else "")
     voxel = voxel_size_nm(shape[-1], dq) if dq else float("nan")

@@ -340,9 +340,10 @@ class Phaser:
         return final, supports, errors
 
 
-#: a pattern whose final support error is more than this many times the median of the curve's
-#: patterns stagnated (on Dragonfly-simulated data: 0.39-0.43 against 0.06-0.12, with a tenth
-#: of the particle volume)
+#: a pattern whose final support error is more than this many times the lower quartile of the
+#: curve's patterns stagnated (on Dragonfly-simulated data: 0.39-0.43 against 0.06-0.12, with
+#: a tenth of the particle volume). The quartile, not the median: on the validation matrix up to
+#: 6 of 11 patterns of a curve collapsed, which lifted the median above the good ones' errors
 STAGNATION_FACTOR = 2.0
 STAGNATION_RETRIES = 2
 
@@ -357,4 +358,19 @@ def stagnated(results) -> list[int]:
     if len(results) < 3:
         return []
     errors = np.array([final_error(r) for r in results])
-    return [int(k) for k in np.flatnonzero(errors > STAGNATION_FACTOR * np.median(errors))]
+    return [int(k) for k in np.flatnonzero(errors > STAGNATION_FACTOR
+                                          * np.quantile(errors, 0.25))]
+
+
+def retry_params(params: PhasingParams, attempt: int) -> PhasingParams:
+    """Settings of the ``attempt``-th re-phasing of a stagnated pattern: other seeds and a
+    shrink-wrap threshold halved each time. A collapsed support (a tenth of the particle, a
+    support error of ~0.4) comes from the threshold cutting the blurred density at a fraction
+    of a sharp peak; other seeds alone collapse alike (df64: 4 of 4 starts agreed on it), a
+    lower threshold keeps the particle (support error 0.09, the true volume within 3 %)."""
+    from dataclasses import replace
+
+    factor = 0.5 ** attempt
+    return replace(params, seed=params.seed + 7919 * attempt,
+                   shrinkwrap_threshold=params.shrinkwrap_threshold * factor,
+                   shrinkwrap_threshold_start=params.shrinkwrap_threshold_start * factor)
