@@ -40,16 +40,15 @@ def aligned_shell_cc(model: np.ndarray, reference: np.ndarray, symmetric: bool,
     searched on the refined 600-cell (the cube group's asymmetric unit when the truth has that
     symmetry, n = 4; else n = 3) and two finer local grids; then the minimum and mean shell CC
     of the intensities over those shells (the VAE's cube-shell measure)."""
-    from spiscape.emc3d import quaternions, slicing
+    from spiscape.emc3d import slicing
     from spiscape.metrics.volumes import centre_crop, shell_correlation
-    from spiscape.orient import rotations
+    from spiscape.phasing.align import centred_radius
 
     size = model.shape[0]
     ref = centre_crop(reference, size) if reference.shape[0] >= size else None
     if ref is None:
         return {}
-    axis = np.arange(size) - size // 2
-    r = np.sqrt(axis[:, None, None] ** 2 + axis[None, :, None] ** 2 + axis[None, None, :] ** 2)
+    r = centred_radius(model.shape)
     qmin, qmax = float(np.ceil(q_range[0])), fraction * float(q_range[1])
     inside = (r >= qmin) & (r <= qmax)
     target = np.log(np.maximum(model, 1e-6 * model.max()))[inside]
@@ -59,15 +58,8 @@ def aligned_shell_cc(model: np.ndarray, reference: np.ndarray, symmetric: bool,
         turned = slicing.rotate(log_ref, quat[None])[inside]
         return float(np.corrcoef(turned, target)[0, 1])
 
-    candidates, _ = quaternions.sample(4 if symmetric else 3, "432" if symmetric else "1")
-    values = [score(q) for q in candidates]
-    best, top = candidates[int(np.argmax(values))], max(values)
-    for step in (8.0, 2.0):
-        trial = rotations.canonical(rotations.multiply(rotations.local_grid(step, 2 * step),
-                                                       best[None]))
-        vals = [score(q) for q in trial]
-        if max(vals) > top:
-            top, best = max(vals), trial[int(np.argmax(vals))]
+    best, top = slicing.search_rotation(score, 4 if symmetric else 3,
+                                        "432" if symmetric else "1", (8.0, 2.0))
     q, cc = shell_correlation(model, slicing.rotate(ref, best[None]), qmin=qmin, qmax=qmax)
     return {"shell_cc_min": float(np.nanmin(cc)), "shell_cc_mean": float(np.nanmean(cc)),
             "log_cc": top}

@@ -24,38 +24,13 @@ from sklearn.metrics import roc_auc_score
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE.parent))
 
 from emc import dataset_files  # noqa: E402
 
+from tests.test_place import build_reference  # noqa: E402 - the tests' landscape builder
+
 CLEAN = ("cube", "melting", "sphere")
-
-
-def build_landscape(photons: Path, detector: Path, out: Path, classes: int) -> None:
-    from spiscape import cli
-
-    data, det = ["--photons", str(photons)], ["--detector", str(detector)]
-    reps = []
-    for r in range(2):
-        rep = out / "classify2d" / f"rep{r}.h5"
-        if not rep.exists():
-            assert cli.main(["classify2d", *data, *det, "--out", str(rep), "--replicate",
-                             str(r), "--fraction", "0.8", "--num-classes", str(classes),
-                             "--num-rot", "12", "--friedel", "--iterations", "12",
-                             "--seed", "3"]) == 0
-        reps.append(str(rep))
-    steps = [
-        ["averages", "--replicates", *reps, "--out", str(out / "averages.h5"),
-         "--min-frames", "2"],
-        ["commonlines", "--averages", str(out / "averages.h5"), "--out",
-         str(out / "commonlines.h5")],
-        ["embed", "--commonlines", str(out / "commonlines.h5"), "--averages",
-         str(out / "averages.h5"), "--out", str(out / "embedding.h5"), "--components", "2"],
-        ["landscape", "--embedding", str(out / "embedding.h5"), "--averages",
-         str(out / "averages.h5"), "--replicates", *reps, *data, "--out",
-         str(out / "frames.h5")],
-    ]
-    for step in steps:
-        assert cli.main(step) == 0, step
 
 
 def measure(name: str, args, work: Path) -> dict:
@@ -78,7 +53,7 @@ def measure(name: str, args, work: Path) -> dict:
             write_photons(frames.select(np.flatnonzero(chosen)), folder / part / "photons.h5")
         shutil.copy(detector, folder / part / "detector.h5")
     query_labels = labels[contaminant | held]
-    build_landscape(folder / "reference" / "photons.h5", folder / "reference" / "detector.h5",
+    build_reference(folder / "reference" / "photons.h5", folder / "reference" / "detector.h5",
                     folder / "landscape", args.num_classes)
     placer = Placer(Reference.from_results(folder / "landscape"), read_detector(detector))
     sample = read_photons([folder / "reference" / "photons.h5"]).to_dense()

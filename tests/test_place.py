@@ -13,16 +13,17 @@ from spiscape.io.frames import read_landscape
 from spiscape.io.placed import read_placed
 
 
-def build_reference(photons, detector, out):
-    """A results folder made by the CLI stages: 2 replicates, averages, common lines, embedding
-    and the batch landscape of ``photons``."""
+def build_reference(photons, detector, out, num_classes: int = 6):
+    """A results folder made by the CLI stages: 2 replicates of ``num_classes`` classes,
+    averages, common lines, embedding and the batch landscape of ``photons`` (also used by
+    bench/place_outliers.py)."""
     data = ["--photons", str(photons)]
     det = ["--detector", str(detector)]
     reps = []
     for r in range(2):
         rep = out / "classify2d" / f"rep{r}.h5"
         assert cli.main(["classify2d", *data, *det, "--out", str(rep), "--replicate", str(r),
-                         "--fraction", "0.8", "--num-classes", "6", "--num-rot", "12",
+                         "--fraction", "0.8", "--num-classes", str(num_classes), "--num-rot", "12",
                          "--friedel", "--iterations", "12", "--seed", "3"]) == 0
         reps.append(str(rep))
     steps = [

@@ -36,6 +36,7 @@ from spiscape.emc3d import quaternions, slicing
 from spiscape.errors import ConfigError, InputError
 from spiscape.io.checkpoint import read_checkpoint, write_checkpoint
 from spiscape.orient import rotations
+from spiscape.phasing.align import centred_radius
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,7 @@ class EMC3D:
             raise InputError(self.photon_files[0], "no frame selected")
         self.keep = keep
         self.counts = counts[np.flatnonzero(keep)]
+        self.frame_photons = self.photons[keep]  # of the frames the EMC uses
         self.labels = None
         if labels is not None:
             self.labels = self._model_labels(np.asarray(labels), photons.num_frames)
@@ -220,9 +222,7 @@ class EMC3D:
         profile = sums / np.maximum(hits, 1) / self.num_used
         filled = hits > 0
         profile = np.interp(np.arange(self.size), np.flatnonzero(filled), profile[filled])
-        c = self.size // 2
-        axis = np.arange(self.size) - c
-        r = np.sqrt(axis[:, None, None] ** 2 + axis[None, :, None] ** 2 + axis[None, None, :] ** 2)
+        r = centred_radius((self.size,) * 3)
         base = np.interp(r, np.arange(self.size), profile)
         rng = np.random.default_rng(self.params.seed)
         models = np.stack([base * (1 + self.params.init_noise * rng.uniform(
@@ -241,7 +241,7 @@ class EMC3D:
         models = xp.asarray(state.models.reshape(k_models, -1).astype(np.float32))
         blocks = self._orient_blocks()
         cached = [self._views(models, lo, hi) for lo, hi in blocks] if self.cache_views else None
-        beta = kernels.beta_schedule(self.photons[self.keep], state.iteration, p.beta_start,
+        beta = kernels.beta_schedule(self.frame_photons, state.iteration, p.beta_start,
                                      p.beta_jump, p.beta_period)
         grid_num = xp.zeros((k_models, self.size**3), dtype=xp.float32)
         den = xp.zeros(len(self.quats) * k_models, dtype=xp.float64)
@@ -285,7 +285,7 @@ class EMC3D:
             best_p[f0:f1] = to_numpy(prob[xp.arange(f1 - f0), xp.asarray(best)])
             model_frames += to_numpy(prob.reshape(f1 - f0, -1, k_models).sum(axis=(0, 1)))
             expected = to_numpy(prob @ view_sums.astype(xp.float32)).astype(np.float64)
-            new_scale[f0:f1] = (self.photons[self.keep][f0:f1] / np.maximum(expected, 1e-30)
+            new_scale[f0:f1] = (self.frame_photons[f0:f1] / np.maximum(expected, 1e-30)
                                 if p.need_scaling else 1.0)
             den += (scale[None, :].astype(xp.float32) @ prob)[0].astype(xp.float64)
             frames_t = frames.T

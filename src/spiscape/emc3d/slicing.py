@@ -10,11 +10,14 @@ of per-pixel values ``E.T @ v``. Points beyond the grid read 0 (the grid is size
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import scipy.sparse
 
 from spiscape.errors import InputError
 from spiscape.orient import rotations
+from spiscape.phasing.align import centred_radius
 
 
 def grid_size(q: np.ndarray) -> int:
@@ -82,14 +85,22 @@ def symmetrize(models: np.ndarray, group: str) -> np.ndarray:
     return total / len(mats)
 
 
+@lru_cache(maxsize=4)
+def _grid_points(size: int) -> np.ndarray:
+    """Every voxel's position about the centre of a size³ grid, (3, size³), read-only (the
+    rotation searches turn one volume hundreds of times)."""
+    axis = np.arange(size, dtype=np.float64) - size // 2
+    grid = np.stack(np.meshgrid(axis, axis, axis, indexing="ij")).reshape(3, -1)
+    grid.flags.writeable = False
+    return grid
+
+
 def rotate(volume: np.ndarray, quat: np.ndarray) -> np.ndarray:
     """V(x) → V(R x) about the grid centre (trilinear; 0 beyond the grid)."""
     from scipy.ndimage import map_coordinates
 
     size = volume.shape[0]
-    axis = np.arange(size, dtype=np.float64) - size // 2
-    grid = np.stack(np.meshgrid(axis, axis, axis, indexing="ij")).reshape(3, -1)
-    coords = rotations.to_matrix(quat)[0] @ grid + size // 2
+    coords = rotations.to_matrix(quat)[0] @ _grid_points(size) + size // 2
     return map_coordinates(volume, coords, order=1, mode="constant", cval=0.0,
                            prefilter=False).reshape(volume.shape)
 
@@ -100,13 +111,9 @@ def align_to_group(model: np.ndarray, group: str, coarse_div: int = 4) -> tuple[
     about the grid axes: the share of its (log-intensity, mean-free) power that symmetrising
     keeps, searched over the group's asymmetric unit of the refined 600-cell ``coarse_div``,
     then on two finer local grids around the best. Returns (R, that share)."""
-    from spiscape.emc3d import quaternions
-
     logm = np.log(np.maximum(model, 1e-6 * model.max()))
     size = model.shape[0]
-    axis = np.arange(size) - size // 2
-    radius = np.sqrt(axis[:, None, None] ** 2 + axis[None, :, None] ** 2
-                     + axis[None, None, :] ** 2)
+    radius = centred_radius(model.shape)
     inside = (radius <= size // 2 - 1) & (radius >= 1)
 
     def score(quat):
@@ -115,12 +122,21 @@ def align_to_group(model: np.ndarray, group: str, coarse_div: int = 4) -> tuple[
         s = symmetrize(v[None], group)[0]
         return float((s * s).sum() / max((v * v).sum(), 1e-30))
 
-    candidates, _ = quaternions.sample(coarse_div, group)
+    spacing = np.degrees(0.94 / coarse_div) * 2
+    return search_rotation(score, coarse_div, group, (spacing / 4, spacing / 16))
+
+
+def search_rotation(score, num_div: int, group: str, steps) -> tuple[np.ndarray, float]:
+    """The rotation (quaternion) maximising ``score(quat)``: over the refined 600-cell
+    ``num_div`` (the group's asymmetric unit), then on a local grid of each of ``steps``
+    (degrees, radius two steps) around the best so far. Returns (rotation, its score)."""
+    from spiscape.emc3d import quaternions
+
+    candidates, _ = quaternions.sample(num_div, group)
     scores = [score(q) for q in candidates]
     best = candidates[int(np.argmax(scores))]
     top = max(scores)
-    spacing = np.degrees(0.94 / coarse_div) * 2
-    for step in (spacing / 4, spacing / 16):
+    for step in steps:
         local = rotations.local_grid(step, 2 * step)
         trial = rotations.canonical(rotations.multiply(local, best[None]))
         values = [score(q) for q in trial]
