@@ -40,16 +40,17 @@ def read_curve(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return z[order], v[order]
 
 
-def curve_ratio(res: Path, truth: Path | None = None) -> dict:
-    """The volume curve of a results folder read at the pure cube and sphere latents, against
-    the truth's volumes (``truth``, default ``res/data/truth.h5``)."""
+def curve_ratio(res: Path, truth: Path | None = None, curve: Path | None = None) -> dict:
+    """The volume curve of a results folder (``curve``, default ``res/volume_curve.csv``) read
+    at the pure cube and sphere latents, against the truth's volumes (``truth``, default
+    ``res/data/truth.h5``)."""
     from scipy.stats import spearmanr
 
     scores = json.loads((res / "vae/training.json").read_text())["scores"]
     for key in ("cube_latent", "sphere_latent"):
         if key not in scores:
             raise SystemExit(f"{res / 'vae/training.json'}: no {key} (train with --truth)")
-    z, v = read_curve(res / "volume_curve.csv")
+    z, v = read_curve(curve or res / "volume_curve.csv")
     with h5py.File(truth or res / "data/truth.h5", "r") as f:
         label = f["volumes/label"][()]
         true_v = f["volumes/particle_volume_nm3"][()]

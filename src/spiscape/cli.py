@@ -99,6 +99,10 @@ COMMANDS = {
         "Phase retrieval of 3D volumes or 2D averages (DM, RAAR, HIO, ER with shrink-wrap) and "
         "particle volumes.",
     ),
+    "train-phaser": (
+        "train_phaser",
+        "Train the neural phaser (3D U-Net on the Patterson map) on synthetic particle volumes.",
+    ),
 }
 
 

@@ -11,6 +11,13 @@ measured pixels) writes projected densities ``density (A, S, S)`` and their area
 Unmeasured Fourier voxels (NaN, outside --q-max, inside --q-min, outside the 2D support) are left
 free; for 3D the limits default to the input's ``q_min_measured`` / ``q_max_measured`` attributes
 (voxels; the VAE decoder extrapolates beyond them). The particle volume rule is described in :mod:`spiscape.phasing.volume`.
+
+``--method`` (3D): ``iterative`` phases random starts (the recipe, --starts, agreement rounds);
+``nn`` takes the neural phaser's prediction as the density; ``nn+refine`` refines that prediction
+with --refine-recipe and falls back to random starts where the refinement departs from it
+(:mod:`spiscape.phasing.neural`); ``auto`` is ``nn+refine`` when a model is available (the
+shipped one or --phaser-model) and ``iterative`` otherwise, and always ``iterative`` for 2D.
+``phasing.h5`` records each pattern's ``method``.
 """
 
 # ruff: noqa: E501 (the docstring's first line is the CLI summary, kept on one line)
@@ -38,6 +45,14 @@ from spiscape.phasing.algorithms import (
     retry_params,
     stagnated,
 )
+from spiscape.phasing.neural import (
+    METHODS,
+    REFINE_RECIPE,
+    NeuralSettings,
+    load_phaser,
+    phase_volume,
+    shipped_model_path,
+)
 from spiscape.phasing.volume import (
     DEFAULT_RULE,
     DEFAULT_SMOOTHING,
@@ -48,6 +63,9 @@ from spiscape.phasing.volume import (
 from spiscape.utils.args import at_least, number_in
 
 log = logging.getLogger(__name__)
+
+#: --method's default (``auto``: the neural phaser refined, where a model exists)
+DEFAULT_METHOD = "iterative"
 
 #: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
 OUTPUTS = {"out": "file", "curve": "file", "figure_dir": "folder", "mrc_dir": "folder"}
@@ -110,6 +128,15 @@ def add_args(parser):
     parser.add_argument("--mrc-dir", default=None,
                         help="also write each 3D density as density_NNN.mrc (voxel size in A, "
                              "centre at the origin) with z_values.txt, for ChimeraX")
+    parser.add_argument("--method", choices=("auto",) + METHODS, default=DEFAULT_METHOD,
+                        help="iterative (random starts), nn (the network's prediction), "
+                        "nn+refine (prediction refined; random starts where they disagree), "
+                        "auto (nn+refine for 3D when a model exists)")
+    parser.add_argument("--phaser-model", default=None,
+                        help="neural phaser weights (spiscape train-phaser); default: the "
+                        "shipped model")
+    parser.add_argument("--refine-recipe", default=REFINE_RECIPE,
+                        help="recipe refining the network's prediction (nn+refine)")
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                         help="array device (CuPy on a GPU when available)")
 
@@ -136,9 +163,31 @@ def averages_to_phase(path, q_per_voxel=None, indices=None):
     return intens[idx], data.support, (float(q_per_voxel) if q_per_voxel else None), idx
 
 
+def choose_method(args):
+    """(method, loaded phaser or None) for this run (see the module docstring)."""
+    method = args.method
+    if not args.volumes:
+        if method not in ("auto", "iterative"):
+            raise InputError("--method", f"{method} phases 3D volumes only; 2D averages are "
+                             "phased with --method iterative")
+        return "iterative", None
+    if method == "iterative" or (method == "auto" and args.phaser_model is None
+                                 and shipped_model_path() is None):
+        return "iterative", None
+    phaser = load_phaser(args.phaser_model)
+    method = "nn+refine" if method == "auto" else method
+    log.info("phasing with %s: neural phaser %s (sha256 %s)", method, phaser.path,
+             phaser.sha256[:12])
+    return method, phaser
+
+
 def main(args):
     params = _params(args)
+    parse_recipe(args.refine_recipe)
     xp = get_array_module(args.device)
+    method, phaser = choose_method(args)
+    neural = NeuralSettings(refine_recipe=args.refine_recipe, agree_cc=args.agree_cc,
+                            device="cuda" if xp is not np else "cpu")
     q_min = 0.0 if args.q_min is None else args.q_min
     q_max = float("inf") if args.q_max is None else args.q_max
     if args.volumes:
@@ -166,7 +215,7 @@ def main(args):
         measured &= extra
     rule = args.volume_rule or ("porod" if args.volumes else DEFAULT_RULE)
     fraction = args.mass_fraction if rule == "mass" else args.threshold_fraction
-    results, volumes, seconds = [], [], []
+    results, volumes, seconds, methods = [], [], [], []
 
     def volume_of(res, k):
         return (particle_volume_nm3(res.signed_density, dq, rule, fraction, args.smoothing,
@@ -174,12 +223,14 @@ def main(args):
 
     for k in range(intens.shape[0]):
         start = time.perf_counter()
-        res = phase_pattern(intens[k], params, xp=xp, measured=measured)
+        res, used = phase_volume(intens[k], method, phaser, params, neural, xp=xp,
+                                 measured=measured)
         seconds.append(time.perf_counter() - start)
         results.append(res)
+        methods.append(used)
         volumes.append(volume_of(res, k))
-        log.info("pattern %d/%d: %.1f s, %d of %d starts averaged%s, support error %.2g, "
-                 "volume %.4g, PRTF 1/e at shell %s", k + 1, intens.shape[0], seconds[-1],
+        log.info("pattern %d/%d: %s, %.1f s, %d of %d starts averaged%s, support error %.2g, "
+                 "volume %.4g, PRTF 1/e at shell %s", k + 1, intens.shape[0], used, seconds[-1],
                  res.kept.size, res.errors.shape[1],
                  "" if res.converged else " (NOT CONVERGED: no two starts agree)",
                  final_error(res), volumes[-1], res.resolution_q)
@@ -199,7 +250,7 @@ def main(args):
             volume = volume_of(retry, k)
             plausible = not np.isfinite(typical) or 0.5 * typical <= volume <= 2.0 * typical
             if final_error(retry) < final_error(results[k]) and plausible:
-                results[k], volumes[k] = retry, volume
+                results[k], volumes[k], methods[k] = retry, volume, "iterative"
             if k not in stagnated(results):
                 break
         still = k in stagnated(results)
@@ -220,6 +271,9 @@ def main(args):
     volumes = np.asarray(volumes)
     attrs = {
         "recipe": args.recipe, "starts": args.starts, "seed": args.seed,
+        "method": method, "refine_recipe": args.refine_recipe,
+        "phaser_model": phaser.path if phaser else "", "phaser_sha256": phaser.sha256 if phaser
+        else "",
         "volume_rule": rule,
         "threshold_fraction": -1.0 if fraction is None else float(fraction),
         "voxel_size_nm": voxel, "q_per_voxel_inv_nm": dq if dq else np.nan,
@@ -246,12 +300,21 @@ def main(args):
         "index": np.asarray(idx),
         # mean support error of the averaged starts (a pattern phased in several rounds: of the
         # round's iterations, all rounds together)
-        "error": np.stack([r.errors[:, r.kept].mean(axis=1) for r in results]),
+        "error": _padded([r.errors[:, r.kept].mean(axis=1) for r in results]),
         "converged": np.array([r.converged for r in results]),
         "starts_averaged": np.array([r.kept.size for r in results]),
+        "method": np.array(methods, dtype="S16"),
     }, attrs)
     log.info("%d patterns phased (%.1f s each) -> %s", len(results), np.mean(seconds), args.out)
     return 0
+
+
+def _padded(rows) -> np.ndarray:
+    """Rows of different lengths (methods run different recipes) as one array, NaN-padded."""
+    out = np.full((len(rows), max(len(r) for r in rows)), np.nan)
+    for k, r in enumerate(rows):
+        out[k, : len(r)] = r
+    return out
 
 
 def _nice_length(value: float) -> float:

@@ -6,8 +6,13 @@ real-space density of the averaged starts; ``support`` (gzip) its support; ``vol
 ``prtf_q (Q,)``, the phase-retrieval transfer function over the starts; ``resolution_nm (K,)``
 where it falls below 1/e (NaN where it never does); ``z (K, zdim)`` the latent points;
 ``index (K,)`` which volumes of the input; ``error (K, iterations)`` the mean support error;
-``converged (K,)`` bool, at least ``min_agree`` starts agreed; ``starts_averaged (K,)``;
-attributes ``recipe``, ``starts``, ``seed``, ``volume_rule``, ``threshold_fraction``,
+(NaN-padded where patterns ran different recipes); ``converged (K,)`` bool, at least
+``min_agree`` starts agreed (``nn+refine``: the refined density agrees with the network's
+prediction); ``starts_averaged (K,)``; ``method (K,)`` bytes, how each pattern was phased
+(``iterative``, ``nn``, ``nn+refine``; absent in files written before 2026-12-06);
+attributes ``method`` (the run's), ``refine_recipe``, ``phaser_model`` (path, "" for
+iterative), ``phaser_sha256``, ``recipe``, ``starts``, ``seed``, ``volume_rule``,
+``threshold_fraction``,
 ``voxel_size_nm``, ``q_per_voxel_inv_nm``, ``q_min_voxels``, ``q_max_voxels``,
 ``smoothing_voxels``, ``mode`` ("3d"/"2d"), ``source``, ``params`` (JSON),
 ``seconds_per_pattern``.

@@ -40,6 +40,7 @@ __all__ = [
     "PhasingResult",
     "measured_shell_mask",
     "parse_recipe",
+    "phase_from_start",
     "phase_pattern",
 ]
 
@@ -86,9 +87,16 @@ def phase_pattern(intens, params: PhasingParams, xp=np, measured=None) -> Phasin
             int(agree.sum()), densities.shape[0], params.agree_cc, rounds,
             "" if agree.sum() >= need else "; the result rests on one start")
     sel = np.flatnonzero(agree)
-    kept = np.asarray(kept)[sel]  # the best start first
+    return result_from_aligned(xp, np.asarray(kept)[sel], supports, aligned[sel], specs[sel],
+                   np.asarray(inverted)[sel], errors, intens, measured,
+                   converged=bool(agree.sum() >= need), rounds=rounds)
+
+
+def result_from_aligned(xp, kept, supports, aligned, specs, inverted, errors, intens, measured,
+            converged: bool, rounds: int) -> PhasingResult:
+    """The PhasingResult of the aligned starts ``kept`` (the reference first): their average,
+    clipped and centred, the reference's support moved with it, and the PRTF."""
     supports = supports[kept]
-    aligned, specs, inverted = aligned[sel], specs[sel], np.asarray(inverted)[sel]
     signed = xp.mean(aligned, axis=0)
     mean = xp.maximum(signed, 0)
     values, q = prtf(xp, specs, intens, measured)
@@ -110,9 +118,28 @@ def phase_pattern(intens, params: PhasingParams, xp=np, measured=None) -> Phasin
         inverted=inverted,
         kept=np.asarray(kept),
         signed_density=signed.astype(np.float32),
-        converged=bool(agree.sum() >= need),
+        converged=converged,
         rounds=rounds,
     )
+
+
+def phase_from_start(intens, params: PhasingParams, start, support, xp=np, measured=None,
+                     reference=None, agree_cc: float | None = None) -> PhasingResult:
+    """Refine one or more given starts ``(starts, *shape)`` within ``support`` with
+    ``params.recipe`` (no random starts). ``converged``: the refined density agrees with
+    ``reference`` (e.g. the network's prediction; aligned CC >= ``agree_cc``, default
+    ``params.agree_cc``), or True without a reference."""
+    d, s, e = Phaser(intens, params, xp=xp, measured=measured).run(start=start, support=support)
+    kept = select_starts(to_numpy(e[-1]) if e.shape[0] else None, d.shape[0])
+    aligned, specs, _, inverted = align_starts(xp, d[kept])
+    converged = True
+    if reference is not None:
+        pair = xp.stack([aligned[0], xp.asarray(reference, dtype=aligned.dtype)])
+        both, _, _, _ = align_starts(xp, pair)
+        threshold = params.agree_cc if agree_cc is None else agree_cc
+        converged = bool(agreeing(xp, both, threshold)[1])
+    return result_from_aligned(xp, kept, s, aligned, specs, inverted, e, intens, measured,
+                   converged=converged, rounds=1)
 
 
 def select_starts(final_errors, starts: int, factor: float = 2.0) -> np.ndarray:

@@ -302,17 +302,23 @@ class Phaser:
         den = xp.sqrt(xp.sum(p * p, axis=axes))
         return num / xp.maximum(den, 1e-30)
 
-    def run(self):
-        """Phase ``params.starts`` random starts; returns (densities, supports, error history).
+    def run(self, start=None, support=None):
+        """Phase ``params.starts`` random starts, or the given ``start`` densities
+        ``(starts, *shape)``; returns (densities, supports, error history).
 
-        densities ``(starts, *shape)`` real, non-negative; supports bool of the same shape;
-        errors ``(iterations, starts)`` the support error of P_M rho at every iteration.
+        ``support`` (bool, ``shape``) replaces the autocorrelation's support as the initial
+        support and the bound of every shrink-wrap. densities ``(starts, *shape)`` real,
+        non-negative; supports bool of the same shape; errors ``(iterations, starts)`` the
+        support error of P_M rho at every iteration.
         """
         xp, prm = self.xp, self.params
-        rng = np.random.default_rng(prm.seed)
-        support0 = self.initial_support()
-        supports = xp.broadcast_to(support0, (prm.starts,) + self.shape).copy()
-        rho = self.random_start(rng, supports)
+        support0 = self.initial_support() if support is None else xp.asarray(support, dtype=bool)
+        n_starts = prm.starts if start is None else int(start.shape[0])
+        supports = xp.broadcast_to(support0, (n_starts,) + self.shape).copy()
+        if start is None:
+            rho = self.random_start(np.random.default_rng(prm.seed), supports)
+        else:
+            rho = self.project_support(xp.asarray(start, dtype=xp.float32), supports)
         history = []
         n_stages = len(self.stages)
         wrapped = [s < n_stages - 1 or n_stages == 1 for s in range(n_stages)]
@@ -336,7 +342,7 @@ class Phaser:
                     estimate = self.project_support(p, supports)
                     supports = support0 & self.threshold_support(estimate, sigma, fraction)
         final = self.band_limit(self.project_support(self.project_fourier(rho), supports))
-        errors = xp.stack(history) if history else xp.zeros((0, prm.starts))
+        errors = xp.stack(history) if history else xp.zeros((0, n_starts))
         return final, supports, errors
 
 
