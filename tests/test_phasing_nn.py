@@ -220,3 +220,27 @@ def test_cli_phase_with_a_trained_phaser(tmp_path, capsys):
     assert cli.main(["phase", "--averages", str(averages), "--out", str(out), "--method",
                      "nn"]) == 2
     assert "3D volumes only" in capsys.readouterr().err
+
+
+def test_physics_loss_and_unsupervised_finetuning():
+    from spiscape.phasing.algorithms import amplitudes_and_mask
+    from spiscape.phasing.neural import _window
+    from spiscape.phasing.training import finetune, physics_loss
+
+    n = 21
+    obj, intens, measured = sphere_intensity(n, 7.0)
+    amp, mask = amplitudes_and_mask(intens, measured)
+    amp = torch.from_numpy(np.fft.ifftshift(amp)[None]).float()
+    mask = torch.from_numpy(np.fft.ifftshift(mask)[None]).float()
+
+    def loss(density):
+        return float(physics_loss(torch.from_numpy(_window(density, 5, 1))[None].float(), amp,
+                                  mask))
+
+    assert loss(obj) < 1e-6 and loss(0.3 * obj) < 1e-6  # the scale is fitted
+    assert loss(np.flip(obj)) < 1e-6  # the twin fits as well
+    assert loss(sphere_density(5.0, n, 1.0)) > 0.1  # a smaller sphere does not
+    _, other, _ = sphere_intensity(n, 6.0)
+    history = finetune(PhaserNet((16, 32)), np.stack([intens, other]), measured, epochs=4,
+                       lr=1e-3)
+    assert len(history) == 5 and history[-1] < history[0]

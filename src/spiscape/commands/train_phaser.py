@@ -9,6 +9,11 @@ under ``synth:``), then the options given here. A checkpoint is written after ev
 training is DistributedDataParallel. The weights file holds the state dict, its SHA-256, the
 settings and the loss history (read with torch.load(weights_only=True)); --figure draws the
 training curve.
+
+Unsupervised fine-tuning (--finetune VOLUMES.h5 --init MODEL.pt): the model adapts to a dataset's
+own intensity volumes (a VAE's volumes.h5) by the physics loss alone, the misfit of the predicted
+density's Fourier magnitudes to the measured amplitudes (AutoPhaseNN's loss; no truth needed),
+for --epochs (default 20) at --lr (default 2e-4).
 """
 
 from __future__ import annotations
@@ -50,6 +55,9 @@ def add_args(parser):
     parser.add_argument("--device", default=None, help="auto, cpu or cuda (default auto)")
     parser.add_argument("--threads", type=at_least(0), default=None,
                         help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--finetune", default=None,
+                        help="fine-tune --init on these intensity volumes (volumes.h5)")
+    parser.add_argument("--init", default=None, help="the model to fine-tune (default: shipped)")
     parser.add_argument("--figure", default=None, help="training curve (.png)")
     parser.add_argument("--history", default=None, help="loss history (.json)")
 
@@ -100,6 +108,8 @@ def load_config(path, overrides: dict):
 def main(args):
     from spiscape.phasing.training import train
 
+    if args.finetune:
+        return finetune_main(args)
     overrides = {"samples": args.samples, "validation": args.validation, "epochs": args.epochs,
                  "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                  "device": args.device, "threads": args.threads, "grid": args.grid}
@@ -115,6 +125,31 @@ def main(args):
         _curve(args.figure, history)
     log.info("neural phaser -> %s (final validation loss %.3g)", args.out,
              history["validation_loss"][-1])
+    return 0
+
+
+def finetune_main(args):
+    from spiscape.io.volumes import read_volumes
+    from spiscape.phasing import measured_shell_mask
+    from spiscape.phasing.neural import load_phaser, write_weights
+    from spiscape.phasing.training import finetune
+
+    phaser = load_phaser(args.init)
+    stored = read_volumes(args.finetune)
+    q_min = stored.q_min_measured or 0.0
+    q_max = stored.q_max_measured or float("inf")
+    measured = measured_shell_mask(stored.intens.shape[1:], q_min, q_max)
+    log.info("fine-tuning %s on %d volumes of %s (physics loss)", phaser.path,
+             stored.intens.shape[0], args.finetune)
+    history = finetune(phaser.model, stored.intens, measured, epochs=args.epochs or 20,
+                       lr=args.lr or 2e-4, seed=args.seed if args.seed is not None else 1)
+    settings = dict(phaser.settings, finetuned_on=str(args.finetune), finetuned_from=phaser.path,
+                    finetune_loss=history)
+    write_weights(args.out, phaser.model, settings)
+    if args.history:
+        Path(args.history).write_text(json.dumps({"finetune_loss": history}, indent=1))
+    log.info("physics loss %.4g -> %.4g; fine-tuned phaser -> %s", history[0], history[-1],
+             args.out)
     return 0
 
 

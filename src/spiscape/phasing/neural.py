@@ -161,6 +161,19 @@ def state_digest(state: dict) -> str:
     return h.hexdigest()
 
 
+def write_weights(path, model: nn.Module, settings: dict, **extra) -> None:
+    """The weights file (module docstring), written atomically; float16 halves the shipped
+    file (load_state_dict casts back to float32)."""
+    from spiscape.io.weights import plain
+    from spiscape.utils.atomic import atomic_path
+
+    state = {k: v.detach().cpu().half() if v.is_floating_point() else v.detach().cpu()
+             for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        torch.save(plain({"state_dict": state, "sha256": state_digest(state),
+                          "settings": settings, **extra}), tmp)
+
+
 @dataclass
 class LoadedPhaser:
     model: PhaserNet

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from spiscape.errors import ConfigError, InputError
 from spiscape.io.weights import load_plain, plain
-from spiscape.phasing.neural import PhaserNet, patterson_features, state_digest, twin_loss
+from spiscape.phasing.neural import PhaserNet, patterson_features, twin_loss, write_weights
 from spiscape.phasing.synth import SynthSettings, sample
 from spiscape.utils.atomic import atomic_path
 from spiscape.vae.train import Dist, rng_states, set_rng_states, setup_distributed
@@ -205,9 +205,69 @@ def train(cfg: TrainPhaserConfig, out, checkpoint=None, resume: bool = False) ->
                                    "rng": rng_states(), "history": history,
                                    "settings": cfg.as_dict()})
     if ctx.main:
-        # float16 halves the shipped file; load_state_dict casts back to float32
-        state = {k: v.detach().cpu().half() if v.is_floating_point() else v.detach().cpu()
-                 for k, v in model.state_dict().items()}
-        _save(out, {"state_dict": state, "sha256": state_digest(state),
-                    "settings": cfg.as_dict(), "history": history})
+        write_weights(out, model, cfg.as_dict(), history=history)
+    return history
+
+
+# --------------------------------------------------------------------------- fine-tuning
+def physics_loss(window: torch.Tensor, amp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of the relative amplitude misfit on the measured voxels,
+    ||s |F(rho)| - sqrt(I)||^2 / ||sqrt(I)||^2 with the scale s fitted in closed form, rho the
+    predicted window placed on the N^3 grid (``amp`` and ``mask`` in fftn order, (b, N, N, N)).
+
+    Magnitudes do not see shifts or the twin; positivity and the support (the window) are
+    built into the network's output. AutoPhaseNN's unsupervised loss, without truth."""
+    n = amp.shape[-1]
+    w = window.shape[-1]
+    lo = n // 2 - w // 2
+    grid = torch.zeros(window.shape[0], n, n, n, dtype=window.dtype, device=window.device)
+    grid[:, lo:lo + w, lo:lo + w, lo:lo + w] = window
+    mag = torch.fft.fftn(torch.fft.ifftshift(grid, dim=(1, 2, 3)), dim=(1, 2, 3)).abs()
+    mag, target = mag * mask, amp * mask
+    scale = (mag * target).sum(dim=(1, 2, 3)) / (mag * mag).sum(dim=(1, 2, 3)).clamp_min(1e-30)
+    misfit = ((scale[:, None, None, None] * mag - target) ** 2).sum(dim=(1, 2, 3))
+    return (misfit / (target * target).sum(dim=(1, 2, 3)).clamp_min(1e-30)).mean()
+
+
+def finetune(model: PhaserNet, intens: np.ndarray, measured: np.ndarray, epochs: int = 20,
+             lr: float = 2e-4, batch_size: int = 2, seed: int = 1) -> list[float]:
+    """Adapt a trained phaser to a dataset's own volumes ``intens (K, N, N, N)`` (unmeasured:
+    ``measured`` False or NaN) by the physics loss alone; returns the loss per epoch (the first
+    entry before any update)."""
+    from spiscape.phasing.algorithms import amplitudes_and_mask
+
+    torch.manual_seed(seed)
+    feats, amps, masks = [], [], []
+    for vol in intens:
+        amp, mask = amplitudes_and_mask(vol, measured)
+        feats.append(patterson_features(vol, mask))
+        amps.append(np.fft.ifftshift(amp))
+        masks.append(np.fft.ifftshift(mask))
+    x = torch.from_numpy(np.stack(feats))
+    amp = torch.from_numpy(np.stack(amps).astype(np.float32))
+    mask = torch.from_numpy(np.stack(masks).astype(np.float32))
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+
+    def loss_of_all() -> float:
+        model.eval()
+        with torch.no_grad():
+            total = sum(float(physics_loss(model(x[i:i + batch_size]), amp[i:i + batch_size],
+                                           mask[i:i + batch_size])) * len(x[i:i + batch_size])
+                        for i in range(0, len(x), batch_size))
+        model.train()
+        return total / len(x)
+
+    history = [loss_of_all()]
+    gen = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        order = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), batch_size):
+            idx = order[i:i + batch_size]
+            loss = physics_loss(model(x[idx]), amp[idx], mask[idx])
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+        history.append(loss_of_all())
+        log.info("fine-tuning epoch %d/%d: physics loss %.4g", epoch + 1, epochs, history[-1])
+    model.eval()
     return history
