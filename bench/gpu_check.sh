@@ -9,6 +9,8 @@
 #   4. the common-line matrix of 10,000 synthetic averages on the GPU
 #   5. spiscape place on the GPU (only when results/demo is carried to the device)
 #   6. the 3D EMC on the demo on the GPU (K 2, num_div 4; Dragonfly not run on the device)
+#   7. phasing the demo's 25 truth volumes on the GPU: random starts, the neural phaser alone
+#      and refined (s/volume; needs results/demo carried)
 # Each step has its own time limit and a failure does not stop the later steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,4 +35,9 @@ fi
 timeout 120 .venv/bin/python bench/emc3d.py --datasets demo --num-div 4 --iterations 6 \
     --device gpu --no-dragonfly --json "$out/emc3d_gpu.json" --tmp "$out/emc3d_runs" 2>&1 \
     | tail -n 6 | tee "$out/emc3d_gpu.txt"
+# 7. phasing methods on the GPU
+if [ -d results/demo ]; then
+    timeout 120 .venv/bin/python bench/phasing.py --device gpu --vae-results "" \
+        --json "$out/phasing_gpu.json" 2>&1 | tail -n 6 | tee "$out/phasing_gpu.txt"
+fi
 echo "GPU check done: $out"

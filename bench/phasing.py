@@ -81,15 +81,19 @@ def truth_part(args, phaser) -> list[dict]:
                       size_averaged(truth.volumes[k], sizes),
                       float(info["particle_volume_nm3"][k]), label, float(info["t"][k])))
     measured = measured_shell_mask((args.size,) * 3, args.q_min, args.q_max)
+    from spiscape.backend import get_array_module
+
     params = PhasingParams(starts=args.starts)
-    neural = NeuralSettings()
+    xp = get_array_module(args.device)
+    neural = NeuralSettings(device="cpu" if xp is np else "cuda")
     rows = []
     for name, vol, true_v, label, t in cases:
         intens = centre_crop(vol, args.size).astype(np.float64)
         ref = truth_density(label, t, sim, args.size, voxel)
         for method in args.methods:
             t0 = time.perf_counter()
-            res, used = phase_volume(intens, method, phaser, params, neural, measured=measured)
+            res, used = phase_volume(intens, method, phaser, params, neural, xp=xp,
+                                     measured=measured)
             seconds = time.perf_counter() - t0
             v = particle_volume_nm3(res.signed_density, dq, "porod", intens=intens,
                                     measured=measured)
@@ -188,6 +192,8 @@ def main(argv=None):
     p.add_argument("--vae-results", default=str(REPO / "bench/results/validation/df64"),
                    help="a validation run's results folder ('' to skip part 2)")
     p.add_argument("--vae-truth", default=str(REPO / "bench/results/data/df64/truth.h5"))
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                   help="array module of part 1 (the network runs on cuda with gpu)")
     p.add_argument("--json", default=str(REPO / "bench/results/phasing.json"))
     args = p.parse_args(argv)
     phaser = load_phaser(args.phaser_model) if set(args.methods) - {"iterative"} else None

@@ -244,3 +244,16 @@ def test_physics_loss_and_unsupervised_finetuning():
     history = finetune(PhaserNet((16, 32)), np.stack([intens, other]), measured, epochs=4,
                        lr=1e-3)
     assert len(history) == 5 and history[-1] < history[0]
+
+
+@pytest.mark.gpu
+def test_refinement_on_cupy_matches_numpy(cupy):
+    n = 31
+    _, intens, measured = sphere_intensity(n, 10.0)
+    start = sphere_density(11.0, n, 1.0).astype(np.float32)
+    support = sphere_density(14.0, n, 1.0) > 0
+    params = PhasingParams(recipe="20 RAAR 20 ER")
+    out = [phase_from_start(intens, params, start[None], support, xp=xp, measured=measured,
+                            reference=start, agree_sigma=1.0) for xp in (np, cupy)]
+    assert out[0].converged == out[1].converged
+    assert np.corrcoef(out[0].density.ravel(), out[1].density.ravel())[0, 1] > 0.999

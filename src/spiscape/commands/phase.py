@@ -378,7 +378,9 @@ def _figures(directory, results, z, volumes, prtf, prtf_q, physical, has_data, v
     ax.set_xlabel("q (1/nm)" if physical else "q (voxels)")
     ax.set_ylabel("PRTF")
     ax.set_ylim(0, 1.1)
-    if np.all(np.nanmin(prtf, axis=1) > 1 / np.e):
+    if np.all(np.isnan(prtf)):
+        ax.set_title("one start per volume (neural phaser, refined): no PRTF", fontsize=7)
+    elif np.all(np.nanmin(np.where(np.isnan(prtf), np.inf, prtf), axis=1) > 1 / np.e):
         ax.set_title("PRTF never falls below 1/e: resolution not limited by phasing\n"
                      "within the measured q (prtf_resolution_nm is NaN)", fontsize=7)
     save(fig, directory / "prtf.png")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import fields
 from pathlib import Path
 
@@ -118,6 +119,8 @@ def main(args):
     log.info("training the neural phaser: %d volumes on a %d^3 grid, %d epochs, widths %s",
              cfg.samples, cfg.synth.grid, cfg.epochs, list(cfg.widths))
     history = train(cfg, args.out, checkpoint=checkpoint, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 writes
+        return 0
     if args.history:
         Path(args.history).write_text(json.dumps({"settings": cfg.as_dict(),
                                                   "history": history}, indent=1))

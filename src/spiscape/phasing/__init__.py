@@ -88,8 +88,8 @@ def phase_pattern(intens, params: PhasingParams, xp=np, measured=None) -> Phasin
             "" if agree.sum() >= need else "; the result rests on one start")
     sel = np.flatnonzero(agree)
     return result_from_aligned(xp, np.asarray(kept)[sel], supports, aligned[sel], specs[sel],
-                   np.asarray(inverted)[sel], errors, intens, measured,
-                   converged=bool(agree.sum() >= need), rounds=rounds)
+                               np.asarray(inverted)[sel], errors, intens, measured,
+                               converged=bool(agree.sum() >= need), rounds=rounds)
 
 
 def result_from_aligned(xp, kept, supports, aligned, specs, inverted, errors, intens, measured,
@@ -124,22 +124,31 @@ def result_from_aligned(xp, kept, supports, aligned, specs, inverted, errors, in
 
 
 def phase_from_start(intens, params: PhasingParams, start, support, xp=np, measured=None,
-                     reference=None, agree_cc: float | None = None) -> PhasingResult:
+                     reference=None, agree_cc: float | None = None,
+                     agree_sigma: float = 0.0) -> PhasingResult:
     """Refine one or more given starts ``(starts, *shape)`` within ``support`` with
     ``params.recipe`` (no random starts). ``converged``: the refined density agrees with
     ``reference`` (e.g. the network's prediction; aligned CC >= ``agree_cc``, default
-    ``params.agree_cc``), or True without a reference."""
-    d, s, e = Phaser(intens, params, xp=xp, measured=measured).run(start=start, support=support)
+    ``params.agree_cc``, both blurred by a Gaussian of ``agree_sigma`` voxels first: a
+    reference of lower resolution is compared at its own), or True without a reference."""
+    ph = Phaser(intens, params, xp=xp, measured=measured)
+    d, s, e = ph.run(start=start, support=support)
     kept = select_starts(to_numpy(e[-1]) if e.shape[0] else None, d.shape[0])
     aligned, specs, _, inverted = align_starts(xp, d[kept])
     converged = True
     if reference is not None:
         pair = xp.stack([aligned[0], xp.asarray(reference, dtype=aligned.dtype)])
+        if agree_sigma > 0:
+            pair = ph.blur(pair, agree_sigma)
         both, _, _, _ = align_starts(xp, pair)
         threshold = params.agree_cc if agree_cc is None else agree_cc
         converged = bool(agreeing(xp, both, threshold)[1])
-    return result_from_aligned(xp, kept, s, aligned, specs, inverted, e, intens, measured,
-                   converged=converged, rounds=1)
+    res = result_from_aligned(xp, kept, s, aligned, specs, inverted, e, intens, measured,
+                              converged=converged, rounds=1)
+    if len(kept) == 1:  # the PRTF of one start is only its Fourier-magnitude fit
+        res.prtf = np.full_like(res.prtf, np.nan)
+        res.resolution_q = float("nan")
+    return res
 
 
 def select_starts(final_errors, starts: int, factor: float = 2.0) -> np.ndarray:
