@@ -191,23 +191,30 @@ def main(argv=None):
     p.add_argument("--phaser-model", default=None, help="default: the shipped model")
     p.add_argument("--vae-results", default=str(REPO / "bench/results/validation/df64"),
                    help="a validation run's results folder ('' to skip part 2)")
-    p.add_argument("--vae-truth", default=str(REPO / "bench/results/data/df64/truth.h5"))
+    p.add_argument("--vae-truth", default=str(REPO / "bench/data/validation/df64/truth.h5"))
+    p.add_argument("--skip-truth", action="store_true",
+                   help="only part 2 (the VAE volumes); part 1 kept from an existing --json")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                    help="array module of part 1 (the network runs on cuda with gpu)")
     p.add_argument("--json", default=str(REPO / "bench/results/phasing.json"))
     args = p.parse_args(argv)
     phaser = load_phaser(args.phaser_model) if set(args.methods) - {"iterative"} else None
-    rows = truth_part(args, phaser)
-    summary = summarise(rows, args.methods)
-    result = {"grid": args.size, "q_range_voxels": [args.q_min, args.q_max],
-              "starts": args.starts, "phaser_model": phaser.path if phaser else None,
-              "phaser_sha256": phaser.sha256 if phaser else None, "rows": rows,
-              "summary": summary}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    if args.skip_truth:
+        result = json.loads(Path(args.json).read_text())
+        summary = result["summary"]
+    else:
+        rows = truth_part(args, phaser)
+        summary = summarise(rows, args.methods)
+        result = {"grid": args.size, "q_range_voxels": [args.q_min, args.q_max],
+                  "starts": args.starts, "phaser_model": phaser.path if phaser else None,
+                  "phaser_sha256": phaser.sha256 if phaser else None, "rows": rows,
+                  "summary": summary}
+        Path(args.json).write_text(json.dumps(result, indent=1))
     if args.vae_results:
         with tempfile.TemporaryDirectory() as tmp:
             result["vae"] = vae_part(args, Path(tmp))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
+        Path(args.json).write_text(json.dumps(result, indent=1))
     lines = ["| method | demo truth: max / median \\|volume error\\| | density CC min / median "
              "| 3 % spread: cube, sphere | not converged (fell back) | s / volume | speed-up |"]
     lines.append("|---|---|---|---|---|---|---|")

@@ -51,7 +51,11 @@ def test_features_shape_and_mask_handling():
     # the intensity scale does not matter
     assert np.allclose(patterson_features(7.0 * intens, measured), feats, atol=1e-6)
     # P(2r) > 0 on the particle (a convex centrosymmetric body): the extent reads ~ its diameter
-    assert particle_extent(full) == pytest.approx(7.0, abs=2.0)
+    for diameter in (7.0, 9.0):
+        _, i2, m2 = sphere_intensity(21, diameter)
+        for mask in (m2, np.ones_like(m2)):
+            assert particle_extent(patterson_features(i2, mask)) == pytest.approx(diameter,
+                                                                                  rel=0.3)
     with pytest.raises(InputError, match="no measured"):
         patterson_features(intens, np.zeros_like(measured))
 
@@ -165,11 +169,12 @@ def test_shipped_model_phases_a_tiny_sphere_to_its_radius():
     res = phase_with_network(intens, phaser, PhasingParams(), NeuralSettings(),
                              measured=measured, refine=True)
     assert res.converged
-    true_r = 4.5
-    for r in (raw, res):
+    def radius(r):
         d = r.density
-        radius = (3 * float((d > 0.5 * d.max()).sum()) / (4 * np.pi)) ** (1 / 3)
-        assert radius == pytest.approx(true_r, abs=0.6)
+        return (3 * float((d > 0.5 * d.max()).sum()) / (4 * np.pi)) ** (1 / 3)
+
+    assert radius(raw) == pytest.approx(4.5, abs=1.0)  # a start of about the right size
+    assert radius(res) == pytest.approx(4.5, abs=0.3)  # refined: as random starts give (4.43)
     porod = [particle_volume_nm3(d, 1.0 / n, "porod", intens=intens, measured=measured)
              for d in (res.signed_density, obj)]
     assert porod[0] == pytest.approx(porod[1], rel=0.01)

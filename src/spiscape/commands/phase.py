@@ -65,7 +65,7 @@ from spiscape.utils.args import at_least, number_in
 log = logging.getLogger(__name__)
 
 #: --method's default (``auto``: the neural phaser refined, where a model exists)
-DEFAULT_METHOD = "iterative"
+DEFAULT_METHOD = "auto"
 
 #: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
 OUTPUTS = {"out": "file", "curve": "file", "figure_dir": "folder", "mrc_dir": "folder"}
