@@ -218,6 +218,15 @@ def test_cli_phase_with_a_trained_phaser(tmp_path, capsys):
             assert f["method"][0].decode() in (method, "iterative")
             assert f.attrs["phaser_sha256"] == load_phaser(model).sha256
             assert np.isfinite(f["volume"][()]).all()
+    # auto: random starts where the beamstop is wider than the model was trained on (5 voxels)
+    for q_min, expected in ((6.0, "iterative"), (2.0, "nn+refine")):
+        with h5py.File(src, "a") as f:
+            f.attrs["q_min_measured"] = q_min
+        assert cli.main(["phase", "--volumes", str(src), "--out", str(out), "--method", "auto",
+                         "--phaser-model", str(model), "--device", "cpu", "--starts", "2",
+                         "--recipe", "20 RAAR 20 ER"]) == 0
+        with h5py.File(out) as f:
+            assert f.attrs["method"] == expected
     averages = tmp_path / "averages.h5"
     with h5py.File(averages, "w") as f:
         f["intens"] = np.ones((1, 9, 9), dtype=np.float32)

@@ -16,7 +16,9 @@ free; for 3D the limits default to the input's ``q_min_measured`` / ``q_max_meas
 ``nn`` takes the neural phaser's prediction as the density; ``nn+refine`` refines that prediction
 with --refine-recipe and falls back to random starts where the refinement departs from it
 (:mod:`spiscape.phasing.neural`); ``auto`` is ``nn+refine`` when a model is available (the
-shipped one or --phaser-model) and ``iterative`` otherwise, and always ``iterative`` for 2D.
+shipped one or --phaser-model) and the measured q range is within the one it was trained on (a
+beamstop up to 5 voxels for the shipped model), ``iterative`` otherwise, and always
+``iterative`` for 2D.
 ``phasing.h5`` records each pattern's ``method``.
 """
 
@@ -50,6 +52,7 @@ from spiscape.phasing.neural import (
     REFINE_RECIPE,
     NeuralSettings,
     load_phaser,
+    outside_training,
     phase_volume,
     shipped_model_path,
 )
@@ -163,8 +166,9 @@ def averages_to_phase(path, q_per_voxel=None, indices=None):
     return intens[idx], data.support, (float(q_per_voxel) if q_per_voxel else None), idx
 
 
-def choose_method(args):
-    """(method, loaded phaser or None) for this run (see the module docstring)."""
+def choose_method(args, q_min: float = 0.0, q_max: float = float("inf"), n: int = 0):
+    """(method, loaded phaser or None) for this run (see the module docstring): ``auto`` phases
+    with random starts where the data are outside the neural phaser's training range."""
     method = args.method
     if not args.volumes:
         if method not in ("auto", "iterative"):
@@ -175,6 +179,13 @@ def choose_method(args):
                                  and shipped_model_path() is None):
         return "iterative", None
     phaser = load_phaser(args.phaser_model)
+    why = outside_training(phaser, q_min, q_max, n)
+    if why and method == "auto":
+        log.info("phasing with random starts: %s", why)
+        return "iterative", None
+    if why:
+        log.warning("%s; its prediction may be poor (the refinement and the fallback to random "
+                    "starts still apply)", why)
     method = "nn+refine" if method == "auto" else method
     log.info("phasing with %s: neural phaser %s (sha256 %s)", method, phaser.path,
              phaser.sha256[:12])
@@ -185,7 +196,6 @@ def main(args):
     params = _params(args)
     parse_recipe(args.refine_recipe)
     xp = get_array_module(args.device)
-    method, phaser = choose_method(args)
     neural = NeuralSettings(refine_recipe=args.refine_recipe, agree_cc=args.agree_cc,
                             device="cuda" if xp is not np else "cpu")
     q_min = 0.0 if args.q_min is None else args.q_min
@@ -210,6 +220,7 @@ def main(args):
         z = np.asarray(idx, dtype=np.float64)[:, None]
         has_data = np.ones(len(idx), dtype=bool)
     shape = intens.shape[1:]
+    method, phaser = choose_method(args, q_min, q_max, shape[0])
     measured = measured_shell_mask(shape, q_min, q_max)
     if extra is not None:
         measured &= extra

@@ -266,6 +266,23 @@ def _check_size(phaser: LoadedPhaser, features: np.ndarray, n: int) -> None:
                         "the fallback to random starts still apply)", extent, lo, hi)
 
 
+def outside_training(phaser: LoadedPhaser, q_min: float, q_max: float, n: int) -> str | None:
+    """Why data with this measured shell (voxels) on an N^3 grid is outside what the model was
+    trained on, or None. A beamstop wider than the trained ones hides more of the central
+    speckle than the network has learnt to fill in: on the validation matrix the two sets with
+    beamstops of 5.4 and 6.1 voxels (trained up to 5) phased 1.4-9x too large."""
+    synth = phaser.settings.get("synth", {})
+    limit = synth.get("q_min_max")
+    if limit is not None and q_min > limit + 1e-6:
+        return (f"the beamstop (|q| < {q_min:.2f} voxels) is wider than any the neural phaser "
+                f"was trained on ({limit:g} voxels)")
+    lo, hi = synth.get("q_max_fraction", (0.0, 0.5))
+    if np.isfinite(q_max) and not 0.8 * lo * n <= q_max <= n / 2 + 1:
+        return (f"the measured q_max ({q_max:.1f} voxels) is outside the neural phaser's "
+                f"training range ({lo * n:.0f}-{hi * n:.0f} voxels)")
+    return None
+
+
 def scale_to_amplitudes(density: np.ndarray, intens: np.ndarray, measured: np.ndarray):
     """The density times the least-squares factor matching |F| to sqrt(I) on measured voxels."""
     from spiscape.phasing.algorithms import amplitudes_and_mask
