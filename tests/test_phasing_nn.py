@@ -238,7 +238,7 @@ def test_cli_phase_with_a_trained_phaser(tmp_path, capsys):
 
 def test_physics_loss_and_unsupervised_finetuning():
     from spiscape.phasing.algorithms import amplitudes_and_mask
-    from spiscape.phasing.neural import _window
+    from spiscape.phasing.neural import centred_window
     from spiscape.phasing.training import finetune, physics_loss
 
     n = 21
@@ -248,8 +248,8 @@ def test_physics_loss_and_unsupervised_finetuning():
     mask = torch.from_numpy(np.fft.ifftshift(mask)[None]).float()
 
     def loss(density):
-        return float(physics_loss(torch.from_numpy(_window(density, 5, 1))[None].float(), amp,
-                                  mask))
+        window = torch.from_numpy(centred_window(density, 5, 1))[None].float()
+        return float(physics_loss(window, amp, mask))
 
     assert loss(obj) < 1e-6 and loss(0.3 * obj) < 1e-6  # the scale is fitted
     assert loss(np.flip(obj)) < 1e-6  # the twin fits as well

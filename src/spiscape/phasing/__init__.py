@@ -93,7 +93,7 @@ def phase_pattern(intens, params: PhasingParams, xp=np, measured=None) -> Phasin
 
 
 def result_from_aligned(xp, kept, supports, aligned, specs, inverted, errors, intens, measured,
-            converged: bool, rounds: int) -> PhasingResult:
+                        converged: bool, rounds: int) -> PhasingResult:
     """The PhasingResult of the aligned starts ``kept`` (the reference first): their average,
     clipped and centred, the reference's support moved with it, and the PRTF."""
     supports = supports[kept]

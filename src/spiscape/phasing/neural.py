@@ -62,7 +62,7 @@ def _centred_ifft(volume: np.ndarray) -> np.ndarray:
     return np.fft.fftshift(np.fft.ifftn(np.fft.ifftshift(volume)).real)
 
 
-def _window(volume: np.ndarray, half: int, step: int) -> np.ndarray:
+def centred_window(volume: np.ndarray, half: int, step: int) -> np.ndarray:
     """volume[c + step * r] for r in [-half, half]^3, periodic (c = N // 2 on every axis)."""
     idx = [(n // 2 + step * np.arange(-half, half + 1)) % n for n in volume.shape]
     return volume[np.ix_(*idx)]
@@ -81,8 +81,8 @@ def patterson_features(intens: np.ndarray, measured: np.ndarray) -> np.ndarray:
     psf = _centred_ifft((~mask).astype(np.float64))
     psf_centre = psf[tuple(n // 2 for n in intens.shape)]
     psf = psf / psf_centre if psf_centre > 0 else np.zeros_like(psf)
-    out = np.stack([_window(patterson, h, 2) / centre, _window(patterson, h, 1) / centre,
-                    _window(psf, h, 2)])
+    out = np.stack([centred_window(patterson, h, 2) / centre,
+                    centred_window(patterson, h, 1) / centre, centred_window(psf, h, 2)])
     return out.astype(np.float32)
 
 
@@ -238,9 +238,10 @@ def particle_extent(features: np.ndarray, level: float = 0.05) -> float:
     unmeasured low-q voxels leave beyond it are not connected to it)."""
     from scipy import ndimage
 
+    from spiscape.phasing.align import centred_radius
+
     h = features.shape[-1] // 2
-    r = np.sqrt(sum(g.astype(np.float64) ** 2 for g in np.meshgrid(
-        *[np.arange(-h, h + 1)] * 3, indexing="ij")))
+    r = centred_radius(features.shape[1:])
     labels, _ = ndimage.label(features[0] > level)
     core = labels == labels[h, h, h]
     # the region spans the particle (P(2r) > 0 on it) when every q is measured and less when

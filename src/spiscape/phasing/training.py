@@ -30,7 +30,8 @@ from spiscape.io.weights import load_plain, plain
 from spiscape.phasing.neural import PhaserNet, patterson_features, twin_loss, write_weights
 from spiscape.phasing.synth import SynthSettings, sample
 from spiscape.utils.atomic import atomic_path
-from spiscape.vae.train import Dist, rng_states, set_rng_states, setup_distributed
+from spiscape.vae.model import apply_operation
+from spiscape.vae.train import rng_states, set_rng_states, setup_distributed
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class TrainPhaserConfig:
 
 def make_set(cfg: TrainPhaserConfig, seed: int, indices) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs (n, 3, W, W, W) and targets (n, W, W, W) of the synthetic samples ``indices``."""
-    from spiscape.phasing.neural import _window, window_half
+    from spiscape.phasing.neural import centred_window, window_half
 
     xs, ys = [], []
     h = window_half(cfg.synth.grid)
@@ -81,24 +82,20 @@ def make_set(cfg: TrainPhaserConfig, seed: int, indices) -> tuple[torch.Tensor, 
                   mininterval=5.0):
         s = sample(cfg.synth, seed, int(i))
         xs.append(patterson_features(s.intens, s.measured))
-        ys.append(_window(s.density, h, 1))
+        ys.append(centred_window(s.density, h, 1))
     return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys).astype(np.float32))
 
 
-_OPERATIONS = [(perm, flips) for perm in permutations((0, 1, 2))
-               for flips in product((False, True), repeat=3)]
+#: the 48 operations of m-3m as (axis permutation, flipped axes), in the order the shipped
+#: model's augmentation drew them by index
+_OPERATIONS = [(perm, tuple(a for a, f in enumerate(flips) if f))
+               for perm in permutations((0, 1, 2)) for flips in product((False, True), repeat=3)]
 
 
 def turn(x: torch.Tensor, y: torch.Tensor, op) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply a cube operation (permutation, flips) to inputs (b, c, W^3) and targets (b, W^3)."""
-    perm, flips = op
-    x = x.permute(0, 1, *(2 + p for p in perm))
-    y = y.permute(0, *(1 + p for p in perm))
-    fx = [2 + a for a, f in enumerate(flips) if f]
-    fy = [1 + a for a, f in enumerate(flips) if f]
-    if fx:
-        x, y = x.flip(fx), y.flip(fy)
-    return x.contiguous(), y.contiguous()
+    """Apply a cube operation (permutation, flipped axes) to inputs (b, c, W^3) and targets
+    (b, W^3): the VAE's point-group operation on the last three axes (odd W)."""
+    return (apply_operation(x, *op).contiguous(), apply_operation(y, *op).contiguous())
 
 
 def _save(path, payload: dict) -> None:
@@ -119,13 +116,16 @@ def _check_resume(saved: dict, cfg: TrainPhaserConfig, path) -> None:
                          "start afresh without --resume or use the same settings")
 
 
-def evaluate(model, x: torch.Tensor, y: torch.Tensor, ctx: Dist, batch: int) -> float:
+def evaluate(model, x: torch.Tensor, targets, device, batch: int, loss=twin_loss) -> float:
+    """Mean ``loss(model(x), *targets)`` over a set, in batches, without gradients; the model is
+    left in training mode."""
     model.eval()
     total = 0.0
     with torch.no_grad():
         for i in range(0, x.shape[0], batch):
-            xb, yb = x[i:i + batch].to(ctx.device), y[i:i + batch].to(ctx.device)
-            total += float(twin_loss(model(xb).float(), yb)) * xb.shape[0]
+            xb = x[i:i + batch].to(device)
+            tb = [t[i:i + batch].to(device) for t in targets]
+            total += float(loss(model(xb).float(), *tb)) * xb.shape[0]
     model.train()
     return total / max(x.shape[0], 1)
 
@@ -191,7 +191,7 @@ def train(cfg: TrainPhaserConfig, out, checkpoint=None, resume: bool = False) ->
             value = torch.tensor([train_loss], device=ctx.device)
             torch.distributed.all_reduce(value)
             train_loss = float(value) / ctx.world
-        val_loss = evaluate(model, val_x, val_y, ctx, cfg.batch_size)
+        val_loss = evaluate(model, val_x, (val_y,), ctx.device, cfg.batch_size)
         seconds = time.perf_counter() - start
         for key, value in (("epoch", epoch + 1), ("train_loss", train_loss),
                            ("validation_loss", val_loss), ("seconds", seconds)):
@@ -249,13 +249,7 @@ def finetune(model: PhaserNet, intens: np.ndarray, measured: np.ndarray, epochs:
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
 
     def loss_of_all() -> float:
-        model.eval()
-        with torch.no_grad():
-            total = sum(float(physics_loss(model(x[i:i + batch_size]), amp[i:i + batch_size],
-                                           mask[i:i + batch_size])) * len(x[i:i + batch_size])
-                        for i in range(0, len(x), batch_size))
-        model.train()
-        return total / len(x)
+        return evaluate(model, x, (amp, mask), "cpu", batch_size, loss=physics_loss)
 
     history = [loss_of_all()]
     gen = torch.Generator().manual_seed(seed)
