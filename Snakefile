@@ -21,6 +21,7 @@ include: "workflow/rules/embed.smk"
 include: "workflow/rules/orient.smk"
 include: "workflow/rules/vae.smk"
 include: "workflow/rules/emc3d.smk"
+include: "workflow/rules/amortise.smk"
 include: "workflow/rules/summary.smk"
 
 

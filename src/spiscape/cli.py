@@ -85,6 +85,10 @@ COMMANDS = {
         "vae",
         "Train the VAE that turns 2D class averages into 3D intensities along a continuous latent.",
     ),
+    "amortise": (
+        "amortise",
+        "Amortised inference: each frame's pose, conformation and scale from one encoder pass.",
+    ),
     "notebook": (
         "notebook",
         "Write a Jupyter notebook that explores a dataset's landscape and exports a chosen subset "

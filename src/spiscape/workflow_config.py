@@ -35,6 +35,7 @@ STAGE_COMMANDS = {
     "vae": "vae",
     "phase": "phase",
     "emc3d": "emc3d",
+    "amortise": "amortise",
 }
 
 #: flags the workflow's rules set themselves (inputs, outputs, the replicate, tiles): an option
@@ -53,6 +54,8 @@ RULE_FLAGS = {
     "place": {"reference", "photons", "detector", "out", "figure"},
     "emc3d": {"photons", "detector", "out", "maps", "figure", "convergence", "volumes",
               "init_labels", "truth", "q_per_pixel", "resume", "from_model"},
+    "amortise": {"photons", "detector", "out_dir", "init_vae", "init_volume", "landscape",
+                 "truth", "q_per_pixel", "resume"},
 }
 COMMON_FLAGS = {"log_file", "help", "version"}
 

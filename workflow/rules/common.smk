@@ -306,6 +306,12 @@ def emc3d_landscape_input(wildcards):
     return []
 
 
+def runs_amortise(ds):
+    """Whether the dataset trains the amortised model: `amortise: {run: true}` on a dataset that
+    runs the VAE (its decoder is the warm start)."""
+    return runs_3d(ds) and bool(stage_config(ds, "amortise").get("run", False))
+
+
 def all_targets():
     targets = [f"{RESULTS}/summary.tsv"]
     for ds in DATASETS:
@@ -319,4 +325,6 @@ def all_targets():
             targets.append(f"{RESULTS}/{ds}/volume_curve.csv")
         if runs_emc3d(ds):
             targets.append(f"{RESULTS}/{ds}/emc3d/phasing.h5")
+        if runs_amortise(ds):
+            targets.append(f"{RESULTS}/{ds}/amortise/amortise.h5")
     return targets

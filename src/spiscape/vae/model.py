@@ -54,20 +54,21 @@ def slice_volumes(volumes: torch.Tensor, q: torch.Tensor, rotations: torch.Tenso
                   folded: bool = False) -> torch.Tensor:
     """I_b(R_b q_t) for every volume b (B, V, V, V) and point t of q (3, P) in voxels: trilinear,
     differentiable (grid_sample, align_corners=True); points beyond the grid read 0, as in
-    :func:`spiscape.simulate.frames.slice_volume`. Returns (B, P).
+    :func:`spiscape.simulate.frames.slice_volume`. Returns (B, P); with several rotations per
+    volume, ``rotations (B, H, 3, 3)``, (B, H, P).
 
     ``folded``: the volumes are the octant q >= 0 (index 0 at q = 0) of volumes symmetric under
     the three sign flips; they are read at |R q|, which for such volumes is exactly what
     trilinear interpolation of the full volume gives.
     """
     B, n = volumes.shape[0], volumes.shape[-1]
-    pts = torch.einsum("bij,jt->bti", rotations.to(q.dtype), q)
+    pts = torch.einsum("b...ij,jt->b...ti", rotations.to(q.dtype), q)
     pts = pts.abs() if folded else pts + (n // 2)
     # grid_sample's last grid axis indexes the input's last (W) dimension: reverse (i, j, l)
     grid = (pts.flip(-1) * (2.0 / (n - 1)) - 1.0).reshape(B, 1, 1, -1, 3)
     out = F.grid_sample(volumes.unsqueeze(1), grid.to(volumes.dtype), mode="bilinear",
                         padding_mode="zeros", align_corners=True)
-    return out.reshape(B, -1)
+    return out.reshape(rotations.shape[:-2] + (q.shape[-1],))
 
 
 def unfold_octant(octant: torch.Tensor, volume_size: int) -> torch.Tensor:

@@ -1,0 +1,134 @@
+"""Amortised inference against the 2D route, on the demo and validation-matrix datasets.
+
+For each dataset whose workflow results exist (the demo's ``results/demo``, the matrix's
+``bench/results/validation/<name>``), ``spiscape amortise`` is trained from the dataset's VAE
+decoder on its frames with the default settings, then scored against the simulator's truth:
+
+* median orientation error of the cube frames modulo m-3m (the encoder's best hypothesis, and
+  after the local refinement), and the share within 5°;
+* per-frame |Spearman(z, t)| over cube, melting and sphere frames (encoder's z, the refined
+  posterior mean) beside the 2D route's per-frame latent (``frames.h5``);
+* the decoded cube's smallest shell CC to 0.7 q_max against the truth (beside the VAE's);
+* training frames/s on this machine, and peak memory of a one-epoch run on the frames and on
+  four times as many (the same photon file listed four times): flat when it streams.
+
+    python bench/amortise.py                       # demo and df64
+    python bench/amortise.py --only demo --epochs 30
+
+Writes ``bench/results/amortise.json`` and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+DATASETS = {
+    "demo": (REPO / "results/demo", REPO / "results/demo/data"),
+    "df64": (REPO / "bench/results/validation/df64", REPO / "bench/data/validation/df64"),
+}
+
+
+def spiscape(*words, log) -> float:
+    """Run ``python -m spiscape words`` in a child; returns its wall time (s)."""
+    tic = time.perf_counter()
+    with open(log, "w") as handle:
+        subprocess.run([sys.executable, "-m", "spiscape", *map(str, words)], check=True,
+                       stderr=handle, stdout=handle)
+    return time.perf_counter() - tic
+
+
+def peak_rss_mb(*words, log) -> float:
+    """Peak resident memory (MB) of one child run."""
+    code = ("import resource, sys, runpy; sys.argv = ['spiscape', *sys.argv[1:]]\n"
+            "try:\n    runpy.run_module('spiscape', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    with open(log, "w") as handle:
+        out = subprocess.run([sys.executable, "-c", code, *map(str, words)], check=True,
+                             stdout=subprocess.PIPE, stderr=handle, text=True).stdout
+    return int(out.split("PEAK")[-1]) / 1024.0
+
+
+def bench_dataset(name: str, epochs: int, out_root: Path, threads: int) -> dict:
+    res, data = DATASETS[name]
+    vae = res / "vae/model.pt"
+    if not vae.exists():
+        raise SystemExit(f"{name}: no {vae}; run the workflow first (make run, or "
+                         f"python bench/validation.py --only {name})")
+    out = out_root / name
+    common = ["--photons", data / "photons.h5", "--detector", data / "detector.h5",
+              "--init-vae", vae, "--threads", threads]
+    seconds = spiscape("amortise", *common, "--out-dir", out, "--landscape", res / "frames.h5",
+                       "--truth", data / "truth.h5", "--epochs", epochs,
+                       log=out_root / f"{name}.log")
+    report = json.loads((out / "training.json").read_text())
+    scores = report["scores"]
+    history = report["history"]
+    vae_scores = json.loads((res / "vae/training.json").read_text()).get("scores", {})
+    row = {"dataset": name, "epochs": epochs, "seconds": seconds,
+           "frames_per_s": float(sorted(h["frames_per_s"] for h in history)[len(history) // 2]),
+           "vae_cube_shell_cc_min": vae_scores.get("cube_shell_cc_min"), **scores}
+    # memory: one epoch, no refinement, on the frames and on four copies of them
+    listing = out_root / f"{name}_x4.lst"
+    listing.write_text("\n".join([str(data / "photons.h5")] * 4) + "\n")
+    for tag, photons in (("x1", data / "photons.h5"), ("x4", listing)):
+        row[f"peak_rss_mb_{tag}"] = peak_rss_mb(
+            "amortise", "--photons", photons, *common[2:], "--out-dir", out_root / f"mem_{tag}",
+            "--epochs", 1, "--no-refine", "--no-figures", log=out_root / f"{name}_mem_{tag}.log")
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    cols = [("dataset", "{}"), ("epochs", "{}"), ("frames_per_s", "{:.0f}"),
+            ("cube_orientation_encoder_median_deg", "{:.1f}"),
+            ("cube_orientation_median_deg", "{:.1f}"), ("cube_orientation_within_5deg", "{:.2f}"),
+            ("rho_z_encoder", "{:.3f}"), ("rho_z", "{:.3f}"), ("rho_latent_2d_route", "{:.3f}"),
+            ("cube_shell_cc_min", "{:.3f}"), ("vae_cube_shell_cc_min", "{:.3f}"),
+            ("peak_rss_mb_x1", "{:.0f}"), ("peak_rss_mb_x4", "{:.0f}"), ("seconds", "{:.0f}")]
+    head = ["dataset", "epochs", "train frames/s", "cube err enc (°)", "cube err refined (°)",
+            "≤ 5°", "ρ z enc", "ρ z refined", "ρ 2D route", "cube shell CC", "VAE's",
+            "RSS MB (N)", "RSS MB (4N)", "s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = []
+        for key, fmt in cols:
+            v = r.get(key)
+            cells.append("—" if v is None else fmt.format(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", nargs="+", choices=list(DATASETS), default=list(DATASETS))
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--out", default=str(REPO / "bench/results/amortise"))
+    p.add_argument("--json", default=str(REPO / "bench/results/amortise.json"))
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    previous = {}
+    if Path(args.json).exists():
+        previous = {r["dataset"]: r for r in json.loads(Path(args.json).read_text())["rows"]}
+    for name in args.only:
+        print(f"[amortise] {name}: training {args.epochs} epochs", flush=True)
+        previous[name] = bench_dataset(name, args.epochs, out, args.threads)
+        print(f"[amortise] {name}: {json.dumps(previous[name], default=float)}", flush=True)
+        rows = [previous[n] for n in DATASETS if n in previous]
+        Path(args.json).write_text(json.dumps({"machine": os.uname().nodename, "rows": rows},
+                                              indent=1, default=float))
+    print(table([previous[n] for n in DATASETS if n in previous]))
+
+
+if __name__ == "__main__":
+    main()
