@@ -11,6 +11,9 @@
 #   6. the 3D EMC on the demo on the GPU (K 2, num_div 4; Dragonfly not run on the device)
 #   7. phasing the demo's 25 truth volumes on the GPU: random starts, the neural phaser alone
 #      and refined (s/volume; needs results/demo carried)
+#   8. amortised inference on the GPU: training frames/s of spiscape amortise on the demo's
+#      frames (batch 512, bf16 autocast; goal >= 10,000 frames/s) and the refinement's frames/s
+#      (needs results/demo carried: its VAE is the warm start)
 # Each step has its own time limit and a failure does not stop the later steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,5 +42,13 @@ timeout 120 .venv/bin/python bench/emc3d.py --datasets demo --num-div 4 --iterat
 if [ -d results/demo ]; then
     timeout 120 .venv/bin/python bench/phasing.py --device gpu --vae-results "" \
         --json "$out/phasing_gpu.json" 2>&1 | tail -n 6 | tee "$out/phasing_gpu.txt"
+fi
+# 8. amortised inference on the GPU
+if [ -f results/demo/vae/model.pt ]; then
+    timeout 150 .venv/bin/python -m spiscape amortise --photons results/demo/data/photons.h5 \
+        --detector results/demo/data/detector.h5 --init-vae results/demo/vae/model.pt \
+        --out-dir "$out/amortise_gpu" --epochs 3 --batch-size 512 --device cuda \
+        --truth results/demo/data/truth.h5 --no-figures 2>&1 | tail -n 8 \
+        | tee "$out/amortise_gpu.txt"
 fi
 echo "GPU check done: $out"

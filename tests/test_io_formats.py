@@ -101,7 +101,8 @@ def test_each_contract_has_one_reader():
              "write_commonlines", "read_landscape", "write_landscape", "read_volumes",
              "write_volumes", "read_latent", "write_latent", "read_frame_latent",
              "write_frame_latent", "write_phasing", "read_converged", "write_curve",
-             "read_truth", "write_truth", "plain", "load_plain", "read_placed", "write_placed")
+             "read_truth", "write_truth", "plain", "load_plain", "read_placed", "write_placed",
+             "read_amortise")
     homes = {}
     for path in (REPO / "src/spiscape").rglob("*.py"):
         for name in re.findall(r"^def (\w+)\(", path.read_text(), re.M):

@@ -106,7 +106,9 @@ def test_three_datasets_end_to_end_and_partial_reruns(tmp_path, env_with_venv_pa
     """Three datasets on the default profile: two simulated (one with its own EMC settings) and a
     'measured' one given as Dragonfly files; then what a change of parameters reruns."""
     datasets = {
-        "sim": {"simulate": {"num_frames": 60, "seed": 3, "mean_photons": 300}},
+        "sim": {"simulate": {"num_frames": 60, "seed": 3, "mean_photons": 300},
+                # the amortised branch (off by default), warm-started from sim's VAE
+                "amortise": {"run": True, "options": {"epochs": 2}}},
         "sim2": {"simulate": {"num_frames": 50, "seed": 4, "mean_photons": 300},
                  "classify2d": {"options": {"num_classes": 5}}, "vae": {"run": False},
                  # the 3D EMC branch (off by default), seeded from the landscape's clusters
@@ -146,6 +148,9 @@ def test_three_datasets_end_to_end_and_partial_reruns(tmp_path, env_with_venv_pa
     assert (tmp_path / "results/sim2/emc3d/phasing.h5").exists()
     assert sorted(p.name for p in (tmp_path / "results/sim2/emc3d/maps").glob("*.mrc"))
     assert not (tmp_path / "results/sim/emc3d").exists()  # off by default
+    with h5py.File(tmp_path / "results/sim/amortise/amortise.h5") as f:
+        assert f["quaternion"].shape == (60, 4) and np.isfinite(f["z"][()]).all()
+    assert not (tmp_path / "results/sim2/amortise").exists()  # off by default
     assert (tmp_path / "results/sim/volume_curve.csv").read_text().startswith("index,z0")
     maps = sorted(p.name for p in (tmp_path / "results/sim/maps").glob("[!.]*"))
     assert maps == ["density_000.mrc", "density_001.mrc", "z_values.txt"]
@@ -171,7 +176,7 @@ def test_three_datasets_end_to_end_and_partial_reruns(tmp_path, env_with_venv_pa
                            embed={"options": {"components": 2}})
     plan = planned_jobs(snakemake(tmp_path, "--configfile", str(changed), "-n"))
     assert plan == {"embed": 3, "vae": 1, "phase": 1, "landscape": 3, "place": 1, "summary": 1,
-                    "emc3d": 1, "emc3d_phase": 1, "all": 1, "total": 13}
+                    "emc3d": 1, "emc3d_phase": 1, "amortise": 1, "all": 1, "total": 14}
     one = {**datasets, "sim2": {**datasets["sim2"], "commonlines": {"num_tiles": 3}}}
     changed = write_config(tmp_path / "c3.yaml", one)
     plan = planned_jobs(snakemake(tmp_path, "--configfile", str(changed), "-n"))
@@ -191,7 +196,8 @@ def test_three_datasets_end_to_end_and_partial_reruns(tmp_path, env_with_venv_pa
     assert "System Message" not in html and "Docutils" not in html
     for name in ("1. Dataset", "2. EMC 2D classification", "6. 3D: VAE and phasing",
                  "VAE convergence", "VAE latent_vs_t", "volume along the latent",
-                 "7. 3D EMC", "3D EMC models"):
+                 "7. 3D EMC", "3D EMC models", "8. Amortised inference",
+                 "amortised: pose distribution"):
         assert name in html, name
 
 

@@ -112,7 +112,7 @@ def test_dry_runs_refuse_typos_with_one_line(tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     line = next(x for x in proc.stderr.splitlines() if "config:" in x)
     assert line == ("spiscape workflow: config: (top level): unknown key 'clasify2d' (did you "
-                    "mean 'classify2d'?) (allowed: classify2d, commonlines, datasets, "
+                    "mean 'classify2d'?) (allowed: amortise, classify2d, commonlines, datasets, "
                     "datasets_table, embed, emc3d, inspect, orient, phase, results, "
                     "spiscape_command, vae)")
     # elsewhere, with only --configfile: the defaults beside the Snakefile, and a word about it

@@ -43,10 +43,17 @@ def orientation_errors(pred, truth, group_name: str = "m-3m", align: bool = True
     pred, truth = np.atleast_2d(pred), np.atleast_2d(truth)
     a, offset = (global_alignment(pred, truth, group) if align
                  else (np.array([1.0, 0, 0, 0]), 0.0))
-    err = rotations.misorientation_deg(truth, rotations.multiply(a[None], pred), group)
+    aligned = rotations.multiply(a[None], pred)
+    err = rotations.misorientation_deg(truth, aligned, group)
+    # also modulo the Friedel twin R Rz(π), which a single frame tells apart only by the Ewald
+    # sphere's curvature
+    twin = rotations.misorientation_deg(truth, aligned, group, friedel=True)
     return {"error_deg": err, "alignment": a, "alignment_offset_deg": offset,
             "median_deg": float(np.median(err)),
-            "within_5deg": float(np.mean(err <= 5.0)), "within_10deg": float(np.mean(err <= 10))}
+            "within_5deg": float(np.mean(err <= 5.0)), "within_10deg": float(np.mean(err <= 10)),
+            "twin_median_deg": float(np.median(twin)),
+            "twin_within_5deg": float(np.mean(twin <= 5.0)),
+            "twin_share": float(np.mean((twin <= 5.0) & (err > 5.0)))}
 
 
 def score_against_truth(frames: dict, truth_path, model, qnorm: np.ndarray,
@@ -88,6 +95,9 @@ def score_against_truth(frames: dict, truth_path, model, qnorm: np.ndarray,
     out.update(cube_orientation_median_deg=fin["median_deg"],
                cube_orientation_within_5deg=fin["within_5deg"],
                cube_orientation_within_10deg=fin["within_10deg"],
+               cube_orientation_twin_median_deg=fin["twin_median_deg"],
+               cube_orientation_twin_within_5deg=fin["twin_within_5deg"],
+               cube_friedel_twin_share=fin["twin_share"],
                cube_orientation_encoder_median_deg=enc["median_deg"],
                alignment_offset_deg=fin["alignment_offset_deg"])
     if truth.volumes is None or not (np.asarray(truth.volume_info["label"]) == 0).any():

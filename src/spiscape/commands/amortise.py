@@ -62,7 +62,8 @@ def add_args(parser):
                         help="conformation dimensions (from the VAE with --init-vae)")
     parser.add_argument("--hypotheses", type=at_least(1), default=d.hypotheses,
                         help="rotation hypotheses per frame (best-of-H loss)")
-    parser.add_argument("--batch-size", type=at_least(1), default=d.batch_size)
+    parser.add_argument("--batch-size", type=at_least(1), default=d.batch_size,
+                        help="frames per gradient step (per rank under torchrun)")
     parser.add_argument("--lr", type=number_in(0, low_open=True), default=d.lr,
                         help="Adam learning rate of the encoder")
     parser.add_argument("--decoder-lr", type=number_in(0), default=d.decoder_lr,
@@ -83,13 +84,17 @@ def add_args(parser):
                         help="after the encoder: local rotation search and the 1D z posterior")
     parser.add_argument("--num-volumes", type=at_least(2), default=11,
                         help="volumes decoded along z (volumes.h5, maps)")
-    parser.add_argument("--seed", type=at_least(0), default=d.seed)
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--seed", type=at_least(0), default=d.seed,
+                        help="seed of the initial weights, the batches and the latent noise")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where the model runs (auto: a GPU when torch sees one)")
     parser.add_argument("--threads", type=at_least(0), default=0,
                         help="torch CPU threads (0: torch's default)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from out-dir/checkpoint.pt (same data and settings)")
-    parser.add_argument("--no-figures", action="store_true")
+    parser.add_argument("--no-figures", action="store_true",
+                        help="skip the figures (z against the landscape, poses, volumes, "
+                             "training curve)")
 
 
 def _init_volume(spec: str) -> np.ndarray:

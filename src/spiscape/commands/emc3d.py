@@ -82,6 +82,14 @@ def add_args(parser):
     parser.add_argument("--init-noise", type=number_in(0, 1, high_open=True),
                         default=d.init_noise,
                         help="relative noise on the initial models (the powder, isotropic)")
+    parser.add_argument("--held-out", type=number_in(0, 0.5, high_open=True),
+                        default=d.held_out,
+                        help="share of the frames left out of the fit and scored at the end "
+                             "(held-out log-likelihood per frame in emc3d.h5 and the log), to "
+                             "compare runs with different --num-models and the same --seed. "
+                             "Not a K selector on its own: at coarse num_div extra models "
+                             "also buy finer orientations, so it keeps rising with K even on "
+                             "one population (docs/methods.md)")
     parser.add_argument("--block-frames", type=at_least(1), default=None,
                         help="frames per E-step block (default: from --memory-mb)")
     add_run_control(parser, "where the products run (gpu: CuPy)")
@@ -124,7 +132,7 @@ def main(args):
         else 0, beta_start=args.beta_start, beta_jump=args.beta_jump,
         beta_period=args.beta_period, need_scaling=args.need_scaling, seed=args.seed,
         init_noise=args.init_noise, block_frames=args.block_frames, memory_mb=args.memory_mb,
-        device=args.device)
+        device=args.device, held_out=args.held_out)
     select = None
     if args.from_model:
         from spiscape.errors import InputError

@@ -11,7 +11,10 @@ first; the frame shows the model at R q), ``probability (N,)`` of that (model, o
 ``scale (N,)``. ``log``: one row per iteration (iteration, beta_mean, rms_change, mutual_info,
 log_likelihood, seconds) as a compound table, and the per-iteration occupancies
 ``log_occupancy (iterations, K)``. Attributes: ``params`` (JSON), ``detector``, ``photons``
-(JSON list), ``num_orientations``.
+(JSON list), ``num_orientations``; with ``--held-out``: ``held_out_frames`` (left out of the fit:
+model −1, quaternion NaN), ``held_out_loglik_per_frame`` and ``held_out_loglik_per_photon``
+(their mean log-likelihood under the fitted mixture, :meth:`spiscape.emc3d.run.EMC3D.
+held_out_loglik`, comparable between runs with different K and the same seed).
 """
 
 from __future__ import annotations
