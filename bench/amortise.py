@@ -9,6 +9,8 @@ decoder on its frames with the default settings, then scored against the simulat
 * per-frame |Spearman(z, t)| over cube, melting and sphere frames (encoder's z, the refined
   posterior mean) beside the 2D route's per-frame latent (``frames.h5``);
 * the decoded cube's smallest shell CC to 0.7 q_max against the truth (beside the VAE's);
+* the phased sphere / cube volume ratio against the truth's (the volumes decoded at the cube's
+  and the sphere's population z, ``spiscape phase`` with the workflow's phase options);
 * training frames/s on this machine, and peak memory of a one-epoch run on the frames and on
   four times as many (the same photon file listed four times): flat when it streams.
 
@@ -76,7 +78,8 @@ def bench_dataset(name: str, epochs: int, out_root: Path, threads: int) -> dict:
     vae_scores = json.loads((res / "vae/training.json").read_text()).get("scores", {})
     row = {"dataset": name, "epochs": epochs, "seconds": seconds,
            "frames_per_s": float(sorted(h["frames_per_s"] for h in history)[len(history) // 2]),
-           "vae_cube_shell_cc_min": vae_scores.get("cube_shell_cc_min"), **scores}
+           "vae_cube_shell_cc_min": vae_scores.get("cube_shell_cc_min"), **scores,
+           **phased_ratio(name, out_root)}
     # memory: one epoch, no refinement, on the frames and on four copies of them
     listing = out_root / f"{name}_x4.lst"
     listing.write_text("\n".join([str(data / "photons.h5")] * 4) + "\n")
@@ -104,6 +107,62 @@ def rescore(name: str, out_root: Path) -> dict:
                                read_landscape(res / "frames.h5"))
 
 
+def phased_ratio(name: str, out_root: Path) -> dict:
+    """Sphere / cube volume ratio of the amortised decoder, as the matrix scores the VAE's: the
+    volumes at the cube's and the sphere's population z (the z that explains 400 of their
+    frames best at their refined poses, :func:`spiscape.amortise.run.population_latent`),
+    phased by ``spiscape phase`` with the workflow's phase options, Porod volumes against the
+    truth's."""
+    sys.path.insert(0, str(REPO / "src"))
+    import h5py
+    import numpy as np
+    import torch
+    from volume_curve import read_curve
+
+    from spiscape.amortise.data import select_pixels
+    from spiscape.amortise.run import latent_grid, load_model, population_latent
+    from spiscape.io import read_detector
+    from spiscape.io.amortise import read_amortise
+    from spiscape.io.photons import PhotonDataset
+    from spiscape.io.truth import read_truth
+    from spiscape.io.volumes import write_volumes
+
+    _, data = DATASETS[name]
+    out = out_root / name
+    model = load_model(out / "model.pt")
+    frames = read_amortise(out / "amortise.h5")
+    truth = read_truth(data / "truth.h5", volumes=False)
+    label = np.asarray(truth.label)
+    pixels = select_pixels(read_detector(data / "detector.h5"), model.volume_size)
+    grid = latent_grid(frames["z"], 81)
+    rng = np.random.default_rng(0)
+    with PhotonDataset(data / "photons.h5") as photons:
+        z = np.array([[population_latent(
+            model, photons, pixels, np.sort(rng.choice(np.flatnonzero(label == k), size=min(
+                400, int((label == k).sum())), replace=False)), frames["quaternion"], grid)]
+            for k in (0, 2)])
+    with torch.no_grad():
+        vols = model.volumes(torch.as_tensor(z, dtype=torch.float32)).numpy()
+    qn = model.q.norm(dim=0).numpy()
+    ends = out / "ends.h5"
+    write_volumes(ends, z, vols, np.ones(2, dtype=bool), truth.attrs["q_per_voxel_inv_nm"],
+                  attrs={"q_min_measured": float(qn.min()), "q_max_measured": float(qn.max())})
+    spiscape("phase", "--volumes", ends, "--out", out / "ends_phasing.h5", "--curve",
+             out / "ends.csv", "--recipe", "100 DM 100 RAAR 100 ER", "--starts", 4, "--seed", 1,
+             log=out_root / f"{name}_phase.log")
+    zc, vc = read_curve(out / "ends.csv")
+    with h5py.File(data / "truth.h5", "r") as f:
+        vlabel, true_v = f["volumes/label"][()], f["volumes/particle_volume_nm3"][()]
+    true_ratio = true_v[vlabel == 2][0] / true_v[vlabel == 0][0]
+    if len(vc) < 2:
+        return {"ratio_note": "a phasing did not converge"}
+    first_is_cube = abs(zc[0] - z[0, 0]) < 1e-4
+    cube, sphere = (vc[0], vc[1]) if first_is_cube else (vc[1], vc[0])
+    return {"cube_z": float(z[0, 0]), "sphere_z": float(z[1, 0]),"ratio_error": float(sphere / cube / true_ratio - 1.0),
+            "cube_volume_error": float(cube / true_v[vlabel == 0][0] - 1.0),
+            "sphere_volume_error": float(sphere / true_v[vlabel == 2][0] - 1.0)}
+
+
 def table(rows: list[dict]) -> str:
     cols = [("dataset", "{}"), ("epochs", "{}"), ("frames_per_s", "{:.0f}"),
             ("cube_orientation_encoder_median_deg", "{:.1f}"),
@@ -112,10 +171,11 @@ def table(rows: list[dict]) -> str:
             ("cube_orientation_twin_within_5deg", "{:.2f}"),
             ("rho_z_encoder", "{:.3f}"), ("rho_z", "{:.3f}"), ("rho_latent_2d_route", "{:.3f}"),
             ("cube_shell_cc_min", "{:.3f}"), ("vae_cube_shell_cc_min", "{:.3f}"),
+            ("ratio_error", "{:+.1%}"),
             ("peak_rss_mb_x1", "{:.0f}"), ("peak_rss_mb_x4", "{:.0f}"), ("seconds", "{:.0f}")]
     head = ["dataset", "epochs", "train frames/s", "cube err enc (°)", "cube err refined (°)",
             "≤ 5°", "modulo the Friedel twin (°)", "≤ 5°", "ρ z enc", "ρ z refined",
-            "ρ 2D route", "cube shell CC", "VAE's",
+            "ρ 2D route", "cube shell CC", "VAE's", "sphere/cube volume error",
             "RSS MB (N)", "RSS MB (4N)", "s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -144,7 +204,8 @@ def main(argv=None):
         previous = {r["dataset"]: r for r in json.loads(Path(args.json).read_text())["rows"]}
     for name in args.only:
         if args.rescore:
-            previous[name] = {**previous[name], **rescore(name, out)}
+            previous[name] = {**previous[name], **rescore(name, out),
+                              **phased_ratio(name, out)}
         else:
             print(f"[amortise] {name}: training {args.epochs} epochs", flush=True)
             previous[name] = bench_dataset(name, args.epochs, out, args.threads)

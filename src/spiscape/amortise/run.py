@@ -292,6 +292,33 @@ def _posterior_z(model, grid_vols, zgrid, rot, counts):
     return (w * zg).sum(1, keepdim=True)
 
 
+@torch.no_grad()
+def population_latent(model: AmortisedModel, dataset, pixels, frames: np.ndarray,
+                      quaternions: np.ndarray, zgrid: np.ndarray) -> float:
+    """The one z (1D) that explains a set of frames best at their poses: the grid point of the
+    least summed NLL, refined by a parabola through its neighbours. Unlike the median of the
+    frames' posterior means, it is not pulled towards the prior's centre by each frame's
+    shrinkage (a population's z, e.g. where its volume is read)."""
+    frames = np.asarray(frames)
+    vols = model.symmetric(torch.as_tensor(np.asarray(zgrid)[:, None], dtype=torch.float32))
+    total = np.zeros(len(zgrid))
+    for i in range(0, len(frames), 256):
+        idx = frames[i:i + 256]
+        counts = torch.as_tensor(dataset.read(idx).to_csr()[:, pixels.index].toarray(),
+                                 dtype=torch.float32)
+        rot = torch.as_tensor(rotations.to_matrix(quaternions[idx]), dtype=torch.float32)
+        for g in range(len(zgrid)):
+            v = vols[g:g + 1].expand(len(idx), *vols.shape[1:])
+            total[g] += float(model.nll(v, rot[:, None], counts)[0].sum())
+    k = int(np.argmin(total))
+    if 0 < k < len(zgrid) - 1:
+        a, b, c = total[k - 1:k + 2]
+        denom = a - 2 * b + c
+        if denom > 0:
+            return float(zgrid[k] + 0.5 * (a - c) / denom * (zgrid[1] - zgrid[0]))
+    return float(zgrid[k])
+
+
 def fingerprint(cfg: AmortiseConfig, files, warm: str) -> dict:
     """What a checkpoint must match to be resumed: the settings that change the training, the
     photon files (names and sizes) and the warm start."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spiscape.utils.args import at_least, number_in
+from spiscape.utils.args import at_least, number_in, q_per_voxel_of
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def main(args):
         ctx = run.setup_distributed(cfg.device)
         if not ctx.main:
             return 0
-        q_per_voxel = _q_per_voxel(args, det)
+        q_per_voxel = q_per_voxel_of(args.truth, args.q_per_pixel, args.detector)
         run.save_model(out / "model.pt", model, profile, {"amortise_config": result["config"]})
         run.infer(cfg, dataset, model, pixels, out / "amortise.h5", device=ctx.device,
                   attrs={"photons": json.dumps([str(p) for p in dataset.files]),
@@ -189,14 +189,4 @@ def main(args):
     log.info("wrote %s (amortise.h5, model.pt, volumes.h5, %d MRC)%s", out, len(vols),
              "; scores " + json.dumps(scores, default=float) if scores else "")
     return 0
-
-
-def _q_per_voxel(args, det) -> float | None:
-    if args.truth:
-        from spiscape.io.truth import read_q_per_voxel
-
-        return read_q_per_voxel(args.truth)
-    if args.q_per_pixel:
-        return float(args.q_per_pixel) * float(det.detd) / float(det.ewald_rad)
-    return None
 

@@ -15,7 +15,13 @@ import logging
 from pathlib import Path
 
 from spiscape.orient import rotations
-from spiscape.utils.args import add_run_control, at_least, auto_or_number, number_in
+from spiscape.utils.args import (
+    add_run_control,
+    at_least,
+    auto_or_number,
+    number_in,
+    q_per_voxel_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -145,16 +151,7 @@ def main(args):
         select = read_emc3d(earlier, volumes=False).frames["model"] == int(model)
         log.info("%d frames of model %s of %s", int(select.sum()), model, earlier)
     emc = EMC3D(args.photons, args.detector, params, labels=labels, select=select)
-    q_per_voxel = None
-    if args.truth is not None:
-        from spiscape.io.truth import read_q_per_voxel
-
-        q_per_voxel = read_q_per_voxel(args.truth)
-    elif args.q_per_pixel is not None:
-        from spiscape.io import read_detector
-
-        det = read_detector(args.detector)
-        q_per_voxel = float(args.q_per_pixel) * float(det.detd) / float(det.ewald_rad)
+    q_per_voxel = q_per_voxel_of(args.truth, args.q_per_pixel, args.detector)
     emc.run(Path(args.out), checkpoint=Path(args.checkpoint) if args.checkpoint else None,
             resume=args.resume, q_per_voxel=q_per_voxel)
     if emc.rank != 0:

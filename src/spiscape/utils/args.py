@@ -82,3 +82,19 @@ def add_run_control(parser, device_help: str) -> None:
     parser.add_argument("--checkpoint", default=None,
                         help="checkpoint file (default: beside --out, .ckpt.h5; removed when "
                              "the run finishes)")
+
+
+def q_per_voxel_of(truth, q_per_pixel, detector_path) -> float | None:
+    """The 3D grid's q step (1/nm per voxel) of ``--truth`` (the simulator's) or
+    ``--q-per-pixel`` (1/nm per detector pixel at the centre, scaled by detd / ewald_rad of the
+    detector file); None when neither is given."""
+    if truth is not None:
+        from spiscape.io.truth import read_q_per_voxel
+
+        return read_q_per_voxel(truth)
+    if q_per_pixel is None:
+        return None
+    from spiscape.io import read_detector
+
+    det = read_detector(detector_path)
+    return float(q_per_pixel) * float(det.detd) / float(det.ewald_rad)
