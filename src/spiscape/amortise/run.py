@@ -114,7 +114,7 @@ def _batches(num: int, batch: int, world: int, rank: int, rng) -> list[np.ndarra
 
 
 def train(cfg: AmortiseConfig, dataset, model: AmortisedModel, pixels, checkpoint=None,
-          resume: bool = False, fingerprint: dict | None = None, progress=None) -> dict:
+          resume: bool = False, fingerprint: dict | None = None) -> dict:
     """Train in place; returns the history (per epoch: loss, nll and kl per frame, frames/s)."""
     ctx = setup_distributed(cfg.device)
     if cfg.threads:
@@ -165,14 +165,17 @@ def train(cfg: AmortiseConfig, dataset, model: AmortisedModel, pixels, checkpoin
                 totals += [float(loss.detach()) * n, float(nll.detach().mean()) * n,
                            float(kl.detach().mean()) * n, n]
         seconds = time.perf_counter() - tic
+        if ctx.world > 1:  # the epoch's sums over all ranks
+            summed = torch.as_tensor(totals, dtype=torch.float64, device=ctx.device)
+            torch.distributed.all_reduce(summed)
+            totals = summed.cpu().numpy()
         row = {"epoch": epoch + 1, "loss": totals[0] / totals[3], "nll": totals[1] / totals[3],
-               "kl": totals[2] / totals[3], "frames_per_s": totals[3] * ctx.world / seconds,
+               "kl": totals[2] / totals[3], "frames_per_s": totals[3] / seconds,
                "seconds": seconds}
         history.append(row)
-        log.info("epoch %d/%d  loss %.2f  nll %.2f  kl %.3f per frame  %.0f frames/s",
-                 epoch + 1, cfg.epochs, row["loss"], row["nll"], row["kl"], row["frames_per_s"])
-        if progress is not None:
-            progress(row)
+        (log.info if ctx.main else log.debug)(
+            "epoch %d/%d  loss %.2f  nll %.2f  kl %.3f per frame  %.0f frames/s", epoch + 1,
+            cfg.epochs, row["loss"], row["nll"], row["kl"], row["frames_per_s"])
         if ctx.main and checkpoint is not None:
             save_checkpoint(checkpoint, model, optimiser, epoch + 1, history, {},
                             {"fingerprint": fingerprint or {}})

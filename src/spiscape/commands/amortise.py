@@ -146,6 +146,10 @@ def main(args):
                            resume=args.resume,
                            fingerprint=run.fingerprint(cfg, dataset.files, str(warm)))
         ctx = run.setup_distributed(cfg.device)
+        if ctx.world > 1:  # inference and the outputs on rank 0 alone
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
         if not ctx.main:
             return 0
         q_per_voxel = q_per_voxel_of(args.truth, args.q_per_pixel, args.detector)
