@@ -259,6 +259,13 @@ def test_memory_is_bounded_by_the_block(cubes):
         seen.clear()
         run.train(cfg, data, model, pixels)
         assert max(seen) <= 300 and sum(seen) == 1500
+        # trained on the landscape's frames only (the VAE's clusters), every frame still read
+        landscape = {"latent": np.where(np.arange(1500)[:, None] % 5 == 0, 0.5, np.nan)}
+        select = run.landscape_frames(landscape, 1500)
+        assert select.sum() == 300
+        history = run.train(cfg, data, model, pixels, select=select)["history"]
+        assert history[0]["frames"] == 300
+        assert run.landscape_frames({"latent": np.full((1500, 1), np.nan)}, 1500) is None
 
 
 def test_two_ranks_under_torchrun(cubes, tmp_path):

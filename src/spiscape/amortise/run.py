@@ -114,8 +114,9 @@ def _batches(num: int, batch: int, world: int, rank: int, rng) -> list[np.ndarra
 
 
 def train(cfg: AmortiseConfig, dataset, model: AmortisedModel, pixels, checkpoint=None,
-          resume: bool = False, fingerprint: dict | None = None) -> dict:
-    """Train in place; returns the history (per epoch: loss, nll and kl per frame, frames/s)."""
+          resume: bool = False, fingerprint: dict | None = None, select=None) -> dict:
+    """Train in place on every frame, or on the frames ``select`` (bool, one per frame) marks;
+    returns the history (per epoch: loss, nll and kl per frame, frames/s)."""
     ctx = setup_distributed(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -151,8 +152,9 @@ def train(cfg: AmortiseConfig, dataset, model: AmortisedModel, pixels, checkpoin
         for b in rng.permutation(len(blocks)):
             a, z = blocks[b]
             csr = adata.read_block(dataset, pixels, a, z)
-            for rows in _batches(csr.shape[0], cfg.batch_size, ctx.world, ctx.rank, rng):
-                counts, image, support, logn = dense(csr[rows])
+            mine = np.arange(z - a) if select is None else np.flatnonzero(select[a:z])
+            for rows in _batches(len(mine), cfg.batch_size, ctx.world, ctx.rank, rng):
+                counts, image, support, logn = dense(csr[mine[rows]])
                 with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=amp):
                     nll, kl, _ = net(image, support, logn, counts)
                 loss = (nll + cfg.kl_weight * kl).mean()
@@ -171,7 +173,7 @@ def train(cfg: AmortiseConfig, dataset, model: AmortisedModel, pixels, checkpoin
             totals = summed.cpu().numpy()
         row = {"epoch": epoch + 1, "loss": totals[0] / totals[3], "nll": totals[1] / totals[3],
                "kl": totals[2] / totals[3], "frames_per_s": totals[3] / seconds,
-               "seconds": seconds}
+               "frames": int(totals[3]), "seconds": seconds}
         history.append(row)
         (log.info if ctx.main else log.debug)(
             "epoch %d/%d  loss %.2f  nll %.2f  kl %.3f per frame  %.0f frames/s", epoch + 1,
@@ -322,13 +324,27 @@ def population_latent(model: AmortisedModel, dataset, pixels, frames: np.ndarray
     return float(zgrid[k])
 
 
-def fingerprint(cfg: AmortiseConfig, files, warm: str) -> dict:
+def fingerprint(cfg: AmortiseConfig, files, warm: str, select=None) -> dict:
     """What a checkpoint must match to be resumed: the settings that change the training, the
-    photon files (names and sizes) and the warm start."""
+    photon files (names and sizes), the warm start and the frames trained on."""
+    import hashlib
+
     keep = {k: v for k, v in asdict(cfg).items()
             if k not in ("epochs", "device", "threads", "refine", "z_grid")}
+    chosen = "all" if select is None else hashlib.sha256(
+        np.packbits(np.asarray(select, dtype=bool)).tobytes()).hexdigest()
     return {"config": keep, "files": [[str(p), p.stat().st_size] for p in files],
-            "warm_start": warm}
+            "warm_start": warm, "frames": chosen}
+
+
+def landscape_frames(landscape: dict, num_frames: int) -> np.ndarray | None:
+    """The frames the 2D route's VAE placed (a finite per-frame latent in frames.h5: the
+    clusters it trained on, contaminant clusters left out), or None when it has none."""
+    latent = landscape.get("latent")
+    if latent is None or latent.shape[0] != num_frames:
+        return None
+    placed = np.all(np.isfinite(latent), axis=1)
+    return placed if placed.any() else None
 
 
 def save_model(path, model: AmortisedModel, profile: np.ndarray, extra: dict) -> None:

@@ -50,7 +50,15 @@ def add_args(parser):
                       help="a volumes file (vae or emc3d volumes.h5) and the index of the "
                            "volume the decoder starts from (default 0)")
     parser.add_argument("--landscape", default=None,
-                        help="frames.h5 of the same photons: z is drawn against its coordinates")
+                        help="frames.h5 of the same photons: z is drawn against its "
+                             "coordinates, and with --train-frames landscape it chooses the "
+                             "frames trained on")
+    parser.add_argument("--train-frames", choices=["landscape", "all"], default="landscape",
+                        help="landscape: train on the frames the 2D route's VAE placed (its "
+                             "clusters; contaminant clusters left out, so that they do not "
+                             "take part of z), every frame without --landscape or a VAE "
+                             "latent in it; all: every frame. Every frame is inferred either "
+                             "way")
     parser.add_argument("--truth", default=None,
                         help="the simulator's truth.h5: scores into training.json and the q "
                              "scale of the maps")
@@ -112,6 +120,7 @@ def main(args):
     import torch
 
     from spiscape.amortise import figures, run
+    from spiscape.errors import InputError
     from spiscape.io import read_detector
     from spiscape.io.amortise import read_amortise
     from spiscape.io.maps import write_maps
@@ -137,6 +146,22 @@ def main(args):
         vae_blob = load_plain(args.init_vae, "VAE model") if args.init_vae else None
         init_volume = _init_volume(args.init_volume) if args.init_volume else None
         warm = args.init_vae or args.init_volume or "none"
+        landscape = select = None
+        if args.landscape:
+            from spiscape.io.frames import read_landscape
+
+            landscape = read_landscape(args.landscape)
+            if landscape["clpca"].shape[0] != dataset.num_frames:
+                raise InputError(args.landscape, f"{landscape['clpca'].shape[0]} frames, the "
+                                                 f"photons have {dataset.num_frames}")
+            if args.train_frames == "landscape":
+                select = run.landscape_frames(landscape, dataset.num_frames)
+        if select is None:
+            log.info("training on all %d frames", dataset.num_frames)
+        else:
+            log.info("training on the %d of %d frames the 2D route's VAE placed (the others, "
+                     "e.g. contaminant clusters, are only inferred)", int(select.sum()),
+                     select.size)
         model, pixels, profile = run.build(cfg, det, dataset, vae_blob, init_volume)
         log.info("%d frames, %d pixels in the likelihood, %d x %d encoder image, V = %d, "
                  "zdim %d, %d hypotheses, decoder from %s", dataset.num_frames,
@@ -144,7 +169,8 @@ def main(args):
                  cfg.zdim, cfg.hypotheses, warm)
         result = run.train(cfg, dataset, model, pixels, checkpoint=out / "checkpoint.pt",
                            resume=args.resume,
-                           fingerprint=run.fingerprint(cfg, dataset.files, str(warm)))
+                           fingerprint=run.fingerprint(cfg, dataset.files, str(warm), select),
+                           select=select)
         ctx = run.setup_distributed(cfg.device)
         if ctx.world > 1:  # inference and the outputs on rank 0 alone
             import torch.distributed as dist
@@ -157,6 +183,7 @@ def main(args):
         run.infer(cfg, dataset, model, pixels, out / "amortise.h5", device=ctx.device,
                   attrs={"photons": json.dumps([str(p) for p in dataset.files]),
                          "detector": str(args.detector), "warm_start": str(warm)})
+        dataset_size = dataset.num_frames
     frames = read_amortise(out / "amortise.h5")
     z, has_data = latent_points(frames["z"], args.num_volumes)
     with torch.no_grad():
@@ -169,22 +196,14 @@ def main(args):
     write_maps(out / "maps", vols, z, kind="intensity", voxel=q_per_voxel,
                source=f"spiscape amortise {out}")
     scores = {}
-    landscape = None
-    if args.landscape:
-        from spiscape.io.frames import read_landscape
-
-        landscape = read_landscape(args.landscape)
-        if landscape["clpca"].shape[0] != frames["z"].shape[0]:
-            from spiscape.errors import InputError
-
-            raise InputError(args.landscape, f"{landscape['clpca'].shape[0]} frames, the "
-                                             f"photons have {frames['z'].shape[0]}")
     if args.truth:
         from spiscape.amortise.scoring import score_against_truth
 
         scores = score_against_truth(frames, args.truth, model, qn, landscape)
     with atomic_path(out / "training.json") as tmp:
-        tmp.write_text(json.dumps({**result, "warm_start": str(warm), "scores": scores},
+        trained_on = dataset_size if select is None else int(select.sum())
+        tmp.write_text(json.dumps({**result, "warm_start": str(warm),
+                                   "frames_trained_on": trained_on, "scores": scores},
                                   indent=1, default=float))
     if not args.no_figures:
         figures.all_figures(out, frames=frames, volumes=vols, z=z, has_data=has_data,
