@@ -158,7 +158,8 @@ def phased_ratio(name: str, out_root: Path) -> dict:
         return {"ratio_note": "a phasing did not converge"}
     first_is_cube = abs(zc[0] - z[0, 0]) < 1e-4
     cube, sphere = (vc[0], vc[1]) if first_is_cube else (vc[1], vc[0])
-    return {"cube_z": float(z[0, 0]), "sphere_z": float(z[1, 0]),"ratio_error": float(sphere / cube / true_ratio - 1.0),
+    return {"cube_z": float(z[0, 0]), "sphere_z": float(z[1, 0]),
+            "ratio_error": float(sphere / cube / true_ratio - 1.0),
             "cube_volume_error": float(cube / true_v[vlabel == 0][0] - 1.0),
             "sphere_volume_error": float(sphere / true_v[vlabel == 2][0] - 1.0)}
 
