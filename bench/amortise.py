@@ -16,6 +16,7 @@ decoder on its frames with the default settings, then scored against the simulat
 
     python bench/amortise.py                       # demo and df64
     python bench/amortise.py --only demo --epochs 30
+    python bench/amortise.py --only df80contam      # any matrix dataset run by bench/validation.py
 
 Writes ``bench/results/amortise.json`` and prints a Markdown table.
 """
@@ -33,10 +34,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
-DATASETS = {
-    "demo": (REPO / "results/demo", REPO / "results/demo/data"),
-    "df64": (REPO / "bench/results/validation/df64", REPO / "bench/data/validation/df64"),
-}
+MATRIX = ("df64", "df128b2", "df96low", "df80contam", "df128low", "sim72lowphot",
+          "sim64spread")
+DATASETS = {"demo": (REPO / "results/demo", REPO / "results/demo/data"),
+            **{name: (REPO / "bench/results/validation" / name,
+                      REPO / "bench/data/validation" / name) for name in MATRIX}}
+DEFAULT = ("demo", "df64")
 
 
 def spiscape(*words, log) -> float:
@@ -60,7 +63,8 @@ def peak_rss_mb(*words, log) -> float:
     return int(out.split("PEAK")[-1]) / 1024.0
 
 
-def bench_dataset(name: str, epochs: int, out_root: Path, threads: int) -> dict:
+def bench_dataset(name: str, epochs: int, out_root: Path, threads: int,
+                  memory: bool = True) -> dict:
     res, data = DATASETS[name]
     vae = res / "vae/model.pt"
     if not vae.exists():
@@ -80,6 +84,8 @@ def bench_dataset(name: str, epochs: int, out_root: Path, threads: int) -> dict:
            "frames_per_s": float(sorted(h["frames_per_s"] for h in history)[len(history) // 2]),
            "vae_cube_shell_cc_min": vae_scores.get("cube_shell_cc_min"), **scores,
            **phased_ratio(name, out_root)}
+    if not memory:
+        return row
     # memory: one epoch, no refinement, on the frames and on four copies of them
     listing = out_root / f"{name}_x4.lst"
     listing.write_text("\n".join([str(data / "photons.h5")] * 4) + "\n")
@@ -190,11 +196,14 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", nargs="+", choices=list(DATASETS), default=list(DATASETS))
+    p.add_argument("--only", nargs="+", choices=list(DATASETS), default=list(DEFAULT),
+                   help="datasets (the matrix's need bench/validation.py --only NAME first)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--out", default=str(REPO / "bench/results/amortise"))
     p.add_argument("--json", default=str(REPO / "bench/results/amortise.json"))
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip the two one-epoch runs that measure peak memory")
     p.add_argument("--rescore", action="store_true",
                    help="score finished runs again (no training)")
     args = p.parse_args(argv)
@@ -209,9 +218,10 @@ def main(argv=None):
                               **phased_ratio(name, out)}
         else:
             print(f"[amortise] {name}: training {args.epochs} epochs", flush=True)
-            previous[name] = bench_dataset(name, args.epochs, out, args.threads)
+            previous[name] = bench_dataset(name, args.epochs, out, args.threads,
+                                           memory=not args.no_memory)
         print(f"[amortise] {name}: {json.dumps(previous[name], default=float)}", flush=True)
-        rows = [previous[n] for n in DATASETS if n in previous]
+        rows = [previous[n] for n in DATASETS if n in previous]  # (all measured so far)
         Path(args.json).write_text(json.dumps({"machine": os.uname().nodename, "rows": rows},
                                               indent=1, default=float))
     print(table([previous[n] for n in DATASETS if n in previous]))
