@@ -13,6 +13,8 @@ import numpy as np
 import torch
 
 from spiscape.errors import InputError
+from spiscape.simulate.detector import q_magnitude
+from spiscape.vae.data import fill_from_nearest
 
 
 @dataclass
@@ -26,14 +28,13 @@ class Pixels:
     background: np.ndarray | None  # (P,) or None
     image_index: np.ndarray  # (P,) flat index into the S x S image
     image_size: int  # S
-    num_pix: int  # of the detector
 
 
 def select_pixels(det, volume_size: int, image_max: int = 64) -> Pixels:
     """Pixels with mask 0 whose q lies inside the sphere the V³ grid holds at any rotation; the
     encoder's image bins the detector plane by the smallest integer factor that brings its side
     to at most ``image_max``."""
-    qnorm_all = np.sqrt(det.qx**2 + det.qy**2 + det.qz**2)
+    qnorm_all = q_magnitude(det)
     keep = (np.asarray(det.mask) == 0) & (qnorm_all <= volume_size // 2 - 1)
     if not keep.any():
         raise InputError(None, "no used pixel (mask 0) inside the decoder's grid")
@@ -48,17 +49,21 @@ def select_pixels(det, volume_size: int, image_max: int = 64) -> Pixels:
     bg = None if det.background is None else np.asarray(det.background)[index]
     return Pixels(index=index, q=np.stack([det.qx, det.qy, det.qz])[:, index],
                   qnorm=qnorm_all[index], corr=np.asarray(det.corr)[index], background=bg,
-                  image_index=(iy + half) * size + (ix + half), image_size=size,
-                  num_pix=det.num_pix)
+                  image_index=(iy + half) * size + (ix + half), image_size=size)
 
 
 def block_bounds(num_frames: int, block_frames: int) -> list[tuple[int, int]]:
     return [(a, min(a + block_frames, num_frames)) for a in range(0, num_frames, block_frames)]
 
 
+def read_frames(dataset, pixels: Pixels, frames):
+    """Counts (n, P) CSR float32 of ``frames`` (a slice or indices) on the selected pixels."""
+    return dataset.read(frames).to_csr()[:, pixels.index].astype(np.float32).tocsr()
+
+
 def read_block(dataset, pixels: Pixels, start: int, stop: int):
     """Counts (n, P) CSR float32 of frames [start, stop) on the selected pixels."""
-    return dataset.read_range(start, stop).to_csr()[:, pixels.index].astype(np.float32).tocsr()
+    return read_frames(dataset, pixels, slice(start, stop))
 
 
 class Densifier:
@@ -98,7 +103,5 @@ def radial_log_profile(dataset, pixels: Pixels, volume_size: int, frames: int = 
     filled = (num > 0) & (sums > 0)
     if not filled.any():
         raise InputError(None, "the frames have no photon on the pixels the model uses")
-    idx = np.flatnonzero(filled)
-    nearest = idx[np.abs(np.arange(nbins)[:, None] - idx[None, :]).argmin(1)]
-    prof = np.where(filled, sums / np.maximum(num, 1), 0.0)[nearest]
+    prof = fill_from_nearest(np.where(filled, sums / np.maximum(num, 1), 0.0), filled)
     return np.log(prof / prof.max())

@@ -45,7 +45,7 @@ def pose_distribution(path, quats: np.ndarray, point_group: str) -> None:
     """Where each frame's beam axis points in the particle's frame (R e_z: the detector shows
     I(R q)), reduced to the point group's fundamental zone, as an equal-area map; and the
     rotation angle's histogram against a uniform distribution's."""
-    group = rotations.point_group(point_group if point_group == "m-3m" else "1")
+    group = rotations.point_group(point_group)
     fz = rotations.reduce(quats, group)
     beam = np.einsum("nij,j->ni", rotations.to_matrix(fz), np.array([0.0, 0.0, 1.0]))
     theta = np.degrees(np.arccos(np.clip(beam[:, 2], -1, 1)))

@@ -28,6 +28,7 @@ from spiscape.errors import ConfigError
 from spiscape.io.amortise import create_datasets
 from spiscape.io.weights import load_plain, plain
 from spiscape.orient import rotations
+from spiscape.simulate.detector import q_magnitude
 from spiscape.utils.atomic import atomic_path
 from spiscape.vae.train import load_checkpoint, save_checkpoint, set_rng_states, setup_distributed
 
@@ -72,7 +73,7 @@ class AmortiseConfig:
 
 def auto_volume_size(det) -> int:
     """Odd grid side holding the used pixels' |q| (capped at 61, the VAE's default)."""
-    qn = np.sqrt(det.qx**2 + det.qy**2 + det.qz**2)[np.asarray(det.mask) == 0]
+    qn = q_magnitude(det)[np.asarray(det.mask) == 0]
     return int(min(2 * int(np.ceil(qn.max())) + 3, 61))
 
 
@@ -215,7 +216,7 @@ def latent_grid(mu: np.ndarray, num: int) -> np.ndarray:
 
 @torch.no_grad()
 def infer(cfg: AmortiseConfig, dataset, model: AmortisedModel, pixels, out_path,
-          attrs: dict | None = None, device="cpu") -> dict:
+          attrs: dict | None = None, device="cpu") -> None:
     """Each frame's quaternion, z, scale (and the encoder's own guesses) into ``out_path``
     (HDF5, written block by block into a temporary file that replaces the target at the end)."""
     model.eval().to(device)
@@ -234,7 +235,6 @@ def infer(cfg: AmortiseConfig, dataset, model: AmortisedModel, pixels, out_path,
         zgrid = latent_grid(np.concatenate(mus), cfg.z_grid)
         grid_vols = model.symmetric(torch.as_tensor(zgrid[:, None], dtype=torch.float32,
                                                     device=device))
-    sums = {"photons": 0.0}
     with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as f:
         ds = create_datasets(f, n, zdim)
         for a, b in adata.block_bounds(n, cfg.block_frames):
@@ -272,7 +272,6 @@ def infer(cfg: AmortiseConfig, dataset, model: AmortisedModel, pixels, out_path,
                 ds["pose_change_deg"][sl] = rotations.misorientation_deg(q_enc, q_fin)
                 ds["hypothesis"][sl] = best.cpu().numpy()
                 ds["photons"][sl] = photons
-                sums["photons"] += float(photons.sum())
             log.info("inferred %d/%d frames", b, n)
         f.attrs["num_frames"] = n
         f.attrs["quaternion_convention"] = (
@@ -280,7 +279,6 @@ def infer(cfg: AmortiseConfig, dataset, model: AmortisedModel, pixels, out_path,
             "equivalent modulo the point group")
         for key, value in (attrs or {}).items():
             f.attrs[key] = value
-    return sums
 
 
 def _posterior_z(model, grid_vols, zgrid, rot, counts):
@@ -309,8 +307,7 @@ def population_latent(model: AmortisedModel, dataset, pixels, frames: np.ndarray
     total = np.zeros(len(zgrid))
     for i in range(0, len(frames), 256):
         idx = frames[i:i + 256]
-        counts = torch.as_tensor(dataset.read(idx).to_csr()[:, pixels.index].toarray(),
-                                 dtype=torch.float32)
+        counts = torch.as_tensor(adata.read_frames(dataset, pixels, idx).toarray())
         rot = torch.as_tensor(rotations.to_matrix(quaternions[idx]), dtype=torch.float32)
         for g in range(len(zgrid)):
             v = vols[g:g + 1].expand(len(idx), *vols.shape[1:])

@@ -88,10 +88,8 @@ def score_against_truth(frames: dict, truth_path, model, qnorm: np.ndarray,
     if not cube.any():
         return out
     quats = np.asarray(truth.quaternion)
-    fin = orientation_errors(frames["quaternion"][cube], quats[cube], model.point_group
-                             if model.point_group == "m-3m" else "1")
-    enc = orientation_errors(frames["quaternion_encoder"][cube], quats[cube],
-                             model.point_group if model.point_group == "m-3m" else "1")
+    fin = orientation_errors(frames["quaternion"][cube], quats[cube], model.point_group)
+    enc = orientation_errors(frames["quaternion_encoder"][cube], quats[cube], model.point_group)
     out.update(cube_orientation_median_deg=fin["median_deg"],
                cube_orientation_within_5deg=fin["within_5deg"],
                cube_orientation_within_10deg=fin["within_10deg"],

@@ -183,7 +183,6 @@ def main(args):
         run.infer(cfg, dataset, model, pixels, out / "amortise.h5", device=ctx.device,
                   attrs={"photons": json.dumps([str(p) for p in dataset.files]),
                          "detector": str(args.detector), "warm_start": str(warm)})
-        dataset_size = dataset.num_frames
     frames = read_amortise(out / "amortise.h5")
     z, has_data = latent_points(frames["z"], args.num_volumes)
     with torch.no_grad():
@@ -201,7 +200,7 @@ def main(args):
 
         scores = score_against_truth(frames, args.truth, model, qn, landscape)
     with atomic_path(out / "training.json") as tmp:
-        trained_on = dataset_size if select is None else int(select.sum())
+        trained_on = len(frames["z"]) if select is None else int(select.sum())
         tmp.write_text(json.dumps({**result, "warm_start": str(warm),
                                    "frames_trained_on": trained_on, "scores": scores},
                                   indent=1, default=float))

@@ -161,9 +161,14 @@ def radial_profile(intens: np.ndarray, support: np.ndarray, qnorm: np.ndarray,
         raise InputError(None, "the averages have no measured intensity")
     prof = np.zeros(nbins)
     prof[filled] = sums[filled] / counts[filled]
+    return fill_from_nearest(prof, filled)
+
+
+def fill_from_nearest(values: np.ndarray, filled: np.ndarray) -> np.ndarray:
+    """``values`` with every entry where ``filled`` is False replaced by the nearest filled
+    entry's (by index; ties to the lower index): a radial profile's empty shells."""
     idx = np.flatnonzero(filled)
-    nearest = idx[np.abs(np.arange(nbins)[:, None] - idx[None, :]).argmin(1)]
-    return prof[nearest]
+    return values[idx[np.abs(np.arange(values.size)[:, None] - idx[None, :]).argmin(1)]]
 
 
 def profile_at(qnorm: np.ndarray, profile: np.ndarray) -> np.ndarray:
