@@ -261,3 +261,33 @@ def test_held_out_frames_are_left_out_and_scored(tiny_dataset, tmp_path):
     ll = emc.held_out_loglik(fitted.intens, fitted.occupancy)
     assert ll.mean() > ll0.mean() + 1.0
     np.testing.assert_allclose(result.attrs["held_out_loglik_per_frame"], ll.mean(), rtol=1e-5)
+
+
+def test_start_models_from_a_file_replace_the_powder(tiny_dataset, tmp_path, capsys):
+    """--start-models: an earlier run's models are the start (K from the file), and a file on
+    another grid is refused with one line naming it."""
+    import h5py
+
+    from spiscape.emc3d.run import EMC3D, EMC3DParams
+
+    base = ["emc3d", "--photons", str(tiny_dataset / "photons.h5"), "--detector",
+            str(tiny_dataset / "detector.h5"), "--num-div", "1"]
+    first = tmp_path / "first.h5"
+    assert cli.main([*base, "--out", str(first), "--num-models", "3", "--iterations", "3"]) == 0
+    fitted = read_emc3d(first)
+    emc = EMC3D([tiny_dataset / "photons.h5"], tiny_dataset / "detector.h5",
+                EMC3DParams(num_models=3, num_div=1, iterations=1), start=first)
+    np.testing.assert_array_equal(emc.initial_state().models, fitted.intens)
+    second = tmp_path / "second.h5"
+    assert cli.main([*base, "--out", str(second), "--iterations", "1", "--start-models",
+                     str(first)]) == 0
+    assert read_emc3d(second).intens.shape == fitted.intens.shape  # K = 3 from the file
+    wrong = tmp_path / "wrong.h5"
+    with h5py.File(wrong, "w") as f:
+        f["intens"] = np.ones((3, 7, 7, 7))
+    capsys.readouterr()
+    assert cli.main([*base, "--out", str(tmp_path / "third.h5"), "--iterations", "1",
+                     "--start-models", str(wrong)]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "wrong.h5" in err and "shape" in err
+    assert not (tmp_path / "third.h5").exists()

@@ -58,6 +58,10 @@ def add_args(parser):
                         help="only the frames an earlier emc3d run gave to its model K (same "
                              "photon files): refine one population alone, e.g. the cube model "
                              "with --point-group m-3m and a finer --num-div")
+    parser.add_argument("--start-models", default=None, metavar="H5",
+                        help="start from these models instead of the powder: the intens "
+                             "(K, V, V, V) of an emc3d.h5, of Dragonfly's output or start model "
+                             "file, on this detector's grid (K defaults to theirs)")
     parser.add_argument("--init-by", choices=["clusters", "coordinates"], default="clusters",
                         help="with --init-labels: the landscape's clusters, or its frames' "
                              "coordinates grouped into --num-models groups by k-means")
@@ -131,6 +135,10 @@ def main(args):
             labels = landscape_groups(landscape["clpca"], num_models, args.seed)
         elif num_models is None:
             num_models = int(np.unique(labels[labels >= 0]).size)
+    if args.start_models and num_models is None:
+        from spiscape.io.emc3d import read_start_models
+
+        num_models = len(read_start_models(args.start_models))
     params = EMC3DParams(
         num_models=num_models or EMC3DParams().num_models,
         label_iterations=args.label_iterations, num_div=args.num_div, iterations=args.iterations,
@@ -150,7 +158,8 @@ def main(args):
                                       f"got {model!r}")
         select = read_emc3d(earlier, volumes=False).frames["model"] == int(model)
         log.info("%d frames of model %s of %s", int(select.sum()), model, earlier)
-    emc = EMC3D(args.photons, args.detector, params, labels=labels, select=select)
+    emc = EMC3D(args.photons, args.detector, params, labels=labels, select=select,
+                start=args.start_models)
     q_per_voxel = q_per_voxel_of(args.truth, args.q_per_pixel, args.detector)
     emc.run(Path(args.out), checkpoint=Path(args.checkpoint) if args.checkpoint else None,
             resume=args.resume, q_per_voxel=q_per_voxel)

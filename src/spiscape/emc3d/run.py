@@ -88,7 +88,7 @@ class EMC3D:
     """One 3D EMC reconstruction over this rank's shard of the frames."""
 
     def __init__(self, photon_files, detector_path, params: EMC3DParams, comm=None,
-                 labels=None, select=None):
+                 labels=None, select=None, start=None):
         from spiscape.io import read_detector, read_shard
 
         params.check()
@@ -137,6 +137,17 @@ class EMC3D:
         self.keep = keep
         self.counts = counts[np.flatnonzero(keep)]
         self.frame_photons = self.photons[keep]  # of the frames the EMC uses
+        self.start = None
+        if start is not None:  # start models (a file, or (K, V, V, V)) instead of the powder
+            from spiscape.io.emc3d import read_start_models
+
+            source = start if isinstance(start, (str, Path)) else None
+            start = read_start_models(start) if source else np.asarray(start, dtype=np.float64)
+            want = (params.num_models,) + (self.size,) * 3
+            if start.shape != want:
+                raise InputError(source, f"start models of shape {start.shape}; this detector "
+                                         f"and num_models need {want}")
+            self.start = start
         self.labels = None
         if labels is not None:
             self.labels = self._model_labels(np.asarray(labels), photons.num_frames)
@@ -223,7 +234,11 @@ class EMC3D:
     def initial_state(self) -> EMC3DState:
         """Models from the powder: the mean photons at each |q| (all ranks' frames), spread
         isotropically on the grid, times (1 + noise · uniform(−1, 1)) of a seeded generator,
-        one per model, symmetrised; scales 1 (the models carry the photons)."""
+        one per model, symmetrised; scales 1 (the models carry the photons). Given start models
+        replace the powder (symmetrised, no noise)."""
+        if self.start is not None:
+            models = slicing.symmetrize(self.start, self.group)
+            return EMC3DState(models=models, scale=np.ones(self.counts.shape[0]))
         radius = np.sqrt((self.q**2).sum(axis=0))
         shells = np.rint(radius).astype(np.int64)
         sums = self._allreduce(np.bincount(shells, weights=np.asarray(

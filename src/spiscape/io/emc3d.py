@@ -82,3 +82,22 @@ def read_emc3d(path, volumes: bool = True) -> EMC3DResult:
     if any(v.shape[0] != n for v in frames.values()) or frames["quaternion"].shape[1:] != (4,):
         raise InputError(path, "its per-frame datasets do not describe the same frames")
     return EMC3DResult(intens=intens, occupancy=occupancy, frames=frames, log=log, attrs=attrs)
+
+
+def read_start_models(path) -> np.ndarray:
+    """Start models for ``spiscape emc3d --start-models``: the ``intens (K, V, V, V)`` of any HDF5
+    file that has one (an emc3d.h5, Dragonfly's output or start model file), finite and not
+    negative, as float64."""
+    with open_input(path, "a models file") as f:
+        if "intens" not in f:
+            raise InputError(path, "missing dataset 'intens': not a models file (K, V, V, V)")
+        intens = np.asarray(f["intens"][()], dtype=np.float64)
+    if intens.ndim == 3:
+        intens = intens[None]
+    if intens.ndim != 4 or not intens.shape[1] == intens.shape[2] == intens.shape[3]:
+        raise InputError(path, f"intens has shape {intens.shape}: expected (K, V, V, V)")
+    if not np.isfinite(intens).all():
+        raise InputError(path, "intens has NaN or infinite values")
+    if (intens < 0).any() and (intens < 0).mean() > 0.5:
+        raise InputError(path, "intens is mostly negative: not an intensity")
+    return np.maximum(intens, 0)
