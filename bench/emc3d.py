@@ -32,16 +32,20 @@ sys.path.insert(0, str(HERE.parent / "src"))
 from emc import dataset_files, emc_env, per_iteration  # noqa: E402
 
 
-def aligned_shell_cc(model: np.ndarray, reference: np.ndarray, symmetric: bool,
+def aligned_shell_cc(model: np.ndarray, reference: np.ndarray, group: str,
                      q_range: tuple[float, float], fraction: float = 0.7) -> dict:
     """Shell correlation of a model with a truth intensity turned to it: the rotation maximising
     the correlation of their log intensities over the measured shells (``q_range``: the
     detector's smallest and largest |q| of a used pixel, voxels) to ``fraction`` of the largest,
-    searched on the refined 600-cell (the cube group's asymmetric unit when the truth has that
-    symmetry, n = 4; else n = 3) and two finer local grids; then the minimum and mean shell CC
-    of the intensities over those shells (the VAE's cube-shell measure)."""
+    searched on the refined 600-cell (the asymmetric unit of the truth's ``group``: "432" for
+    cubes and spheres, n = 4; "1" for the rest, n = 3) and two finer local grids; then the
+    minimum and mean shell CC of the intensities over those shells (the VAE's cube-shell
+    measure)."""
+    from scipy.ndimage import map_coordinates
+
     from spiscape.emc3d import slicing
     from spiscape.metrics.volumes import centre_crop, shell_correlation
+    from spiscape.orient import rotations
     from spiscape.phasing.align import centred_radius
 
     size = model.shape[0]
@@ -50,16 +54,18 @@ def aligned_shell_cc(model: np.ndarray, reference: np.ndarray, symmetric: bool,
         return {}
     r = centred_radius(model.shape)
     qmin, qmax = float(np.ceil(q_range[0])), fraction * float(q_range[1])
-    inside = (r >= qmin) & (r <= qmax)
-    target = np.log(np.maximum(model, 1e-6 * model.max()))[inside]
+    inside = ((r >= qmin) & (r <= qmax)).ravel()
+    target = np.log(np.maximum(model, 1e-6 * model.max())).ravel()[inside]
     log_ref = np.log(np.maximum(ref, 1e-6 * ref.max()))
+    axis = np.arange(size, dtype=np.float64) - size // 2
+    points = np.stack(np.meshgrid(axis, axis, axis, indexing="ij")).reshape(3, -1)[:, inside]
 
-    def score(quat):
-        turned = slicing.rotate(log_ref, quat[None])[inside]
+    def score(quat):  # slicing.rotate restricted to the scored voxels
+        coords = rotations.to_matrix(quat[None])[0] @ points + size // 2
+        turned = map_coordinates(log_ref, coords, order=1, mode="nearest", prefilter=False)
         return float(np.corrcoef(turned, target)[0, 1])
 
-    best, top = slicing.search_rotation(score, 4 if symmetric else 3,
-                                        "432" if symmetric else "1", (8.0, 2.0))
+    best, top = slicing.search_rotation(score, 4 if group == "432" else 3, group, (8.0, 2.0))
     q, cc = shell_correlation(model, slicing.rotate(ref, best[None]), qmin=qmin, qmax=qmax)
     return {"shell_cc_min": float(np.nanmin(cc)), "shell_cc_mean": float(np.nanmean(cc)),
             "log_cc": top}
@@ -77,7 +83,8 @@ def model_scores(intens: np.ndarray, models: np.ndarray, truth: Path | None,
                  q_range: tuple[float, float]) -> dict:
     """Per model: frames, purity (and over the pure populations: melting frames, a continuum
     between cube and sphere, left out), majority population and, for a cube majority, the shell
-    CC against the true cube intensity averaged over its frames' sizes."""
+    CC against its population's true intensity averaged over its frames' sizes (the melting
+    continuum has no one truth)."""
     if truth is None:
         return {}
     from spiscape.io.truth import read_truth
@@ -102,11 +109,12 @@ def model_scores(intens: np.ndarray, models: np.ndarray, truth: Path | None,
         if pure.sum():
             entry["purity_pure"] = float(pure.max() / pure.sum())
             entry["majority_pure"] = names[int(pure.argmax())]
-        if names[major] == "cube":
-            volume = np.flatnonzero(np.asarray(t.volume_info["label"]) == major)[0]
+        volume = np.flatnonzero(np.asarray(t.volume_info["label"]) == major)
+        if names[major] != "melting" and volume.size:
             sizes = np.asarray(t.frames["size"])[mine & (labels == major)]
-            reference = size_averaged(np.asarray(t.volumes[volume], dtype=np.float64), sizes)
-            entry.update(aligned_shell_cc(intens[k], reference, True, q_range))
+            reference = size_averaged(np.asarray(t.volumes[volume[0]], dtype=np.float64), sizes)
+            group = "432" if names[major] in ("cube", "sphere") else "1"
+            entry.update(aligned_shell_cc(intens[k], reference, group, q_range))
         out[f"model{k}"] = entry
     return out
 
@@ -139,7 +147,13 @@ def refine_cube(photons, detector, truth, tmp: Path, name: str, quality: dict, a
     sizes = np.asarray(t.frames["size"])[chosen & (labels == 0)]
     reference = size_averaged(np.asarray(t.volumes[0], dtype=np.float64), sizes)
     return {"model": k, "frames": int(chosen.sum()), "wall_seconds": time.perf_counter() - start,
-            **aligned_shell_cc(result.intens[0], reference, True, q_range)}
+            **aligned_shell_cc(result.intens[0], reference, "432", q_range)}
+
+
+def read_emc3d_models(path) -> np.ndarray:
+    from spiscape.io.emc3d import read_emc3d
+
+    return read_emc3d(path).intens
 
 
 def start_models(photons, detector, args) -> np.ndarray:
@@ -150,14 +164,13 @@ def start_models(photons, detector, args) -> np.ndarray:
     return emc.initial_state().models
 
 
-def run_ours(photons, detector, out: Path, args) -> dict:
+def run_ours(photons, detector, out: Path, args, iterations: int | None = None,
+             extra: tuple = ()) -> dict:
     cmd = [sys.executable, "-m", "spiscape", "emc3d", "--photons", str(photons), "--detector",
            str(detector), "--out", str(out), "--num-models", str(args.num_models),
-           "--num-div", str(args.num_div), "--iterations", str(args.iterations),
+           "--num-div", str(args.num_div), "--iterations", str(iterations or args.iterations),
            "--seed", str(args.seed), "--device", args.device, "--beta-jump",
-           str(args.beta_jump), "--beta-period", str(args.beta_period)]
-    if args.init_labels:
-        cmd += ["--init-labels", args.init_labels, "--init-by", args.init_by]
+           str(args.beta_jump), "--beta-period", str(args.beta_period), *extra]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=emc_env(args.threads), capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -179,8 +192,31 @@ def compare(name: str, args, tmp: Path) -> dict:
     frames = count_frames([photons])
     row = {"dataset": name, "frames": frames, "num_models": args.num_models,
            "num_div": args.num_div, "iterations": args.iterations, "threads": args.threads}
+    iterations, start = args.iterations, None
+    labels = args.init_labels
+    if labels == "landscape":
+        labels = str(HERE.parent / "results" / "demo" / "frames.h5" if name == "demo" else
+                     HERE / "results" / "validation" / name / "frames.h5")
+    if labels:  # seeded: the landscape holds the frames for the label iterations;
+        # both programs then start from those models (Dragonfly cannot hold frames to labels)
+        from spiscape.emc3d.run import EMC3DParams
+
+        seeded = EMC3DParams().label_iterations
+        iterations = args.iterations - seeded
+        if iterations < 1:
+            raise SystemExit(f"--iterations must exceed the {seeded} label iterations")
+        print(f"[emc3d] {name}: seeding from {labels} ({seeded} iterations)", flush=True)
+        seed_out = tmp / f"{name}_seed.h5"
+        stage = run_ours(photons, detector, seed_out, args, seeded,
+                         ("--init-labels", labels, "--init-by", args.init_by))
+        start = seed_out
+        row.update(iterations=iterations, seeded={"labels": labels,
+            "label_iterations": seeded, "wall_seconds": stage["wall_seconds"],
+            "quality": model_scores(read_emc3d_models(seed_out), stage["models"], truth,
+                                    measured_q(detector))})
     print(f"[emc3d] {name}: spiscape", flush=True)
-    ours = run_ours(photons, detector, tmp / f"{name}_emc3d.h5", args)
+    ours = run_ours(photons, detector, tmp / f"{name}_emc3d.h5", args, iterations,
+                    ("--start-models", str(start)) if start else ())
     row["spiscape"] = {k: v for k, v in ours.items() if k != "models"}
     from spiscape.io.emc3d import read_emc3d
 
@@ -197,9 +233,10 @@ def compare(name: str, args, tmp: Path) -> dict:
             print("Dragonfly is not installed:\n" + dfb.install_hint(), file=sys.stderr)
         else:
             print(f"[emc3d] {name}: Dragonfly", flush=True)
-            start = start_models(photons, detector, args)
+            start = (read_emc3d_models(start) if start else
+                     start_models(photons, detector, args))
             df = dfb.run_emc3d(photons, detector, tmp / f"dragonfly3d_{name}", args.num_models,
-                               args.num_div, args.iterations, threads=args.threads,
+                               args.num_div, iterations, threads=args.threads,
                                beta_jump=args.beta_jump, beta_period=args.beta_period,
                                start_models=start if start.shape[1] == dfb.dragonfly_grid(
                                    detector)["size"] else None)
@@ -258,8 +295,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu", "auto"])
     parser.add_argument("--no-dragonfly", dest="dragonfly", action="store_false")
     parser.add_argument("--init-labels", default=None,
-                        help="seed our models from this landscape (frames.h5 of the same "
-                             "photons; one dataset): Dragonfly keeps the shared random start")
+                        help="seed the models from this landscape (frames.h5 of the same "
+                             "photons), or 'landscape': each dataset's own (the demo's "
+                             "results/demo, the matrix's bench/results/validation/NAME); ours "
+                             "holds the frames to it for the label iterations, then both "
+                             "programs start from those models")
     parser.add_argument("--init-by", default="clusters", choices=["clusters", "coordinates"])
     parser.add_argument("--refine-cube", action="store_true",
                         help="then refine our cube model's frames alone with m-3m at num_div 8")
@@ -270,8 +310,10 @@ def main() -> None:
     args = parser.parse_args()
     tmp = Path(args.tmp)
     tmp.mkdir(parents=True, exist_ok=True)
-    rows = [compare(name, args, tmp) for name in args.datasets]
-    Path(args.json).write_text(json.dumps({"rows": rows}, indent=1, default=float))
+    rows = []
+    for name in args.datasets:  # the JSON after each dataset: a long run keeps what it has
+        rows.append(compare(name, args, tmp))
+        Path(args.json).write_text(json.dumps({"rows": rows}, indent=1, default=float))
     print(table(rows))
     for r in rows:
         if r["spiscape"].get("cube_refined"):
