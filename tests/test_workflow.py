@@ -7,7 +7,6 @@ import subprocess
 
 import h5py
 import numpy as np
-import pytest
 import yaml
 
 from spiscape.io.emc3d import read_emc3d
@@ -84,22 +83,6 @@ def test_measured_dataset_needs_no_simulation(tmp_path):
     assert planned_jobs(proc)["inspect"] == 2
     assert planned_jobs(proc)["classify2d"] == 4  # two replicates per dataset
     assert "--photons a.emc b.emc --detector det.dat" in proc.stdout
-
-
-@pytest.mark.parametrize(
-    "datasets, message",
-    [
-        ({}, "datasets"),
-        ({"x": {"photons": "a.h5"}}, "detector"),
-        ({"x": {"simulate": {"num_frames": -5}}}, "num_frames"),
-        ({"bad/name": {"simulate": {}}}, "bad/name"),
-    ],
-)
-def test_impossible_config_is_refused(tmp_path, datasets, message):
-    config = write_config(tmp_path / "c.yaml", datasets)
-    proc = snakemake(tmp_path, "--configfile", str(config), "-n", check=False)
-    assert proc.returncode != 0
-    assert message in proc.stdout + proc.stderr
 
 
 def test_three_datasets_end_to_end_and_partial_reruns(tmp_path, env_with_venv_path):
