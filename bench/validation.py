@@ -25,6 +25,11 @@ with the pipeline's own scorers (``spiscape.metrics``):
     python bench/validation.py                       # make the data, run and score everything
     python bench/validation.py --only df64 demo      # a subset
     python bench/validation.py --score-only          # rescore finished runs
+    # a default checked on the whole matrix: the finished runs hard-linked into another folder,
+    # the changed stage and what follows it rerun there with the value, scored into another JSON
+    python bench/validation.py --seed-from bench/results/validation \
+        --results bench/results/sweep/kl0.03 --json bench/results/sweep/kl0.03.json \
+        --set vae.options.kl_weight=0.03 --forcerun vae
 
 Writes ``bench/results/validation.json`` and prints a Markdown table (README's quality table).
 """
@@ -56,9 +61,11 @@ TARGETS = {"ari": 0.9, "coverage": 0.9, "rho_latent": 0.9, "vae_coverage": 0.8,
 DEMO = "demo"
 
 
-def write_config(names: list[str], data: Path, results: Path, path: Path) -> None:
+def write_config(names: list[str], data: Path, results: Path, path: Path,
+                 overrides: dict | None = None) -> None:
     """A config that adds the foreign datasets beside the default's demo: photons, detector,
-    q scale and truth, nothing else."""
+    q scale and truth, nothing else (and ``overrides``, {dotted key: value}, for every
+    dataset alike: a sweep of a default)."""
     datasets = {}
     for name in names:
         if name == DEMO or not (data / name / "dataset.json").exists():
@@ -69,8 +76,38 @@ def write_config(names: list[str], data: Path, results: Path, path: Path) -> Non
                           "detector": str(folder / "detector.h5"),
                           "truth": str(folder / "truth.h5"),
                           "q_per_pixel": float(info["q_per_pixel"])}
-    path.write_text(yaml.safe_dump({"results": str(results), "datasets": datasets}))
+    config = {"results": str(results), "datasets": datasets}
+    for key, value in (overrides or {}).items():
+        *parents, last = key.split(".")
+        node = config
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    path.write_text(yaml.safe_dump(config))
 
+
+def parse_set(text: str) -> tuple[str, object]:
+    """``vae.options.kl_weight=0.03`` -> ("vae.options.kl_weight", 0.03) (the value as YAML)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key or key.split(".")[0] in ("datasets", "results"):
+        raise argparse.ArgumentTypeError(f"--set {text!r}: expected STAGE.KEY=VALUE")
+    return key, yaml.safe_load(value)
+
+
+def seed_results(source: Path, target: Path, names: list[str]) -> None:
+    """Hard-link the finished runs of ``names`` from ``source`` into ``target`` (logs copied:
+    the commands append to them), so a sweep reruns only what its --forcerun names. Rules
+    delete their outputs before they run, so the source's files are never written through the
+    links."""
+    import shutil
+
+    for name in names:
+        for folder in (name, f"logs/{name}"):
+            src, dst = source / folder, target / folder
+            if not src.is_dir() or dst.exists():
+                continue
+            link = shutil.copy2 if folder.startswith("logs") else os.link
+            shutil.copytree(src, dst, copy_function=link)
 
 def run_dataset(name: str, config: Path, results: Path, cores: int,
                 forcerun: list[str] | None = None) -> dict:
@@ -202,10 +239,19 @@ def main(argv=None):
     p.add_argument("--forcerun", nargs="+", default=None,
                    help="rules to rerun with what follows them (after a code change)")
     p.add_argument("--json", default=str(REPO / "bench/results/validation.json"))
+    p.add_argument("--set", dest="overrides", type=parse_set, action="append", default=[],
+                   metavar="STAGE.KEY=VALUE",
+                   help="change a default for every dataset (repeatable), e.g. "
+                        "vae.options.kl_weight=0.03: a sweep (with --results elsewhere)")
+    p.add_argument("--seed-from", default=None,
+                   help="hard-link finished runs from this results folder into --results first "
+                        "(then --forcerun the stage a --set changes)")
     args = p.parse_args(argv)
     data, results = Path(args.data).resolve(), Path(args.results).resolve()
     chosen = args.only or names
     results.mkdir(parents=True, exist_ok=True)
+    if args.seed_from:
+        seed_results(Path(args.seed_from).resolve(), results, chosen)
     previous = {}
     if Path(args.json).exists():
         previous = {r["dataset"]: r for r in json.loads(Path(args.json).read_text())["rows"]}
@@ -215,7 +261,7 @@ def main(argv=None):
             foreign_data.make_dataset(name, data)
     config = results / "validation_config.yaml"
     if not args.score_only:  # a running matrix reads this file: rescoring leaves it alone
-        write_config(names, data, results, config)
+        write_config(names, data, results, config, dict(args.overrides))
     for name in chosen:
         run = previous.get(name, {}).get("run", {})
         if not args.score_only:
