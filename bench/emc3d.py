@@ -3,9 +3,15 @@ start models and threads, one run.
 
     .venv/bin/python bench/emc3d.py                       # demo and df80contam, K 2, num_div 3
     .venv/bin/python bench/emc3d.py --datasets demo --num-models 3 --num-div 4 --iterations 12
+    .venv/bin/python bench/emc3d.py --datasets demo --num-models 4 --num-div 4 --iterations 20 \
+        --init-labels landscape --refine-cube          # seeded, the K and num_div
 
 Both start from the same models (spiscape's powder start, written to Dragonfly's start model
-file) and anneal β by the same jump and period from their own automatic per-frame start. Per
+file) and anneal β by the same jump and period from their own automatic per-frame start. With
+``--init-labels landscape`` (the workflow's seeding) ours first holds the frames to the
+landscape's clusters for the label iterations; both programs then start from those models for
+the remaining iterations (Dragonfly cannot hold frames to labels); with ``--no-dragonfly`` ours
+runs as the workflow does, one run from the labels. Per
 dataset: seconds per iteration (median of iterations 2..N), the ratio, and the quality of each
 model assignment against the truth's populations (adjusted Rand index, and each model's purity:
 the share of its frames from its most common population). Writes
@@ -192,13 +198,15 @@ def compare(name: str, args, tmp: Path) -> dict:
     frames = count_frames([photons])
     row = {"dataset": name, "frames": frames, "num_models": args.num_models,
            "num_div": args.num_div, "iterations": args.iterations, "threads": args.threads}
-    iterations, start = args.iterations, None
+    iterations, start, extra = args.iterations, None, ()
     labels = args.init_labels
     if labels == "landscape":
         labels = str(HERE.parent / "results" / "demo" / "frames.h5" if name == "demo" else
                      HERE / "results" / "validation" / name / "frames.h5")
-    if labels:  # seeded: the landscape holds the frames for the label iterations;
-        # both programs then start from those models (Dragonfly cannot hold frames to labels)
+    if labels and not args.dragonfly:  # the workflow's protocol: one run from the labels
+        extra = ("--init-labels", labels, "--init-by", args.init_by)
+    elif labels:  # seeded: the landscape holds the frames for the label iterations; both
+        # programs then start from those models (Dragonfly cannot hold frames to labels)
         from spiscape.emc3d.run import EMC3DParams
 
         seeded = EMC3DParams().label_iterations
@@ -215,8 +223,9 @@ def compare(name: str, args, tmp: Path) -> dict:
             "quality": model_scores(read_emc3d_models(seed_out), stage["models"], truth,
                                     measured_q(detector))})
     print(f"[emc3d] {name}: spiscape", flush=True)
-    ours = run_ours(photons, detector, tmp / f"{name}_emc3d.h5", args, iterations,
-                    ("--start-models", str(start)) if start else ())
+    if start:
+        extra = ("--start-models", str(start))
+    ours = run_ours(photons, detector, tmp / f"{name}_emc3d.h5", args, iterations, extra)
     row["spiscape"] = {k: v for k, v in ours.items() if k != "models"}
     from spiscape.io.emc3d import read_emc3d
 
