@@ -8,7 +8,8 @@
 #   3. EMC 2D on the demo (s/iteration, purity) on the GPU
 #   4. the common-line matrix of 10,000 synthetic averages on the GPU
 #   5. spiscape place on the GPU (only when results/demo is carried to the device)
-#   6. the 3D EMC on the demo on the GPU (K 2, num_div 4; Dragonfly not run on the device)
+#   6. the 3D EMC on the demo on the GPU (K 2, num_div 4; Dragonfly not run on the device), and
+#      on 10^5 frames (the demo's photon file given 25 times), K 4, num_div 4: s/iteration
 #   7. phasing the demo's 25 truth volumes on the GPU: random starts, the neural phaser alone
 #      and refined (s/volume; needs results/demo carried)
 #   8. amortised inference on the GPU: training frames/s of spiscape amortise on the demo's
@@ -38,6 +39,16 @@ fi
 timeout 120 .venv/bin/python bench/emc3d.py --datasets demo --num-div 4 --iterations 6 \
     --device gpu --no-dragonfly --json "$out/emc3d_gpu.json" --tmp "$out/emc3d_runs" 2>&1 \
     | tail -n 6 | tee "$out/emc3d_gpu.txt"
+if [ -f bench/results/data/photons.h5 ]; then
+    # shellcheck disable=SC2046
+    timeout 240 .venv/bin/python -m spiscape emc3d --photons $(printf 'bench/results/data/photons.h5 %.0s' $(seq 25)) \
+        --detector bench/results/data/detector.h5 --out "$out/emc3d_1e5.h5" --num-models 4 \
+        --num-div 4 --iterations 3 --device gpu 2>&1 | tail -n 5 | tee "$out/emc3d_1e5.txt"
+    .venv/bin/python -c "import sys; sys.path.insert(0, 'src'); from spiscape.io.emc3d import read_emc3d; \
+r = read_emc3d('$out/emc3d_1e5.h5', volumes=False); \
+print('emc3d 10^5 frames, K 4 x', r.attrs['num_orientations'], 'orientations: s/iteration', \
+[round(float(s), 2) for s in r.log['seconds']])" 2>&1 | tee -a "$out/emc3d_1e5.txt"
+fi
 # 7. phasing methods on the GPU
 if [ -d results/demo ]; then
     timeout 120 .venv/bin/python bench/phasing.py --device gpu --vae-results "" \
