@@ -156,6 +156,20 @@ def refine_cube(photons, detector, truth, tmp: Path, name: str, quality: dict, a
             **aligned_shell_cc(result.intens[0], reference, "432", q_range)}
 
 
+def to_size(models: np.ndarray, size: int) -> np.ndarray:
+    """(K, V, V, V) models centred (q = 0 at V // 2) on a size³ grid: cropped, or padded with
+    their edge values (Dragonfly's grid also spans the mask-1 and -2 pixels ours leaves out)."""
+    models = np.asarray(models, dtype=np.float64)
+    extra = size - models.shape[1]
+    if extra < 0:
+        lo = -extra // 2
+        return models[:, lo:lo + size, lo:lo + size, lo:lo + size]
+    if extra % 2:
+        raise ValueError(f"cannot centre a {models.shape[1]}^3 grid on {size}^3")
+    pad = extra // 2
+    return np.pad(models, [(0, 0)] + [(pad, pad)] * 3, mode="edge")
+
+
 def read_emc3d_models(path) -> np.ndarray:
     from spiscape.io.emc3d import read_emc3d
 
@@ -244,16 +258,20 @@ def compare(name: str, args, tmp: Path) -> dict:
             print(f"[emc3d] {name}: Dragonfly", flush=True)
             start = (read_emc3d_models(start) if start else
                      start_models(photons, detector, args))
+            ours_size = start.shape[1]
             df = dfb.run_emc3d(photons, detector, tmp / f"dragonfly3d_{name}", args.num_models,
                                args.num_div, iterations, threads=args.threads,
                                beta_jump=args.beta_jump, beta_period=args.beta_period,
-                               start_models=start if start.shape[1] == dfb.dragonfly_grid(
-                                   detector)["size"] else None)
+                               start_models=to_size(start, dfb.dragonfly_grid(detector)["size"]))
             entry = {**per_iteration(df["seconds_per_iteration"]),
+                     "seconds_per_iteration_all": list(df["seconds_per_iteration"]),
                      "num_rotations": df["num_rotations"], "command": df["command"],
-                     "same_start": "start_model_file" in df["config"]}
-            entry["quality"] = model_scores(np.asarray(df["intens"]), np.asarray(df["modes"]),
-                                            truth, q_range)
+                     "grid": int(np.shape(df["intens"])[1]),
+                     "same_start": "start_model_file" in (
+                         tmp / f"dragonfly3d_{name}" / "config.ini").read_text()}
+            # scored on our grid: its voxels beyond hold only pixels out of the likelihood
+            entry["quality"] = model_scores(to_size(np.asarray(df["intens"]), ours_size),
+                                            np.asarray(df["modes"]), truth, q_range)
             row["dragonfly"] = entry
             row["speedup_vs_dragonfly"] = (entry["seconds_per_iteration"]
                                            / row["spiscape"]["seconds_per_iteration"])
