@@ -291,3 +291,18 @@ def test_start_models_from_a_file_replace_the_powder(tiny_dataset, tmp_path, cap
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "wrong.h5" in err and "shape" in err
     assert not (tmp_path / "third.h5").exists()
+
+
+def test_the_cpu_budget_defaults_to_4_gib_or_a_quarter_of_the_memory(tiny_dataset):
+    import os
+
+    from spiscape.emc3d.run import EMC3D, EMC3DParams, cpu_budget_mb
+
+    total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+    assert cpu_budget_mb() == int(max(256, min(4096, total_mb / 4)))
+    emc = EMC3D([tiny_dataset / "photons.h5"], tiny_dataset / "detector.h5",
+                EMC3DParams(num_models=1, num_div=1, iterations=1, device="cpu"))
+    assert emc.budget == cpu_budget_mb() * 2**20
+    given = EMC3D([tiny_dataset / "photons.h5"], tiny_dataset / "detector.h5",
+                  EMC3DParams(num_models=1, num_div=1, iterations=1, device="cpu", memory_mb=300))
+    assert given.budget == 300 * 2**20

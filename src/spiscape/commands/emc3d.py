@@ -102,7 +102,8 @@ def add_args(parser):
                              "one population (docs/methods.md)")
     parser.add_argument("--block-frames", type=at_least(1), default=None,
                         help="frames per E-step block (default: from --memory-mb)")
-    add_run_control(parser, "where the products run (gpu: CuPy)")
+    add_run_control(parser, "where the products run (gpu: CuPy)",
+                    cpu_default="4096, or a quarter of the machine's memory if less")
     scale = parser.add_mutually_exclusive_group()
     scale.add_argument("--q-per-pixel", type=number_in(0, low_open=True), default=None,
                        help="1/nm per detector pixel at the centre: the models' q scale (for "

@@ -69,11 +69,12 @@ def at_least(minimum: int, kind=int):
     return number_in(minimum, kind=kind)
 
 
-def add_run_control(parser, device_help: str) -> None:
+def add_run_control(parser, device_help: str, cpu_default: str = "1024") -> None:
     """The options every EMC engine shares: memory budget, device, resume and checkpoint."""
     parser.add_argument("--memory-mb", type=at_least(1), default=None,
-                        help="memory a rank may use for cached frames and views and the blocks "
-                             "in flight (default: 1024 on a CPU, 40%% of the free GPU memory)")
+                        help=f"memory a rank may use for cached frames and views and the blocks "
+                             f"in flight (default: {cpu_default} on a CPU, 40%% of the free GPU "
+                             f"memory)")
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                         help=device_help)
     parser.add_argument("--resume", action="store_true",
