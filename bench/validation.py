@@ -228,6 +228,32 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+SWEPT = (("rho_latent", "{:.2f}"), ("cube_shell_min", "{:.2f}"), ("ratio_error", "{:+.1%}"))
+
+
+def compare_table(paths: list[str]) -> str:
+    """Settings side by side (one JSON each, e.g. a sweep's): per dataset the VAE's scores
+    (per-frame rho of the latent, cube shell CC, phased ratio error), then the matrix's mean,
+    the mean |ratio error| and how many sets pass each target."""
+    runs = {Path(p).stem: {r["dataset"]: r for r in json.loads(Path(p).read_text())["rows"]}
+            for p in paths}
+    names = [n for n in [DEMO, *foreign_data.DATASETS] if all(n in r for r in runs.values())]
+    lines = ["| setting | " + " | ".join(f"{k}" for k, _ in SWEPT) + " | passes (of "
+             f"{len(names)}) |", "|---|" + "---|" * (len(SWEPT) + 1)]
+    for setting, rows in runs.items():
+        cells, passed = [], []
+        for key, fmt in SWEPT:
+            values = [rows[n].get(key) for n in names]
+            values = [np.nan if v is None else float(v) for v in values]
+            summary = (np.nanmean(np.abs(values)) if key == "ratio_error" else np.nanmean(values))
+            per_set = " ".join(fmt.format(v) for v in values)
+            cells.append(f"{'mean |·| ' if key == 'ratio_error' else 'mean '}"
+                         f"{fmt.format(summary).lstrip('+')} ({per_set})")
+            passed.append(f"{key} {sum(bool(passes(rows[n]).get(key)) for n in names)}")
+        lines.append(f"| {setting} | " + " | ".join(cells) + f" | {', '.join(passed)} |")
+    return "sets: " + ", ".join(names) + "\n\n" + "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     names = [DEMO, *foreign_data.DATASETS]
@@ -246,7 +272,12 @@ def main(argv=None):
     p.add_argument("--seed-from", default=None,
                    help="hard-link finished runs from this results folder into --results first "
                         "(then --forcerun the stage a --set changes)")
+    p.add_argument("--compare", nargs="+", default=None, metavar="JSON",
+                   help="only print these runs' scores side by side (a sweep's JSONs)")
     args = p.parse_args(argv)
+    if args.compare:
+        print(compare_table(args.compare))
+        return
     data, results = Path(args.data).resolve(), Path(args.results).resolve()
     chosen = args.only or names
     results.mkdir(parents=True, exist_ok=True)
