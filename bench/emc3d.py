@@ -63,8 +63,7 @@ def aligned_shell_cc(model: np.ndarray, reference: np.ndarray, group: str,
     inside = ((r >= qmin) & (r <= qmax)).ravel()
     target = np.log(np.maximum(model, 1e-6 * model.max())).ravel()[inside]
     log_ref = np.log(np.maximum(ref, 1e-6 * ref.max()))
-    axis = np.arange(size, dtype=np.float64) - size // 2
-    points = np.stack(np.meshgrid(axis, axis, axis, indexing="ij")).reshape(3, -1)[:, inside]
+    points = slicing._grid_points(size)[:, inside]
 
     def score(quat):  # slicing.rotate restricted to the scored voxels
         coords = rotations.to_matrix(quat[None])[0] @ points + size // 2
@@ -212,7 +211,8 @@ def compare(name: str, args, tmp: Path) -> dict:
     frames = count_frames([photons])
     row = {"dataset": name, "frames": frames, "num_models": args.num_models,
            "num_div": args.num_div, "iterations": args.iterations, "threads": args.threads}
-    iterations, start, extra = args.iterations, None, ()
+    q_range = measured_q(detector)
+    iterations, start, seed_models, extra = args.iterations, None, None, ()
     labels = args.init_labels
     if labels == "landscape":
         labels = str(HERE.parent / "results" / "demo" / "frames.h5" if name == "demo" else
@@ -231,20 +231,16 @@ def compare(name: str, args, tmp: Path) -> dict:
         seed_out = tmp / f"{name}_seed.h5"
         stage = run_ours(photons, detector, seed_out, args, seeded,
                          ("--init-labels", labels, "--init-by", args.init_by))
-        start = seed_out
-        row.update(iterations=iterations, seeded={"labels": labels,
-            "label_iterations": seeded, "wall_seconds": stage["wall_seconds"],
-            "quality": model_scores(read_emc3d_models(seed_out), stage["models"], truth,
-                                    measured_q(detector))})
+        start, seed_models = seed_out, read_emc3d_models(seed_out)
+        row.update(iterations=iterations, seeded={
+            "labels": labels, "label_iterations": seeded, "wall_seconds": stage["wall_seconds"],
+            "quality": model_scores(seed_models, stage["models"], truth, q_range)})
     print(f"[emc3d] {name}: spiscape", flush=True)
     if start:
         extra = ("--start-models", str(start))
     ours = run_ours(photons, detector, tmp / f"{name}_emc3d.h5", args, iterations, extra)
     row["spiscape"] = {k: v for k, v in ours.items() if k != "models"}
-    from spiscape.io.emc3d import read_emc3d
-
-    q_range = measured_q(detector)
-    row["spiscape"]["quality"] = model_scores(read_emc3d(tmp / f"{name}_emc3d.h5").intens,
+    row["spiscape"]["quality"] = model_scores(read_emc3d_models(tmp / f"{name}_emc3d.h5"),
                                               ours["models"], truth, q_range)
     if args.refine_cube and truth is not None:
         row["spiscape"]["cube_refined"] = refine_cube(photons, detector, truth, tmp, name,
@@ -256,8 +252,7 @@ def compare(name: str, args, tmp: Path) -> dict:
             print("Dragonfly is not installed:\n" + dfb.install_hint(), file=sys.stderr)
         else:
             print(f"[emc3d] {name}: Dragonfly", flush=True)
-            start = (read_emc3d_models(start) if start else
-                     start_models(photons, detector, args))
+            start = seed_models if start else start_models(photons, detector, args)
             ours_size = start.shape[1]
             df = dfb.run_emc3d(photons, detector, tmp / f"dragonfly3d_{name}", args.num_models,
                                args.num_div, iterations, threads=args.threads,

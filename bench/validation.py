@@ -109,6 +109,7 @@ def seed_results(source: Path, target: Path, names: list[str]) -> None:
             link = shutil.copy2 if folder.startswith("logs") else os.link
             shutil.copytree(src, dst, copy_function=link)
 
+
 def run_dataset(name: str, config: Path, results: Path, cores: int,
                 forcerun: list[str] | None = None) -> dict:
     snakemake = Path(sys.executable).parent / "snakemake"

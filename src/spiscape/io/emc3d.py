@@ -98,6 +98,6 @@ def read_start_models(path) -> np.ndarray:
         raise InputError(path, f"intens has shape {intens.shape}: expected (K, V, V, V)")
     if not np.isfinite(intens).all():
         raise InputError(path, "intens has NaN or infinite values")
-    if (intens < 0).any() and (intens < 0).mean() > 0.5:
+    if (intens < 0).mean() > 0.5:
         raise InputError(path, "intens is mostly negative: not an intensity")
     return np.maximum(intens, 0)
