@@ -431,10 +431,12 @@ def _execute(exe: str, work: Path, config: dict, threads: int, iterations: int,
 def run_emc3d(photons, detector, workdir, num_modes: int, num_div: int, iterations: int,
               threads: int = 2, beta_jump: float = 1.0, beta_period: int = 100,
               need_scaling: bool = True, start_models: np.ndarray | None = None, *,
+              beta_start: float | None = None,
               venv: str | os.PathLike | None = DEFAULT_VENV, timeout: float | None = None
               ) -> dict:
     """Dragonfly's 3D (multi-mode) EMC: ``num_modes`` models, the refined 600-cell ``num_div``,
-    Friedel symmetry, its automatic per-frame β with ``beta_jump`` every ``beta_period``;
+    Friedel symmetry, β from ``beta_start`` for every frame (None: its automatic per-frame β)
+    times ``beta_jump`` every ``beta_period``;
     ``start_models`` (K, V, V, V) given as its start model file (else its own random start).
     Returns the timings of :func:`_execute`, ``intens`` (K, V, V, V), ``modes`` (each frame's
     most probable model), ``num_rotations``."""
@@ -450,7 +452,8 @@ def run_emc3d(photons, detector, workdir, num_modes: int, num_div: int, iteratio
         "in_photons_file": str(Path(photons).resolve()),
         "in_detector_file": str(Path(detector).resolve()),
         "recon_type": "3d", "num_modes": int(num_modes), "num_div": int(num_div),
-        "need_scaling": int(bool(need_scaling)), "friedel_sym": 1, "beta": "auto",
+        "need_scaling": int(bool(need_scaling)), "friedel_sym": 1,
+        "beta": "auto" if beta_start is None else repr(float(beta_start)),
         "beta_schedule": f"{float(beta_jump)!r} {int(beta_period)}", "alpha": 0.0,
         "output_folder": "data/", "log_file": "EMC.log", "verbosity": 2,
     }

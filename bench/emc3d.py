@@ -7,7 +7,9 @@ start models and threads, one run.
         --init-labels landscape --refine-cube          # seeded, the issue's K and num_div
 
 Both start from the same models (spiscape's powder start, written to Dragonfly's start model
-file) and anneal β by the same jump and period from their own automatic per-frame start. With
+file) and anneal β by the same jump and period from the same start: ours' (by default one β for
+every frame, 1/sqrt of the mean count) written to Dragonfly's config; ``--dragonfly-beta auto``
+lets Dragonfly use its own automatic per-frame β instead. With
 ``--init-labels landscape`` (the workflow's seeding) ours first holds the frames to the
 landscape's clusters for the label iterations; both programs then start from those models for
 the remaining iterations (Dragonfly cannot hold frames to labels); with ``--no-dragonfly`` ours
@@ -188,7 +190,8 @@ def run_ours(photons, detector, out: Path, args, iterations: int | None = None,
     cmd = [sys.executable, "-m", "spiscape", "emc3d", "--photons", str(photons), "--detector",
            str(detector), "--out", str(out), "--num-models", str(args.num_models),
            "--num-div", str(args.num_div), "--iterations", str(iterations or args.iterations),
-           "--seed", str(args.seed), "--device", args.device, "--beta-jump",
+           "--seed", str(args.seed), "--device", args.device, "--beta-start",
+           str(args.beta_start), "--beta-jump",
            str(args.beta_jump), "--beta-period", str(args.beta_period), *extra]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=emc_env(args.threads), capture_output=True, text=True)
@@ -201,7 +204,7 @@ def run_ours(photons, detector, out: Path, args, iterations: int | None = None,
     return {**per_iteration(result.log["seconds"]), "wall_seconds": wall,
             "seconds_per_iteration_all": result.log["seconds"].tolist(),
             "num_orientations": int(result.attrs["num_orientations"]),
-            "models": result.frames["model"]}
+            "beta_start": float(result.log["beta_mean"][0]), "models": result.frames["model"]}
 
 
 def compare(name: str, args, tmp: Path) -> dict:
@@ -257,10 +260,14 @@ def compare(name: str, args, tmp: Path) -> dict:
             df = dfb.run_emc3d(photons, detector, tmp / f"dragonfly3d_{name}", args.num_models,
                                args.num_div, iterations, threads=args.threads,
                                beta_jump=args.beta_jump, beta_period=args.beta_period,
-                               start_models=to_size(start, dfb.dragonfly_grid(detector)["size"]))
+                               start_models=to_size(start, dfb.dragonfly_grid(detector)["size"]),
+                               beta_start=(ours["beta_start"] if args.dragonfly_beta == "same"
+                                           else None))
             entry = {**per_iteration(df["seconds_per_iteration"]),
                      "seconds_per_iteration_all": list(df["seconds_per_iteration"]),
                      "num_rotations": df["num_rotations"], "command": df["command"],
+                     "beta_start": args.dragonfly_beta if args.dragonfly_beta == "auto" else
+                     ours["beta_start"],
                      "grid": int(np.shape(df["intens"])[1]),
                      "same_start": "start_model_file" in (
                          tmp / f"dragonfly3d_{name}" / "config.ini").read_text()}
@@ -325,6 +332,12 @@ def main() -> None:
     parser.add_argument("--init-by", default="clusters", choices=["clusters", "coordinates"])
     parser.add_argument("--refine-cube", action="store_true",
                         help="then refine our cube model's frames alone with m-3m at num_div 8")
+    parser.add_argument("--beta-start", default=str(d.beta_start),
+                        help="ours' β start: 'mean', 'auto' or a number")
+    parser.add_argument("--dragonfly-beta", default="same", choices=["same", "auto"],
+                        help="Dragonfly's β start: ours' first β for every frame ('same'; "
+                             "with ours' 'auto' the mean of its per-frame values), or its own "
+                             "automatic per-frame β")
     parser.add_argument("--beta-jump", type=float, default=d.beta_jump)
     parser.add_argument("--beta-period", type=int, default=d.beta_period)
     parser.add_argument("--tmp", default=str(HERE / "results" / "emc3d_runs"))

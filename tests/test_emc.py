@@ -242,6 +242,9 @@ def test_beta_schedule_anneals_and_caps():
     np.testing.assert_allclose(b0, [0.1, 0.05])
     np.testing.assert_allclose(kernels.beta_schedule(photons, 3, "auto", 2.0, 3), [0.2, 0.1])
     assert kernels.beta_schedule(photons, 30, "auto", 2.0, 3).max() == 1.0
+    # "mean": one start for every frame, 1/sqrt of the mean count
+    np.testing.assert_allclose(kernels.beta_schedule(photons, 0, "mean", 2.0, 3),
+                               [250 ** -0.5] * 2)
 
 
 def test_replicates_are_seeded_subsets():

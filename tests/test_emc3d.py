@@ -306,3 +306,18 @@ def test_the_cpu_budget_defaults_to_4_gib_or_a_quarter_of_the_memory(tiny_datase
     given = EMC3D([tiny_dataset / "photons.h5"], tiny_dataset / "detector.h5",
                   EMC3DParams(num_models=1, num_div=1, iterations=1, device="cpu", memory_mb=300))
     assert given.budget == 300 * 2**20
+
+
+def test_beta_starts_alike_for_every_frame_at_one_over_root_mean_count(tiny_dataset):
+    """The 3D default: one β for all frames, 1/sqrt(mean photons of the frames used); 'auto'
+    keeps the per-frame 1/sqrt(N_d)."""
+    from spiscape.emc3d.run import EMC3D, EMC3DParams
+
+    emc = EMC3D([tiny_dataset / "photons.h5"], tiny_dataset / "detector.h5",
+                EMC3DParams(num_models=1, num_div=1, iterations=1, device="cpu"))
+    assert emc.beta_start == pytest.approx(emc.frame_photons.mean() ** -0.5)
+    assert np.ptp(emc.frame_photons) > 0  # the frames' counts differ, their β does not
+    per_frame = EMC3D([tiny_dataset / "photons.h5"], tiny_dataset / "detector.h5",
+                      EMC3DParams(num_models=1, num_div=1, iterations=1, device="cpu",
+                                  beta_start="auto"))
+    assert per_frame.beta_start == "auto"

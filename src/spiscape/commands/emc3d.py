@@ -78,8 +78,11 @@ def add_args(parser):
                         help="with a point group: iterations without it (at half the num_div) "
                              "before the models are turned onto the group's axes and "
                              "symmetrised")
-    parser.add_argument("--beta-start", type=auto_or_number(0.0), default=d.beta_start,
-                        help="'auto': 1/sqrt(photons) per frame")
+    parser.add_argument("--beta-start", type=auto_or_number(0.0, words=("mean", "auto")),
+                        default=d.beta_start,
+                        help="initial inverse temperature: 'mean' = 1/sqrt(mean photons per "
+                             "frame) for every frame, 'auto' = 1/sqrt(photons) per frame, or a "
+                             "number")
     parser.add_argument("--beta-jump", type=number_in(1), default=d.beta_jump,
                         help="β is multiplied by this every --beta-period iterations (to 1)")
     parser.add_argument("--beta-period", type=at_least(1), default=d.beta_period,

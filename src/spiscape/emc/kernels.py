@@ -239,11 +239,14 @@ def beta_schedule(photons, iteration: int, beta_start, jump: float, period: int)
 
     ``beta_start`` "auto" gives β_d = 1/√(photons_d): the log-likelihood differences between
     orientations grow with the photon count, and this keeps the first iterations soft whatever
-    the fluence. Capped at 1 (β = 1 is plain EM).
+    the fluence. "mean" gives every frame 1/√(mean photons) (the mean of ``photons``; a sharded
+    caller passes the global mean as a number instead). Capped at 1 (β = 1 is plain EM).
     """
     photons = np.maximum(np.asarray(photons, dtype=np.float64), 1.0)
     if beta_start == "auto":
         start = 1.0 / np.sqrt(photons)
+    elif beta_start == "mean":
+        start = np.full_like(photons, 1.0 / np.sqrt(photons.mean()))
     else:
         start = np.full_like(photons, float(beta_start))
     factor = jump ** (iteration // max(period, 1))

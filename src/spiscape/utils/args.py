@@ -6,22 +6,23 @@ import argparse
 import math
 
 
-def auto_or_number(minimum: float | None = None, kind=float):
-    """An argparse type: the word 'auto' (a choice the command derives from the data), or a
-    finite number (``kind``: float or int) >= ``minimum``."""
+def auto_or_number(minimum: float | None = None, kind=float, words: tuple = ("auto",)):
+    """An argparse type: the word 'auto' (a choice the command derives from the data; or any of
+    ``words``), or a finite number (``kind``: float or int) >= ``minimum``."""
     what = "an integer" if kind is int else "a number"
+    named = " or ".join(repr(w) for w in words)
 
     def parse(text: str):
-        if text == "auto":
+        if text in words:
             return text
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what} or 'auto', got {text!r}") \
+            raise argparse.ArgumentTypeError(f"expected {what} or {named}, got {text!r}") \
                 from None
         if not math.isfinite(value) or (minimum is not None and value < minimum):
             bound = "" if minimum is None else f" >= {minimum:g}"
-            raise argparse.ArgumentTypeError(f"expected {what}{bound} or 'auto', got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected {what}{bound} or {named}, got {text!r}")
         return value
 
     return parse
