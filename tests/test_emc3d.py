@@ -321,3 +321,86 @@ def test_beta_starts_alike_for_every_frame_at_one_over_root_mean_count(tiny_data
                       EMC3DParams(num_models=1, num_div=1, iterations=1, device="cpu",
                                   beta_start="auto"))
     assert per_frame.beta_start == "auto"
+
+
+def _direct_m_step(emc, models, scale, beta, merge):
+    """One EM step written out densely: views W_tj = c_t M_k(R_o q_t) (floored as the kernel
+    floors them), P_dj ∝ w_o exp(β (R_dj − max)), then either every photon merged alike
+    (photons) or each reached view's tomogram Σ_d P_dj K_dt / (c_t Σ_d P_dj φ_d) merged with
+    the interpolation weights as its weight (tomograms)."""
+    from spiscape.emc import kernels
+    from spiscape.emc3d.run import TOMOGRAM_REACH
+
+    k = len(models)
+    op = slicing.operator(emc.quats, emc.q, emc.size).astype(np.float64)
+    w = slicing.views(op, models.reshape(k, -1), emc.used.size) * emc.corr[:, None]
+    w = np.maximum(w, kernels.LOG_FLOOR * w.mean() + np.finfo(np.float32).tiny)
+    counts = emc.counts.toarray().astype(np.float64)
+    log_r = (counts @ np.log(w) - scale[:, None] * w.sum(axis=0)[None, :]
+             + np.repeat(np.log(emc.weights), k)[None, :])
+    shifted = beta * (log_r - log_r.max(axis=1, keepdims=True))
+    prob = np.where(shifted > kernels.LOG_PROB_CUT, np.exp(shifted), 0.0)
+    prob /= prob.sum(axis=1, keepdims=True)
+    num, den = counts.T @ prob, scale @ prob  # (P, J), (J,)
+    if merge == "photons":
+        top = slicing.merge(op, num, k)
+        bottom = slicing.merge(op, emc.corr[:, None] * den[None, :], k)
+    else:
+        reached = (prob >= np.exp(-TOMOGRAM_REACH) * prob.max(axis=1, keepdims=True)).any(0)
+        live = (reached & (den > 0)).astype(np.float64)
+        top = slicing.merge(op, num * (live / np.where(den > 0, den, 1))[None, :]
+                            / emc.corr[:, None], k)
+        bottom = slicing.merge(op, np.broadcast_to(live, num.shape), k)
+    shape = models.shape
+    top = slicing.symmetrize(top.reshape(shape), "1")
+    bottom = slicing.symmetrize(bottom.reshape(shape), "1")
+    reached = bottom > 1e-12 * bottom.max()
+    return np.where(reached, top / np.where(reached, bottom, 1), models)
+
+
+@pytest.mark.parametrize("merge", ["tomograms", "photons"])
+def test_an_iteration_is_the_written_out_em_step_in_any_frame_blocks(tiny_dataset, merge):
+    """Both M-steps against a dense reference on the tiny data (K 2, num_div 1, β 0.3), with
+    all frames in one block and in blocks of 7 (the tomograms are summed over blocks before
+    they are divided)."""
+    from spiscape.emc3d.run import EMC3D, EMC3DParams
+
+    results = []
+    for block in (None, 7):
+        emc = EMC3D([tiny_dataset / "photons.h5"], tiny_dataset / "detector.h5",
+                    EMC3DParams(num_models=2, num_div=1, iterations=1, beta_start=0.3,
+                                merge=merge, block_frames=block, device="cpu", seed=2))
+        state = emc.initial_state()
+        new, _ = emc.iterate(state)
+        results.append(new.models)
+    expected = _direct_m_step(emc, state.models, state.scale, 0.3, merge)
+    for models in results:
+        np.testing.assert_allclose(models, expected, rtol=2e-3, atol=1e-5 * expected.max())
+    other = _direct_m_step(emc, state.models, state.scale, 0.3,
+                           "photons" if merge == "tomograms" else "tomograms")
+    assert np.abs(other - expected).max() > 0.05 * expected.max()  # the two rules differ
+
+
+@pytest.mark.mpi
+def test_two_ranks_merge_the_same_tomograms_as_one(tiny_dataset, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import venv_executable
+
+    base = [sys.executable, "-m", "spiscape", "emc3d", "--photons",
+            str(tiny_dataset / "photons.h5"), "--detector", str(tiny_dataset / "detector.h5"),
+            "--num-models", "2", "--num-div", "1", "--iterations", "3", "--device", "cpu"]
+    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+           "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    outs = []
+    for launcher in ((), (venv_executable("mpiexec"), "--oversubscribe", "-n", "2")):
+        out = tmp_path / f"ranks{len(launcher)}.h5"
+        proc = subprocess.run([*launcher, *base, "--out", str(out)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        outs.append(read_emc3d(out))
+    one, two = outs
+    np.testing.assert_allclose(two.intens, one.intens, rtol=1e-3, atol=1e-6 * one.intens.max())
+    np.testing.assert_array_equal(two.frames["model"], one.frames["model"])

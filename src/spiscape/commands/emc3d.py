@@ -39,7 +39,7 @@ mpiexec -n 4 spiscape emc3d ...                                      # MPI ranks
 
 
 def add_args(parser):
-    from spiscape.emc3d.run import EMC3DParams
+    from spiscape.emc3d.run import MERGES, EMC3DParams
 
     d = EMC3DParams()
     parser.add_argument("--photons", nargs="+", required=True,
@@ -87,6 +87,11 @@ def add_args(parser):
                         help="β is multiplied by this every --beta-period iterations (to 1)")
     parser.add_argument("--beta-period", type=at_least(1), default=d.beta_period,
                         help="iterations between β jumps")
+    parser.add_argument("--merge", default=d.merge, choices=MERGES,
+                        help="M-step: 'tomograms' (EMC's compress step, as Dragonfly: each "
+                             "orientation's estimate Σ P K / Σ P φ merged with equal weight) or "
+                             "'photons' (every photon merged alike; noisier models where "
+                             "frames sit on few orientations)")
     parser.add_argument("--need-scaling", action=argparse.BooleanOptionalAction,
                         default=d.need_scaling,
                         help="fit a scale (fluence) per frame (default on)")
@@ -150,7 +155,7 @@ def main(args):
         else 0, beta_start=args.beta_start, beta_jump=args.beta_jump,
         beta_period=args.beta_period, need_scaling=args.need_scaling, seed=args.seed,
         init_noise=args.init_noise, block_frames=args.block_frames, memory_mb=args.memory_mb,
-        device=args.device, held_out=args.held_out)
+        device=args.device, held_out=args.held_out, merge=args.merge)
     select = None
     if args.from_model:
         from spiscape.errors import InputError

@@ -16,7 +16,8 @@ when one is given); the scale is φ_d = N_d / Σ_j P_dj Σ_t W_tj (with ``need_s
 sharded over MPI ranks (the merged sums are Allreduced), read once, and processed in blocks whose
 size follows the memory budget; the views of all orientations are kept between the E- and M-step
 when they fit the budget, else sliced again per block. NumPy on a CPU, CuPy on a GPU through the
-array module (the operators as SciPy / cupyx CSR). """
+array module (the operators as SciPy / cupyx CSR).
+"""
 
 from __future__ import annotations
 
@@ -40,6 +41,13 @@ from spiscape.phasing.align import centred_radius
 log = logging.getLogger(__name__)
 
 
+#: M-step rules (see EMC3D.iterate)
+MERGES = ("tomograms", "photons")
+#: with merge "tomograms", an orientation's tomogram enters the model when some frame's annealed
+#: probability there is at least exp(-TOMOGRAM_REACH) of its largest (Dragonfly keeps the same)
+TOMOGRAM_REACH = 14.0
+
+
 @dataclass
 class EMC3DParams:
     num_models: int = 2
@@ -58,6 +66,7 @@ class EMC3DParams:
     memory_mb: int | None = None
     device: str = "auto"
     held_out: float = 0.0  # share of frames left out of the fit and scored at the end
+    merge: str = "tomograms"  # M-step: "tomograms" (EMC's compress) or "photons" (see iterate)
 
     def check(self) -> None:
         if self.num_models < 1:
@@ -73,6 +82,9 @@ class EMC3DParams:
             raise ConfigError(f"emc3d held_out must be in [0, 0.5), got {self.held_out}")
         if not 0 <= self.init_noise < 1:
             raise ConfigError(f"emc3d init_noise must be in [0, 1), got {self.init_noise}")
+        if self.merge not in MERGES:
+            raise ConfigError(f"emc3d merge must be one of {', '.join(MERGES)}, got "
+                              f"{self.merge!r}")
 
 
 @dataclass
@@ -184,6 +196,11 @@ class EMC3D:
         self.block_frames = params.block_frames or max(1, min(
             len(self.photons), (self.budget // 3) // per_frame))
         self._operators = {}
+        tomogram_bytes = pix * nq * k * 4 if params.merge == "tomograms" else 0
+        if tomogram_bytes > self.budget // 3:
+            log.warning("emc3d: the tomograms (%d pixels x %d views, float32) take %.0f MB, more "
+                        "than a third of the %.0f MB budget (--memory-mb, or --merge photons)",
+                        pix, nq * k, tomogram_bytes / 2**20, self.budget / 2**20)
         log.info("emc3d: %d frames (%d here), %d used pixels, %d^3 grid, %d models x %d "
                  "orientations (num_div %d, point group %s), blocks of %d frames x %d "
                  "orientations, views %s", self.num_total, self.counts.shape[0], pix, self.size,
@@ -287,6 +304,11 @@ class EMC3D:
         best_j = np.empty(n_local, dtype=np.int64)
         best_p = np.empty(n_local)
         model_frames = np.zeros(k_models)
+        tomograms = p.merge == "tomograms"
+        if tomograms:  # Σ_d P_dj K_dt per pixel and view, summed over the frame blocks
+            tomo = [xp.zeros((self.used.size, (hi - lo) * k_models), dtype=xp.float32)
+                    for lo, hi in blocks]
+            reach = xp.zeros(len(self.quats) * k_models, dtype=bool)
         for f0 in range(0, n_local, self.block_frames):
             f1 = min(f0 + self.block_frames, n_local)
             part = self.counts[f0:f1]
@@ -322,21 +344,47 @@ class EMC3D:
             new_scale[f0:f1] = (self.frame_photons[f0:f1] / np.maximum(expected, 1e-30)
                                 if p.need_scaling else 1.0)
             den += (scale[None, :].astype(xp.float32) @ prob)[0].astype(xp.float64)
+            if tomograms:
+                reach |= (prob >= np.float32(np.exp(-TOMOGRAM_REACH))
+                          * prob.max(axis=1, keepdims=True)).any(axis=0)
             frames_t = frames.T
-            for lo, hi in blocks:
+            for b, (lo, hi) in enumerate(blocks):
                 cols = slice(lo * k_models, hi * k_models)
                 numerator = kernels.product(frames_t, xp.ascontiguousarray(prob[:, cols]), xp)
-                grid_num += slicing.merge(self._operator(lo, hi), numerator, k_models)
+                if tomograms:
+                    tomo[b] += numerator
+                else:
+                    grid_num += slicing.merge(self._operator(lo, hi), numerator, k_models)
             del prob
-        # the denominator: Σ_d P_dj φ_d at every pixel of the view j, merged
         grid_den = xp.zeros((k_models, self.size**3), dtype=xp.float64)
-        ones = self._corr[:, None]
-        for lo, hi in blocks:
-            cols = slice(lo * k_models, hi * k_models)
-            values = ones * den[cols][None, :].astype(xp.float32)
-            grid_den += slicing.merge(self._operator(lo, hi), values, k_models)
-        grid_num = self._allreduce(grid_num).astype(np.float64)
-        grid_den = self._allreduce(grid_den)
+        if tomograms:
+            # EMC's compress step (Loh & Elser 2009, as Dragonfly does it): each reached view's
+            # tomogram, its photons over Σ_d P_dj φ_d c_t, merged with the interpolation weights
+            # as its weight, so every orientation's estimate counts alike
+            den = xp.asarray(self._allreduce(den))
+            reach = xp.asarray(self._allreduce(reach.astype(np.uint8)) > 0) & (den > 0)
+            for b, (lo, hi) in enumerate(blocks):
+                cols = slice(lo * k_models, hi * k_models)
+                part = xp.asarray(self._allreduce(tomo[b]))
+                live = reach[cols].astype(xp.float32)
+                scale_j = live / xp.where(reach[cols], den[cols], 1.0).astype(xp.float32)
+                op = self._operator(lo, hi)
+                grid_num += slicing.merge(op, part * scale_j[None, :] / self._corr[:, None],
+                                          k_models)
+                grid_den += slicing.merge(op, xp.broadcast_to(live[None, :], part.shape),
+                                          k_models)
+                tomo[b] = None
+        else:
+            # the exact M-step: Σ_d P_dj K_dt over Σ_d P_dj φ_d c_t at every pixel of view j,
+            # both merged (every photon counts alike)
+            ones = self._corr[:, None]
+            for lo, hi in blocks:
+                cols = slice(lo * k_models, hi * k_models)
+                values = ones * den[cols][None, :].astype(xp.float32)
+                grid_den += slicing.merge(self._operator(lo, hi), values, k_models)
+            grid_num, grid_den = self._allreduce(grid_num), self._allreduce(grid_den)
+        # (with tomograms every rank merged the same reduced sums)
+        grid_num, grid_den = to_numpy(grid_num).astype(np.float64), to_numpy(grid_den)
         shape = (k_models, self.size, self.size, self.size)
         num = slicing.symmetrize(grid_num.reshape(shape), self.group)
         dnm = slicing.symmetrize(grid_den.reshape(shape), self.group)
