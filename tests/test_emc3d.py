@@ -104,7 +104,8 @@ def test_two_shapes_are_separated_from_the_landscapes_start(tiny_dataset, tmp_pa
                      "--num-div", "3", "--iterations", "20", "--seed", "1", "--init-labels",
                      str(landscape / "frames.h5"), "--init-by", "coordinates",
                      "--figure", str(tmp_path / "models.png"),
-                     "--convergence", str(tmp_path / "convergence.png")]) == 0
+                     "--convergence", str(tmp_path / "convergence.png"), "--refine-cubic",
+                     "--refine-num-div", "4", "--refine-iterations", "12"]) == 0
     result = read_emc3d(out)
     truth = np.asarray(read_truth(tiny_dataset / "truth.h5", volumes=False).label)
     seeded = read_landscape(landscape / "frames.h5")["clpca"]
@@ -117,6 +118,21 @@ def test_two_shapes_are_separated_from_the_landscapes_start(tiny_dataset, tmp_pa
     assert abs(result.occupancy.sum() - 1) < 1e-6
     assert (tmp_path / "models.png").stat().st_size > 1000
     assert (tmp_path / "convergence.png").stat().st_size > 1000
+    # --refine-cubic: the cube's model alone is read as cubic, refined with m-3m on its frames
+    # and kept in its place; the unrefined run is not left beside the output
+    import json
+
+    import h5py
+
+    cube = int(np.bincount(result.frames["model"][truth == 0]).argmax())
+    with h5py.File(out) as f:
+        shares = f["anisotropic_share_m3m"][()]
+        refined = json.loads(f.attrs["refined_m3m"])
+    assert shares[cube] >= 0.5 > shares[1 - cube], shares
+    assert list(refined) == [str(cube)]
+    np.testing.assert_array_equal(result.intens[cube],
+                                  read_emc3d(tmp_path / refined[str(cube)]).intens[0])
+    assert not (tmp_path / "emc3d.unrefined.h5").exists()
 
 
 def global_rotation_error(true_q, found_q, group):
@@ -404,3 +420,23 @@ def test_two_ranks_merge_the_same_tomograms_as_one(tiny_dataset, tmp_path):
     one, two = outs
     np.testing.assert_allclose(two.intens, one.intens, rtol=1e-3, atol=1e-6 * one.intens.max())
     np.testing.assert_array_equal(two.frames["model"], one.frames["model"])
+
+
+def test_m3m_explains_a_cubes_anisotropy_and_not_a_rods(tiny_dataset):
+    """The share of a model's anisotropic log-intensity power that m-3m keeps (at its best
+    rotation): high for the true cube turned anywhere, low for the rod (--refine-cubic reads a
+    model as cubic from 0.5)."""
+    from spiscape.emc3d.run import CUBIC_SHARE
+    from spiscape.io.truth import read_truth
+
+    truth = read_truth(tiny_dataset / "truth.h5")
+    names = truth.label_names
+    volumes = {names[int(lab)]: np.asarray(v, dtype=np.float64)
+               for lab, v in zip(truth.volume_info["label"], truth.volumes, strict=True)}
+    size = volumes["cube"].shape[0]
+    band = (2.0, 0.7 * (size // 2 - 1))
+    turned = slicing.rotate(volumes["cube"], np.array([[0.9, 0.2, 0.3, 0.25]]) / np.linalg.norm(
+        [0.9, 0.2, 0.3, 0.25]))
+    cube = slicing.anisotropic_share(turned, "m-3m", band)
+    rod = slicing.anisotropic_share(volumes["rod"], "m-3m", band)
+    assert cube >= 0.8 and rod < CUBIC_SHARE, (cube, rod)

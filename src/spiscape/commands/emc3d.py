@@ -108,6 +108,18 @@ def add_args(parser):
                              "Not a K selector on its own: at coarse num_div extra models "
                              "also buy finer orientations, so it keeps rising with K even on "
                              "one population (docs/methods.md)")
+    parser.add_argument("--refine-cubic", action=argparse.BooleanOptionalAction, default=False,
+                        help="then refine each model that m-3m explains (at least half of its "
+                             "anisotropic log-intensity power kept by symmetrising) on its "
+                             "frames alone with m-3m at --refine-num-div, and keep the refined "
+                             "model in its place (its frames' orientations in EMC3D_H5's "
+                             "sibling .modelK.h5); the workflow's default")
+    parser.add_argument("--refine-num-div", type=at_least(1), default=8,
+                        help="num_div of the cubic refinement (m-3m's asymmetric unit: 8 is "
+                             "1,087 orientations, about 7° apart)")
+    parser.add_argument("--refine-iterations", type=at_least(2), default=30,
+                        help="iterations of the cubic refinement (the first 10 without the "
+                             "group, as --warmup)")
     parser.add_argument("--block-frames", type=at_least(1), default=None,
                         help="frames per E-step block (default: from --memory-mb)")
     add_run_control(parser, "where the products run (gpu: CuPy)",
@@ -125,6 +137,62 @@ def add_args(parser):
                         help="folder for the models' intensities as MRC maps (intensity_K.mrc)")
     parser.add_argument("--figure", default=None, help="PNG: the models' central sections")
     parser.add_argument("--convergence", default=None, help="PNG: convergence and occupancy")
+
+
+def refine_cubic(emc, first: Path, out: Path, args, params, q_per_voxel) -> None:
+    """Each model of the run ``first`` that m-3m explains (:func:`spiscape.emc3d.slicing.
+    anisotropic_share` at least :data:`spiscape.emc3d.run.CUBIC_SHARE`, over the measured shells
+    to 0.7 of the largest) refined on its frames alone with m-3m at ``--refine-num-div``
+    (``.modelK.h5`` beside ``out``); ``out`` is ``first`` with those models replaced, the shares
+    as ``anisotropic_share_m3m (K,)`` and the refined models' numbers as the attribute
+    ``refined_m3m`` (JSON). All ranks take part; rank 0 reads and writes."""
+    import json
+    import shutil
+
+    import h5py
+    import numpy as np
+
+    from spiscape.emc3d.run import CUBIC_SHARE, EMC3D, EMC3DParams
+    from spiscape.emc3d.slicing import anisotropic_share
+    from spiscape.io.emc3d import read_emc3d
+    from spiscape.utils.atomic import atomic_path
+
+    info = None
+    if emc.rank == 0:
+        result = read_emc3d(first)
+        radius = np.sqrt((emc.q ** 2).sum(axis=0))
+        band = (float(radius.min()), 0.7 * float(radius.max()))
+        shares = [anisotropic_share(m, "m-3m", band) for m in result.intens]
+        chosen = [k for k, share in enumerate(shares) if share >= CUBIC_SHARE]
+        log.info("m-3m keeps %s of the models' anisotropy: refining %s",
+                 [round(x, 3) for x in shares], chosen or "none")
+        info = {"models": result.frames["model"], "shares": shares, "chosen": chosen}
+    if emc.nranks > 1:
+        info = emc.comm.bcast(info, root=0)
+    refined = {}
+    for k in info["chosen"]:
+        sub = EMC3D(args.photons, args.detector, EMC3DParams(
+            num_models=1, num_div=args.refine_num_div, iterations=args.refine_iterations,
+            point_group="m-3m", warmup=min(args.warmup, args.refine_iterations - 1),
+            beta_start=params.beta_start, beta_jump=params.beta_jump,
+            beta_period=params.beta_period, need_scaling=params.need_scaling, seed=params.seed,
+            memory_mb=params.memory_mb, device=params.device, merge=params.merge),
+            select=info["models"] == k, comm=emc.comm)
+        path = out.with_name(f"{out.stem}.model{k}{out.suffix}")
+        sub.run(path, q_per_voxel=q_per_voxel)
+        refined[k] = path
+    if emc.rank != 0:
+        return
+    with atomic_path(out) as tmp:
+        shutil.copyfile(first, tmp)
+        with h5py.File(tmp, "a") as f:
+            intens = f["intens"][()]
+            for k, path in refined.items():
+                intens[k] = read_emc3d(path).intens[0]
+            f["intens"][...] = intens
+            f["anisotropic_share_m3m"] = np.asarray(info["shares"], dtype=np.float64)
+            f.attrs["refined_m3m"] = json.dumps({str(k): path.name for k, path in refined.items()})
+    first.unlink()
 
 
 def main(args):
@@ -170,8 +238,14 @@ def main(args):
     emc = EMC3D(args.photons, args.detector, params, labels=labels, select=select,
                 start=args.start_models)
     q_per_voxel = q_per_voxel_of(args.truth, args.q_per_pixel, args.detector)
-    emc.run(Path(args.out), checkpoint=Path(args.checkpoint) if args.checkpoint else None,
+    out = Path(args.out)
+    refine = args.refine_cubic and params.point_group in ("1", "-1")
+    # with a refinement the run is written beside the output, which appears only when complete
+    first = out.with_name(out.stem + ".unrefined" + out.suffix) if refine else out
+    emc.run(first, checkpoint=Path(args.checkpoint) if args.checkpoint else None,
             resume=args.resume, q_per_voxel=q_per_voxel)
+    if refine:
+        refine_cubic(emc, first, out, args, params, q_per_voxel)
     if emc.rank != 0:
         return 0
     from spiscape.io.emc3d import read_emc3d

@@ -41,6 +41,10 @@ from spiscape.phasing.align import centred_radius
 log = logging.getLogger(__name__)
 
 
+#: ``spiscape emc3d --refine-cubic`` refines a model with m-3m when symmetrising keeps at least
+#: this share of its anisotropic log-intensity power (:func:`slicing.anisotropic_share`): the
+#: cube models 0.78 (demo) and 0.67 (df80contam), their spheres, dimers and rods 0.10-0.40
+CUBIC_SHARE = 0.5
 #: M-step rules (see EMC3D.iterate)
 MERGES = ("tomograms", "photons")
 #: with merge "tomograms", an orientation's tomogram enters the model when some frame's annealed

@@ -15,6 +15,13 @@ log_likelihood, seconds) as a compound table, and the per-iteration occupancies
 model −1, quaternion NaN), ``held_out_loglik_per_frame`` and ``held_out_loglik_per_photon``
 (their mean log-likelihood under the fitted mixture, :meth:`spiscape.emc3d.run.EMC3D.
 held_out_loglik`, comparable between runs with different K and the same seed).
+
+With ``--refine-cubic`` (the workflow's default): ``anisotropic_share_m3m (K,)``, the share of
+each model's anisotropic log-intensity power that m-3m keeps, and the attribute ``refined_m3m``
+(JSON: model number → file name): those models' intensities are the m-3m refinement of their
+frames alone, whose own emc3d.h5 (one model, the frames' orientations in m-3m's asymmetric unit)
+lies beside this file as ``<stem>.model<K>.h5``; the per-frame datasets and the log stay the
+multi-model run's.
 """
 
 from __future__ import annotations
