@@ -8,8 +8,9 @@ import pytest
 pytestmark = pytest.mark.gpu  # each test takes the `cupy` fixture (skipped without a GPU)
 
 
-def test_emc3d_iterations_on_the_gpu_match_numpy(cupy, tiny_dataset):
-    """Slices (cupyx CSR), the E-step products, responsibilities and the merge on CuPy: three
+@pytest.mark.parametrize("merge", ["tomograms", "photons"])
+def test_emc3d_iterations_on_the_gpu_match_numpy(cupy, tiny_dataset, merge):
+    """Slices (cupyx CSR), the E-step products, responsibilities and both M-steps on CuPy: three
     iterations from the same start give the CPU's models and the same per-frame choices."""
     from spiscape.emc3d.run import EMC3D, EMC3DParams
 
@@ -17,7 +18,7 @@ def test_emc3d_iterations_on_the_gpu_match_numpy(cupy, tiny_dataset):
     results = []
     for device in ("cpu", "gpu"):
         emc = EMC3D(data, det, EMC3DParams(num_models=2, num_div=2, iterations=3, seed=2,
-                                           device=device))
+                                           device=device, merge=merge))
         state = emc.initial_state()
         for _ in range(2):
             state, _ = emc.iterate(state)

@@ -95,7 +95,10 @@ def test_three_datasets_end_to_end_and_partial_reruns(tmp_path, env_with_venv_pa
         "sim2": {"simulate": {"num_frames": 50, "seed": 4, "mean_photons": 300},
                  "classify2d": {"options": {"num_classes": 5}}, "vae": {"run": False},
                  # the 3D EMC branch (off by default), seeded from the landscape's clusters
-                 "emc3d": {"run": True, "options": {"num_div": 1, "iterations": 3}}},
+                 # (--refine-cubic on, as by default, at a tiny num_div)
+                 "emc3d": {"run": True, "options": {"num_div": 1, "iterations": 3,
+                                                    "refine_num_div": 2,
+                                                    "refine_iterations": 3}}},
         "measured": {"photons": "results/sim/data/photons.h5",
                      "detector": "results/sim/data/detector.h5"},
         # facility-wide reprocessing: these frames placed on sim's landscape, no EMC of their own
@@ -128,6 +131,9 @@ def test_three_datasets_end_to_end_and_partial_reruns(tmp_path, env_with_venv_pa
     assert not (tmp_path / "results/sim2/vae").exists()
     emc3d = read_emc3d(tmp_path / "results/sim2/emc3d/emc3d.h5", volumes=False)
     assert emc3d.frames["model"].shape == (50,) and len(emc3d.occupancy) >= 1
+    with h5py.File(tmp_path / "results/sim2/emc3d/emc3d.h5") as f:  # the cubic check ran
+        assert f["anisotropic_share_m3m"].shape == emc3d.occupancy.shape
+    assert not (tmp_path / "results/sim2/emc3d/emc3d.unrefined.h5").exists()
     assert (tmp_path / "results/sim2/emc3d/phasing.h5").exists()
     assert sorted(p.name for p in (tmp_path / "results/sim2/emc3d/maps").glob("*.mrc"))
     assert not (tmp_path / "results/sim/emc3d").exists()  # off by default

@@ -132,9 +132,10 @@ def anisotropic_share(model: np.ndarray, group: str, q_range: tuple[float, float
     shell's mean, over the shells ``q_range`` (voxels), turned to the rotation at which
     symmetrising under ``group`` keeps the largest share of that power (the refined 600-cell
     ``coarse_div`` in the group's asymmetric unit, then two finer local grids); that share. An
-    isotropic model's anisotropy is noise, which a group of order g keeps about 1/g of; the
-    multi-model 3D EMC reads a model as cubic when m-3m keeps at least half
-    (:data:`spiscape.emc3d.run.CUBIC_SHARE`)."""
+    isotropic model's anisotropy is noise, which a group of order g keeps about 1/g of (2/g for
+    a Friedel-symmetric model and a centrosymmetric group, m-3m: 1/24); the multi-model 3D EMC
+    reads a model as cubic when m-3m keeps at least half (:data:`spiscape.emc3d.run.CUBIC_SHARE`).
+    """
     logm = np.log(np.maximum(model, 1e-6 * model.max()))
     radius = centred_radius(model.shape)
     shells = np.rint(radius).astype(np.int64)
