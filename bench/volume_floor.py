@@ -1,0 +1,132 @@
+"""The volume step's own error on the validation matrix: the truth's intensities phased.
+
+For each dataset, the true cube and sphere intensities, averaged over the sizes of that
+population's frames (:func:`spiscape.metrics.volumes.size_averaged`: what a perfect decoder would
+give), are cut to the VAE's grid and measured shells (``vae/volumes.h5``: its q per voxel,
+``q_min_measured``, ``q_max_measured``) and phased by ``spiscape phase`` with the workflow's
+phase options (``config/config.yaml``), exactly as the VAE's volumes are. The sphere / cube
+volume ratio against the truth's is then the part of the matrix's ``ratio_error`` that no
+decoder can remove; the table sets it beside the workflow's (decoded) figure.
+
+    .venv/bin/python bench/volume_floor.py [--datasets demo df64 ...]
+
+Needs each dataset's workflow results (``bench/validation.py``; the demo's ``make run``). Writes
+``bench/results/volume_floor.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import yaml
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO / "src"))
+
+from volume_curve import curve_ratio  # noqa: E402
+
+MATRIX = ("demo", "df64", "df128b2", "df96low", "df80contam", "df128low", "sim72lowphot",
+          "sim64spread")
+
+
+def locate(name: str) -> tuple[Path, Path]:
+    """(workflow results folder, truth.h5) of a matrix dataset."""
+    if name == "demo":
+        return REPO / "results/demo", REPO / "results/demo/data/truth.h5"
+    return (HERE / "results/validation" / name,
+            HERE / "data/validation" / name / "truth.h5")
+
+
+def phase_flags() -> list[str]:
+    """The workflow's phase options as command-line flags."""
+    options = yaml.safe_load((REPO / "config/config.yaml").read_text())["phase"]["options"]
+    return [word for key, value in options.items()
+            for word in (f"--{key.replace('_', '-')}", str(value))]
+
+
+def truth_intensities(results: Path, truth_path: Path, work: Path) -> tuple[Path, dict]:
+    """A volumes file (z 0: cube, 1: sphere) of the truth's size-averaged intensities on the
+    VAE's grid, and the truth's particle volumes."""
+    from spiscape.io.truth import read_truth
+    from spiscape.io.volumes import write_volumes
+    from spiscape.metrics.volumes import centre_crop, size_averaged
+
+    with h5py.File(results / "vae/volumes.h5", "r") as f:
+        attrs, size = dict(f.attrs), f["intens"].shape[1]
+    truth = read_truth(truth_path)
+    labels, names = np.asarray(truth.label), truth.label_names
+    volume_label = np.asarray(truth.volume_info["label"])
+    true_volume = np.asarray(truth.volume_info["particle_volume_nm3"])
+    stack, volumes = [], {}
+    for shape in ("cube", "sphere"):
+        label = names.index(shape)
+        index = int(np.flatnonzero(volume_label == label)[0])
+        sizes = np.asarray(truth.frames["size"])[labels == label]
+        intens = size_averaged(np.asarray(truth.volumes[index], dtype=np.float64), sizes)
+        stack.append(centre_crop(intens, size) if intens.shape[0] > size else intens)
+        volumes[shape] = float(true_volume[index])
+    path = work / "truth_volumes.h5"
+    write_volumes(path, np.array([0.0, 1.0]), np.stack(stack), np.ones(2, dtype=bool),
+                  q_per_voxel=attrs["q_per_voxel_inv_nm"], point_group="m-3m",
+                  attrs={k: attrs[k] for k in ("q_min_measured", "q_max_measured")})
+    return path, volumes
+
+
+def floor(name: str) -> dict:
+    results, truth_path = locate(name)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        volumes_file, true = truth_intensities(results, truth_path, work)
+        out = work / "phasing.h5"
+        proc = subprocess.run([sys.executable, "-m", "spiscape", "phase", "--volumes",
+                               str(volumes_file), "--out", str(out), *phase_flags()],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{name}: spiscape phase failed:\n{proc.stderr[-2000:]}")
+        with h5py.File(out, "r") as f:
+            phased = f["volume"][()]
+            methods = [m.decode() if isinstance(m, bytes) else str(m) for m in f["method"][()]]
+            converged = f["converged"][()].tolist()
+    cube, sphere = float(phased[0]), float(phased[1])
+    row = {"dataset": name, "methods": methods, "converged": converged,
+           "cube_error": cube / true["cube"] - 1, "sphere_error": sphere / true["sphere"] - 1,
+           "ratio_error": (sphere / cube) / (true["sphere"] / true["cube"]) - 1}
+    try:
+        decoded = curve_ratio(results, truth_path)
+        row["decoded_ratio_error"] = decoded["ratio_error"]
+    except (SystemExit, OSError, KeyError) as exc:
+        row["decoded_note"] = str(exc)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", default=list(MATRIX))
+    parser.add_argument("--json", default=str(HERE / "results/volume_floor.json"))
+    args = parser.parse_args()
+    rows = []
+    for name in args.datasets:
+        print(f"[volume_floor] {name}", flush=True)
+        rows.append(floor(name))
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"rows": rows}, indent=1))
+    print("| set | phasing | truth phased: cube | sphere | sphere / cube | workflow (decoded) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        decoded = r.get("decoded_ratio_error")
+        print(f"| `{r['dataset']}` | {', '.join(sorted(set(r['methods'])))} | "
+              f"{r['cube_error']:+.1%} | {r['sphere_error']:+.1%} | {r['ratio_error']:+.1%} | "
+              f"{'' if decoded is None else format(decoded, '+.1%')} |")
+
+
+if __name__ == "__main__":
+    main()
