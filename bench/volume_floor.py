@@ -8,7 +8,11 @@ phase options (``config/config.yaml``), exactly as the VAE's volumes are. The sp
 volume ratio against the truth's is then the part of the matrix's ``ratio_error`` that no
 decoder can remove; the table sets it beside the workflow's (decoded) figure.
 
-    .venv/bin/python bench/volume_floor.py [--datasets demo df64 ...]
+``--grid detector`` asks what a VAE grid spanning the whole detector would give: the same
+number of voxels, its q step f = (the detector's largest |q| of a used pixel) / (the VAE's
+q_max_measured) detector pixels (at least 1), the truth resampled onto it by cubic splines.
+
+    .venv/bin/python bench/volume_floor.py [--datasets demo df64 ...] [--grid detector]
 
 Needs each dataset's workflow results (``bench/validation.py``; the demo's ``make run``). Writes
 ``bench/results/volume_floor.json`` and prints a table.
@@ -53,9 +57,29 @@ def phase_flags() -> list[str]:
             for word in (f"--{key.replace('_', '-')}", str(value))]
 
 
-def truth_intensities(results: Path, truth_path: Path, work: Path) -> tuple[Path, dict]:
+def detector_q_max(results: Path, name: str) -> float:
+    """The largest |q| (pixels) of a used pixel of the dataset's detector."""
+    from spiscape.io import read_detector
+
+    path = (results / "data/detector.h5" if name == "demo"
+            else HERE / "data/validation" / name / "detector.h5")
+    det = read_detector(path)
+    return float(np.sqrt(det.qx**2 + det.qy**2 + det.qz**2)[det.mask == 0].max())
+
+
+def resample(volume: np.ndarray, size: int, step: float) -> np.ndarray:
+    """A centred volume sampled every ``step`` voxels on a size³ grid (cubic splines)."""
+    from scipy.ndimage import map_coordinates
+
+    axis = (np.arange(size) - size // 2) * step + volume.shape[0] // 2
+    grid = np.meshgrid(axis, axis, axis, indexing="ij")
+    return np.maximum(map_coordinates(volume, grid, order=3, mode="nearest"), 0.0)
+
+
+def truth_intensities(results: Path, truth_path: Path, work: Path,
+                      step: float = 1.0) -> tuple[Path, dict]:
     """A volumes file (z 0: cube, 1: sphere) of the truth's size-averaged intensities on the
-    VAE's grid, and the truth's particle volumes."""
+    VAE's grid (its q step times ``step``), and the truth's particle volumes."""
     from spiscape.io.truth import read_truth
     from spiscape.io.volumes import write_volumes
     from spiscape.metrics.volumes import centre_crop, size_averaged
@@ -72,20 +96,30 @@ def truth_intensities(results: Path, truth_path: Path, work: Path) -> tuple[Path
         index = int(np.flatnonzero(volume_label == label)[0])
         sizes = np.asarray(truth.frames["size"])[labels == label]
         intens = size_averaged(np.asarray(truth.volumes[index], dtype=np.float64), sizes)
-        stack.append(centre_crop(intens, size) if intens.shape[0] > size else intens)
+        if step != 1.0:
+            stack.append(resample(intens, size, step))
+        else:
+            stack.append(centre_crop(intens, size) if intens.shape[0] > size else intens)
         volumes[shape] = float(true_volume[index])
     path = work / "truth_volumes.h5"
+    q_max = attrs["q_max_measured"] * step if step != 1.0 else attrs["q_max_measured"]
     write_volumes(path, np.array([0.0, 1.0]), np.stack(stack), np.ones(2, dtype=bool),
-                  q_per_voxel=attrs["q_per_voxel_inv_nm"], point_group="m-3m",
-                  attrs={k: attrs[k] for k in ("q_min_measured", "q_max_measured")})
+                  q_per_voxel=attrs["q_per_voxel_inv_nm"] * step, point_group="m-3m",
+                  attrs={"q_min_measured": attrs["q_min_measured"] / step,
+                         "q_max_measured": min(q_max, attrs["q_max_measured"]) if step != 1.0
+                         else q_max})
     return path, volumes
 
 
-def floor(name: str) -> dict:
+def floor(name: str, grid: str = "vae") -> dict:
     results, truth_path = locate(name)
+    step = 1.0
+    if grid == "detector":
+        with h5py.File(results / "vae/volumes.h5", "r") as f:
+            step = max(1.0, detector_q_max(results, name) / float(f.attrs["q_max_measured"]))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        volumes_file, true = truth_intensities(results, truth_path, work)
+        volumes_file, true = truth_intensities(results, truth_path, work, step)
         out = work / "phasing.h5"
         proc = subprocess.run([sys.executable, "-m", "spiscape", "phase", "--volumes",
                                str(volumes_file), "--out", str(out), *phase_flags()],
@@ -97,7 +131,8 @@ def floor(name: str) -> dict:
             methods = [m.decode() if isinstance(m, bytes) else str(m) for m in f["method"][()]]
             converged = f["converged"][()].tolist()
     cube, sphere = float(phased[0]), float(phased[1])
-    row = {"dataset": name, "methods": methods, "converged": converged,
+    row = {"dataset": name, "grid": grid, "q_step": step, "methods": methods,
+           "converged": converged,
            "cube_error": cube / true["cube"] - 1, "sphere_error": sphere / true["sphere"] - 1,
            "ratio_error": (sphere / cube) / (true["sphere"] / true["cube"]) - 1}
     try:
@@ -111,19 +146,25 @@ def floor(name: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=list(MATRIX))
-    parser.add_argument("--json", default=str(HERE / "results/volume_floor.json"))
+    parser.add_argument("--grid", default="vae", choices=["vae", "detector"],
+                        help="the VAE's grid, or one with as many voxels spanning the detector")
+    parser.add_argument("--json", default=None,
+                        help="default bench/results/volume_floor[_detector].json")
     args = parser.parse_args()
+    args.json = args.json or str(HERE / "results" / (
+        "volume_floor.json" if args.grid == "vae" else "volume_floor_detector.json"))
     rows = []
     for name in args.datasets:
         print(f"[volume_floor] {name}", flush=True)
-        rows.append(floor(name))
+        rows.append(floor(name, args.grid))
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"rows": rows}, indent=1))
-    print("| set | phasing | truth phased: cube | sphere | sphere / cube | workflow (decoded) |")
-    print("|---|---|---|---|---|---|")
+    print("| set | q step (pixels) | phasing | truth phased: cube | sphere | sphere / cube | "
+          "workflow (decoded) |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         decoded = r.get("decoded_ratio_error")
-        print(f"| `{r['dataset']}` | {', '.join(sorted(set(r['methods'])))} | "
+        print(f"| `{r['dataset']}` | {r['q_step']:.2f} | {', '.join(sorted(set(r['methods'])))} | "
               f"{r['cube_error']:+.1%} | {r['sphere_error']:+.1%} | {r['ratio_error']:+.1%} | "
               f"{'' if decoded is None else format(decoded, '+.1%')} |")
 
