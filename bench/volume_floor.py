@@ -67,22 +67,13 @@ def detector_q_max(results: Path, name: str) -> float:
     return float(np.sqrt(det.qx**2 + det.qy**2 + det.qz**2)[det.mask == 0].max())
 
 
-def resample(volume: np.ndarray, size: int, step: float) -> np.ndarray:
-    """A centred volume sampled every ``step`` voxels on a size³ grid (cubic splines)."""
-    from scipy.ndimage import map_coordinates
-
-    axis = (np.arange(size) - size // 2) * step + volume.shape[0] // 2
-    grid = np.meshgrid(axis, axis, axis, indexing="ij")
-    return np.maximum(map_coordinates(volume, grid, order=3, mode="nearest"), 0.0)
-
-
 def truth_intensities(results: Path, truth_path: Path, work: Path,
                       step: float = 1.0) -> tuple[Path, dict]:
     """A volumes file (z 0: cube, 1: sphere) of the truth's size-averaged intensities on the
     VAE's grid (its q step times ``step``), and the truth's particle volumes."""
     from spiscape.io.truth import read_truth
     from spiscape.io.volumes import write_volumes
-    from spiscape.metrics.volumes import centre_crop, size_averaged
+    from spiscape.metrics.volumes import on_grid, size_averaged
 
     with h5py.File(results / "vae/volumes.h5", "r") as f:
         attrs, size = dict(f.attrs), f["intens"].shape[1]
@@ -96,10 +87,8 @@ def truth_intensities(results: Path, truth_path: Path, work: Path,
         index = int(np.flatnonzero(volume_label == label)[0])
         sizes = np.asarray(truth.frames["size"])[labels == label]
         intens = size_averaged(np.asarray(truth.volumes[index], dtype=np.float64), sizes)
-        if step != 1.0:
-            stack.append(resample(intens, size, step))
-        else:
-            stack.append(centre_crop(intens, size) if intens.shape[0] > size else intens)
+        stack.append(on_grid(intens, size, step) if intens.shape[0] > size or step != 1.0
+                     else intens)
         volumes[shape] = float(true_volume[index])
     path = work / "truth_volumes.h5"
     q_max = attrs["q_max_measured"] * step if step != 1.0 else attrs["q_max_measured"]

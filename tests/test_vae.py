@@ -524,3 +524,37 @@ def test_checkpoints_and_models_are_never_unpickled(tmp_path):
     back = train.load_checkpoint(tmp_path / "ok.pt")
     assert back["b"] == [2.5, (1, None)] and back["c"] == "x/y"
     np.testing.assert_array_equal(np.asarray(back["a"]), values["a"])
+
+
+def test_q_step_spans_the_detector_with_the_same_grid(tiny, tmp_path, capsys):
+    """--q-step auto: the V^3 grid's voxel is as many detector pixels as it takes to span the
+    averages' measured pixels (the volumes' q per voxel and measured range follow);
+    --emc-merge, which predicts averages on the pixel grid, refuses another step."""
+    from spiscape.cli import main
+
+    out, sim = tiny
+    small = 11
+    args = ["vae", "--averages", str(out / "averages.h5"), "--detector",
+            str(out / "detector.h5"), "--orientation", str(out / "orientation.h5"),
+            "--epochs", "1", "--volume-size", str(small), "--batch-size", "8",
+            "--dec-channels", "8", "--enc-channels", "4", "--num-volumes", "2", "--device",
+            "cpu", "--no-figures", "--q-per-pixel", "0.01"]
+    assert main(args + ["--out-dir", str(tmp_path / "auto"), "--q-step", "auto"]) == 0
+    with h5py.File(tmp_path / "auto/volumes.h5") as f:
+        step, q_max = f.attrs["q_step_pixels"], f.attrs["q_max_measured"]
+        q_per_voxel = f.attrs["q_per_voxel_inv_nm"]
+    assert step > 1 and q_max <= small // 2 - 1 + 1e-9
+    assert q_per_voxel == pytest.approx(0.01 * step)
+    capsys.readouterr()
+    assert main(args + ["--out-dir", str(tmp_path / "m"), "--q-step", "2", "--emc-merge",
+                        "--replicates", str(out / "averages.h5")]) == 2
+    assert "--q-step 1" in capsys.readouterr().err
+
+
+def test_on_grid_crops_or_samples_a_centred_volume():
+    from spiscape.metrics.volumes import centre_crop, on_grid
+
+    rng = np.random.default_rng(0)
+    vol = rng.random((21, 21, 21))
+    np.testing.assert_array_equal(on_grid(vol, 11), centre_crop(vol, 11))
+    np.testing.assert_allclose(on_grid(vol, 11, 2.0), vol[0:21:2, 0:21:2, 0:21:2], atol=1e-9)

@@ -86,6 +86,10 @@ def build(cfg: AmortiseConfig, det, dataset, vae_blob: dict | None = None,
         if vcfg["point_group"] != cfg.point_group:
             raise ConfigError(f"the VAE's point group {vcfg['point_group']} differs from "
                               f"amortise point_group {cfg.point_group}")
+        step = float(vae_blob.get("train_config", {}).get("q_step", 1.0))
+        if step != 1.0:
+            raise ConfigError(f"the VAE's grid has a q step of {step:g} detector pixels per "
+                              "voxel; amortise warm-starts only from a VAE with q_step 1")
         cfg.zdim, cfg.volume_size = int(vcfg["zdim"]), int(vcfg["volume_size"])
         cfg.dec_channels, cfg.hidden = int(vcfg["dec_channels"]), int(vcfg["hidden"])
     if not cfg.volume_size:

@@ -132,6 +132,11 @@ def add_args(parser):
                         "radius); 'auto': the beamstop's edge read from the detector mask (the "
                         "smallest |q| of a used pixel); the volume inside is extrapolated "
                         "either way")
+    m.add_argument("--q-step", type=auto_or_number(minimum=1.0), default=1.0,
+                   help="detector pixels per voxel of the volume grid (q per voxel = this x q "
+                        "per pixel): 1 keeps the detector's sampling, so a V^3 grid sees |q| up "
+                        "to V // 2 - 1 pixels; 'auto': as coarse as needed for the grid to span "
+                        "the averages' measured pixels (at least 1)")
     m.add_argument("--radial-weighting", type=float, default=0.5,
                    help="alpha: pixels weigh I_0(|q|)^-alpha in the Poisson deviance (0: plain "
                         "Poisson, high q barely counts; 1: every shell by its relative misfit); "
@@ -205,13 +210,21 @@ def main(args):
     size = inputs.intens.shape[-1]
     q = ewald_grid(size, det.detd, det.ewald_rad)
     qnorm = np.linalg.norm(q, axis=0)
+    if args.q_step == "auto":  # the grid spans the averages' measured pixels
+        cfg.q_step = max(1.0, float(qnorm[inputs.support].max()) / (cfg.volume_size // 2 - 1))
+    else:
+        cfg.q_step = float(args.q_step)
+    if cfg.q_step != 1.0:
+        log.info("q step: %.3f detector pixels per voxel (the %d^3 grid spans |q| <= %.1f px)",
+                 cfg.q_step, cfg.volume_size, cfg.q_step * (cfg.volume_size // 2 - 1))
+        q, qnorm = q / cfg.q_step, qnorm / cfg.q_step
     sel = inputs.selected
     profile = data.radial_profile(inputs.intens[sel], inputs.support, qnorm, inputs.gain[sel],
                                   nbins=cfg.volume_size + 2)
     if args.q_min == "auto":
         cfg.q_min = data.beamstop_radius(det)
         log.info("q_min auto: the beamstop's edge in the detector mask, %.2f pixels", cfg.q_min)
-    weight = data.loss_weight(inputs.support, qnorm, cfg.volume_size, cfg.q_min)
+    weight = data.loss_weight(inputs.support, qnorm, cfg.volume_size, cfg.q_min / cfg.q_step)
     if weight.sum() < 10:
         raise InputError(args.averages, "fewer than 10 measured pixels inside the volume")
     q_per_voxel = args.q_per_pixel
@@ -221,8 +234,13 @@ def main(args):
 
         truth = read_truth(args.truth)
         q_per_voxel = q_per_voxel or truth.attrs.get("q_per_voxel_inv_nm")
+    if q_per_voxel:
+        q_per_voxel = float(q_per_voxel) * cfg.q_step
     out = Path(args.out_dir)
     merge = None
+    if args.emc_merge and cfg.q_step != 1.0:
+        raise ConfigError("--emc-merge needs --q-step 1 (the EMC merged on the detector's "
+                          "pixel grid)")
     if args.emc_merge and not args.replicates:
         raise ConfigError("--emc-merge needs --replicates (the EMC's angles and pixels)")
     if args.emc_merge:
@@ -270,7 +288,8 @@ def main(args):
     vols = analysis.decode_volumes(model, z, ctx.device)
     volumes_io.write_volumes(out / "volumes.h5", z, vols, has_data, q_per_voxel, cfg.point_group,
                            {"q_min_measured": float(qnorm[weight].min()),
-                            "q_max_measured": float(qnorm[weight].max())})
+                            "q_max_measured": float(qnorm[weight].max()),
+                            "q_step_pixels": cfg.q_step})
     write_maps(out / "volumes", vols, z, kind="intensity", voxel=q_per_voxel,
                source=str(args.averages))
     if args.replicates:
@@ -293,7 +312,8 @@ def main(args):
     if truth is not None:
         scores.update(scoring.score_against_truth(args.averages, args.replicates, inputs, truth,
                                                   mu, model, weight, qnorm, ctx, figure_dir,
-                                                  figures=not args.no_figures))
+                                                  figures=not args.no_figures,
+                                                  step=cfg.q_step))
         colour = scores.pop("_average_t", None)
     with atomic_path(out / "training.json") as tmp:
         tmp.write_text(json.dumps({"config": vars(cfg), **result, "scores": scores},

@@ -22,6 +22,19 @@ def centre_crop(volume: np.ndarray, size: int) -> np.ndarray:
     return volume[lo:lo + size, lo:lo + size, lo:lo + size]
 
 
+def on_grid(volume: np.ndarray, size: int, step: float = 1.0) -> np.ndarray:
+    """A centred volume on a size³ grid whose q step is ``step`` of its own: cropped when
+    ``step`` is 1, else sampled by cubic splines (clipped at 0, read at the edge value beyond)."""
+    if step == 1.0:
+        return centre_crop(volume, size)
+    from scipy.ndimage import map_coordinates
+
+    axis = (np.arange(size) - size // 2) * float(step) + volume.shape[0] // 2
+    grid = np.meshgrid(axis, axis, axis, indexing="ij")
+    return np.maximum(map_coordinates(np.asarray(volume, dtype=np.float64), grid, order=3,
+                                      mode="nearest"), 0.0)
+
+
 def shell_correlation(a: np.ndarray, b: np.ndarray, shell_width: float = 1.0,
                       qmin: float = 0.0, qmax: float | None = None,
                       log: bool = False) -> tuple[np.ndarray, np.ndarray]:

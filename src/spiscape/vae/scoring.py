@@ -63,21 +63,22 @@ def pure_averages(fraction, threshold: float = 0.8, fallback: int = 3):
     return mask, f"the {fallback} most alike averages (none >= {threshold})"
 
 
-def truth_reference(truth, label: int, from_frames: bool, size: int):
+def truth_reference(truth, label: int, from_frames: bool, size: int, step: float = 1.0):
     """The truth's intensity of a pure state (first volume with that ``label``) as the data show
     it: averaged over the sizes of that label's frames (no spread for synthetic averages of the
-    nominal volumes), cropped to ``size``^3. Returns (volume index, sizes, reference)."""
-    from spiscape.metrics.volumes import centre_crop, size_averaged
+    nominal volumes), on the VAE's size^3 grid (q step ``step`` detector pixels: cropped, or
+    resampled). Returns (volume index, sizes, reference)."""
+    from spiscape.metrics.volumes import on_grid, size_averaged
 
     k = int(np.flatnonzero(np.asarray(truth.volume_info["label"]) == label)[0])
     sizes = np.ones(1)
     if from_frames and "size" in truth.frames:
         sizes = np.asarray(truth.size)[np.asarray(truth.label) == label]
-    return k, sizes, centre_crop(size_averaged(truth.volumes[k], sizes), size)
+    return k, sizes, on_grid(size_averaged(truth.volumes[k], sizes), size, step)
 
 
 def size_scales(model, truth, ctx, cube_volume, cube_reference, sphere, mu, from_frames,
-                qmin, qmax) -> dict:
+                qmin, qmax, step: float = 1.0) -> dict:
     """Sizes of the decoded cube and sphere read from their fringes (no phasing): the scale s
     of the truth (averaged over the data's sizes) that the decoded volume matches best, and the
     sphere / cube volume ratio they imply relative to the truth's, (s_sphere / s_cube)^3 - 1.
@@ -92,7 +93,7 @@ def size_scales(model, truth, ctx, cube_volume, cube_reference, sphere, mu, from
     if not sphere.any() or not (np.asarray(truth.volume_info.get("label", [])) == 2).any():
         return out
     vol = analysis.decode_volumes(model, mu[sphere].mean(0, keepdims=True), ctx.device)[0]
-    _, _, ref = truth_reference(truth, 2, from_frames, vol.shape[0])
+    _, _, ref = truth_reference(truth, 2, from_frames, vol.shape[0], step)
     sph = best_size_scale(vol, ref, qmin=qmin, qmax=qmax)
     out.update(sphere_size_scale=sph["scale"],
                fringe_ratio_error=(sph["scale"] / cube["scale"]) ** 3 - 1.0)
@@ -100,11 +101,11 @@ def size_scales(model, truth, ctx, cube_volume, cube_reference, sphere, mu, from
 
 
 def score_against_truth(averages_path, replicate_paths, inputs, truth, mu, model, weight, qnorm,
-                        ctx, out, figures: bool = True) -> dict:
+                        ctx, out, figures: bool = True, step: float = 1.0) -> dict:
     """The VAE against the simulator's truth: Spearman of the first latent with the melt
     parameter t over the averages, the decoded cube's shell correlation with the truth (nominal
     and averaged over the data's sizes), sizes read from the fringes; figures into ``out``."""
-    from spiscape.metrics.volumes import best_rotation_shell_correlation, centre_crop
+    from spiscape.metrics.volumes import best_rotation_shell_correlation, on_grid
     from spiscape.vae import analysis
 
     scores = {}
@@ -130,8 +131,8 @@ def score_against_truth(averages_path, replicate_paths, inputs, truth, mu, model
         vol = analysis.decode_volumes(model, zc, ctx.device)[0]
         # the data's cubes have a size spread (truth `size` of the cube frames): their mean
         # intensity has blurred fringe minima, which is what a perfect reconstruction gives
-        k, sizes, spread_ref = truth_reference(truth, 0, from_frames, vol.shape[0])
-        nominal_ref = centre_crop(truth.volumes[k], vol.shape[0])
+        k, sizes, spread_ref = truth_reference(truth, 0, from_frames, vol.shape[0], step)
+        nominal_ref = on_grid(truth.volumes[k], vol.shape[0], step)
         # only the measured |q| range is scored: inside the beamstop (and beyond the detector)
         # the volume is the decoder's extrapolation, constrained by no data
         qmax = float(qnorm[weight].max())
@@ -154,7 +155,7 @@ def score_against_truth(averages_path, replicate_paths, inputs, truth, mu, model
                       cube_shell_cc=[None if not np.isfinite(c) else float(c)
                                      for c in res["cc"][inner]])
         scores.update(size_scales(model, truth, ctx, vol, spread_ref, sphere, mu, from_frames,
-                                  qmin, qmax))
+                                  qmin, qmax, step))
         if figures:
             from spiscape.vae import figures as vae_figures
 

@@ -46,6 +46,7 @@ class TrainConfig:
     threads: int = 1
     frame_weighting: str = "none"
     q_min: float = 0.0
+    q_step: float = 1.0  # detector pixels per voxel of the volume grid
     radial_weighting: float = 0.5
     lr_schedule: str = "cosine"
     lr_final: float = 0.05
