@@ -6,7 +6,8 @@ landscape`` copies it into ``frames.h5``).
 (gzip, one chunk per volume), the decoded 3D intensities, the beam at voxel V // 2; ``has_data
 (K,)`` bool, whether an average's latent lies within a grid step of the point (else the decoder's
 extrapolation); attributes ``point_group``, ``centre_voxel``, ``q_per_voxel_inv_nm`` (when
-known), ``q_min_measured``, ``q_max_measured`` (voxels: outside, the decoder extrapolates), and
+known), ``q_min_measured``, ``q_max_measured`` (voxels: outside, the decoder extrapolates),
+``q_step_pixels`` (from ``spiscape vae``: detector pixels per voxel, 1 unless ``--q-step``), and
 the training settings.
 
 ``latent.h5``: ``mu (A, zdim)``, ``logvar (A, zdim)`` float32 of every average; ``selected (A,)``
