@@ -13,7 +13,9 @@ with the pipeline's own scorers (``spiscape.metrics``):
   with the melting parameter t over cube, melting and sphere frames (best component; target
   0.9 for the latent);
 * ``vae_coverage``: share of the non-contaminant averages (majority label of their frames) the
-  VAE trained on (target 0.8);
+  VAE trained on (target 0.8); ``vae_positions`` (JSON only): per population, how many of the
+  averages trained on and their median place on the cube -> sphere latent axis (0 cube, 1
+  sphere), which shows a contaminant pulling the sphere end;
 * ``cube_shell_min``: decoded cube's smallest shell CC to 0.7 q_max against the truth averaged
   over the cube frames' sizes (target 0.9);
 * ``ratio_error``: phased sphere / cube Porod volume against the truth's (target +-5 %, goal
@@ -130,6 +132,26 @@ def truth_path(name: str, data: Path, results: Path) -> Path:
     return results / name / "data/truth.h5" if name == DEMO else data / name / "truth.h5"
 
 
+def latent_positions(res: Path, mu, selected, majority, names) -> dict:
+    """Where the VAE's averages of each population (truth majority) sit on the cube -> sphere
+    axis of the first latent (0: the cube latent, 1: the sphere latent; count and median):
+    a contaminant beyond the sphere end pulls the decoded sphere towards itself."""
+    training = res / "vae/training.json"
+    scores = json.loads(training.read_text()).get("scores", {}) if training.exists() else {}
+    if "cube_latent" not in scores or "sphere_latent" not in scores:
+        return {}
+    zc, zs = scores["cube_latent"][0], scores["sphere_latent"][0]
+    if zs == zc:
+        return {}
+    position = (np.asarray(mu)[:, 0] - zc) / (zs - zc)
+    out = {}
+    for label in np.unique(majority[selected]):
+        mine = selected & (majority == label)
+        name = names[int(label)] if 0 <= label < len(names) else "mixed"
+        out[name] = [int(mine.sum()), float(np.median(position[mine]))]
+    return out
+
+
 def score(name: str, data: Path, results: Path) -> dict:
     from spiscape.io import read_detector
     from spiscape.io.truth import read_truth
@@ -159,7 +181,7 @@ def score(name: str, data: Path, results: Path) -> dict:
     latent_h5, emb = res / "vae/latent.h5", res / "embedding.h5"
     if latent_h5.exists() and emb.exists():
         with h5py.File(latent_h5, "r") as f:
-            selected = f["selected"][()]
+            selected, mu = f["selected"][()], f["mu"][()]
         with h5py.File(emb, "r") as f:
             majority = f["truth_label"][()] if "truth_label" in f else None
         if majority is not None:
@@ -167,6 +189,8 @@ def score(name: str, data: Path, results: Path) -> dict:
             out["vae_coverage"] = float((selected & wanted).sum() / max(wanted.sum(), 1))
             out["vae_contaminants"] = int((selected & (majority > 2)).sum())
             out["vae_averages"] = int(selected.sum())
+            out["vae_positions"] = latent_positions(res, mu, selected, majority,
+                                                    truth.label_names)
     training = res / "vae/training.json"
     if training.exists():
         scores = json.loads(training.read_text()).get("scores", {})
