@@ -59,24 +59,21 @@ def phase_flags() -> list[str]:
 
 def detector_q_max(results: Path, name: str) -> float:
     """The largest |q| (pixels) of a used pixel of the dataset's detector."""
-    from spiscape.io import read_detector
+    from emc3d import measured_q
 
-    path = (results / "data/detector.h5" if name == "demo"
-            else HERE / "data/validation" / name / "detector.h5")
-    det = read_detector(path)
-    return float(np.sqrt(det.qx**2 + det.qy**2 + det.qz**2)[det.mask == 0].max())
+    return measured_q(results / "data/detector.h5" if name == "demo"
+                      else HERE / "data/validation" / name / "detector.h5")[1]
 
 
-def truth_intensities(results: Path, truth_path: Path, work: Path,
+def truth_intensities(attrs: dict, size: int, truth_path: Path, work: Path,
                       step: float = 1.0) -> tuple[Path, dict]:
     """A volumes file (z 0: cube, 1: sphere) of the truth's size-averaged intensities on the
-    VAE's grid (its q step times ``step``), and the truth's particle volumes."""
+    VAE's size³ grid (``attrs``: its volumes' attributes; its q step times ``step``, the same
+    measured shells in q), and the truth's particle volumes."""
     from spiscape.io.truth import read_truth
     from spiscape.io.volumes import write_volumes
     from spiscape.metrics.volumes import on_grid, size_averaged
 
-    with h5py.File(results / "vae/volumes.h5", "r") as f:
-        attrs, size = dict(f.attrs), f["intens"].shape[1]
     truth = read_truth(truth_path)
     labels, names = np.asarray(truth.label), truth.label_names
     volume_label = np.asarray(truth.volume_info["label"])
@@ -91,24 +88,24 @@ def truth_intensities(results: Path, truth_path: Path, work: Path,
                      else intens)
         volumes[shape] = float(true_volume[index])
     path = work / "truth_volumes.h5"
-    q_max = attrs["q_max_measured"] * step if step != 1.0 else attrs["q_max_measured"]
+    # a coarser step spans the detector up to the grid's edge: q_max_measured stays in voxels
     write_volumes(path, np.array([0.0, 1.0]), np.stack(stack), np.ones(2, dtype=bool),
                   q_per_voxel=attrs["q_per_voxel_inv_nm"] * step, point_group="m-3m",
                   attrs={"q_min_measured": attrs["q_min_measured"] / step,
-                         "q_max_measured": min(q_max, attrs["q_max_measured"]) if step != 1.0
-                         else q_max})
+                         "q_max_measured": attrs["q_max_measured"]})
     return path, volumes
 
 
 def floor(name: str, grid: str = "vae") -> dict:
     results, truth_path = locate(name)
+    with h5py.File(results / "vae/volumes.h5", "r") as f:
+        attrs, size = dict(f.attrs), f["intens"].shape[1]
     step = 1.0
     if grid == "detector":
-        with h5py.File(results / "vae/volumes.h5", "r") as f:
-            step = max(1.0, detector_q_max(results, name) / float(f.attrs["q_max_measured"]))
+        step = max(1.0, detector_q_max(results, name) / float(attrs["q_max_measured"]))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        volumes_file, true = truth_intensities(results, truth_path, work, step)
+        volumes_file, true = truth_intensities(attrs, size, truth_path, work, step)
         out = work / "phasing.h5"
         proc = subprocess.run([sys.executable, "-m", "spiscape", "phase", "--volumes",
                                str(volumes_file), "--out", str(out), *phase_flags()],

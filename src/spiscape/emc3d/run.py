@@ -236,6 +236,10 @@ class EMC3D:
         self.comm.Allreduce(array, out)
         return out
 
+    def _allreduce_on_device(self, array):
+        """The sum over ranks, left on the device (and untouched) on one rank."""
+        return array if self.nranks == 1 else self.xp.asarray(self._allreduce(array))
+
     def _orient_blocks(self):
         step = self.orient_block
         return [(lo, min(lo + step, len(self.quats))) for lo in range(0, len(self.quats), step)]
@@ -365,11 +369,11 @@ class EMC3D:
             # EMC's compress step (Loh & Elser 2009, as Dragonfly does it): each reached view's
             # tomogram, its photons over Σ_d P_dj φ_d c_t, merged with the interpolation weights
             # as its weight, so every orientation's estimate counts alike
-            den = xp.asarray(self._allreduce(den))
-            reach = xp.asarray(self._allreduce(reach.astype(np.uint8)) > 0) & (den > 0)
+            den = self._allreduce_on_device(den)
+            reach = (self._allreduce_on_device(reach.astype(np.uint8)) > 0) & (den > 0)
             for b, (lo, hi) in enumerate(blocks):
                 cols = slice(lo * k_models, hi * k_models)
-                part = xp.asarray(self._allreduce(tomo[b]))
+                part = self._allreduce_on_device(tomo[b])
                 live = reach[cols].astype(xp.float32)
                 scale_j = live / xp.where(reach[cols], den[cols], 1.0).astype(xp.float32)
                 op = self._operator(lo, hi)

@@ -122,6 +122,12 @@ def align_to_group(model: np.ndarray, group: str, coarse_div: int = 4) -> tuple[
         s = symmetrize(v[None], group)[0]
         return float((s * s).sum() / max((v * v).sum(), 1e-30))
 
+    return _coarse_to_fine(score, group, coarse_div)
+
+
+def _coarse_to_fine(score, group: str, coarse_div: int) -> tuple[np.ndarray, float]:
+    """:func:`search_rotation` on the refined 600-cell ``coarse_div``, then local grids of a
+    quarter and a sixteenth of twice its spacing (about 54°/n)."""
     spacing = np.degrees(0.94 / coarse_div) * 2
     return search_rotation(score, coarse_div, group, (spacing / 4, spacing / 16))
 
@@ -148,8 +154,7 @@ def anisotropic_share(model: np.ndarray, group: str, q_range: tuple[float, float
         sym = symmetrize(v[None], group)[0]
         return float((sym * sym).sum() / max((v * v).sum(), 1e-30))
 
-    spacing = np.degrees(0.94 / coarse_div) * 2
-    return search_rotation(score, coarse_div, group, (spacing / 4, spacing / 16))[1]
+    return _coarse_to_fine(score, group, coarse_div)[1]
 
 
 def search_rotation(score, num_div: int, group: str, steps) -> tuple[np.ndarray, float]:
