@@ -114,11 +114,13 @@ def default_workers() -> int:
 
 def correlate_pairs(lines, mask, pair_i, pair_j, device: str = "cpu",
                     batch_pairs: int | None = None, precision: str = "float64",
-                    workers: int | None = None, progress: bool = True):
+                    workers: int | None = None, progress: bool = True, lines_b=None):
     """Common-line CC and best line indices of the pairs (pair_i[k], pair_j[k]).
 
     ``lines (A, L, R)`` normalised lines of all averages, ``mask (L, R)`` their measured samples
     (all True: the one-product path). Returns NumPy ``cc`` (float64), ``line_i``, ``line_j``.
+    ``lines_b`` (same shape), when given, are the lines pair_j is taken from (the radially scaled
+    stack of the size search); pair_i always comes from ``lines``.
 
     On a CPU, batches run on ``workers`` threads, each with single-threaded BLAS: the products
     are small (L × R × L), and OpenBLAS's own threads only contend on them (measured 10× slower
@@ -135,6 +137,8 @@ def correlate_pairs(lines, mask, pair_i, pair_j, device: str = "cpu",
     batch_pairs = max(1, int(batch_pairs))
     workers = 1 if xp is not np else (workers or default_workers())
     stack = xp.asarray(np.asarray(lines, dtype=np.dtype(precision)))
+    stack_b = stack if lines_b is None else xp.asarray(np.asarray(lines_b,
+                                                                  dtype=np.dtype(precision)))
     cc = np.empty(num_pairs)
     line_i = np.empty(num_pairs, dtype=np.int64)
     line_j = np.empty(num_pairs, dtype=np.int64)
@@ -142,7 +146,7 @@ def correlate_pairs(lines, mask, pair_i, pair_j, device: str = "cpu",
     def batch(start: int) -> int:
         stop = min(start + batch_pairs, num_pairs)
         a = stack[xp.asarray(pair_i[start:stop])]
-        b = stack[xp.asarray(pair_j[start:stop])]
+        b = stack_b[xp.asarray(pair_j[start:stop])]
         if common:
             result = best_line_pairs(a, b, xp)
         else:

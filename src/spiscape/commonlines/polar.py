@@ -53,6 +53,19 @@ Normalisation: each line is centred and scaled to unit norm over its measured sa
 samples set to 0), so a dot product of two lines measured on the same samples is their Pearson
 CC. A line without variance (constant) is all zeros and correlates 0 with everything.
 
+Size spread (``scale_range``). Two particles of one shape whose sizes differ by a factor k give
+patterns that differ by a radial scaling: I_small(q) = c I_large(k q). A population with a few
+per cent of size spread therefore spreads along a line of the plain CC matrix (its fringes drift
+out of step at high q), and a clustering of the embedding splits it by size. With
+``scale_range`` ρ > 0 the CC of a pair is the best over radial scalings s of the second average
+too, s on a geometric grid over [1 / (1 + ρ), 1 + ρ] (always with s = 1) whose neighbours move
+the outermost sample by at most ``SCALE_SHIFT_PX``: line la of i over radii r against line lb
+of j over radii s r, for the radii r with both r and s r inside the sampled range, the samples at
+s r interpolated linearly along the (transformed) line. The scale of the best pair is kept: the
+second average's size relative to the first is then 1 / s. Shape differences (a cube against a
+sphere, a rod against either) are not a scaling and still decorrelate. It needs the one-product
+layout (``lines="friedel"``, ``missing="common"``) and costs one correlation per scale.
+
 Ewald curvature. The averages live on the flat detector grid. Two central slices of one object
 meet on a straight line through the origin only at small angles: on the Ewald sphere the common
 "line" of frames whose beam directions differ by β is an arc whose sideways offset at radius ρ is
@@ -79,6 +92,8 @@ log = logging.getLogger(__name__)
 
 TRANSFORMS = ("log", "none", "radial")
 LAYOUTS = ("friedel", "diameter")
+#: neighbouring scales of the size search move the outermost sample by at most this (pixels)
+SCALE_SHIFT_PX = 0.5
 MISSING = ("common", "overlap")
 
 #: bilinear weights below this count as zero (rounding of cos/sin at multiples of π/2)
@@ -100,6 +115,7 @@ class PolarParams:
     transform: str = "log"
     lines: str = "friedel"
     missing: str = "common"
+    scale_range: float = 0.0
 
     def __post_init__(self):
         if self.n_angles < 1:
@@ -110,6 +126,11 @@ class PolarParams:
             raise ConfigError(f"r_min must be >= 0, got {self.r_min}")
         if self.r_max is not None and self.r_max < self.r_min:
             raise ConfigError(f"r_max {self.r_max} is below r_min {self.r_min}")
+        if not 0.0 <= self.scale_range < 1.0:
+            raise ConfigError(f"scale_range must be in [0, 1), got {self.scale_range}")
+        if self.scale_range > 0 and (self.lines, self.missing) != ("friedel", "common"):
+            raise ConfigError("scale_range > 0 needs lines 'friedel' and missing 'common' "
+                              f"(got {self.lines!r}, {self.missing!r})")
         for name, allowed in (("transform", TRANSFORMS), ("lines", LAYOUTS),
                               ("missing", MISSING)):
             if getattr(self, name) not in allowed:
@@ -263,8 +284,41 @@ def normalise_lines(lines: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(flat, 0.0, centred / np.where(flat, 1.0, norm))
 
 
-def polar_lines(intens: np.ndarray, support: np.ndarray, params: PolarParams):
-    """Sampled, transformed and normalised lines ``(A, L, R)``, the mask ``(L, R)`` and radii."""
+def polar_lines(intens: np.ndarray, support: np.ndarray, params: PolarParams,
+                normalise: bool = True):
+    """Sampled, transformed and normalised lines ``(A, L, R)``, the mask ``(L, R)`` and radii
+    (``normalise=False``: transformed only, for :func:`scaled_lines`)."""
     lines, mask, signed = sample_lines(intens, support, params)
     lines = transform_lines(lines, mask, params.transform)
-    return normalise_lines(lines, mask), mask, signed
+    return (normalise_lines(lines, mask) if normalise else lines), mask, signed
+
+
+def scale_factors(scale_range: float, r_max: float) -> np.ndarray:
+    """Radial scales s of the size search (module docstring): geometric, symmetric about 1
+    (which is always one of them), neighbours moving radius ``r_max`` by <= SCALE_SHIFT_PX."""
+    if scale_range <= 0:
+        return np.ones(1)
+    top = float(np.log1p(scale_range))
+    count = max(1, int(np.ceil(top * float(r_max) / SCALE_SHIFT_PX)))
+    return np.exp(np.arange(-count, count + 1) * (top / count))
+
+
+def scaled_lines(lines: np.ndarray, radii_used: np.ndarray, scale: float):
+    """Transformed lines ``(A, L, R)`` on the uniform radii ``radii_used``, as two normalised
+    stacks over the radii r whose scaled radius s r lies in the sampled range: ``base`` at r and
+    ``scaled`` at s r (linear along the line). Returns ``(base, scaled)``, each ``(A, L, R_s)``.
+    """
+    r = np.asarray(radii_used, dtype=np.float64)
+    step = r[1] - r[0] if r.size > 1 else 1.0
+    target = r * scale
+    keep = (target >= r[0] - 1e-9) & (target <= r[-1] + 1e-9)
+    if keep.sum() < 3:
+        raise ConfigError(f"scale {scale:.3f} leaves fewer than 3 radii in {r[0]:g}..{r[-1]:g}: "
+                          "lower scale_range or widen the radial range")
+    position = np.clip((target[keep] - r[0]) / step, 0.0, r.size - 1)
+    low = np.minimum(np.floor(position).astype(np.int64), max(r.size - 2, 0))
+    frac = position - low
+    high = np.minimum(low + 1, r.size - 1)
+    scaled = lines[..., low] * (1.0 - frac) + lines[..., high] * frac
+    mask = np.ones(lines.shape[1:2] + (int(keep.sum()),), dtype=bool)
+    return normalise_lines(lines[..., keep], mask), normalise_lines(scaled, mask)

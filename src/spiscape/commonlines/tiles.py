@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 #: attributes that must agree between the tiles of one matrix
 SHARED_ATTRS = ("n_angles", "r_min", "r_max", "radial_step", "transform", "lines", "missing",
+                "scale_range",
                 "interpolation", "precision", "averages_sha256", "num_averages", "num_tiles")
 
 
@@ -141,17 +142,20 @@ def merge_tiles(tiles: list[dict]) -> dict:
     count = int(attrs["num_averages"])
     cc = np.full((count, count), np.nan)
     angles = np.zeros((count, count, 2))
+    scales = np.ones((count, count))
     for tile in tiles:
         i, j = tile["i"], tile["j"]
         cc[i, j] = cc[j, i] = tile["cc"]
         angles[i, j, 0] = angles[j, i, 1] = tile["angle_i"]
         angles[i, j, 1] = angles[j, i, 0] = tile["angle_j"]
+        scales[i, j] = tile["scale"]
+        scales[j, i] = 1.0 / np.asarray(tile["scale"])
     np.fill_diagonal(cc, 1.0)
     if np.isnan(cc).any():  # cannot happen after check_tiles; guards against a bad plan
         raise InputError(tiles[0]["path"], "tiles leave pairs of the matrix empty")
     merged_attrs = {k: v for k, v in attrs.items()
                     if k not in ("tile", "pair_start", "pair_stop")}
-    return {"cc": cc, "angles": angles, "replicate": tiles[0]["replicate"],
+    return {"cc": cc, "angles": angles, "scales": scales, "replicate": tiles[0]["replicate"],
             "class": tiles[0]["class"], "attrs": merged_attrs}
 
 

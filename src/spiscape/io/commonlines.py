@@ -3,7 +3,9 @@ matrix is read by ``spiscape embed``). How the pairs are cut into tiles is
 :mod:`spiscape.commonlines.tiles`.
 
 Tile file ``commonlines/tile{k}.h5``: datasets ``i``, ``j`` (int64), ``cc``, ``angle_i``,
-``angle_j`` (float64, radians in [0, π)) for the pairs of the tile, in plan order; ``replicate``
+``angle_j`` (float64, radians in [0, π)) and ``scale`` (float64: the radial scale of j's lines
+that gave the best CC, 1 without a size search; read as 1 from older tiles) for the pairs of the
+tile, in plan order; ``replicate``
 and ``class`` of all averages (for the merged file); attributes: every sampling parameter
 (:meth:`PolarParams.as_attrs`), ``radii`` (the radii actually used, negative ones in the
 diameter layout), ``averages_sha256`` (checksum of the averages' intens and support),
@@ -11,7 +13,9 @@ diameter layout), ``averages_sha256`` (checksum of the averages' intens and supp
 
 Merged file ``commonlines.h5``: ``cc (A, A)`` float64 symmetric with diagonal exactly 1;
 ``angles (A, A, 2)`` float64, ``angles[i, j] = (θ of the best line in i, θ in j)`` and
-``angles[j, i] = angles[i, j][::-1]`` (diagonal 0); ``replicate (A,)``, ``class (A,)``; the same
+``angles[j, i] = angles[i, j][::-1]`` (diagonal 0); ``scales (A, A)`` float64, ``scales[i, j]`` the
+radial scale of j against i, ``scales[j, i] = 1 / scales[i, j]`` (diagonal 1: j's size relative to
+i's is ``1 / scales[i, j]``); ``replicate (A,)``, ``class (A,)``; the same
 attributes as the tiles less the per-tile ones, plus ``num_tiles``.
 """
 
@@ -26,7 +30,9 @@ from spiscape.errors import InputError
 from spiscape.io.hdf5 import plain_attr
 from spiscape.utils.atomic import atomic_path
 
-PAIR_DATASETS = ("i", "j", "cc", "angle_i", "angle_j")
+PAIR_DATASETS = ("i", "j", "cc", "angle_i", "angle_j", "scale")
+#: pair datasets an older tile may lack, and what they read as
+OPTIONAL_PAIR_DATASETS = {"scale": 1.0}
 
 
 def _write_attrs(f, attrs: dict) -> None:
@@ -38,7 +44,7 @@ def write_tile(path, result: dict, attrs: dict, replicate, klass) -> None:
     """Write one tile (layout in the module docstring) atomically."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         for key in PAIR_DATASETS:
-            f.create_dataset(key, data=result[key])
+            f.create_dataset(key, data=np.asarray(result[key]))
         f["replicate"] = np.asarray(replicate)
         f["class"] = np.asarray(klass)
         _write_attrs(f, attrs)
@@ -51,7 +57,10 @@ def read_tile(path) -> dict:
         raise InputError(path, "no such tile file")
     try:
         with h5py.File(path, "r") as f:
-            data = {key: f[key][()] for key in PAIR_DATASETS + ("replicate", "class")}
+            data = {key: f[key][()] for key in PAIR_DATASETS + ("replicate", "class")
+                    if key not in OPTIONAL_PAIR_DATASETS or key in f}
+            for key, value in OPTIONAL_PAIR_DATASETS.items():
+                data.setdefault(key, np.full(data["i"].shape, value))
             attrs = {key: plain_attr(value) for key, value in f.attrs.items()}
     except KeyError as exc:
         raise InputError(path, f"not a common-line tile (missing {exc})") from None
@@ -69,7 +78,7 @@ def read_tile(path) -> dict:
 def write_commonlines(path, merged: dict) -> None:
     """Write commonlines.h5 (layout in the module docstring) atomically."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        for key in ("cc", "angles", "replicate", "class"):
+        for key in ("cc", "angles", "scales", "replicate", "class"):
             f.create_dataset(key, data=merged[key])
         _write_attrs(f, merged["attrs"])
 
