@@ -286,3 +286,45 @@ def test_progress_bars_stay_out_of_log_files(capsys):
     fit_absolute_embedding(intens, None, coords, TrainParams(epochs=20, patience=5, seed=1),
                            progress=True)
     assert "\r" not in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- noise correction
+def attenuated_cc(sizes=(12, 10, 8), seed=3):
+    """Blocks of true CC 1 inside, 0.6 between, each average attenuated by its reliability."""
+    rng = np.random.default_rng(seed)
+    truth = np.repeat(np.arange(len(sizes)), sizes)
+    true_cc = np.where(truth[:, None] == truth[None, :], 1.0, 0.6)
+    reliability = rng.uniform(0.6, 1.0, truth.size)
+    cc = true_cc * np.sqrt(reliability[:, None] * reliability[None, :])
+    np.fill_diagonal(cc, 1.0)
+    return cc, truth, reliability
+
+
+def test_noise_correction_recovers_reliabilities_and_true_correlations():
+    cc, truth, reliability = attenuated_cc()
+    corrected, found = embedding.disattenuate(cc, 5)
+    np.testing.assert_allclose(found, reliability, rtol=0.02)
+    same = (truth[:, None] == truth[None, :]) & ~np.eye(truth.size, dtype=bool)
+    assert corrected[same].min() > 0.98
+    np.testing.assert_allclose(corrected[~same & (truth[:, None] != truth[None, :])], 0.6,
+                               atol=0.02)
+    unchanged, ones = embedding.disattenuate(cc, 0)
+    assert unchanged is not None and np.array_equal(unchanged, cc) and np.all(ones == 1.0)
+
+
+def test_noise_correction_takes_the_noise_level_out_of_the_landscape():
+    """Without it, each block's averages spread by their noise level along a direction of
+    their own (ordered by reliability); with it, each block collapses onto one point."""
+    from scipy.stats import spearmanr
+
+    cc, truth, reliability = attenuated_cc((20, 20), seed=4)
+    spreads = {}
+    for k in (0, 5):
+        coords = embedding.embed(cc, "pca", 2, noise_neighbours=k).coords
+        gap = np.linalg.norm(coords[truth == 0].mean(0) - coords[truth == 1].mean(0))
+        spreads[k] = coords[truth == 0].std(axis=0).max() / gap
+        if k == 0:
+            rho = max(abs(spearmanr(coords[truth == 0, j], reliability[truth == 0]).statistic)
+                      for j in range(2))
+            assert rho > 0.9
+    assert spreads[0] > 0.1 and spreads[5] < 0.02, spreads

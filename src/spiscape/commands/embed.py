@@ -2,7 +2,8 @@
 
 Each class average is described by its row of the common-line matrix (after Fisher's z-transform,
 which spreads the correlations crowded near 1; --cc-transform none for the raw ones); PCA of the
-centred rows (the CLPCA space of Zhuang, Ayyer et al., IUCrJ 2022), or Isomap, spectral, t-SNE or
+centred rows (the CLPCA space of Zhuang, Ayyer et al., IUCrJ 2022; by default after the noise
+correction of spiscape.embed.embedding, --noise-neighbours), or Isomap, spectral, t-SNE or
 UMAP, places the averages in a few dimensions, where k-means, a Gaussian mixture or DBSCAN/HDBSCAN
 groups them (the number of groups from --num-clusters, or chosen by silhouette/BIC). With
 --model, an MLP is trained from rotation-invariant features of the averages to their coordinates
@@ -13,7 +14,8 @@ frames' true population and melting parameter.
 
 Writes embedding.h5: coords (A, k), labels (A,) (-1: outlier of DBSCAN/HDBSCAN),
 explained_variance (k,), explained_variance_ratio (k,), centroids (C, k) of the clusters,
-replicate and class (A,) copied from averages.h5, with --truth truth_label (A,) (majority true
+replicate and class (A,) copied from averages.h5, reliability (A,) (the noise correction's
+estimate, with --noise-neighbours > 0), with --truth truth_label (A,) (majority true
 label of each average's frames) and truth_t (A,) (their mean t); attributes method,
 method_params, cc_transform, components, cluster_method, num_clusters, seed, and metrics (JSON:
 explained variance, cluster sizes and scores, bootstrap stability, regressor validation MSE).
@@ -46,6 +48,10 @@ from spiscape.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
+#: partners per average of the noise correction (--noise-neighbours): the 2D EMC draws tens of
+#: classes per population, so an average's 5 best partners are of its own structure
+NOISE_NEIGHBOURS = 5
+
 #: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
 OUTPUTS = {"out": "file", "model": "file", "figure_dir": "folder"}
 
@@ -65,6 +71,11 @@ def add_embedding_args(parser) -> None:
     parser.add_argument("--cc-transform", choices=CC_TRANSFORMS, default="fisher",
                         help="fisher: embed Fisher z = artanh(cc), which spreads the correlations "
                              "crowded near 1; none: the raw correlations (the paper's CLPCA)")
+    parser.add_argument("--noise-neighbours", type=at_least(0), default=NOISE_NEIGHBOURS,
+                        help="noise correction: divide each CC by sqrt(R_i R_j), the averages' "
+                             "reliabilities fitted on each one's k best partners, so that the "
+                             "number of frames behind an average is not a direction of the "
+                             "landscape (0: off, the paper's CC)")
     parser.add_argument("--neighbors", type=at_least(1), default=None,
                         help="neighbours for isomap/spectral/umap (default about sqrt(A))")
     parser.add_argument("--perplexity", type=float, default=None,
@@ -110,7 +121,7 @@ def add_args(parser):
 def _embed_fn(args):
     def run(cc):
         return embed(cc, args.method, args.components, args.seed, args.neighbors,
-                     args.perplexity, args.cc_transform).coords
+                     args.perplexity, args.cc_transform, args.noise_neighbours).coords
     return run
 
 
@@ -125,7 +136,12 @@ def main(args):
         raise InputError(args.commonlines, f"cc is {cc.shape[0]}x{cc.shape[0]} but "
                                            f"{args.averages} holds {averages.count} averages")
     result = embed(cc, args.method, args.components, args.seed, args.neighbors, args.perplexity,
-                   args.cc_transform)
+                   args.cc_transform, args.noise_neighbours)
+    reliability = result.params.pop("reliability", None)
+    if reliability is not None:
+        log.info("noise correction over %d partners: reliability median %.3f (range %.3f..%.3f)",
+                 args.noise_neighbours, float(np.median(reliability)), float(reliability.min()),
+                 float(reliability.max()))
     log.info("%s embedding of %d averages; explained variance ratio %s", args.method,
              cc.shape[0], np.round(result.explained_variance_ratio, 3).tolist())
     groups = clustering.cluster(result.coords, args.cluster, args.num_clusters, args.seed,
@@ -181,6 +197,8 @@ def main(args):
                 "explained_variance": result.explained_variance,
                 "explained_variance_ratio": result.explained_variance_ratio,
                 "centroids": centres, "replicate": averages.replicate, "class": averages.klass}
+    if reliability is not None:
+        datasets["reliability"] = reliability
     attrs = {}
     if truth_avg is not None:
         datasets.update(truth_label=truth_avg["majority"], truth_t=truth_avg["mean_t"])

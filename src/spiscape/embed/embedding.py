@@ -18,6 +18,18 @@ without it, same clustering). The diagonal (``cc = 1``, ``z`` infinite) is set t
 off-diagonal ``z``, so that an average's self-similarity does not dominate its row.
 ``cc_transform="none"`` gives the paper's CLPCA of the raw correlations.
 
+Noise correction (``noise_neighbours`` k > 0, the CLI's default 5). Any two central slices of one
+3D intensity share a line exactly, so the common-line CC of two averages of one structure would be
+1 without noise; noise lowers it to about ``sqrt(R_i R_j)``, ``R`` each average's reliability (the
+signal's share of its variance; Spearman's attenuation). An average merged from few frames (or
+few photons) therefore correlates less with everything, and without a correction the noise level
+becomes a direction of the embedding: on the validation matrix the sphere averages' first
+components follow their frame counts (Spearman |rho| 0.7-0.9 on five of eight sets), which
+splits populations by how many frames their classes drew. The correction estimates
+``a_i = log(R_i) / 2`` by least squares from ``log cc_ij = a_i + a_j`` over each average's k best
+partners (assumed to be of its own structure), caps ``a <= 0``, and divides ``cc_ij`` by
+``exp(a_i + a_j)`` (clipped below 1). The reliabilities ``R`` are written to embedding.h5.
+
 Readers of the stage inputs (``commonlines.h5``, ``averages.h5``) live here too, each checking
 what the embedding relies on and naming the file when it is wrong.
 """
@@ -66,6 +78,40 @@ def transform_cc(cc: np.ndarray, transform: str = "fisher") -> np.ndarray:
     return z
 
 
+#: corrected correlations are clipped below this (Fisher z stays finite)
+MAX_CORRECTED_CC = 0.999
+
+
+def disattenuate(cc: np.ndarray, neighbours: int) -> tuple[np.ndarray, np.ndarray]:
+    """The noise-corrected matrix and each average's reliability ``R (A,)`` (module docstring).
+
+    ``neighbours`` 0 returns ``cc`` unchanged and R = 1.
+    """
+    cc = np.asarray(cc, dtype=np.float64)
+    count = cc.shape[0]
+    if neighbours <= 0:
+        return cc, np.ones(count)
+    import scipy.sparse as sp
+    from scipy.sparse.linalg import lsqr
+
+    k = min(int(neighbours), count - 1)
+    off = cc.copy()
+    np.fill_diagonal(off, -np.inf)
+    partners = np.argsort(-off, axis=1, kind="stable")[:, :k]
+    rows = np.repeat(np.arange(count), k)
+    cols = partners.ravel()
+    target = np.log(np.clip(cc[rows, cols], 1e-3, 1.0))
+    eq = np.arange(rows.size)
+    design = sp.csr_matrix((np.ones(2 * rows.size), (np.concatenate([eq, eq]),
+                                                      np.concatenate([rows, cols]))),
+                           shape=(rows.size, count))
+    half_log = np.minimum(lsqr(design, target, atol=1e-12, btol=1e-12)[0], 0.0)
+    out = cc * np.exp(-half_log[:, None] - half_log[None, :])
+    out = np.clip(out, -MAX_CORRECTED_CC, MAX_CORRECTED_CC)
+    np.fill_diagonal(out, 1.0)
+    return out, np.exp(2.0 * half_log)
+
+
 def _orient_signs(coords: np.ndarray) -> np.ndarray:
     """Fix each axis's arbitrary sign: the coordinate of largest magnitude is positive."""
     big = np.argmax(np.abs(coords), axis=0)
@@ -95,19 +141,25 @@ def _check(cc: np.ndarray, method: str, components: int) -> None:
 
 def embed(cc, method: str = "pca", components: int = 3, seed: int = 1,
           neighbors: int | None = None, perplexity: float | None = None,
-          cc_transform: str = "fisher") -> Embedding:
+          cc_transform: str = "fisher", noise_neighbours: int = 0) -> Embedding:
     """Embed the averages described by the common-line matrix ``cc (A, A)``.
 
-    ``cc_transform``: "fisher" (default) or "none", see the module docstring. ``neighbors``
+    ``cc_transform``: "fisher" (default) or "none"; ``noise_neighbours``: the noise correction's
+    partners per average (0: none); see the module docstring. The reliabilities are returned in
+    ``params["reliability"]`` when the correction is on. ``neighbors``
     (Isomap, spectral, UMAP) defaults to about ``sqrt(A)``, at least 5; ``perplexity`` (t-SNE)
     to ``min(30, (A - 1) / 3)``.
     """
     raw = np.asarray(cc, dtype=np.float64)
     _check(raw, method, components)
-    cc = transform_cc(raw, cc_transform)
+    corrected, reliability = disattenuate(raw, noise_neighbours)
+    cc = transform_cc(corrected, cc_transform)
+    extra = {"noise_neighbours": int(noise_neighbours)}
+    if noise_neighbours > 0:
+        extra["reliability"] = reliability
     if method == "pca":
         result = clpca(cc, components)
-        result.params = {"cc_transform": cc_transform}
+        result.params = {"cc_transform": cc_transform, **extra}
         return result
     count = cc.shape[0]
     k = neighbors or max(5, int(round(np.sqrt(count))))
@@ -141,4 +193,4 @@ def embed(cc, method: str = "pca", components: int = 3, seed: int = 1,
     variance = coords.var(axis=0, ddof=1)
     total = variance.sum()
     return Embedding(coords, variance, variance / total if total > 0 else variance, method,
-                     params)
+                     {**params, **extra})

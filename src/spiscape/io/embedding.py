@@ -7,6 +7,8 @@ Layout (HDF5), one row per average of ``averages.h5`` in its order:
   largest coordinate is positive; ``labels (A,)`` int: the cluster of each average (-1: outlier);
 - ``explained_variance (k,)``, ``explained_variance_ratio (k,)``; ``centroids (C, k)``;
 - ``replicate (A,)``, ``class (A,)``: as in ``averages.h5``;
+- ``reliability (A,)`` float64 (optional): each average's reliability from the noise correction
+  (``spiscape.embed.embedding.disattenuate``), when it was on;
 - with a truth: ``truth_label (A,)``, ``truth_t (A,)`` and attribute ``label_names`` (JSON);
 - attributes: ``method``, ``method_params`` (JSON), ``cc_transform``, ``components``,
   ``cluster_method``, ``num_clusters``, ``seed``, ``commonlines``, ``averages``, ``model``,
