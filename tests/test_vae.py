@@ -332,43 +332,44 @@ def test_auto_clusters_drop_near_empty_clusters_and_outliers():
         auto_clusters(labels, frames, 0.9)
 
 
-def landscape_with_a_size_spread(seed=3):
-    """Averages along a continuum (a population with a size spread: 60 averages on a curve,
-    cut by k-means into 4 clusters of 15) and a far contaminant species (10 averages)."""
+def series_landscape(seed=3, beside=(3.0, 2.5, 0.0)):
+    """A structural series (60 averages on a curve from a cube end to a sphere end, cut by
+    k-means into 4 clusters of 15; the ends hold most frames) and a contaminant species (10
+    averages) centred at ``beside``: by default beside the middle of the series, nearer to it
+    than the series is long."""
     rng = np.random.default_rng(seed)
     t = np.sort(rng.uniform(0, 6, 60))
-    continuum = np.stack([t, np.sin(t), 0.05 * rng.standard_normal(60)], axis=1)
-    contaminant = np.array([3.0, 8.0, 0.0]) + 0.1 * rng.standard_normal((10, 3))
-    coords = np.concatenate([continuum, contaminant])
+    series = np.stack([t, np.sin(t), 0.05 * rng.standard_normal(60)], axis=1)
+    contaminant = np.asarray(beside) + 0.1 * rng.standard_normal((10, 3))
+    coords = np.concatenate([series, contaminant])
     labels = np.concatenate([np.repeat([0, 1, 2, 3], 15), np.full(10, 4)])
-    frames = np.concatenate([np.full(15, 100.0), np.full(45, 20.0), np.full(10, 50.0)])
+    frames = np.concatenate([np.full(15, 100.0), np.full(30, 20.0), np.full(15, 80.0),
+                             np.full(10, 50.0)])
     return coords, labels, frames
 
 
-def test_auto_clusters_keep_a_population_with_a_size_spread_whole():
-    from spiscape.vae.data import auto_clusters, cluster_gaps
+def test_auto_clusters_keep_the_series_and_leave_out_a_species_beside_it():
+    from spiscape.vae.data import auto_clusters, main_axis
 
-    coords, labels, frames = landscape_with_a_size_spread()
-    # the old rule (clusters of >= 15 % of the frames) kept the first piece of the continuum
-    assert auto_clusters(labels, frames, 0.15) == [0, 4]
-    kept = auto_clusters(labels, frames, 0.01, coords)
-    assert kept == [0, 1, 2, 3]  # every piece of the continuum, not the far species
-    ids, gaps = cluster_gaps(coords, labels)
-    assert ids == [0, 1, 2, 3, 4]
-    assert max(gaps[0, 1], gaps[1, 2], gaps[2, 3]) < 10  # neighbours along the continuum
-    assert gaps[4, :4].min() > 10
+    for beside in ((3.0, 2.5, 0.0), (3.0, 8.0, 0.0), (0.5, -2.0, 1.0)):
+        coords, labels, frames = series_landscape(beside=beside)
+        assert auto_clusters(labels, frames, 0.01, coords) == [0, 1, 2, 3], beside
+    # the old size rule (clusters of >= 15 % of the frames) kept the ends alone
+    assert auto_clusters(labels, frames, 0.15) == [0, 3]
+    # two clusters are an axis of their own; a detour allowance of 1 keeps the ends alone
+    assert main_axis(coords[labels < 2], labels[labels < 2], frames[labels < 2], 1.25) == [0, 1]
+    assert auto_clusters(labels, frames, 0.01, coords, max_detour=1.0) == [0, 3]
 
 
-def test_auto_clusters_leave_out_a_far_contaminant_cluster():
+def test_auto_clusters_known_limit_a_species_heavier_than_an_end():
+    """The ends are the two clusters holding the most frames: a species that outweighs the
+    series' sphere end becomes an end itself (README, "VAE selection")."""
     from spiscape.vae.data import auto_clusters
 
-    coords, labels, frames = landscape_with_a_size_spread(seed=4)
-    frames[labels == 4] = 200.0  # the contaminant holds a third of the frames
+    coords, labels, frames = series_landscape(beside=(1.0, 3.0, 0.0))
     assert auto_clusters(labels, frames, 0.01, coords) == [0, 1, 2, 3]
-    # with any gap allowed, it is kept; if it held most frames, it would be the main part
-    assert 4 in auto_clusters(labels, frames, 0.01, coords, max_isolation=1e6)
-    frames[labels == 4] = 1000.0
-    assert auto_clusters(labels, frames, 0.01, coords) == [4]
+    frames[labels == 4] = 130.0  # 1300 frames against the sphere end's 1200
+    assert 4 in auto_clusters(labels, frames, 0.01, coords)
 
 
 def test_frame_weights_and_loss_q_min():

@@ -28,11 +28,11 @@ every merged detector pixel rotated to every in-plane angle of the 2D EMC and ba
 its M-step does (spiscape.vae.merge), not a plain slice: the merge blurs steep fall-offs by
 about half a pixel (what it changes on the demo: README).
 
-Selection and weighting: --clusters auto trains on the embedding's clusters that are connected
-to the rest of the landscape (isolation <= --max-isolation: the gap to the nearest other cluster
-over the median spacing of the averages) and hold at least --min-cluster-fraction of the frames;
-a contaminant species stands apart, a size spread or a melting series cut into clusters does not
-(the others are still encoded); --frame-weighting sqrt weights each average's loss by
+Selection and weighting: --clusters auto trains on the embedding's clusters that lie on the
+landscape's main axis (its ends the two clusters holding the most frames, the end states of a
+structural series such as cube ... sphere; on it, the clusters whose centroids detour from the
+segment between the ends' by at most --max-detour) and hold at least --min-cluster-fraction of the frames; a contaminant species lies
+off to the side, a melting series cut into clusters does not (the others are still encoded); --frame-weighting sqrt weights each average's loss by
 the square root of its frame count; --q-min drops the partly shadowed pixels at the beamstop's
 edge from the loss.
 
@@ -85,16 +85,17 @@ def add_args(parser):
     g.add_argument("--embedding", default=None,
                    help="embedding.h5: with --clusters, train only on those clusters' averages")
     g.add_argument("--clusters", default="all",
-                   help="'all', 'auto' (the clusters connected to the landscape's main "
-                        "part, see --max-isolation and --min-cluster-fraction) or cluster "
+                   help="'all', 'auto' (the clusters on the landscape's main axis, see "
+                        "--max-detour and --min-cluster-fraction) or cluster "
                         "numbers (e.g. '0 2') to train on; needs --embedding")
     g.add_argument("--min-cluster-fraction", type=number_in(0, 1, high_open=True), default=0.01,
                    help="with --clusters auto: smallest share of the frames a cluster must "
                         "hold to be trained on")
-    g.add_argument("--max-isolation", type=number_in(0, low_open=True), default=10.0,
-                   help="with --clusters auto: a cluster whose gap to the nearest other "
-                        "cluster is more than this many median spacings of the averages in "
-                        "the embedding stands apart (another species) and is left out")
+    g.add_argument("--max-detour", type=number_in(1), default=1.25,
+                   help="with --clusters auto: a cluster c is on the main axis between the "
+                        "two clusters a, b holding the most frames when "
+                        "(|a - c| + |c - b|) / |a - b| of the centroids is at most this; 1.25 "
+                        "allows a centroid 0.375 |a - b| off the axis at its middle")
     g.add_argument("--replicates", nargs="+", default=None,
                    help="classify2d rep*.h5: write the per-frame latents frame_latent.h5")
     g.add_argument("--num-frames", type=at_least(1), default=None,
@@ -206,7 +207,7 @@ def main(args):
         torch.set_num_threads(cfg.threads)
     det = read_detector(args.detector)
     inputs = data.read_inputs(args.averages, args.orientation, args.embedding, args.clusters,
-                              args.min_cluster_fraction, args.max_isolation)
+                              args.min_cluster_fraction, args.max_detour)
     size = inputs.intens.shape[-1]
     q = ewald_grid(size, det.detd, det.ewald_rad)
     qnorm = np.linalg.norm(q, axis=0)

@@ -34,7 +34,7 @@ class VAEData:
 
 
 def read_inputs(averages, orientation, embedding=None, clusters="all",
-                min_cluster_fraction: float = 0.01, max_isolation: float = 10.0) -> VAEData:
+                min_cluster_fraction: float = 0.01, max_detour: float = 1.25) -> VAEData:
     """Read averages.h5 + orientation.h5 (+ embedding.h5 labels and coordinates for a cluster
     selection: ``clusters`` "all", "auto" (see :func:`auto_clusters`) or cluster numbers)."""
     av = read_averages(averages)
@@ -54,7 +54,7 @@ def read_inputs(averages, orientation, embedding=None, clusters="all",
         labels = emb.labels
         if auto:
             wanted = auto_clusters(labels, frames, min_cluster_fraction, emb.coords,
-                                   max_isolation)
+                                   max_detour)
         else:
             wanted = parse_clusters(clusters)
         selected = np.isin(labels, wanted)
@@ -68,69 +68,57 @@ def read_inputs(averages, orientation, embedding=None, clusters="all",
     )
 
 
-def cluster_gaps(coords: np.ndarray, labels: np.ndarray) -> tuple[list[int], np.ndarray]:
-    """Gaps between clusters in the embedding, in units of the landscape's spacing: entry (i, j)
-    is the smallest distance from an average of cluster i to one of cluster j over the median
-    nearest-neighbour distance of all averages. Clusters that cut a continuum (a melting series,
-    a size spread) mostly touch their neighbours, 1-10 spacings; a different species (dimers)
-    stood 15-30 apart on the validation matrix, but at a 128 px detector's resolution spheres
-    of a 6 % size spread also split into clusters 13-47 apart (README, "What still fails").
-    Returns the cluster numbers (outliers, -1, left out) and the (C, C) gaps (0 on the
-    diagonal)."""
-    from scipy.spatial.distance import cdist
+def main_axis(coords, labels, weights, max_detour: float) -> list[int]:
+    """The clusters on the landscape's main axis, a structural series (cube ... sphere) that the
+    VAE's latent spans. Its ends are the two clusters that hold the most frames (``weights`` per
+    average): the series' end states, which a sample of one particle in two states and the
+    shapes between them holds most of. A cluster c is on the axis when its centroid lies near
+    the segment between the ends' a and b, ``(|a - c| + |c - b|) / |a - b| <= max_detour``. A
+    contaminant species (dimers, rods, spheroids) lies off to the side of the series and is left
+    out, however near it is. It fails when a contaminant holds more frames than one end of the
+    series (then it is an end).
 
+    Why not the gap to the nearest cluster (the rule until 2026-12-06): once the landscape no
+    longer splits a population by size or noise level, each species is one tight cluster, and
+    the gaps between the pieces of the series (cube, melting, sphere: 2-25 median spacings on the
+    validation matrix) overlap the contaminants' (8-30); the centroids' detours do not (series
+    1.00-1.13, contaminants 1.33-3.8). Outliers (label -1) are never kept."""
     labels = np.asarray(labels)
     coords = np.asarray(coords, dtype=np.float64).reshape(len(labels), -1)
-    dist = cdist(coords, coords)
-    np.fill_diagonal(dist, np.inf)
-    spacing = float(np.median(dist.min(axis=1))) if len(labels) > 1 else 1.0
-    spacing = spacing if np.isfinite(spacing) and spacing > 0 else 1e-12
     ids = [int(c) for c in np.unique(labels) if c >= 0]
-    gaps = np.zeros((len(ids), len(ids)))
-    for i, a in enumerate(ids):
-        for j, b in enumerate(ids[:i]):
-            gaps[i, j] = gaps[j, i] = dist[np.ix_(labels == a, labels == b)].min() / spacing
-    return ids, gaps
-
-
-def main_landscape(coords, labels, weights, max_gap: float) -> list[int]:
-    """The clusters of the landscape's main part: link clusters whose gap (:func:`cluster_gaps`)
-    is at most ``max_gap`` and keep the linked group that holds the most frames (``weights``
-    per average). A species of its own (dimers) is a group apart; if every cluster stands apart,
-    the largest is the main part."""
-    from scipy.sparse.csgraph import connected_components
-
-    ids, gaps = cluster_gaps(coords, labels)
-    if not ids:
-        return []
-    _, group = connected_components(gaps <= max_gap, directed=False)
-    labels = np.asarray(labels)
+    if len(ids) <= 2:
+        return ids
+    centres = np.array([coords[labels == c].mean(axis=0) for c in ids])
     mass = np.array([weights[labels == c].sum() for c in ids])
-    totals = np.bincount(group, weights=mass)
-    return [c for c, g in zip(ids, group, strict=True) if g == int(np.argmax(totals))]
+    a, b = np.argsort(-mass, kind="stable")[:2]
+    dist = np.linalg.norm(centres[:, None] - centres[None], axis=-1)
+    if dist[a, b] <= 0:
+        return [ids[a], ids[b]]
+    on = (dist[a] + dist[b]) / dist[a, b] <= max_detour
+    on[[a, b]] = True
+    return [c for c, keep in zip(ids, on, strict=True) if keep]
 
 
 def auto_clusters(labels: np.ndarray, frames: np.ndarray, min_fraction: float,
-                  coords: np.ndarray | None = None, max_isolation: float = 10.0) -> list[int]:
-    """The clusters that make up the sample's main landscape: those linked to the main group
-    (:func:`main_landscape`, gaps <= ``max_isolation`` spacings, when ``coords`` are given) that
-    hold at least ``min_fraction`` of the frames (the frame counts of their averages; a floor
-    against near-empty noise clusters).
+                  coords: np.ndarray | None = None, max_detour: float = 1.25) -> list[int]:
+    """The clusters that make up the sample's main series: those on the landscape's main axis
+    (:func:`main_axis`, detour <= ``max_detour``, when ``coords`` are given) that hold at least
+    ``min_fraction`` of the frames (the frame counts of their averages; a floor against
+    near-empty noise clusters).
 
-    Why not "the big clusters": a population with a size spread splits into several clusters by
-    fringe spacing, each small, and a melting series is cut into pieces; a size rule left the
-    VAE with the cube cluster alone on such data. A contaminant species (dimers, rods) is a
-    different object, whose averages share no continuum with the rest. Negative labels
-    (outliers of the clustering) are never kept."""
+    Why not "the big clusters": a population with a size spread could split into several
+    clusters, each small, and a melting series is cut into pieces; a size rule left the VAE with
+    the cube cluster alone on such data. A contaminant species (dimers, rods) is a different
+    object, off the series. Negative labels (outliers of the clustering) are never kept."""
     labels = np.asarray(labels)
     frames = np.where(np.isfinite(frames) & (frames > 0), frames, 0.0)
     total = frames.sum() if frames.sum() > 0 else float(labels.size)
     weights = frames if frames.sum() > 0 else np.ones(labels.size)
-    linked = (main_landscape(coords, labels, weights, max_isolation) if coords is not None
+    linked = (main_axis(coords, labels, weights, max_detour) if coords is not None
               else [int(c) for c in np.unique(labels) if c >= 0])
     keep = [c for c in linked if weights[labels == c].sum() / total >= min_fraction]
     if not keep:
-        raise ConfigError(f"--clusters auto: no cluster of the landscape's main part holds "
+        raise ConfigError(f"--clusters auto: no cluster of the landscape's main axis holds "
                           f"{min_fraction:.0%} of the frames")
     return keep
 
