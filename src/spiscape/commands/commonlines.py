@@ -5,9 +5,10 @@ radii r_min..r_max pixels, bilinear interpolation, unmeasured pixels excluded) a
 normalised (zero mean, unit norm) and correlated; the highest Pearson CC over all line pairs and
 its two angles are kept. With --scale-range x (0.15 by default) the second average of each pair is
 also scaled radially within 1/(1+x)..1+x and the best scale kept, so that particles of one shape
-and a few per cent of size spread correlate as one population. With --tile K --num-tiles T only tile K of the upper triangle is computed
-and written as a tile file for merge-commonlines; without --tile the whole matrix is written as
-commonlines.h5. Definitions and file layouts: spiscape.commonlines.polar and .tiles.
+and a few per cent of size spread correlate as one population. With --tile K --num-tiles T only
+tile K of the upper triangle is computed and written as a tile file for merge-commonlines;
+without --tile the whole matrix is written as commonlines.h5. Definitions and file layouts:
+spiscape.commonlines.polar and .tiles.
 """
 
 from __future__ import annotations

@@ -31,9 +31,10 @@ about half a pixel (what it changes on the demo: README).
 Selection and weighting: --clusters auto trains on the embedding's clusters that lie on the
 landscape's main axis (its ends the two clusters holding the most frames, the end states of a
 structural series such as cube ... sphere; on it, the clusters whose centroids detour from the
-segment between the ends' by at most --max-detour) and hold at least --min-cluster-fraction of the frames; a contaminant species lies
-off to the side, a melting series cut into clusters does not (the others are still encoded); --frame-weighting sqrt weights each average's loss by
-the square root of its frame count; --q-min drops the partly shadowed pixels at the beamstop's
+segment between the ends' by at most --max-detour) and hold at least --min-cluster-fraction of
+the frames; a contaminant species lies off to the side, a melting series cut into clusters does
+not (the others are still encoded); --frame-weighting sqrt weights each average's loss by the
+square root of its frame count; --q-min drops the partly shadowed pixels at the beamstop's
 edge from the loss.
 
 Scores with --truth (training.json "scores"): |Spearman| of mu[0] with each average's true t
