@@ -159,7 +159,7 @@ def main() -> None:
     intens, support = averages.intens.astype(np.float64), averages.support
     size = intens.shape[-1]
     nproc = cores()
-    from spiscape.commands.commonlines import SCALE_RANGE
+    from spiscape.commonlines.polar import SCALE_RANGE
 
     default = PolarParams(n_angles=args.n_angles)
     sized = PolarParams(n_angles=args.n_angles, scale_range=SCALE_RANGE)

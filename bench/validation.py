@@ -6,9 +6,12 @@ settings) plus the embedded demo goes through the workflow with the **same defau
 scoring) differ, as a facility user would give them. One dataset at a time, timed, then scored
 with the pipeline's own scorers (``spiscape.metrics``):
 
-* ``ari`` / ``coverage``: adjusted Rand index of the frames' clusters against cube / sphere /
-  contaminant over the pure-population frames placed in a cluster, and the share placed
-  (targets 0.9 / 0.9); ``ari_species``: the same with each contaminant species apart;
+* ``ari_species`` / ``coverage``: adjusted Rand index of the frames' clusters against the pure
+  populations (cube, sphere and each contaminant species) over their frames placed in a
+  cluster, and the share placed (targets 0.9 / 0.9); ``ari``: the same with every contaminant
+  species as one population (the issue's first table; it marks a landscape that tells dimers
+  from rods as wrong: the demo's, every population in a cluster of its own, reads 0.90 there
+  and 0.99 by species), reported without a target;
 * ``rho_latent``, ``rho_clpca``: per-frame |Spearman| of every VAE latent and CLPCA component
   with the melting parameter t over cube, melting and sphere frames (best component; target
   0.9 for the latent);
@@ -16,6 +19,10 @@ with the pipeline's own scorers (``spiscape.metrics``):
   VAE trained on (target 0.8); ``vae_positions`` (JSON only): per population, how many of the
   averages trained on and their median place on the cube -> sphere latent axis (0 cube, 1
   sphere), which shows a contaminant pulling the sphere end;
+* ``rho_ceiling``: the per-frame |Spearman| a latent given per class could reach at best: each
+  average gets its own frames' true mean t and each frame the occupancy-weighted mean of its
+  averages' (as the VAE's per-frame latents are made); 0.88-0.92 on the matrix, so the 0.9
+  target for ``rho_latent`` sits at the 2D classes' own limit;
 * ``cube_shell_min``: decoded cube's smallest shell CC to 0.7 q_max against the truth averaged
   over the cube frames' sizes (target 0.9);
 * ``ratio_error``: phased sphere / cube Porod volume against the truth's (target +-5 %, goal
@@ -58,7 +65,7 @@ sys.path.insert(0, str(REPO / "src"))
 import foreign_data  # noqa: E402
 from volume_curve import curve_ratio  # noqa: E402
 
-TARGETS = {"ari": 0.9, "coverage": 0.9, "rho_latent": 0.9, "vae_coverage": 0.8,
+TARGETS = {"ari_species": 0.9, "coverage": 0.9, "rho_latent": 0.9, "vae_coverage": 0.8,
            "cube_shell_min": 0.9, "ratio_error": 0.05}
 DEMO = "demo"
 
@@ -152,6 +159,29 @@ def latent_positions(res: Path, mu, selected, majority, names) -> dict:
     return out
 
 
+def rho_ceiling(res: Path, truth) -> float | None:
+    """Per-frame |rho| with t of the averages' true mean t handed to their frames (see the
+    module docstring), or None without the files it needs."""
+    from spiscape.embed.landscape import frame_coordinates
+    from spiscape.io.averages import read_averages
+    from spiscape.io.replicate import read_replicates
+    from spiscape.metrics.landscape import melting_spearman
+
+    reps = sorted((res / "classify2d").glob("rep*.h5"))
+    if not reps or not (res / "embedding.h5").exists() or not (res / "averages.h5").exists():
+        return None
+    with h5py.File(res / "embedding.h5", "r") as f:
+        if "truth_t" not in f:
+            return None
+        mean_t = f["truth_t"][()]
+    averages = read_averages(res / "averages.h5", with_intens=False)
+    # contaminant averages have no t; any value serves, their frames are not scored
+    coords = np.where(np.isfinite(mean_t), mean_t, 0.5)[:, None]
+    frames = frame_coordinates(truth.num_frames, read_replicates([str(p) for p in reps]),
+                               averages.replicate, averages.klass, coords)
+    return melting_spearman(frames["coords"], truth.label, truth.t)["best_abs_rho"]
+
+
 def score(name: str, data: Path, results: Path) -> dict:
     from spiscape.io import read_detector
     from spiscape.io.truth import read_truth
@@ -178,7 +208,11 @@ def score(name: str, data: Path, results: Path) -> dict:
         out["rho_clpca"] = melting_spearman(clpca, truth.label, truth.t)["best_abs_rho"]
         if latent is not None and np.isfinite(latent).any():
             out["rho_latent"] = melting_spearman(latent, truth.label, truth.t)["best_abs_rho"]
-    latent_h5, emb = res / "vae/latent.h5", res / "embedding.h5"
+    emb = res / "embedding.h5"
+    ceiling = rho_ceiling(res, truth)
+    if ceiling is not None:
+        out["rho_ceiling"] = ceiling
+    latent_h5 = res / "vae/latent.h5"
     if latent_h5.exists() and emb.exists():
         with h5py.File(latent_h5, "r") as f:
             selected, mu = f["selected"][()], f["mu"][()]
@@ -234,7 +268,8 @@ def passes(row: dict) -> dict:
 
 def table(rows: list[dict]) -> str:
     cols = [("dataset", "{}"), ("ari", "{:.2f}"), ("ari_species", "{:.2f}"), ("coverage", "{:.2f}"),
-            ("rho_clpca", "{:.2f}"), ("rho_latent", "{:.2f}"), ("vae_coverage", "{:.2f}"),
+            ("rho_clpca", "{:.2f}"), ("rho_latent", "{:.2f}"), ("rho_ceiling", "{:.2f}"),
+            ("vae_coverage", "{:.2f}"),
             ("cube_shell_min", "{:.2f}"), ("ratio_error", "{:+.1%}"), ("emc_purity", "{:.2f}"),
             ("warnings", "{}"), ("seconds", "{:.0f}")]
     lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
@@ -253,7 +288,8 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-SWEPT = (("rho_latent", "{:.2f}"), ("cube_shell_min", "{:.2f}"), ("ratio_error", "{:+.1%}"))
+SWEPT = (("ari_species", "{:.2f}"), ("vae_coverage", "{:.2f}"), ("rho_latent", "{:.2f}"),
+         ("cube_shell_min", "{:.2f}"), ("ratio_error", "{:+.1%}"))
 
 
 def compare_table(paths: list[str]) -> str:

@@ -437,10 +437,9 @@ def test_a_population_with_a_size_spread_is_kept_whole():
     with the silhouette's k) finds the three shapes; without the size search the spheres split."""
     from sklearn.metrics import adjusted_rand_score
 
-    from spiscape.commands.commonlines import SCALE_RANGE
-    from spiscape.commands.embed import NOISE_NEIGHBOURS
+    from spiscape.commonlines.polar import SCALE_RANGE
     from spiscape.embed import clustering
-    from spiscape.embed.embedding import embed
+    from spiscape.embed.embedding import NOISE_NEIGHBOURS, embed
 
     rng = np.random.default_rng(2)
     images = [central_slice(np.eye(3), lambda q, d=d: sphere(q, d))

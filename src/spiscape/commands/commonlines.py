@@ -21,18 +21,13 @@ from spiscape.commonlines import (
     compute_tile,
     pairable_averages,
 )
-from spiscape.commonlines.polar import LAYOUTS, MISSING, TRANSFORMS
+from spiscape.commonlines.polar import LAYOUTS, MISSING, SCALE_RANGE, TRANSFORMS
 from spiscape.commonlines.tiles import cc_figure
 from spiscape.errors import ConfigError
 from spiscape.io.commonlines import write_commonlines, write_tile
 from spiscape.utils.args import at_least, number_in
 
 log = logging.getLogger(__name__)
-
-#: the size search's default (--scale-range): nanoparticle samples' size spreads (the validation
-#: matrix holds 1-8 % per population) stay well inside ±15 %, two populations of one shape whose
-#: sizes differ by more are told apart
-SCALE_RANGE = 0.15
 
 #: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
 OUTPUTS = {"out": "file", "figure": "file"}

@@ -35,6 +35,7 @@ from spiscape.embed import clustering, figures
 from spiscape.embed.embedding import (
     CC_TRANSFORMS,
     METHODS,
+    NOISE_NEIGHBOURS,
     embed,
 )
 from spiscape.embed.landscape import average_truth, replicate_stability
@@ -47,10 +48,6 @@ from spiscape.utils.args import at_least, auto_or_number, number_in
 from spiscape.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
-
-#: partners per average of the noise correction (--noise-neighbours): the 2D EMC draws tens of
-#: classes per population, so an average's 5 best partners are of its own structure
-NOISE_NEIGHBOURS = 5
 
 #: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
 OUTPUTS = {"out": "file", "model": "file", "figure_dir": "folder"}

@@ -78,6 +78,10 @@ def transform_cc(cc: np.ndarray, transform: str = "fisher") -> np.ndarray:
     return z
 
 
+#: partners per average of the noise correction in the CLI and the workflow (embed() alone
+#: applies none): the 2D EMC draws tens of classes per population, so an average's 5 best
+#: partners are of its own structure
+NOISE_NEIGHBOURS = 5
 #: corrected correlations are clipped below this (Fisher z stays finite)
 MAX_CORRECTED_CC = 0.999
 
