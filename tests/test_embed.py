@@ -328,3 +328,14 @@ def test_noise_correction_takes_the_noise_level_out_of_the_landscape():
                       for j in range(2))
             assert rho > 0.9
     assert spreads[0] > 0.1 and spreads[5] < 0.02, spreads
+
+
+def test_noise_correction_keeps_a_small_set_of_two_species_apart():
+    """Eight averages, four per species: five partners would reach across the species and lift
+    every CC to the clip; the partners are capped at a tenth of the averages (at least 1)."""
+    cc, truth, _ = attenuated_cc((4, 4), seed=5)
+    corrected, _ = embedding.disattenuate(cc, 5)
+    between = corrected[truth[:, None] != truth[None, :]]
+    assert between.max() < 0.8
+    coords = embedding.embed(cc, "pca", 2, noise_neighbours=5).coords
+    assert np.ptp(coords[:, 0]) > 0

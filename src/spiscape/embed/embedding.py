@@ -27,7 +27,8 @@ becomes a direction of the embedding: on the validation matrix the sphere averag
 components follow their frame counts (Spearman |rho| 0.7-0.9 on five of eight sets), which
 splits populations by how many frames their classes drew. The correction estimates
 ``a_i = log(R_i) / 2`` by least squares from ``log cc_ij = a_i + a_j`` over each average's k best
-partners (assumed to be of its own structure), caps ``a <= 0``, and divides ``cc_ij`` by
+partners (assumed to be of its own structure; k is capped at a tenth of the averages, at least
+1, so that a small set's partners do not cross species), caps ``a <= 0``, and divides ``cc_ij`` by
 ``exp(a_i + a_j)`` (clipped below 1). The reliabilities ``R`` are written to embedding.h5.
 
 Readers of the stage inputs (``commonlines.h5``, ``averages.h5``) live here too, each checking
@@ -82,6 +83,8 @@ def transform_cc(cc: np.ndarray, transform: str = "fisher") -> np.ndarray:
 #: applies none): the 2D EMC draws tens of classes per population, so an average's 5 best
 #: partners are of its own structure
 NOISE_NEIGHBOURS = 5
+#: at most one partner per this many averages (a tenth of them)
+PARTNER_SHARE_DIVISOR = 10
 #: corrected correlations are clipped below this (Fisher z stays finite)
 MAX_CORRECTED_CC = 0.999
 
@@ -98,7 +101,9 @@ def disattenuate(cc: np.ndarray, neighbours: int) -> tuple[np.ndarray, np.ndarra
     import scipy.sparse as sp
     from scipy.sparse.linalg import lsqr
 
-    k = min(int(neighbours), count - 1)
+    # each average's partners must be of its own structure: with few averages, fewer partners
+    # (a species of a tenth of the averages still fills them)
+    k = max(1, min(int(neighbours), count // PARTNER_SHARE_DIVISOR, count - 1))
     off = cc.copy()
     np.fill_diagonal(off, -np.inf)
     partners = np.argsort(-off, axis=1, kind="stable")[:, :k]

@@ -141,7 +141,10 @@ def replicate_stability(cc: np.ndarray, reps: list[Replicate], replicate_of, cla
             both = np.all(np.isfinite(placed[a]), axis=1) & np.all(np.isfinite(placed[b]), axis=1)
             if both.sum() <= placed[a].shape[1]:
                 continue
-            _, _, disparity = procrustes(placed[a][both], placed[b][both])
+            try:
+                _, _, disparity = procrustes(placed[a][both], placed[b][both])
+            except ValueError:  # a replicate's landscape is one point: no shape to compare
+                continue
             pairs[f"{a}-{b}"] = {"disparity": float(disparity), "frames": int(both.sum())}
     values = [p["disparity"] for p in pairs.values()]
     return {"pairs": pairs, "mean_disparity": float(np.mean(values)) if values else None,
