@@ -410,6 +410,32 @@ def test_weighted_training_runs_and_ignores_zero_weight(tiny, tmp_path):
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_default_kl_weight_keeps_the_latent_of_faint_averages(tmp_path):
+    # averages.h5 holds photons per pixel *per frame*: an average of many faint frames is
+    # precise but its per-pixel deviance is small, so a KL weight fitted to bright data lets the
+    # posterior collapse onto the prior and every average decodes one shape (sim72lowphot of the
+    # validation matrix at 0.01: latent range 0.06). Cube and sphere averages of ~50 photons per
+    # pixel in the first ring, in the units of a 30-frame average:
+    from scipy.stats import spearmanr
+
+    sim = synthetic_averages(analytic_volumes(), S, DETD, EWALD, 32, np.random.default_rng(1),
+                             photons=50.0, beamstop=1.0)
+    sim["intens"] = sim["intens"] / 30.0
+    spans = {}
+    for kl in (TrainConfig().kl_weight, 0.01):
+        cfg = small_cfg(epochs=80, check_every=0, lr=1e-2, kl_weight=kl)
+        tens, weight, q, prof = training_inputs(sim, cfg)
+        model, _ = train(cfg, tens, weight, q, prof, tmp_path / str(kl),
+                         ctx=setup_distributed("cpu"))
+        with torch.no_grad():
+            _, mu, _ = model(tens["image"], torch.as_tensor(weight, dtype=torch.float32),
+                             tens["quaternion"], tens["log_gain"], sample=False)
+        mu = mu[:, 0].numpy()
+        spans[kl] = (float(np.ptp(mu)), abs(spearmanr(mu, sim["shape_index"]).statistic))
+    span, rho = spans[TrainConfig().kl_weight]
+    assert span > 1.0 and rho > 0.7, spans  # the two shapes apart on the latent
+    assert spans[0.01][0] < 0.3, spans  # the old default: collapsed
+
 def test_size_averaged_reference():
     from spiscape.metrics.volumes import size_averaged
 

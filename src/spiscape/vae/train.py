@@ -36,7 +36,7 @@ class TrainConfig:
     epochs: int = 50
     batch_size: int = 8
     lr: float = 1e-3
-    kl_weight: float = 0.01
+    kl_weight: float = 0.001
     seed: int = 1
     device: str = "auto"
     check_every: int = 5
