@@ -421,10 +421,10 @@ def test_default_kl_weight_keeps_the_latent_of_faint_averages(tmp_path):
     sim = synthetic_averages(analytic_volumes(), S, DETD, EWALD, 32, np.random.default_rng(1),
                              photons=50.0, beamstop=1.0)
     sim["intens"] = sim["intens"] / 30.0
+    tens, weight, q, prof = training_inputs(sim, small_cfg())
     spans = {}
     for kl in (TrainConfig().kl_weight, 0.01):
         cfg = small_cfg(epochs=80, check_every=0, lr=1e-2, kl_weight=kl)
-        tens, weight, q, prof = training_inputs(sim, cfg)
         model, _ = train(cfg, tens, weight, q, prof, tmp_path / str(kl),
                          ctx=setup_distributed("cpu"))
         with torch.no_grad():
