@@ -310,6 +310,34 @@ def test_retries_lower_the_shrinkwrap_threshold_and_change_the_seed():
     assert len({base.seed, first.seed, second.seed}) == 3
 
 
+def test_a_retry_replaces_a_collapsed_result_not_a_sound_volume():
+    from spiscape.phasing.algorithms import Phaser, PhasingParams, retry_replaces
+
+    # why the errors alone cannot decide: a support grown around the same P_M rho always leaves
+    # less of it outside, so the retry's lower shrink-wrap threshold buys a lower support error
+    rng = np.random.default_rng(0)
+    p = np.abs(rng.normal(size=(1, 12, 12, 12))).astype(np.float32)
+    small = np.zeros((1, 12, 12, 12), dtype=bool)
+    small[:, 3:9, 3:9, 3:9] = True
+    grown = small.copy()
+    grown[:, 2:10, 2:10, 2:10] = True
+    phaser = Phaser(np.ones((12, 12, 12), dtype=np.float32), PhasingParams())
+    assert phaser.support_error(p, grown)[0] < phaser.support_error(p, small)[0]
+    typical = 70e3
+    # a collapsed support (a tenth of the volume) is rescued by a retry near the curve's volume
+    assert retry_replaces(0.40, 7e3, 0.09, 72e3, typical)
+    # the validation matrix's spikes: a first result at the curve's volume with a high error,
+    # a retry with a grown support, a lower error and a volume 20-50 % above: kept out
+    assert not retry_replaces(0.087, 68.9e3, 0.074, 82.1e3, typical)  # df64
+    assert not retry_replaces(0.13, 104.5e3, 0.11, 157.6e3, 110e3)  # df96low
+    # a retry must lower the error, and stay within a factor 2 of the curve
+    assert not retry_replaces(0.40, 7e3, 0.45, 70e3, typical)
+    assert not retry_replaces(0.40, 7e3, 0.09, 150e3, typical)
+    # no q scale (volumes NaN): the error alone decides
+    assert retry_replaces(0.40, np.nan, 0.09, np.nan, np.nan)
+    assert not retry_replaces(0.09, np.nan, 0.40, np.nan, np.nan)
+
+
 def test_density_maps_read_back_with_their_physical_size(tmp_path):
     # a 10 nm sphere on a grid of 0.5 nm voxels (dq = 1 / (n 0.5 nm)), phased: its MRC maps say
     # 5 A per voxel, centre at the origin, and hold a particle 100 A across

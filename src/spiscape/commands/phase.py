@@ -45,6 +45,7 @@ from spiscape.phasing.algorithms import (
     STAGNATION_RETRIES,
     final_error,
     retry_params,
+    retry_replaces,
     stagnated,
 )
 from spiscape.phasing.neural import (
@@ -247,8 +248,7 @@ def main(args):
                  final_error(res), volumes[-1], res.resolution_q)
     outliers = stagnated(results)
     # the volume the curve's sound patterns agree on: a re-phased pattern must land within a
-    # factor 2 of it (a lower shrink-wrap threshold can also let a support grow to the box, with
-    # a low support error and a volume 10-100 times the particle's)
+    # factor 2 of it and nearer to it than its first result (retry_replaces)
     sound = [volumes[k] for k in range(len(results)) if k not in outliers]
     typical = float(np.median(sound)) if sound else float("nan")
     for k in outliers:
@@ -259,8 +259,8 @@ def main(args):
             retry = phase_pattern(intens[k], retry_params(params, attempt), xp=xp,
                                   measured=measured)
             volume = volume_of(retry, k)
-            plausible = not np.isfinite(typical) or 0.5 * typical <= volume <= 2.0 * typical
-            if final_error(retry) < final_error(results[k]) and plausible:
+            if retry_replaces(final_error(results[k]), volumes[k], final_error(retry), volume,
+                              typical):
                 results[k], volumes[k], methods[k] = retry, volume, "iterative"
             if k not in stagnated(results):
                 break

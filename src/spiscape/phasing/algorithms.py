@@ -368,6 +368,33 @@ def stagnated(results) -> list[int]:
                                           * np.quantile(errors, 0.25))]
 
 
+def retry_replaces(old_error: float, old_volume: float, new_error: float, new_volume: float,
+                   typical: float) -> bool:
+    """Whether a re-phasing of a stagnated pattern (:func:`retry_params`) replaces its first
+    result: a lower support error, a volume within a factor 2 of the curve's ``typical`` (the
+    median of its sound patterns; a lower shrink-wrap threshold can also let a support grow to
+    the box), and a volume closer to ``typical`` than the first result's.
+
+    The last condition is there because the two support errors are not comparable: the retry's
+    lower threshold grows the support, and a larger support always leaves less of P_M rho
+    outside it. The retry is meant to rescue a collapsed support (a tenth of the particle's
+    volume); where the first result's volume was already the curve's and only its error was
+    high (the blurred fringes of a size spread at the sphere end of a curve), the grown
+    support took a lower error and a volume 20-50 % larger, one point spiking on the curve
+    (validation matrix: `df64`, `df96low`). Without a typical volume (no q scale, or no sound
+    pattern) the error alone decides.
+    """
+    if not new_error < old_error:
+        return False
+    if not np.isfinite(typical) or typical <= 0:
+        return True
+    if not (np.isfinite(new_volume) and 0.5 * typical <= new_volume <= 2.0 * typical):
+        return False
+    if not np.isfinite(old_volume) or old_volume <= 0:
+        return True
+    return abs(np.log(new_volume / typical)) < abs(np.log(old_volume / typical))
+
+
 def retry_params(params: PhasingParams, attempt: int) -> PhasingParams:
     """Settings of the ``attempt``-th re-phasing of a stagnated pattern: other seeds and a
     shrink-wrap threshold halved each time. A collapsed support (a tenth of the particle, a
