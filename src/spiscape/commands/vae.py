@@ -113,8 +113,9 @@ def add_args(parser):
                    help="V, odd: side of the decoded volume in voxels (paper: 81, 161, 243)")
     m.add_argument("--point-group", default="m-3m", choices=["1", "-1", "m-3m"],
                    help="symmetry imposed on the volumes (1: none)")
-    m.add_argument("--epochs", type=at_least(1), default=40,
-                   help="passes over the averages (more extend a --resume'd run)")
+    m.add_argument("--epochs", type=at_least(1), default=300,
+                   help="passes over the averages (more extend a --resume'd run); at 100 the "
+                        "decoder still lagged the averages' fringes (README, the epochs check)")
     m.add_argument("--batch-size", type=at_least(1), default=8,
                    help="averages per optimiser step (per process under torchrun)")
     m.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")

@@ -33,7 +33,7 @@ class TrainConfig:
     zdim: int = 1
     volume_size: int = 61
     point_group: str = "m-3m"
-    epochs: int = 50
+    epochs: int = 300  # as spiscape vae --epochs and the workflow's config
     batch_size: int = 8
     lr: float = 1e-3
     kl_weight: float = 0.001
