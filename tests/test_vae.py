@@ -436,6 +436,7 @@ def test_default_kl_weight_keeps_the_latent_of_faint_averages(tmp_path):
     assert span > 1.0 and rho > 0.7, spans  # the two shapes apart on the latent
     assert spans[0.01][0] < 0.3, spans  # the old default: collapsed
 
+
 def test_size_averaged_reference():
     from spiscape.metrics.volumes import size_averaged
 
