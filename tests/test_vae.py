@@ -586,3 +586,107 @@ def test_on_grid_crops_or_samples_a_centred_volume():
     vol = rng.random((21, 21, 21))
     np.testing.assert_array_equal(on_grid(vol, 11), centre_crop(vol, 11))
     np.testing.assert_allclose(on_grid(vol, 11, 2.0), vol[0:21:2, 0:21:2, 0:21:2], atol=1e-9)
+
+
+# --------------------------------------------------------------------------- size correction
+def test_size_offsets_remove_a_population_spread_and_keep_a_series_trend():
+    """Pairwise scales from the common lines' size search (log(size_i / size_j) =
+    log scales[i, j]) give each average its log size against its structural neighbours'
+    (frame-weighted): a population's spread comes out whole, a series' trend stays."""
+    from spiscape.vae.data import size_offsets
+
+    rng = np.random.default_rng(5)
+    # two populations of 9 averages each, sizes spread by 7 %, means 1.0 and 0.8, and a 19th
+    # average of the second that is not trained on
+    log_size = np.concatenate([0.07 * rng.standard_normal(9), np.log(0.8)
+                               + 0.07 * rng.standard_normal(10)])
+    pop = np.repeat([0, 1], [9, 10])
+    frames = rng.integers(5, 300, size=19).astype(float)
+    scales = np.exp(log_size[:, None] - log_size[None, :])
+    cc = np.where(pop[:, None] == pop[None, :], 0.9, 0.2) + 0.01 * rng.random((19, 19))
+    cc = (cc + cc.T) / 2
+    selected = np.ones(19, bool)
+    selected[18] = False  # not trained on: no offset, and not in anyone's neighbourhood
+    d = size_offsets(scales, cc, selected, frames, neighbours=8)
+    for p in (0, 1):
+        hood = (pop == p) & selected
+        mean = (frames[hood] * log_size[hood]).sum() / frames[hood].sum()
+        assert np.allclose(d[hood], log_size[hood] - mean, atol=1e-12)
+    assert d[18] == 0.0
+    # the default neighbourhood, ceil(sqrt(18)) = 5 best partners, still removes most of it
+    d5 = size_offsets(scales, cc, selected, frames)
+    within = np.concatenate([log_size[pop == p] - log_size[pop == p].mean() for p in (0, 1)])
+    assert np.corrcoef(d5[selected], within[selected])[0, 1] > 0.8
+    # a series whose size grows by 30 % from end to end, neighbours by similarity: the offsets
+    # are a small part of the trend (it stays in the latent), zero in the middle
+    n = 30
+    series = np.linspace(0.0, np.log(1.3), n)
+    scales = np.exp(series[:, None] - series[None, :])
+    idx = np.arange(n)
+    cc = 1.0 - np.abs(idx[:, None] - idx[None, :]) / n
+    d = size_offsets(scales, cc, np.ones(n, bool), np.ones(n))
+    assert np.abs(d[3:-3]).max() < 1e-9
+    assert np.abs(d).max() < 0.15 * series[-1]
+
+
+def test_slicing_at_a_scaled_q_is_a_larger_particle():
+    """An average of a particle s times larger is the reference volume sliced at s R q (times
+    s^6, which the fitted gain absorbs; the form factor here is normalised to 1 at q = 0): the
+    sign convention of --size-correction, checked on the analytic sphere."""
+    n = 31
+    ax = np.arange(n) - n // 2
+    qn = np.sqrt(ax[:, None, None] ** 2 + ax[None, :, None] ** 2 + ax[None, None, :] ** 2) / n
+    ref = sphere_form_factor(qn, 2.5) ** 2
+    q = vm.ewald_grid(S, DETD, EWALD).reshape(3, -1)
+    rot = vm.quaternion_to_matrix(torch.tensor(random_quaternions(2, np.random.default_rng(1))))
+    s = 1.1
+    got = vm.slice_volumes(torch.tensor(ref).expand(2, n, n, n), torch.tensor(q), rot * s)
+    qd = np.linalg.norm(q, axis=0) / n
+    larger = sphere_form_factor(qd, 2.5 * s) ** 2
+    smaller = sphere_form_factor(qd, 2.5 / s) ** 2
+    err = np.abs(got.numpy() - larger[None]).max()  # trilinear on fringes of ~6 voxels
+    assert err < 0.05 * larger.max()
+    assert err < 0.2 * np.abs(got.numpy() - smaller[None]).max()
+
+
+def test_training_with_size_offsets_keeps_the_scaled_pixels_inside_the_volume(tiny, tmp_path):
+    """log_scale reaches the slicing; the loss stays finite where exp(d) |q| leaves the grid."""
+    out, sim = tiny
+    cfg = small_cfg(epochs=2)
+    tens, weight, q, prof = training_inputs(sim, cfg)
+    tens["log_scale"] = torch.linspace(-0.1, 0.1, tens["image"].shape[0])
+    model, result = train(cfg, tens, weight, q, prof, tmp_path)
+    assert np.all(np.isfinite(result["history"]["loss"]))
+    rot = vm.quaternion_to_matrix(tens["quaternion"][:2])
+    with torch.no_grad():
+        a, _, _ = model(tens["image"][:2], torch.as_tensor(weight, dtype=torch.float32),
+                        tens["quaternion"][:2], tens["log_gain"][:2], sample=False,
+                        log_scale=torch.tensor([0.1, 0.1]))
+        mu, _ = model.encoder(tens["image"][:2], torch.as_tensor(weight, dtype=torch.float32),
+                              tens["quaternion"][:2], tens["log_gain"][:2])
+        b = vm.slice_volumes(model.symmetric(mu), model.q, rot * float(np.exp(0.1)),
+                             folded=True)
+    assert torch.allclose(a.reshape(2, -1), b, rtol=1e-5)
+
+
+def test_size_correction_needs_matching_common_lines(tiny, tmp_path):
+    from spiscape.errors import InputError
+    from spiscape.vae.data import read_inputs, read_pair_scales
+
+    out, sim = tiny
+    data = read_inputs(out / "averages.h5", out / "orientation.h5")
+    n = data.klass.size
+    path = tmp_path / "commonlines.h5"
+    with h5py.File(path, "w") as f:
+        f["cc"] = np.eye(n)
+        f["scales"] = np.ones((n, n))
+        f["replicate"] = data.replicate
+        f["class"] = data.klass[::-1]
+    with pytest.raises(InputError, match="order differs"):
+        read_pair_scales(path, data)
+    with h5py.File(path, "a") as f:
+        del f["class"]
+        f["class"] = data.klass
+        f["scales"][0, 1] = np.nan
+    with pytest.raises(InputError, match="not finite"):
+        read_pair_scales(path, data)

@@ -9,6 +9,7 @@ rule vae:
         averages=f"{RESULTS}/{{ds}}/averages.h5",
         orientation=f"{RESULTS}/{{ds}}/orientation.h5",
         embedding=f"{RESULTS}/{{ds}}/embedding.h5",
+        commonlines=f"{RESULTS}/{{ds}}/commonlines.h5",
         replicates=replicate_files,
         detector=detector_input,
         truth=truth_input,
@@ -42,7 +43,7 @@ rule vae:
     shell:
         "{params.launcher} vae --averages {input.averages:q} --orientation {input.orientation:q} "
         "--detector {input.detector:q} --embedding {input.embedding:q} "
-        "--replicates {input.replicates:q} {params.geometry} "
+        "--commonlines {input.commonlines:q} --replicates {input.replicates:q} {params.geometry} "
         "--out-dir {params.out_dir:q} --figure-dir {output.figures:q} {params.flags} --resume "
         "2> {log:q}"
 

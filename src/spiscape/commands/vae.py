@@ -97,6 +97,9 @@ def add_args(parser):
                         "two clusters a, b holding the most frames when "
                         "(|a - c| + |c - b|) / |a - b| of the centroids is at most this; 1.25 "
                         "allows a centroid 0.375 |a - b| off the axis at its middle")
+    g.add_argument("--commonlines", default=None,
+                   help="commonlines.h5 (its size search's pairwise scales), for "
+                        "--size-correction commonlines")
     g.add_argument("--replicates", nargs="+", default=None,
                    help="classify2d rep*.h5: write the per-frame latents frame_latent.h5")
     g.add_argument("--num-frames", type=at_least(1), default=None,
@@ -155,6 +158,11 @@ def add_args(parser):
     m.add_argument("--pose-start", type=at_least(0), default=10,
                    help="epoch from which the poses are refined (the decoder needs a first "
                         "volume to align to)")
+    m.add_argument("--size-correction", default="none", choices=["none", "commonlines"],
+                   help="commonlines: slice each average at its own particle size, its log size "
+                        "against its structural neighbours' read from the common lines' size "
+                        "search (needs --commonlines), so that a population's size spread is "
+                        "not carried by the latent; none: one size per latent point")
     m.add_argument("--emc-merge", action=argparse.BooleanOptionalAction, default=False,
                    help="predict each average as the 2D EMC merged it (bilinear back-projection "
                         "at its in-plane angles, from the --replicates' geometry) instead of as "
@@ -196,7 +204,8 @@ def config_from_args(args):
                        q_min=0.0 if args.q_min == "auto" else args.q_min,
                        radial_weighting=args.radial_weighting, lr_schedule=args.lr_schedule,
                        lr_final=args.lr_final, refine_poses=args.refine_poses,
-                       pose_lr=args.pose_lr, pose_start=args.pose_start)
+                       pose_lr=args.pose_lr, pose_start=args.pose_start,
+                       size_correction=args.size_correction)
 
 
 def main(args):
@@ -212,6 +221,17 @@ def main(args):
     det = read_detector(args.detector)
     inputs = data.read_inputs(args.averages, args.orientation, args.embedding, args.clusters,
                               args.min_cluster_fraction, args.max_detour)
+    if cfg.size_correction == "commonlines":
+        if not args.commonlines:
+            raise ConfigError("--size-correction commonlines needs --commonlines "
+                              "(commonlines.h5)")
+        scales, cc = data.read_pair_scales(args.commonlines, inputs)
+        inputs.log_scale = data.size_offsets(scales, cc, inputs.selected, inputs.frames)
+        d = inputs.log_scale[inputs.selected]
+        log.info("size correction: the averages trained on are %.3f..%.3f (5th..95th "
+                 "percentile) times their neighbourhood's size%s", *np.exp(np.percentile(
+                     d, [5, 95])), "" if np.any(d != 0) else " (no size search in the "
+                 "common lines: nothing to correct)")
     size = inputs.intens.shape[-1]
     q = ewald_grid(size, det.detd, det.ewald_rad)
     qnorm = np.linalg.norm(q, axis=0)

@@ -31,6 +31,7 @@ class VAEData:
     klass: np.ndarray         # (A,)
     frames: np.ndarray        # (A,)
     selected: np.ndarray      # (A,) bool, averages the VAE trains on
+    log_scale: np.ndarray | None = None  # (A,) log size against the neighbourhood's, or None
 
 
 def read_inputs(averages, orientation, embedding=None, clusters="all",
@@ -121,6 +122,71 @@ def auto_clusters(labels: np.ndarray, frames: np.ndarray, min_fraction: float,
         raise ConfigError(f"--clusters auto: no cluster of the landscape's main axis holds "
                           f"{min_fraction:.0%} of the frames")
     return keep
+
+
+def read_pair_scales(path, data: VAEData) -> tuple[np.ndarray, np.ndarray]:
+    """``scales (A, A)`` and ``cc (A, A)`` of ``commonlines.h5`` for the averages of ``data``
+    (the same averages in the same order: replicate and class are checked)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            got = {k: np.asarray(f[k][()]) for k in ("cc", "scales", "replicate", "class")}
+    except FileNotFoundError:
+        raise InputError(path, "no such file") from None
+    except KeyError as exc:
+        raise InputError(path, f"missing dataset {exc} (a common-line file written before the "
+                               "size search? rerun spiscape merge-commonlines)") from None
+    except OSError as exc:
+        raise InputError(path, f"not a readable HDF5 file ({exc})") from None
+    count = data.klass.size
+    if got["cc"].shape != (count, count) or got["scales"].shape != (count, count):
+        raise InputError(path, f"cc/scales have shape {got['cc'].shape}/{got['scales'].shape}, "
+                               f"the averages are {count}")
+    if not (np.array_equal(got["replicate"], data.replicate)
+            and np.array_equal(got["class"], data.klass)):
+        raise InputError(path, "its replicate/class order differs from the averages' (made "
+                               "from another averages.h5?)")
+    scales = got["scales"].astype(np.float64)
+    if not np.all(np.isfinite(scales) & (scales > 0)):
+        raise InputError(path, "scales holds values that are not finite and positive")
+    return scales, got["cc"].astype(np.float64)
+
+
+def size_offsets(scales: np.ndarray, cc: np.ndarray, selected: np.ndarray,
+                 frames: np.ndarray, neighbours: int | None = None) -> np.ndarray:
+    """Per-average log size relative to its structural neighbourhood, from the common lines'
+    size search: the VAE slices average i's volume at exp(d_i) R q, so that a population's size
+    spread is not carried by the latent (0 for averages not ``selected`` and without a search).
+
+    ``scales[i, j]`` is the radial scale of j's lines that best matched i's, so j's size
+    relative to i's is 1 / scales[i, j] and log(size_i / size_j) = log scales[i, j]. The
+    neighbourhood N(i) of a selected average is i itself and the ``neighbours`` selected averages
+    whose common lines correlate best with its own (default ceil(sqrt(n)) of the n selected):
+    the size search makes that correlation blind to size, so they are averages of the same shape
+    whatever their size. d_i is the frame-weighted mean of log scales[i, j] over N(i): i's log
+    size against the geometric mean size of its neighbourhood. A population's size spread is
+    removed (all its averages see one volume at its frame-weighted mean size); a real change of
+    size along a structural series is kept, because the neighbourhoods follow the series.
+    """
+    scales = np.asarray(scales, dtype=np.float64)
+    idx = np.flatnonzero(selected)
+    out = np.zeros(scales.shape[0])
+    n = idx.size
+    if n < 2:
+        return out
+    k = min(n - 1, int(np.ceil(np.sqrt(n))) if neighbours is None else int(neighbours))
+    w = np.where(np.isfinite(frames) & (frames > 0), np.asarray(frames, dtype=np.float64), 0.0)
+    w = w[idx] if w[idx].sum() > 0 else np.ones(n)
+    sub_cc = np.asarray(cc, dtype=np.float64)[np.ix_(idx, idx)].copy()
+    np.fill_diagonal(sub_cc, -np.inf)
+    log_s = np.log(scales[np.ix_(idx, idx)])
+    near = np.argsort(-sub_cc, axis=1, kind="stable")[:, :k]
+    hood = np.concatenate([np.arange(n)[:, None], near], axis=1)   # i first: log scale 0
+    wn = w[hood]
+    vals = np.take_along_axis(log_s, hood, axis=1)
+    out[idx] = (wn * vals).sum(1) / np.maximum(wn.sum(1), 1e-30)
+    return out
 
 
 def parse_clusters(clusters) -> list[int]:
@@ -243,6 +309,8 @@ def tensors(data: VAEData, q: np.ndarray, profile: np.ndarray, index=None,
         "quaternion": torch.as_tensor(data.quaternion[index], dtype=torch.float32),
         "log_gain": torch.as_tensor(np.log(data.gain[index]), dtype=torch.float32),
         "weight": torch.as_tensor(frame_weights(data.frames[index], weighting)),
+        **({} if data.log_scale is None else
+           {"log_scale": torch.as_tensor(data.log_scale[index], dtype=torch.float32)}),
     }
 
 

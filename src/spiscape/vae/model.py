@@ -284,16 +284,21 @@ class SPIVAE(nn.Module):
             self.merge_matrix = fn(self.merge_matrix)
         return out
 
-    def forward(self, image, support, quaternion, log_gain, sample: bool = True, pose_delta=None):
+    def forward(self, image, support, quaternion, log_gain, sample: bool = True, pose_delta=None,
+                log_scale=None):
         """Predicted averages (B, S, S), mu, logvar. ``pose_delta`` (B, 3), optional: small
         rotations (axis-angle, radians) applied after each quaternion's rotation when slicing
-        (pose refinement); the encoder always sees the input quaternion."""
+        (pose refinement); the encoder always sees the input quaternion. ``log_scale`` (B,),
+        optional: each average's particle is exp(log_scale) times the size of the decoded one,
+        so it is sliced at exp(log_scale) R q (a size spread as a nuisance, not in z)."""
         mu, logvar = self.encoder(image, support, quaternion, log_gain)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu
         vols = self.symmetric(z)
         rot = quaternion_to_matrix(quaternion.float())
         if pose_delta is not None:
             rot = rot @ small_rotations(pose_delta.float())
+        if log_scale is not None:
+            rot = rot * torch.exp(log_scale.float())[:, None, None]
         if getattr(self, "merge_points", None) is not None:
             with torch.autocast(vols.device.type, enabled=False):
                 pts = slice_volumes(vols.float(), self.merge_points, rot, folded=self.octant)

@@ -53,6 +53,7 @@ class TrainConfig:
     refine_poses: bool = False
     pose_lr: float = 1e-3
     pose_start: int = 10
+    size_correction: str = "none"  # "commonlines": each average sliced at its own size
     extra: dict = field(default_factory=dict)
 
 
@@ -155,7 +156,8 @@ def training_fingerprint(cfg: TrainConfig, tensors: dict, weight, pixel_weight, 
     q, profile) and of the EMC merge operator (or its absence)."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES}
     data = _digest(*(tensors.get(k) for k in ("image", "counts", "quaternion", "log_gain",
-                                              "weight")), weight, pixel_weight, q, profile)
+                                              "weight", "log_scale")), weight, pixel_weight, q,
+                   profile)
     return {**settings, "data": data,
             "emc_merge": None if merge is None else _digest(*merge)}
 
@@ -331,8 +333,13 @@ def train(cfg: TrainConfig, tensors: dict, weight: np.ndarray, q: np.ndarray,
     if per_average is None:
         per_average = torch.ones(tensors["image"].shape[0])
     n_avg = tensors["image"].shape[0]
+    log_scale = tensors.get("log_scale")
+    sized = log_scale is not None and bool(torch.any(log_scale != 0))
+    if not sized:
+        log_scale = torch.zeros(n_avg)
     dataset = TensorDataset(tensors["image"], tensors["counts"], tensors["quaternion"],
-                            tensors["log_gain"], per_average.float(), torch.arange(n_avg))
+                            tensors["log_gain"], per_average.float(), torch.arange(n_avg),
+                            log_scale.float())
     # pose refinement: a small rotation per average, learnt with its own Adam once the decoder
     # has a first volume (epoch pose_start), so that the poses do not chase a random one
     pose_delta = pose_opt = None
@@ -349,6 +356,11 @@ def train(cfg: TrainConfig, tensors: dict, weight: np.ndarray, q: np.ndarray,
     support = torch.as_tensor(weight, dtype=torch.float32).to(device)
     pix = support if pixel_weight is None else torch.as_tensor(
         pixel_weight, dtype=torch.float32).to(device)
+    # an average sliced at exp(d) R q reads |q| up to exp(d) x the pixel's: its loss keeps the
+    # pixels whose scaled |q| the volume still holds at any rotation (as loss_weight's bound)
+    qnorm = torch.as_tensor(np.linalg.norm(np.asarray(q, dtype=np.float64).reshape(3, -1),
+                                           axis=0), dtype=torch.float32, device=device)
+    q_limit = float(cfg.volume_size // 2 - 1)
     use_bf16 = device.type == "cuda"
     meta = {"config": asdict(cfg), "profile": profile, "fingerprint": fingerprint}
     done = 0
@@ -357,16 +369,21 @@ def train(cfg: TrainConfig, tensors: dict, weight: np.ndarray, q: np.ndarray,
         sampler.set_epoch(epoch)
         sums = torch.zeros(4, dtype=torch.float64, device=device)
         model.train()
-        for image, counts, quat, log_gain, wavg, idx in tqdm(loader, desc=f"epoch {epoch + 1}",
-                                                        leave=False,
-                                                        disable=None if ctx.main else True,
-                                                        mininterval=5):
+        for image, counts, quat, log_gain, wavg, idx, lsc in tqdm(
+                loader, desc=f"epoch {epoch + 1}", leave=False,
+                disable=None if ctx.main else True, mininterval=5):
             image, counts = image.to(device), counts.to(device)
             quat, log_gain, wavg = quat.to(device), log_gain.to(device), wavg.to(device)
+            lsc = lsc.to(device) if sized else None
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 delta = pose_delta[idx.to(device)] if pose_delta is not None else None
-                pred, mu, logvar = net(image, support, quat, log_gain, pose_delta=delta)
-            recon, _ = poisson_loss(pred, counts, pix)
+                pred, mu, logvar = net(image, support, quat, log_gain, pose_delta=delta,
+                                       log_scale=lsc)
+            pix_b = pix
+            if sized:
+                inside = qnorm[None] * torch.exp(lsc)[:, None] <= q_limit
+                pix_b = pix.reshape(1, -1) * inside
+            recon, _ = poisson_loss(pred, counts, pix_b)
             kl = kl_divergence(mu.float(), logvar.float())
             # per-average weights (mean 1 over the data, e.g. by frame count): noisy averages of
             # few frames pull less on the decoder
