@@ -268,6 +268,13 @@ def test_cli_runs_and_rejects_mismatched_orientation(tiny, tmp_path, capsys):
                      str(tmp_path / "p"), "--refine-poses", "--pose-lr", "0"])
     assert main(args + ["--orientation", str(out / "orientation.h5"), "--out-dir",
                         str(tmp_path / "m"), "--emc-merge"]) == 2  # needs --replicates
+    capsys.readouterr()
+    for extra in ([], ["--commonlines", str(out / "averages.h5")]):  # each needs the other
+        assert main(args + ["--orientation", str(out / "orientation.h5"), "--out-dir",
+                            str(tmp_path / "s"), "--size-correction", "commonlines",
+                            *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "--commonlines" in err[0] and "--embedding" in err[1]
     rc = main(args + ["--orientation", str(out / "orientation.h5"),
                       "--out-dir", str(tmp_path / "vae"), "--no-figures", "--refine-poses",
                       "--pose-start", "0"])
@@ -589,44 +596,34 @@ def test_on_grid_crops_or_samples_a_centred_volume():
 
 
 # --------------------------------------------------------------------------- size correction
-def test_size_offsets_remove_a_population_spread_and_keep_a_series_trend():
-    """Pairwise scales from the common lines' size search (log(size_i / size_j) =
-    log scales[i, j]) give each average its log size against its structural neighbours'
-    (frame-weighted): a population's spread comes out whole, a series' trend stays."""
+def test_size_offsets_remove_a_population_spread_and_keep_sizes_between_clusters():
+    """A population with a size spread is kept whole: pairwise scales from the common lines'
+    size search (log(size_i / size_j) = log scales[i, j]) give each average its log size against
+    its cluster's frame-weighted mean, so all its averages are sliced from one volume; the size
+    difference between two clusters (a melt that changes the volume) is not corrected away."""
     from spiscape.vae.data import size_offsets
 
     rng = np.random.default_rng(5)
-    # two populations of 9 averages each, sizes spread by 7 %, means 1.0 and 0.8, and a 19th
-    # average of the second that is not trained on
+    # two populations (clusters 3 and 7) of 9 averages each, sizes spread by 7 %, means 1.0 and
+    # 0.8, a 19th average of the second that is not trained on and one outlier (label -1)
     log_size = np.concatenate([0.07 * rng.standard_normal(9), np.log(0.8)
-                               + 0.07 * rng.standard_normal(10)])
-    pop = np.repeat([0, 1], [9, 10])
-    frames = rng.integers(5, 300, size=19).astype(float)
+                               + 0.07 * rng.standard_normal(11)])
+    groups = np.repeat([3, 7, -1], [9, 10, 1])
+    frames = rng.integers(5, 300, size=20).astype(float)
     scales = np.exp(log_size[:, None] - log_size[None, :])
-    cc = np.where(pop[:, None] == pop[None, :], 0.9, 0.2) + 0.01 * rng.random((19, 19))
-    cc = (cc + cc.T) / 2
-    selected = np.ones(19, bool)
-    selected[18] = False  # not trained on: no offset, and not in anyone's neighbourhood
-    d = size_offsets(scales, cc, selected, frames, neighbours=8)
-    for p in (0, 1):
-        hood = (pop == p) & selected
-        mean = (frames[hood] * log_size[hood]).sum() / frames[hood].sum()
-        assert np.allclose(d[hood], log_size[hood] - mean, atol=1e-12)
-    assert d[18] == 0.0
-    # the default neighbourhood, ceil(sqrt(18)) = 5 best partners, still removes most of it
-    d5 = size_offsets(scales, cc, selected, frames)
-    within = np.concatenate([log_size[pop == p] - log_size[pop == p].mean() for p in (0, 1)])
-    assert np.corrcoef(d5[selected], within[selected])[0, 1] > 0.8
-    # a series whose size grows by 30 % from end to end, neighbours by similarity: the offsets
-    # are a small part of the trend (it stays in the latent), zero in the middle
-    n = 30
-    series = np.linspace(0.0, np.log(1.3), n)
-    scales = np.exp(series[:, None] - series[None, :])
-    idx = np.arange(n)
-    cc = 1.0 - np.abs(idx[:, None] - idx[None, :]) / n
-    d = size_offsets(scales, cc, np.ones(n, bool), np.ones(n))
-    assert np.abs(d[3:-3]).max() < 1e-9
-    assert np.abs(d).max() < 0.15 * series[-1]
+    selected = groups >= 0
+    selected[18] = False  # not trained on: no offset, and not in its cluster's mean
+    d = size_offsets(scales, groups, selected, frames)
+    for g in (3, 7):
+        pop = (groups == g) & selected
+        mean = (frames[pop] * log_size[pop]).sum() / frames[pop].sum()
+        assert np.allclose(d[pop], log_size[pop] - mean, atol=1e-12)
+        # each population's averages are sliced from one volume at its mean size, so the
+        # two populations' mean sizes (about 20 % apart) stay in the decoded volumes
+        assert np.allclose((log_size - d)[pop], mean, atol=1e-12)
+    assert d[18] == 0.0 and d[19] == 0.0
+    # without a size search every scale is 1: nothing to correct
+    assert not np.any(size_offsets(np.ones((20, 20)), groups, selected, frames))
 
 
 def test_slicing_at_a_scaled_q_is_a_larger_particle():
@@ -678,7 +675,6 @@ def test_size_correction_needs_matching_common_lines(tiny, tmp_path):
     n = data.klass.size
     path = tmp_path / "commonlines.h5"
     with h5py.File(path, "w") as f:
-        f["cc"] = np.eye(n)
         f["scales"] = np.ones((n, n))
         f["replicate"] = data.replicate
         f["class"] = data.klass[::-1]

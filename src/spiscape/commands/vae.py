@@ -160,9 +160,10 @@ def add_args(parser):
                         "volume to align to)")
     m.add_argument("--size-correction", default="none", choices=["none", "commonlines"],
                    help="commonlines: slice each average at its own particle size, its log size "
-                        "against its structural neighbours' read from the common lines' size "
-                        "search (needs --commonlines), so that a population's size spread is "
-                        "not carried by the latent; none: one size per latent point")
+                        "against its landscape cluster's (frame-weighted) read from the common "
+                        "lines' size search (needs --commonlines and --embedding), so that a "
+                        "population's size spread is not carried by the latent; none: one "
+                        "size per latent point")
     m.add_argument("--emc-merge", action=argparse.BooleanOptionalAction, default=False,
                    help="predict each average as the 2D EMC merged it (bilinear back-projection "
                         "at its in-plane angles, from the --replicates' geometry) instead of as "
@@ -225,11 +226,15 @@ def main(args):
         if not args.commonlines:
             raise ConfigError("--size-correction commonlines needs --commonlines "
                               "(commonlines.h5)")
-        scales, cc = data.read_pair_scales(args.commonlines, inputs)
-        inputs.log_scale = data.size_offsets(scales, cc, inputs.selected, inputs.frames)
+        if inputs.labels is None:
+            raise ConfigError("--size-correction commonlines needs --embedding (its clusters "
+                              "are the populations whose size spread is corrected)")
+        scales = data.read_pair_scales(args.commonlines, inputs)
+        inputs.log_scale = data.size_offsets(scales, inputs.labels, inputs.selected,
+                                             inputs.frames)
         d = inputs.log_scale[inputs.selected]
         log.info("size correction: the averages trained on are %.3f..%.3f (5th..95th "
-                 "percentile) times their neighbourhood's size%s", *np.exp(np.percentile(
+                 "percentile) times their cluster's mean size%s", *np.exp(np.percentile(
                      d, [5, 95])), "" if np.any(d != 0) else " (no size search in the "
                  "common lines: nothing to correct)")
     size = inputs.intens.shape[-1]
