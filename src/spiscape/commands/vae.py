@@ -28,6 +28,12 @@ every merged detector pixel rotated to every in-plane angle of the 2D EMC and ba
 its M-step does (spiscape.vae.merge), not a plain slice: the merge blurs steep fall-offs by
 about half a pixel (what it changes on the demo: README).
 
+Size correction (--size-correction commonlines, needs --commonlines and --embedding): each
+average trained on is sliced at exp(d) R q, d its log size against the frame-weighted mean of
+the averages of its landscape cluster, read from the common lines' size search (commonlines.h5
+``scales``); a population's size spread is then not carried by the latent and it decodes at its
+frame-weighted mean size (docs/methods.md, "Size correction").
+
 Selection and weighting: --clusters auto trains on the embedding's clusters that lie on the
 landscape's main axis (its ends the two clusters holding the most frames, the end states of a
 structural series such as cube ... sphere; on it, the clusters whose centroids detour from the
