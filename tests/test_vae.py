@@ -686,3 +686,36 @@ def test_size_correction_needs_matching_common_lines(tiny, tmp_path):
         f["scales"][0, 1] = np.nan
     with pytest.raises(InputError, match="not finite"):
         read_pair_scales(path, data)
+
+
+def test_a_population_with_a_size_spread_decodes_at_one_size_with_the_correction(tmp_path):
+    """Sphere averages of five sizes (0.88-1.12): without the size correction the latent carries
+    the size and the decoder spreads it along the latent (about 0.9 to 1.1 of the middle size
+    at the latent's 10th and 90th percentiles); sliced at their own sizes (log size against the
+    population's mean) all of the latent decodes one sphere at the mean size."""
+    from spiscape.metrics.volumes import best_size_scale
+
+    ax = (np.arange(V) - V // 2) / V
+    qn = np.linalg.norm(np.stack(np.meshgrid(ax, ax, ax, indexing="ij"), -1), axis=-1)
+    sizes = np.array([0.88, 0.94, 1.0, 1.06, 1.12])
+    vols = np.stack([sphere_form_factor(qn, 2.5 * s) ** 2 * 1e3 + 1e-3 for s in sizes])
+    sim = synthetic_averages(vols, S, DETD, EWALD, 40, np.random.default_rng(4), photons=300.0,
+                             beamstop=1.0)
+    decoded = {}
+    for corrected in (False, True):
+        cfg = small_cfg(epochs=80, kl_weight=0.001)
+        tens, weight, q, prof = training_inputs(sim, cfg)
+        if corrected:
+            log_size = np.log(sizes[sim["shape_index"]])
+            tens["log_scale"] = torch.tensor(log_size - log_size.mean(), dtype=torch.float32)
+        model, _ = train(cfg, tens, weight, q, prof, tmp_path / str(corrected))
+        with torch.no_grad():
+            mu, _ = model.encoder(tens["image"], torch.as_tensor(weight, dtype=torch.float32),
+                                  tens["quaternion"], tens["log_gain"])
+            z = torch.quantile(mu[:, 0], torch.tensor([0.1, 0.5, 0.9]))[:, None]
+            vol = model.volumes(z).numpy()
+        decoded[corrected] = np.array([best_size_scale(v, vols[2], qmin=1.5, qmax=6.0,
+                                                       fraction=0.7)["scale"] for v in vol])
+    assert np.ptp(decoded[False]) > 0.1, decoded
+    assert np.ptp(decoded[True]) < 0.02, decoded
+    assert np.all(np.abs(decoded[True] - 1.0) < 0.04), decoded
