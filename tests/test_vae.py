@@ -472,7 +472,12 @@ def test_best_size_scale_reads_the_size_from_the_fringes():
             res = best_size_scale(intens(true), intens(1.0), qmin=2.0, qmax=20.0,
                                   fraction=0.7)
             assert abs(res["scale"] - true) < 0.005, (true, res["scale"])
-            assert res["score"] > 0.99
+            assert res["score"] > 0.99 and not res["at_edge"]
+    # a sphere 20 % larger is beyond the 0.9..1.1 grid: the fit says so instead of a size
+    beyond = best_size_scale(sphere_form_factor(np.linalg.norm(q, axis=-1), 6.0) ** 2,
+                             sphere_form_factor(np.linalg.norm(q, axis=-1), 5.0) ** 2,
+                             qmin=2.0, qmax=20.0, fraction=0.7)
+    assert beyond["at_edge"] and beyond["scale"] == pytest.approx(1.1)
 
 
 def test_pixel_weights_radial_exponent():

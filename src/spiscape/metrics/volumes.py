@@ -158,7 +158,9 @@ def best_size_scale(volume: np.ndarray, reference: np.ndarray, qmin: float = 0.0
     volume without phasing it: s^3 is its volume relative to the reference's. Shell
     correlations in the steep fall-off of a fringe are sharp functions of s (a cube 2 % too
     large loses 0.08 in its first-minimum shell), which makes the estimate precise to ~0.2 %.
-    Returns ``scale``, ``score`` (the mean shell CC there) and the grid ``scales``, ``scores``.
+    Returns ``scale``, ``score`` (the mean shell CC there), the grid ``scales``, ``scores``
+    and ``at_edge``: the best score is the grid's first or last, so the size is out of its range
+    or the fringes too blurred to show an optimum; ``scale`` then says nothing.
     """
     scales = np.arange(0.9, 1.1001, 0.01) if scales is None else np.asarray(scales, float)
     n = volume.shape[0]
@@ -180,4 +182,5 @@ def best_size_scale(volume: np.ndarray, reference: np.ndarray, qmin: float = 0.0
         curv = y0 - 2 * y1 + y2
         if curv < 0:
             best += 0.5 * (y0 - y2) / curv * float(scales[k + 1] - scales[k])
-    return {"scale": best, "score": float(scores[k]), "scales": scales, "scores": scores}
+    return {"scale": best, "score": float(scores[k]), "scales": scales, "scores": scores,
+            "at_edge": k in (0, scales.size - 1)}

@@ -95,8 +95,14 @@ def size_scales(model, truth, ctx, cube_volume, cube_reference, sphere, mu, from
     vol = analysis.decode_volumes(model, mu[sphere].mean(0, keepdims=True), ctx.device)[0]
     _, _, ref = truth_reference(truth, 2, from_frames, vol.shape[0], step)
     sph = best_size_scale(vol, ref, qmin=qmin, qmax=qmax)
-    out.update(sphere_size_scale=sph["scale"],
-               fringe_ratio_error=(sph["scale"] / cube["scale"]) ** 3 - 1.0)
+    ratio = (sph["scale"] / cube["scale"]) ** 3 - 1.0
+    edge = [name for name, fit in (("cube", cube), ("sphere", sph)) if fit["at_edge"]]
+    if edge:  # no optimum inside the grid: the size is unknown, not the grid's end
+        log.warning("the decoded %s's size fit stopped at its grid's edge (no fringe optimum "
+                    "in 0.9..1.1): fringe_ratio_error is NaN", " and ".join(edge))
+        ratio = float("nan")
+    out.update(sphere_size_scale=sph["scale"], fringe_ratio_error=ratio,
+               fringe_fit_at_edge=edge)
     return out
 
 
