@@ -673,7 +673,8 @@ def test_training_with_size_offsets_keeps_the_scaled_pixels_inside_the_volume(ti
 
 def test_size_correction_needs_matching_common_lines(tiny, tmp_path):
     from spiscape.errors import InputError
-    from spiscape.vae.data import read_inputs, read_pair_scales
+    from spiscape.io.commonlines import read_pair_scales
+    from spiscape.vae.data import read_inputs
 
     out, sim = tiny
     data = read_inputs(out / "averages.h5", out / "orientation.h5")
@@ -684,13 +685,13 @@ def test_size_correction_needs_matching_common_lines(tiny, tmp_path):
         f["replicate"] = data.replicate
         f["class"] = data.klass[::-1]
     with pytest.raises(InputError, match="order differs"):
-        read_pair_scales(path, data)
+        read_pair_scales(path, data.replicate, data.klass)
     with h5py.File(path, "a") as f:
         del f["class"]
         f["class"] = data.klass
         f["scales"][0, 1] = np.nan
     with pytest.raises(InputError, match="not finite"):
-        read_pair_scales(path, data)
+        read_pair_scales(path, data.replicate, data.klass)
 
 
 def test_a_population_with_a_size_spread_decodes_at_one_size_with_the_correction(tmp_path):

@@ -64,6 +64,7 @@ import numpy as np
 
 from spiscape.errors import ConfigError, InputError
 from spiscape.io import volumes as volumes_io
+from spiscape.io.commonlines import read_pair_scales
 from spiscape.io.maps import write_maps
 from spiscape.utils.args import at_least, auto_or_number, number_in
 from spiscape.utils.atomic import atomic_path
@@ -235,7 +236,7 @@ def main(args):
         if inputs.labels is None:
             raise ConfigError("--size-correction commonlines needs --embedding (its clusters "
                               "are the populations whose size spread is corrected)")
-        scales = data.read_pair_scales(args.commonlines, inputs)
+        scales = read_pair_scales(args.commonlines, inputs.replicate, inputs.klass)
         inputs.log_scale = data.size_offsets(scales, inputs.labels, inputs.selected,
                                              inputs.frames)
         d = inputs.log_scale[inputs.selected]

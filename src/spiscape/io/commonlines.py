@@ -1,6 +1,6 @@
 """The common-line files (written by ``spiscape commonlines`` and ``merge-commonlines``; the
-matrix is read by ``spiscape embed``). How the pairs are cut into tiles is
-:mod:`spiscape.commonlines.tiles`.
+matrix is read by ``spiscape embed``, the scales by ``spiscape vae --size-correction``). How
+the pairs are cut into tiles is :mod:`spiscape.commonlines.tiles`.
 
 Tile file ``commonlines/tile{k}.h5``: datasets ``i``, ``j`` (int64), ``cc``, ``angle_i``,
 ``angle_j`` (float64, radians in [0, π)) and ``scale`` (float64: the radial scale of j's lines
@@ -27,7 +27,7 @@ import h5py
 import numpy as np
 
 from spiscape.errors import InputError
-from spiscape.io.hdf5 import plain_attr
+from spiscape.io.hdf5 import open_input, plain_attr
 from spiscape.utils.atomic import atomic_path
 
 PAIR_DATASETS = ("i", "j", "cc", "angle_i", "angle_j", "scale")
@@ -103,3 +103,23 @@ def read_commonlines(path) -> np.ndarray:
     if not np.allclose(cc, cc.T, atol=1e-5):
         raise InputError(path, "cc is not symmetric")
     return cc
+
+
+def read_pair_scales(path, replicate, klass) -> np.ndarray:
+    """``scales (A, A)`` of ``commonlines.h5`` for the averages whose ``replicate`` and
+    ``klass`` (class) it must list in the same order (the VAE's size correction)."""
+    with open_input(path, "a common-line file") as f:
+        if "scales" not in f:
+            raise InputError(path, "missing dataset 'scales' (a common-line file written before "
+                                   "the size search? rerun spiscape merge-commonlines)")
+        scales = np.asarray(f["scales"][()], dtype=np.float64)
+        order = (np.asarray(f["replicate"][()]), np.asarray(f["class"][()]))
+    count = np.asarray(klass).size
+    if scales.shape != (count, count):
+        raise InputError(path, f"scales has shape {scales.shape}, the averages are {count}")
+    if not (np.array_equal(order[0], replicate) and np.array_equal(order[1], klass)):
+        raise InputError(path, "its replicate/class order differs from the averages' (made "
+                               "from another averages.h5?)")
+    if not np.all(np.isfinite(scales) & (scales > 0)):
+        raise InputError(path, "scales holds values that are not finite and positive")
+    return scales

@@ -127,35 +127,6 @@ def auto_clusters(labels: np.ndarray, frames: np.ndarray, min_fraction: float,
     return keep
 
 
-def read_pair_scales(path, data: VAEData) -> np.ndarray:
-    """``scales (A, A)`` of ``commonlines.h5`` for the averages of ``data`` (the same averages
-    in the same order: replicate and class are checked)."""
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as f:
-            got = {k: np.asarray(f[k][()]) for k in ("scales", "replicate", "class")}
-    except FileNotFoundError:
-        raise InputError(path, "no such file") from None
-    except KeyError as exc:
-        raise InputError(path, f"missing dataset {exc} (a common-line file written before the "
-                               "size search? rerun spiscape merge-commonlines)") from None
-    except OSError as exc:
-        raise InputError(path, f"not a readable HDF5 file ({exc})") from None
-    count = data.klass.size
-    if got["scales"].shape != (count, count):
-        raise InputError(path, f"scales has shape {got['scales'].shape}, the averages are "
-                               f"{count}")
-    if not (np.array_equal(got["replicate"], data.replicate)
-            and np.array_equal(got["class"], data.klass)):
-        raise InputError(path, "its replicate/class order differs from the averages' (made "
-                               "from another averages.h5?)")
-    scales = got["scales"].astype(np.float64)
-    if not np.all(np.isfinite(scales) & (scales > 0)):
-        raise InputError(path, "scales holds values that are not finite and positive")
-    return scales
-
-
 def size_offsets(scales: np.ndarray, groups: np.ndarray, selected: np.ndarray,
                  frames: np.ndarray) -> np.ndarray:
     """Per-average log size against its population's, from the common lines' size search: the

@@ -99,7 +99,8 @@ def size_scales(model, truth, ctx, cube_volume, cube_reference, sphere, mu, from
     edge = [name for name, fit in (("cube", cube), ("sphere", sph)) if fit["at_edge"]]
     if edge:  # no optimum inside the grid: the size is unknown, not the grid's end
         log.warning("the decoded %s's size fit stopped at its grid's edge (no fringe optimum "
-                    "in 0.9..1.1): fringe_ratio_error is NaN", " and ".join(edge))
+                    "in %.2f..%.2f): fringe_ratio_error is NaN", " and ".join(edge),
+                    cube["scales"][0], cube["scales"][-1])
         ratio = float("nan")
     out.update(sphere_size_scale=sph["scale"], fringe_ratio_error=ratio,
                fringe_fit_at_edge=edge)
