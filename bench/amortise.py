@@ -156,11 +156,11 @@ def phased_ratio(name: str, out_root: Path) -> dict:
     spiscape("phase", "--volumes", ends, "--out", out / "ends_phasing.h5", "--curve",
              out / "ends.csv", "--recipe", "100 DM 100 RAAR 100 ER", "--starts", 4, "--seed", 1,
              log=out_root / f"{name}_phase.log")
-    zc, vc = read_curve(out / "ends.csv")
+    zc, vc, converged = read_curve(out / "ends.csv")
     with h5py.File(data / "truth.h5", "r") as f:
         vlabel, true_v = f["volumes/label"][()], f["volumes/particle_volume_nm3"][()]
     true_ratio = true_v[vlabel == 2][0] / true_v[vlabel == 0][0]
-    if len(vc) < 2:
+    if len(vc) < 2 or not converged.all():
         return {"ratio_note": "a phasing did not converge"}
     first_is_cube = abs(zc[0] - z[0, 0]) < 1e-4
     cube, sphere = (vc[0], vc[1]) if first_is_cube else (vc[1], vc[0])

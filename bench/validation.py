@@ -26,7 +26,9 @@ with the pipeline's own scorers (``spiscape.metrics``):
 * ``cube_shell_min``: decoded cube's smallest shell CC to 0.7 q_max against the truth averaged
   over the cube frames' sizes (target 0.9);
 * ``ratio_error``: phased sphere / cube Porod volume against the truth's (target +-5 %, goal
-  +-3 %), read on the volume curve at the pure cube and sphere averages' latents;
+  +-3 %), read on the volume curve at the pure cube and sphere averages' latents; "(nc)" when
+  a reading rests on a curve point whose phasing the run flags as not converged (then not a
+  pass);
 * ``emc_purity``: mean purity of replicate 0's classes by population;
 * ``health``: the run's own health checks (``spiscape.qc.health``, no truth) and which warned;
   ``seconds``: wall time of the workflow for the dataset.
@@ -234,7 +236,8 @@ def score(name: str, data: Path, results: Path) -> dict:
         try:
             ratio = curve_ratio(res, tpath)
             out.update(ratio_error=ratio["ratio_error"], cube_error=ratio["cube_error"],
-                       sphere_error=ratio["sphere_error"])
+                       sphere_error=ratio["sphere_error"],
+                       ratio_converged=ratio["cube_converged"] and ratio["sphere_converged"])
         except SystemExit as exc:
             out["ratio_note"] = str(exc)
     reps = sorted((res / "classify2d").glob("rep*.h5"))
@@ -260,7 +263,8 @@ def passes(row: dict) -> dict:
         if value is None or not np.isfinite(value):
             ok[key] = None
         elif key == "ratio_error":
-            ok[key] = abs(value) <= target
+            # read where the run's own phasing did not converge: not a result to count
+            ok[key] = abs(value) <= target and row.get("ratio_converged", True)
         else:
             ok[key] = value >= target
     return ok
@@ -283,6 +287,8 @@ def table(rows: list[dict]) -> str:
                 cells.append("—")
                 continue
             text = fmt.format(value)
+            if key == "ratio_error" and row.get("ratio_converged") is False:
+                text += " (nc)"
             cells.append(text + (" ✗" if ok.get(key) is False else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -307,7 +313,9 @@ def compare_table(paths: list[str]) -> str:
             values = [rows[n].get(key) for n in names]
             values = [np.nan if v is None else float(v) for v in values]
             summary = (np.nanmean(np.abs(values)) if key == "ratio_error" else np.nanmean(values))
-            per_set = " ".join(fmt.format(v) for v in values)
+            per_set = " ".join(fmt.format(v) + (
+                "nc" if key == "ratio_error" and rows[n].get("ratio_converged") is False else "")
+                for v, n in zip(values, names, strict=True))
             cells.append(f"{'mean |·| ' if key == 'ratio_error' else 'mean '}"
                          f"{fmt.format(summary).lstrip('+')} ({per_set})")
             passed.append(f"{key} {sum(bool(passes(rows[n]).get(key)) for n in names)}")

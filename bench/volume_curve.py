@@ -28,16 +28,29 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 
-def read_curve(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """z0 and volume of the curve's converged points (phasing that did not converge is not a
-    volume to read), sorted by z0."""
-    rows = [r for r in csv.DictReader(path.open()) if r.get("converged", "1") != "0"]
+def read_curve(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """z0, volume and the converged flag of every point of the curve, sorted by z0."""
+    rows = list(csv.DictReader(path.open()))
     if not rows:
-        raise SystemExit(f"{path}: no converged point on the volume curve")
+        raise SystemExit(f"{path}: an empty volume curve")
     z = np.array([float(r["z0"]) for r in rows])
     v = np.array([float(r["volume_nm3"]) for r in rows])
+    converged = np.array([r.get("converged", "1") != "0" for r in rows])
     order = np.argsort(z)
-    return z[order], v[order]
+    return z[order], v[order], converged[order]
+
+
+def reading_converged(z: np.ndarray, converged: np.ndarray, at: float) -> bool:
+    """Whether the curve read at latent ``at`` rests on converged phasing: ``at`` lies within
+    the curve and the one or two points it is interpolated between converged. (Reading only
+    the converged points instead would clamp a latent beyond them to the last converged
+    point's volume: the matrix once scored the sphere at a melting state's volume that way.)"""
+    if not z[0] <= at <= z[-1]:
+        return False
+    right = int(np.searchsorted(z, at))
+    used = {min(right, z.size - 1), max(right - 1, 0)} if z[min(right, z.size - 1)] != at \
+        else {right}
+    return bool(all(converged[k] for k in used))
 
 
 def curve_ratio(res: Path, truth: Path | None = None, curve: Path | None = None) -> dict:
@@ -50,7 +63,7 @@ def curve_ratio(res: Path, truth: Path | None = None, curve: Path | None = None)
     for key in ("cube_latent", "sphere_latent"):
         if key not in scores:
             raise SystemExit(f"{res / 'vae/training.json'}: no {key} (train with --truth)")
-    z, v = read_curve(curve or res / "volume_curve.csv")
+    z, v, converged = read_curve(curve or res / "volume_curve.csv")
     with h5py.File(truth or res / "data/truth.h5", "r") as f:
         label = f["volumes/label"][()]
         true_v = f["volumes/particle_volume_nm3"][()]
@@ -69,6 +82,10 @@ def curve_ratio(res: Path, truth: Path | None = None, curve: Path | None = None)
         "ratio": vs / vc, "true_ratio": true_sphere / true_cube,
         "ratio_error": (vs / vc) / (true_sphere / true_cube) - 1.0,
         "trend_spearman": trend,
+        # phasing the run itself flags (no two starts agree, or a support error far above the
+        # curve's) is not a volume to trust: the matrix counts such a ratio as a miss
+        "cube_converged": reading_converged(z, converged, zc),
+        "sphere_converged": reading_converged(z, converged, zs),
         "spearman_mu0_t": scores.get("spearman_mu0_t"),
         "cube_shell_cc_min": scores.get("cube_shell_cc_min"),
         # phasing-free check: the decoded volumes' sizes read from their fringes (vae scores)
