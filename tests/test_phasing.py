@@ -192,6 +192,33 @@ def test_porod_volume_of_a_blurred_particle_corrects_the_envelope():
     assert corrected == pytest.approx(true, rel=0.04)
 
 
+def test_shared_envelope_is_the_curves_and_serves_each_volume():
+    """A curve whose volumes share one blur, one of them also falling faster at high q (what a
+    shape or a partial fringe does to one volume's own estimate): the curve's envelope is the
+    common blur, and each volume's Porod reading uses it."""
+    from spiscape.phasing.volume import porod_envelope, porod_voxels, shared_envelope
+
+    n, q_max = 48, 21
+    _, sphere_i = analytic_intensities()
+    measured = measured_shell_mask(sphere_i.shape, 3, q_max)
+    r = np.linalg.norm(np.indices(sphere_i.shape) - n // 2, axis=0)
+    s2 = (1.0 / 15.0) ** 2
+    blurred = sphere_i * np.exp(-s2 * r ** 2)
+    steeper = sphere_i * np.exp(-3 * s2 * r ** 2)
+    curve = np.stack([steeper, blurred, np.where(measured, blurred, np.nan)])
+    shared = shared_envelope(curve, measured)
+    assert shared == pytest.approx(porod_envelope(blurred, measured, r, q_max))
+    assert shared == pytest.approx(s2, rel=0.25)
+    density = np.fft.fftshift(np.fft.ifftn(np.fft.ifftshift(np.sqrt(steeper)))).real
+    used = porod_voxels(density, steeper, measured, envelope_s2=shared)
+    assert used["envelope_s2"] == shared
+    assert porod_voxels(density, steeper, measured)["envelope_s2"] > 2 * shared
+    with pytest.raises(ConfigError, match="s\\^2"):
+        porod_voxels(density, steeper, measured, envelope_s2=-1.0)
+    with pytest.raises(ConfigError, match="stack"):
+        shared_envelope(blurred[0, 0], measured[0, 0])
+
+
 def test_porod_volume_needs_intensities():
     with pytest.raises(ConfigError, match="porod"):
         particle_volume_nm3(np.ones((8, 8, 8)), 0.1, "porod")
@@ -235,6 +262,7 @@ def test_cli_phase_volumes_and_errors(tmp_path, capsys):
         assert f["volume"].shape == (2,) and f["prtf"].shape[0] == 2
         assert f.attrs["recipe"] == "20 DM 20 ER"
         assert f["converged"].dtype == bool and f["starts_averaged"][()].min() >= 1
+        assert f.attrs["porod_envelope_s2"] >= 0  # the curve's one envelope
         vol = f["volume"][()]
     assert vol[1] == pytest.approx(vol[0], rel=0.05)  # intensity scale does not change volume
     rows = list(csv.DictReader(open(curve)))

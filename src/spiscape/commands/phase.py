@@ -62,6 +62,7 @@ from spiscape.phasing.volume import (
     DEFAULT_SMOOTHING,
     RULES,
     particle_volume_nm3,
+    shared_envelope,
     voxel_size_nm,
 )
 from spiscape.utils.args import at_least, number_in
@@ -228,10 +229,17 @@ def main(args):
     rule = args.volume_rule or ("porod" if args.volumes else DEFAULT_RULE)
     fraction = args.mass_fraction if rule == "mass" else args.threshold_fraction
     results, volumes, seconds, methods = [], [], [], []
+    # one Porod envelope for the whole curve: the blur is common to its volumes, one volume's
+    # own estimate also reads its shape (spiscape.phasing.volume)
+    envelope_s2 = shared_envelope(intens, measured) if rule == "porod" else None
+    if envelope_s2 is not None:
+        log.info("Porod envelope exp(-s^2 q^2) shared by the %d volumes: s^2 %.3g voxels^-2",
+                 intens.shape[0], envelope_s2)
 
     def volume_of(res, k):
         return (particle_volume_nm3(res.signed_density, dq, rule, fraction, args.smoothing,
-                                    intens=intens[k], measured=measured) if dq else float("nan"))
+                                    intens=intens[k], measured=measured,
+                                    envelope_s2=envelope_s2) if dq else float("nan"))
 
     for k in range(intens.shape[0]):
         start = time.perf_counter()
@@ -288,6 +296,7 @@ def main(args):
         "volume_rule": rule,
         "threshold_fraction": -1.0 if fraction is None else float(fraction),
         "voxel_size_nm": voxel, "q_per_voxel_inv_nm": dq if dq else np.nan,
+        "porod_envelope_s2": np.nan if envelope_s2 is None else envelope_s2,
         "q_min_voxels": q_min, "q_max_voxels": q_max, "smoothing_voxels": args.smoothing,
         "mode": "3d" if args.volumes else "2d",
         "source": str(args.volumes or args.averages),

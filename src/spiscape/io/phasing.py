@@ -15,7 +15,8 @@ iterative), ``phaser_sha256``, ``recipe``, ``starts``, ``seed``, ``volume_rule``
 ``threshold_fraction``,
 ``voxel_size_nm``, ``q_per_voxel_inv_nm``, ``q_min_voxels``, ``q_max_voxels``,
 ``smoothing_voxels``, ``mode`` ("3d"/"2d"), ``source``, ``params`` (JSON),
-``seconds_per_pattern``.
+``seconds_per_pattern``, ``porod_envelope_s2`` (voxels⁻², the Porod rule's envelope shared by
+the file's patterns, NaN for other rules; absent in files written before 2026-12-07).
 
 ``volume_curve.csv``: the volume along the latent, one row per pattern (see
 :func:`write_curve`).
