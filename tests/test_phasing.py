@@ -338,6 +338,42 @@ def test_retries_lower_the_shrinkwrap_threshold_and_change_the_seed():
     assert len({base.seed, first.seed, second.seed}) == 3
 
 
+def test_an_outlier_reproduced_by_an_independent_phasing_is_a_solution():
+    """A pattern whose support error stays an outlier after its retries is kept as converged
+    when another phasing with other seeds lands on the same density (its intensities are not
+    one object's, e.g. blurred fringes), not when the other phasing differs, did not converge
+    itself, or the volume is outside a factor 2 of the curve's (a collapsed support)."""
+    from types import SimpleNamespace
+
+    from spiscape.phasing import densities_agree, reproduced
+    from spiscape.phasing.algorithms import independent_params, retry_params
+
+    n = 24
+    cube = cube_density(6.0, n, 1.0)
+    twin_shifted = np.roll(cube[::-1, ::-1, ::-1], (3, -2, 1), axis=(0, 1, 2))
+    agree, cc = densities_agree(cube, twin_shifted, 0.8)
+    assert agree and cc > 0.99
+    other_shape = sphere_density(3.0, n, 1.0) + np.roll(sphere_density(3.0, n, 1.0), 8, axis=0)
+    assert not densities_agree(cube, other_shape, 0.8)[0]
+
+    def result(density, converged=True):
+        return SimpleNamespace(density=density, converged=converged)
+
+    first = result(cube)
+    same, different = result(twin_shifted), result(other_shape)
+    assert reproduced(first, [first, different, same], 100.0, 110.0, 0.8) > 0.99
+    assert reproduced(first, [first, different], 100.0, 110.0, 0.8) is None
+    assert reproduced(first, [first], 100.0, 110.0, 0.8) is None  # not against itself
+    assert reproduced(first, [first, result(twin_shifted, False)], 100.0, 110.0, 0.8) is None
+    assert reproduced(result(cube, False), [same], 100.0, 110.0, 0.8) is None
+    assert reproduced(first, [same], 11.0, 110.0, 0.8) is None  # collapsed alike
+    assert reproduced(first, [same], 100.0, float("nan"), 0.8) > 0.99
+    base = PhasingParams(seed=3)
+    check = independent_params(base)
+    assert check.seed not in {base.seed} | {retry_params(base, a).seed for a in (1, 2, 3)}
+    assert check.shrinkwrap_threshold == base.shrinkwrap_threshold
+
+
 def test_a_retry_replaces_a_collapsed_result_not_a_sound_volume():
     from spiscape.phasing.algorithms import Phaser, PhasingParams, retry_replaces
 

@@ -39,11 +39,18 @@ from spiscape.io.averages import read_averages
 from spiscape.io.maps import write_maps
 from spiscape.io.phasing import write_curve, write_phasing
 from spiscape.io.volumes import read_volumes
-from spiscape.phasing import PhasingParams, measured_shell_mask, parse_recipe, phase_pattern
+from spiscape.phasing import (
+    PhasingParams,
+    measured_shell_mask,
+    parse_recipe,
+    phase_pattern,
+    reproduced,
+)
 from spiscape.phasing.algorithms import (
     DEFAULT_RECIPE,
     STAGNATION_RETRIES,
     final_error,
+    independent_params,
     retry_params,
     retry_replaces,
     stagnated,
@@ -263,22 +270,35 @@ def main(args):
         # every start of a batch can stagnate alike (they agree with each other, so the
         # agreement rule passes) in a solution whose support error is several times that of the
         # curve's other patterns and whose F(0) is far too small
+        phasings = [results[k]]
         for attempt in range(1, STAGNATION_RETRIES + 1):
             retry = phase_pattern(intens[k], retry_params(params, attempt), xp=xp,
                                   measured=measured)
             volume = volume_of(retry, k)
+            phasings.append(retry)
             if retry_replaces(final_error(results[k]), volumes[k], final_error(retry), volume,
                               typical):
                 results[k], volumes[k], methods[k] = retry, volume, "iterative"
             if k not in stagnated(results):
                 break
         still = k in stagnated(results)
+        cc = None
         if still:
+            # an outlier error that an independent phasing (the run's settings, other seeds)
+            # reproduces is the intensities' own, not a stagnation
+            phasings.append(phase_pattern(intens[k], independent_params(params), xp=xp,
+                                          measured=measured))
+            cc = reproduced(results[k], phasings, volumes[k], typical, params.agree_cc, xp=xp)
+        if still and cc is None:
             results[k] = replace(results[k], converged=False)
+        outcome = ("" if not still else " (still an outlier: NOT CONVERGED)" if cc is None else
+                   f" (still an outlier, but another phasing lands on the same density, aligned "
+                   f"CC {cc:.2f}: kept as converged; the intensities there are not one "
+                   f"object's)")
         log.warning("pattern %d/%d: support error an outlier of the curve's; phased again "
-                    "(other seeds, lower shrink-wrap threshold): "
+                    "(other seeds, lower shrink-wrap threshold; then other seeds alone): "
                     "error %.2g, volume %.4g%s", k + 1, intens.shape[0], final_error(results[k]),
-                    volumes[k], " (still an outlier: NOT CONVERGED)" if still else "")
+                    volumes[k], outcome)
     voxel = voxel_size_nm(shape[-1], dq) if dq else float("nan")
     n_shells = max(r.prtf.size for r in results)
     prtf = np.full((len(results), n_shells), np.nan)

@@ -36,12 +36,14 @@ _ROUND_SEED = 1_000_003  # seed offset of each further batch of starts
 __all__ = [
     "DEFAULT_RECIPE",
     "agreeing",
+    "densities_agree",
     "PhasingParams",
     "PhasingResult",
     "measured_shell_mask",
     "parse_recipe",
     "phase_from_start",
     "phase_pattern",
+    "reproduced",
 ]
 
 
@@ -176,6 +178,42 @@ def agreeing(xp, aligned, threshold: float) -> np.ndarray:
     out = cc >= threshold
     out[0] = True
     return out
+
+
+def densities_agree(a, b, threshold: float, xp=np) -> tuple[bool, float]:
+    """Whether two phased densities of one pattern are the same solution: Pearson CC >=
+    ``threshold`` once ``b`` is aligned to ``a`` (shift and twin, as starts are); and the CC."""
+    aligned, _, _, _ = align_starts(xp, xp.stack([xp.asarray(a, dtype=xp.float32),
+                                                  xp.asarray(b, dtype=xp.float32)]))
+    flat = to_numpy(aligned).reshape(2, -1).astype(np.float64)
+    flat = flat - flat.mean(axis=1, keepdims=True)
+    cc = float(flat[0] @ flat[1] / max(np.sqrt((flat[0] @ flat[0]) * (flat[1] @ flat[1])),
+                                         1e-30))
+    return cc >= threshold, cc
+
+
+def reproduced(result: PhasingResult, others, volume: float, typical: float,
+               threshold: float, xp=np) -> float | None:
+    """Whether a pattern whose support error stays an outlier of its curve after re-phasing is
+    nevertheless a solution: its own starts agree (``converged``), another phasing of it that
+    converged (other seeds: :func:`spiscape.phasing.algorithms.independent_params`) lands on
+    the same density (:func:`densities_agree`), and its volume is within a factor 2 of the
+    curve's ``typical`` one (a collapsed support holds a tenth of the particle, and starts can
+    collapse alike). Then the high error is the intensities' own: the decoded intensities at
+    that latent are not one object's (blurred fringes), not a stagnated phasing. Returns the
+    best aligned CC with such a phasing, None when not reproduced."""
+    if not result.converged or not (np.isfinite(volume) and volume > 0):
+        return None
+    if np.isfinite(typical) and typical > 0 and not 0.5 * typical <= volume <= 2.0 * typical:
+        return None
+    best = None
+    for other in others:
+        if other is result or not other.converged:
+            continue
+        agree, cc = densities_agree(result.density, other.density, threshold, xp=xp)
+        if agree and (best is None or cc > best):
+            best = cc
+    return best
 
 
 def _integer_shift(before, after):
