@@ -1,7 +1,9 @@
 """The volume step's own error on the validation matrix: the truth's intensities phased.
 
-For each dataset, the true cube and sphere intensities, averaged over the sizes of that
-population's frames (:func:`spiscape.metrics.volumes.size_averaged`: what a perfect decoder would
+For each dataset, the true cube and sphere intensities at the mean size of that population's
+frames (what a perfect decoder gives since each average is sliced at its own size,
+``vae.options.size_correction: commonlines``; ``--sizes spread``: averaged over the frames'
+sizes, :func:`spiscape.metrics.volumes.size_averaged`, what a decoder without it would at best
 give), are cut to the VAE's grid and measured shells (``vae/volumes.h5``: its q per voxel,
 ``q_min_measured``, ``q_max_measured``) and phased by ``spiscape phase`` with the workflow's
 phase options (``config/config.yaml``), exactly as the VAE's volumes are. The sphere / cube
@@ -13,6 +15,7 @@ number of voxels, its q step f = (the detector's largest |q| of a used pixel) / 
 q_max_measured) detector pixels (at least 1), the truth resampled onto it by cubic splines.
 
     .venv/bin/python bench/volume_floor.py [--datasets demo df64 ...] [--grid detector]
+        [--sizes mean|spread]
 
 Needs each dataset's workflow results (``bench/validation.py``; the demo's ``make run``). Writes
 ``bench/results/volume_floor.json`` and prints a table.
@@ -42,12 +45,15 @@ MATRIX = ("demo", "df64", "df128b2", "df96low", "df80contam", "df128low", "sim72
           "sim64spread")
 
 
-def locate(name: str) -> tuple[Path, Path]:
-    """(workflow results folder, truth.h5) of a matrix dataset."""
-    if name == "demo":
+def locate(name: str, root: Path | None = None) -> tuple[Path, Path]:
+    """(workflow results folder, truth.h5) of a matrix dataset; ``root`` the matrix's results
+    (default bench/results/validation; the demo's own run otherwise)."""
+    if name == "demo" and root is None:
         return REPO / "results/demo", REPO / "results/demo/data/truth.h5"
-    return (HERE / "results/validation" / name,
-            HERE / "data/validation" / name / "truth.h5")
+    root = HERE / "results/validation" if root is None else root
+    if name == "demo":
+        return root / name, root / name / "data/truth.h5"
+    return root / name, HERE / "data/validation" / name / "truth.h5"
 
 
 def phase_flags() -> list[str]:
@@ -66,9 +72,10 @@ def detector_q_max(results: Path, name: str) -> float:
 
 
 def truth_intensities(attrs: dict, size: int, truth_path: Path, work: Path,
-                      step: float = 1.0) -> tuple[Path, dict]:
-    """A volumes file (z 0: cube, 1: sphere) of the truth's size-averaged intensities on the
-    VAE's size³ grid (``attrs``: its volumes' attributes; its q step times ``step``, the same
+                      step: float = 1.0, spread: bool = False) -> tuple[Path, dict]:
+    """A volumes file (z 0: cube, 1: sphere) of the truth's intensities at its frames' mean
+    size (``spread``: averaged over their sizes) on the VAE's size³ grid (``attrs``: its
+    volumes' attributes; its q step times ``step``, the same
     measured shells in q), and the truth's particle volumes."""
     from spiscape.io.truth import read_truth
     from spiscape.io.volumes import write_volumes
@@ -83,10 +90,13 @@ def truth_intensities(attrs: dict, size: int, truth_path: Path, work: Path,
         label = names.index(shape)
         index = int(np.flatnonzero(volume_label == label)[0])
         sizes = np.asarray(truth.frames["size"])[labels == label]
+        sizes = sizes if spread else np.array([float(np.mean(sizes))])
         intens = size_averaged(np.asarray(truth.volumes[index], dtype=np.float64), sizes)
+        # the particle at the mean size holds mean³ of the nominal volume
+        scale = 1.0 if spread else float(sizes[0]) ** 3
         stack.append(on_grid(intens, size, step) if intens.shape[0] > size or step != 1.0
                      else intens)
-        volumes[shape] = float(true_volume[index])
+        volumes[shape] = float(true_volume[index]) * scale
     path = work / "truth_volumes.h5"
     # a coarser step spans the detector up to the grid's edge: q_max_measured stays in voxels
     write_volumes(path, np.array([0.0, 1.0]), np.stack(stack), np.ones(2, dtype=bool),
@@ -96,8 +106,9 @@ def truth_intensities(attrs: dict, size: int, truth_path: Path, work: Path,
     return path, volumes
 
 
-def floor(name: str, grid: str = "vae") -> dict:
-    results, truth_path = locate(name)
+def floor(name: str, grid: str = "vae", spread: bool = False,
+          root: Path | None = None) -> dict:
+    results, truth_path = locate(name, root)
     with h5py.File(results / "vae/volumes.h5", "r") as f:
         attrs, size = dict(f.attrs), f["intens"].shape[1]
     step = 1.0
@@ -105,7 +116,7 @@ def floor(name: str, grid: str = "vae") -> dict:
         step = max(1.0, detector_q_max(results, name) / float(attrs["q_max_measured"]))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        volumes_file, true = truth_intensities(attrs, size, truth_path, work, step)
+        volumes_file, true = truth_intensities(attrs, size, truth_path, work, step, spread)
         out = work / "phasing.h5"
         proc = subprocess.run([sys.executable, "-m", "spiscape", "phase", "--volumes",
                                str(volumes_file), "--out", str(out), *phase_flags()],
@@ -117,7 +128,8 @@ def floor(name: str, grid: str = "vae") -> dict:
             methods = [m.decode() if isinstance(m, bytes) else str(m) for m in f["method"][()]]
             converged = f["converged"][()].tolist()
     cube, sphere = float(phased[0]), float(phased[1])
-    row = {"dataset": name, "grid": grid, "q_step": step, "methods": methods,
+    row = {"dataset": name, "grid": grid, "q_step": step, "sizes": "spread" if spread else "mean",
+           "methods": methods,
            "converged": converged,
            "cube_error": cube / true["cube"] - 1, "sphere_error": sphere / true["sphere"] - 1,
            "ratio_error": (sphere / cube) / (true["sphere"] / true["cube"]) - 1}
@@ -134,6 +146,11 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=list(MATRIX))
     parser.add_argument("--grid", default="vae", choices=["vae", "detector"],
                         help="the VAE's grid, or one with as many voxels spanning the detector")
+    parser.add_argument("--results", default=None,
+                        help="the matrix's results folder (default bench/results/validation, "
+                        "the demo's results/demo), e.g. a sweep's")
+    parser.add_argument("--sizes", default="mean", choices=["mean", "spread"],
+                        help="the truth at its frames' mean size, or averaged over their sizes")
     parser.add_argument("--json", default=None,
                         help="default bench/results/volume_floor[_detector].json")
     args = parser.parse_args()
@@ -142,7 +159,8 @@ def main() -> None:
     rows = []
     for name in args.datasets:
         print(f"[volume_floor] {name}", flush=True)
-        rows.append(floor(name, args.grid))
+        rows.append(floor(name, args.grid, args.sizes == "spread",
+                          Path(args.results).resolve() if args.results else None))
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"rows": rows}, indent=1))
     print("| set | q step (pixels) | phasing | truth phased: cube | sphere | sphere / cube | "

@@ -291,12 +291,14 @@ def main(args):
             cc = reproduced(results[k], phasings, volumes[k], typical, params.agree_cc, xp=xp)
         if still and cc is None:
             results[k] = replace(results[k], converged=False)
-        outcome = ("" if not still else " (still an outlier: NOT CONVERGED)" if cc is None else
-                   f" (still an outlier, but another phasing lands on the same density, aligned "
-                   f"CC {cc:.2f}: kept as converged; the intensities there are not one "
-                   f"object's)")
+        outcome = ("" if not still else
+                   " (still an outlier, and a phasing at the run's settings with other seeds "
+                   "lands elsewhere: NOT CONVERGED)" if cc is None else
+                   f" (still an outlier, but a phasing at the run's settings with other seeds "
+                   f"lands on the same density, aligned CC {cc:.2f}: kept as converged; the "
+                   f"intensities there are not one object's)")
         log.warning("pattern %d/%d: support error an outlier of the curve's; phased again "
-                    "(other seeds, lower shrink-wrap threshold; then other seeds alone): "
+                    "(other seeds, lower shrink-wrap threshold): "
                     "error %.2g, volume %.4g%s", k + 1, intens.shape[0], final_error(results[k]),
                     volumes[k], outcome)
     voxel = voxel_size_nm(shape[-1], dq) if dq else float("nan")

@@ -20,12 +20,11 @@
                        q^4 I over the outer shells and hide the blur; the one or two fringes of
                        a small sphere there lower or raise it with their phase). Each volume's
                        own estimate moved the sphere / cube ratio of the validation matrix by up
-                       to -25 % (``df128b2``: the sphere end read s^2 0.0023, the cube end 0,
-                       where the decoded sizes agree with the truth's within 0.1 %). Only the
-                       phased
-                       density's low-q part enters, which every random start agrees on; the
-                       plateau and edges, which differ from start to start when the
-                       intensities are not those of one
+                       to 25 points (``df128b2`` -21 % against +4 %: the sphere end read
+                       s^2 0.0023, the cube end 0, where the decoded sizes agree with the
+                       truth's within 0.1 %). Only the phased density's low-q part enters,
+                       which every random start agrees on; the plateau and edges, which
+                       differ from start to start when the intensities are not those of one
                        object (the blurred fringes of a size spread, an imperfect decoder), do
                        not. On the simulator's truth volumes (61^3, |q| in [3.16, 29] voxels):
                        cube +0.8 %, sphere +0.5 %; the same intensities averaged over a 3 % size
