@@ -30,7 +30,8 @@ orientation_cc    median CC of the averages the VAE trained on with      < 0.6
                   reference or size_nm)
 phasing           share of the volume curve's points whose phasing       < 0.8
                   converged (starts agree, support error not an
-                  outlier of the curve's)
+                  outlier of the curve's, or an outlier that an
+                  independent phasing reproduces)
 volume_range      largest / smallest phased volume along the curve       > 2
                   (converged points): a continuous latent does not
                   double a particle's volume (on the validation matrix
