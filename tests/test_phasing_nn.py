@@ -25,7 +25,7 @@ from spiscape.phasing.synth import KINDS, SynthSettings, cubic_average, sample
 from spiscape.phasing.training import TrainPhaserConfig, train
 from spiscape.phasing.volume import particle_volume_nm3
 from spiscape.simulate.intensity import fft_intensity
-from spiscape.simulate.shapes import sphere_density
+from spiscape.simulate.shapes import cube_density, sphere_density
 
 TINY = SynthSettings(grid=21, size_min=0.2, size_max=0.35)
 
@@ -271,3 +271,20 @@ def test_refinement_on_cupy_matches_numpy(cupy):
                             reference=start, agree_sigma=1.0) for xp in (np, cupy)]
     assert out[0].converged == out[1].converged
     assert np.corrcoef(out[0].density.ravel(), out[1].density.ravel())[0, 1] > 0.999
+
+
+@pytest.mark.gpu
+def test_densities_agree_on_cupy_matches_numpy(cupy):
+    """The independent-phasing check (spiscape phase keeps a reproduced outlier) aligns on the
+    run's array module: the same CC on CuPy as on NumPy, for the same density and another."""
+    from spiscape.phasing import densities_agree
+
+    n = 24
+    cube = cube_density(6.0, n, 1.0).astype(np.float32)
+    moved = np.roll(cube[::-1, ::-1, ::-1], (3, -2, 1), axis=(0, 1, 2))
+    other = sphere_density(4.0, n, 1.0).astype(np.float32)
+    for b in (moved, other):
+        host = densities_agree(cube, b, 0.8)
+        device = densities_agree(cupy.asarray(cube), cupy.asarray(b), 0.8, xp=cupy)
+        assert host[0] == device[0]
+        assert device[1] == pytest.approx(host[1], abs=1e-4)
