@@ -47,10 +47,9 @@ def reading_converged(z: np.ndarray, converged: np.ndarray, at: float) -> bool:
     point's volume: the matrix once scored the sphere at a melting state's volume that way.)"""
     if not z[0] <= at <= z[-1]:
         return False
-    right = int(np.searchsorted(z, at))
-    used = {min(right, z.size - 1), max(right - 1, 0)} if z[min(right, z.size - 1)] != at \
-        else {right}
-    return bool(all(converged[k] for k in used))
+    right = int(np.searchsorted(z, at))  # the first point at or beyond ``at``
+    used = [right] if z[right] == at else [right - 1, right]
+    return bool(converged[used].all())
 
 
 def curve_ratio(res: Path, truth: Path | None = None, curve: Path | None = None) -> dict:

@@ -168,14 +168,18 @@ def select_starts(final_errors, starts: int, factor: float = 2.0) -> np.ndarray:
     return order[err[order] <= factor * best + 1e-6]
 
 
-def agreeing(xp, aligned, threshold: float) -> np.ndarray:
-    """Which aligned starts (the reference first) agree with the reference: Pearson CC of the
-    densities >= ``threshold``. The reference always agrees with itself."""
+def reference_cc(xp, aligned) -> np.ndarray:
+    """Pearson CC of each aligned density (the reference first) with the reference."""
     flat = aligned.reshape(aligned.shape[0], -1)
     flat = flat - flat.mean(axis=1, keepdims=True)
     norm = xp.sqrt(xp.sum(flat * flat, axis=1))
-    cc = to_numpy(flat @ flat[0] / xp.maximum(norm * norm[0], 1e-30))
-    out = cc >= threshold
+    return to_numpy(flat @ flat[0] / xp.maximum(norm * norm[0], 1e-30))
+
+
+def agreeing(xp, aligned, threshold: float) -> np.ndarray:
+    """Which aligned starts (the reference first) agree with the reference: Pearson CC of the
+    densities >= ``threshold``. The reference always agrees with itself."""
+    out = reference_cc(xp, aligned) >= threshold
     out[0] = True
     return out
 
@@ -185,10 +189,7 @@ def densities_agree(a, b, threshold: float, xp=np) -> tuple[bool, float]:
     ``threshold`` once ``b`` is aligned to ``a`` (shift and twin, as starts are); and the CC."""
     aligned, _, _, _ = align_starts(xp, xp.stack([xp.asarray(a, dtype=xp.float32),
                                                   xp.asarray(b, dtype=xp.float32)]))
-    flat = to_numpy(aligned).reshape(2, -1).astype(np.float64)
-    flat = flat - flat.mean(axis=1, keepdims=True)
-    cc = float(flat[0] @ flat[1] / max(np.sqrt((flat[0] @ flat[0]) * (flat[1] @ flat[1])),
-                                         1e-30))
+    cc = float(reference_cc(xp, aligned)[1])
     return cc >= threshold, cc
 
 
