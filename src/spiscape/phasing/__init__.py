@@ -142,9 +142,8 @@ def phase_from_start(intens, params: PhasingParams, start, support, xp=np, measu
         pair = xp.stack([aligned[0], xp.asarray(reference, dtype=aligned.dtype)])
         if agree_sigma > 0:
             pair = ph.blur(pair, agree_sigma)
-        both, _, _, _ = align_starts(xp, pair)
         threshold = params.agree_cc if agree_cc is None else agree_cc
-        converged = bool(agreeing(xp, both, threshold)[1])
+        converged = densities_agree(pair[0], pair[1], threshold, xp=xp)[0]
     res = result_from_aligned(xp, kept, s, aligned, specs, inverted, e, intens, measured,
                               converged=converged, rounds=1)
     if len(kept) == 1:  # the PRTF of one start is only its Fourier-magnitude fit
