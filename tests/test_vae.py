@@ -268,6 +268,8 @@ def test_cli_runs_and_rejects_mismatched_orientation(tiny, tmp_path, capsys):
                      str(tmp_path / "p"), "--refine-poses", "--pose-lr", "0"])
     assert main(args + ["--orientation", str(out / "orientation.h5"), "--out-dir",
                         str(tmp_path / "m"), "--emc-merge"]) == 2  # needs --replicates
+    assert main(args + ["--orientation", str(out / "orientation.h5"), "--out-dir",
+                        str(tmp_path / "f"), "--frame-latent", "posterior"]) == 2  # --photons
     capsys.readouterr()
     for extra in ([], ["--commonlines", str(out / "averages.h5")]):  # each needs the other
         assert main(args + ["--orientation", str(out / "orientation.h5"), "--out-dir",

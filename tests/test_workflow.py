@@ -126,6 +126,8 @@ def test_three_datasets_end_to_end_and_partial_reruns(tmp_path, env_with_venv_pa
     with h5py.File(tmp_path / "results/sim/frames.h5") as f:
         assert f["clpca"].shape[0] == 60 and f["label"].shape == (60,)
         assert np.isfinite(f["latent"][:, 0]).any()  # the VAE's per-frame latents
+    with h5py.File(tmp_path / "results/sim/vae/frame_latent.h5") as f:  # each frame's own
+        assert f.attrs["method"] == "posterior" and f["latent_sd"].shape == f["latent"].shape
     with h5py.File(tmp_path / "results/sim2/frames.h5") as f:
         assert np.isnan(f["latent"][()]).all()  # vae: run: false
     assert not (tmp_path / "results/sim2/vae").exists()

@@ -11,6 +11,7 @@ rule vae:
         embedding=f"{RESULTS}/{{ds}}/embedding.h5",
         commonlines=f"{RESULTS}/{{ds}}/commonlines.h5",
         replicates=replicate_files,
+        photons=photons_input,
         detector=detector_input,
         truth=truth_input,
     output:
@@ -43,7 +44,8 @@ rule vae:
     shell:
         "{params.launcher} vae --averages {input.averages:q} --orientation {input.orientation:q} "
         "--detector {input.detector:q} --embedding {input.embedding:q} "
-        "--commonlines {input.commonlines:q} --replicates {input.replicates:q} {params.geometry} "
+        "--commonlines {input.commonlines:q} --replicates {input.replicates:q} "
+        "--photons {input.photons:q} {params.geometry} "
         "--out-dir {params.out_dir:q} --figure-dir {output.figures:q} {params.flags} --resume "
         "2> {log:q}"
 

@@ -15,7 +15,9 @@ latent.h5 (mu, logvar of every average), volumes.h5 (z, intens at --num-volumes 
 the latent range, has_data), volumes/intensity_*.mrc (reciprocal space) with z_values.txt,
 training.json (loss and convergence history, scores), figures (volumes.png, latent_hist.png,
 loss.png, convergence.png), and with --replicates
-frame_latent.h5 (per-frame latent from the averages trained on, NaN where never assigned).
+frame_latent.h5 (per-frame latents, NaN where a frame is in no trained average: with --photons each
+frame's posterior mean under the decoder, spiscape.vae.frame_posterior; else the mean latent of
+its classes' averages).
 Under torchrun the training is DistributedDataParallel (nccl on GPU, gloo on CPU); rank 0 writes.
 
 Pose refinement (--refine-poses): each average trained on gets a small rotation (axis-angle,
@@ -109,6 +111,20 @@ def add_args(parser):
                         "--size-correction commonlines")
     g.add_argument("--replicates", nargs="+", default=None,
                    help="classify2d rep*.h5: write the per-frame latents frame_latent.h5")
+    g.add_argument("--photons", nargs="+", default=None,
+                   help="the dataset's photon files: with --replicates, each frame's latent is "
+                        "its own posterior under the decoder (--frame-latent)")
+    g.add_argument("--frame-latent", default="auto", choices=["auto", "posterior", "classes"],
+                   help="per-frame latents: 'posterior' (each frame's photons scored against "
+                        "the decoder at its candidate classes' orientations; needs --photons), "
+                        "'classes' (the mean latent of its classes' averages); auto: posterior "
+                        "when --photons is given")
+    g.add_argument("--frame-latent-points", type=at_least(3), default=21,
+                   help="latent grid points of the per-frame posterior (zdim 2: a grid of "
+                        "about this many)")
+    g.add_argument("--frame-size-range", type=number_in(0, 0.5), default=0.08,
+                   help="the per-frame posterior sums over the frame's size from 1 - r to 1 + r "
+                        "times its class's in 5 steps (0: its class's size only)")
     g.add_argument("--num-frames", type=at_least(1), default=None,
                    help="frames in the dataset (default: the largest frame index + 1)")
     g.add_argument("--truth", default=None,
@@ -278,6 +294,8 @@ def main(args):
     if args.emc_merge and cfg.q_step != 1.0:
         raise ConfigError("--emc-merge needs --q-step 1 (the EMC merged on the detector's "
                           "pixel grid)")
+    if args.frame_latent == "posterior" and not (args.photons and args.replicates):
+        raise ConfigError("--frame-latent posterior needs --photons and --replicates")
     if args.emc_merge and not args.replicates:
         raise ConfigError("--emc-merge needs --replicates (the EMC's angles and pixels)")
     if args.emc_merge:
@@ -339,8 +357,16 @@ def main(args):
         # mixed frames are renormalised over the kept classes
         latent = analysis.frame_latents(args.replicates, inputs.replicate[sel],
                                         inputs.klass[sel], mu[sel], num_frames)
-        volumes_io.write_frame_latent(out / "frame_latent.h5", latent,
-                                    {"averages": str(args.averages), "zdim": cfg.zdim})
+        attrs = {"averages": str(args.averages), "zdim": cfg.zdim, "method": "classes"}
+        extra = {}
+        if args.photons and args.frame_latent != "classes":
+            post = posterior_frame_latents(args, model, det, inputs, mu, poses, num_frames,
+                                           cfg, ctx.device)
+            extra = {"latent_sd": post["sd"], "latent_classes": latent}
+            latent = post["latent"]
+            attrs.update(method="posterior", points=args.frame_latent_points,
+                         size_range=args.frame_size_range)
+        volumes_io.write_frame_latent(out / "frame_latent.h5", latent, attrs, extra)
         scores["frames_assigned"] = int(np.isfinite(latent[:, 0]).sum())
     figure_dir = Path(args.figure_dir or out)
     if not args.no_figures:
@@ -364,6 +390,35 @@ def main(args):
     log.info("wrote %s (model.pt, latent.h5, volumes.h5, %d MRC)%s", out, len(vols),
              "; scores " + json.dumps(scores) if scores else "")
     return 0
+
+
+def posterior_frame_latents(args, model, det, inputs, mu, poses, num_frames, cfg, device):
+    """Each frame's posterior latent (:mod:`spiscape.vae.frame_posterior`) at the trained
+    averages' refined orientations and size offsets."""
+    import time
+
+    from spiscape.backend import get_array_module
+    from spiscape.vae import frame_posterior
+
+    sel = inputs.selected
+    quaternion = inputs.quaternion if poses is None else poses["quaternion_refined"]
+    log_scale = np.zeros(sel.size) if inputs.log_scale is None else inputs.log_scale
+    classes = frame_posterior.Classes(replicate=inputs.replicate[sel], klass=inputs.klass[sel],
+                                      quaternion=quaternion[sel], log_scale=log_scale[sel])
+    z = frame_posterior.latent_grid(mu[sel], args.frame_latent_points)
+    r = args.frame_size_range
+    sizes = np.log(1.0 + np.linspace(-r, r, 5)) if r > 0 else np.zeros(1)
+    xp = get_array_module("gpu" if str(device).startswith("cuda") else "cpu")
+    start = time.perf_counter()
+    post = frame_posterior.posterior_latents(model, det, args.replicates, args.photons, classes,
+                                             z, num_frames, q_min=cfg.q_min, q_step=cfg.q_step,
+                                             sizes=sizes, xp=xp, device=device)
+    sd = post["sd"][:, 0]
+    log.info("per-frame latents: the posterior of %d frames under the decoder (median sd %.3f "
+             "of a latent span %.3f; %.0f s)", int(np.isfinite(sd).sum()),
+             float(np.nanmedian(sd)) if np.isfinite(sd).any() else float("nan"),
+             float(np.ptp(mu[sel][:, 0])), time.perf_counter() - start)
+    return post
 
 
 def _jsonable(value):

@@ -14,8 +14,13 @@ the training settings.
 bool, the averages trained on; with pose refinement ``quaternion_refined (A, 4)`` (scalar first,
 fundamental zone) and ``pose_change_deg (A,)``.
 
-``frame_latent.h5``: ``latent (N, zdim)`` float64, each frame's latent (occupancy-weighted over
-its classes' averages; NaN for frames in no trained average).
+``frame_latent.h5``: ``latent (N, zdim)`` float64, each frame's latent, NaN for frames in no
+trained average. Attribute ``method``: ``posterior`` (the posterior mean over z of the frame's
+photons under the decoder at its candidate classes' orientations,
+:mod:`spiscape.vae.frame_posterior`; then also ``latent_sd (N, zdim)``, the posterior's standard
+deviation, and ``latent_classes (N, zdim)``, the class route below) or ``classes`` (the
+occupancy-weighted mean of its classes' averages' latents). Files written before the attribute
+existed are ``classes``. Readers take ``latent``.
 """
 
 from __future__ import annotations
@@ -109,9 +114,12 @@ def read_latent(path) -> dict:
     return out
 
 
-def write_frame_latent(path, latent, attrs=None) -> None:
+def write_frame_latent(path, latent, attrs=None, extra=None) -> None:
+    """``latent (N, zdim)``, the ``extra`` datasets (name -> (N, zdim)) and the attributes."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f["latent"] = np.asarray(latent, dtype=np.float64)
+        for key, value in (extra or {}).items():
+            f[key] = np.asarray(value, dtype=np.float64)
         for key, value in (attrs or {}).items():
             f.attrs[key] = value
 

@@ -1,0 +1,217 @@
+"""Each frame's own latent: the posterior over z from its photons under the decoder.
+
+The averages' latents hand every frame of a class the same z (:func:`spiscape.vae.analysis.
+frame_latents`), so frames of different shapes that the 2D EMC put in one class cannot be told
+apart: on the validation matrix that caps the per-frame |rho(z, t)| at 0.88-0.92 (README). Here
+each frame is scored against the decoder itself. For frame d, a class c it may belong to (an
+average the VAE trained on, with its orientation R_c and size offset d_c) and a latent point z_k
+of a grid over the averages' latents, the decoder's volume is sliced at exp(d_c + s) R_c onto the
+class grid (the model the 2D EMC would have had, :meth:`SPIVAE.forward`), expanded to the frame's
+pixels at every in-plane angle r of the EMC (its bilinear view operator, :mod:`spiscape.emc.
+kernels`) and normalised over the pixels, w_kr / sum w_kr. The frame's log-likelihood is the
+multinomial one,
+
+    log L_d(c, s, k, r) = sum_t k_dt log(w_ckrst / sum_t' w_ckrst'),
+
+which is the Poisson likelihood with the frame's fluence at its maximum (the scale drops out).
+The posterior over z_k is the sum over the in-plane angles r, the size steps s and the candidate
+classes c, each with a flat prior:
+
+    p(z_k | d) ∝ sum_c sum_s sum_r L_d(c, s, k, r),
+
+and the frame's latent is its mean (with its standard deviation), averaged over the replicates
+that drew the frame. Candidate classes are the trained classes holding at least 1e-3 of the
+frame's largest occupancy among them, so the EMC's orientation choice is kept but not forced:
+a frame between two classes is scored against both. The size steps, ``sizes`` (log scale, default
+-8 % ... +8 % in 5 steps), let a frame's own size differ from its class's: the matrix's size
+spreads are 1-8 % per population, and a sphere's fringes at the wrong size read as another shape.
+
+Cost: per replicate, per trained average, (#sizes x K) slices and one sparse (frames x pixels) by
+dense (pixels x K R) product per size over the frames that may belong to it. Frames are read
+``block`` at a time, so memory stays at one block's photons plus one average's views.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from spiscape.backend import to_numpy
+from spiscape.emc import geometry, kernels
+from spiscape.errors import InputError
+
+log = logging.getLogger(__name__)
+
+#: default log size steps around each class's size (see the module docstring)
+SIZES = tuple(np.log(1.0 + np.linspace(-0.08, 0.08, 5)))
+#: a trained class is a candidate of a frame holding at least this share of its largest
+#: occupancy among the trained classes
+CANDIDATE_SHARE = 1e-3
+
+
+@dataclass
+class Classes:
+    """The averages the VAE trained on: where they came from and how the decoder sees them."""
+
+    replicate: np.ndarray  # (C,) replicate number
+    klass: np.ndarray  # (C,) class within it
+    quaternion: np.ndarray  # (C, 4) orientation (refined when the VAE refined it)
+    log_scale: np.ndarray  # (C,) size against the decoded volume's (0 without size correction)
+
+
+def latent_grid(mu: np.ndarray, num: int, margin: float = 0.1) -> np.ndarray:
+    """K points (K, zdim) over the trained averages' latents, as the volumes along the latent are
+    placed (:func:`spiscape.vae.analysis.latent_points`), widened by ``margin`` of the span about
+    its centre: a frame may lie beyond the most extreme average."""
+    from spiscape.vae.analysis import latent_points
+
+    z, _ = latent_points(mu, num)
+    centre = 0.5 * (z.min(0) + z.max(0))
+    return centre + (1.0 + margin) * (z - centre)
+
+
+def log_views(models, operator, num_rot: int, xp=np):
+    """log(w / sum_t w) (M, R, P) of the models (M, S^2) at every in-plane angle: each view
+    normalised over the pixels, floored at 1e-6 of its model's brightest view pixel (a slice
+    reads 0 where the volume is 0; a photon there would otherwise be impossible)."""
+    views = kernels.expand(models, operator, num_rot)
+    floor = 1e-6 * views.reshape(views.shape[0], -1).max(axis=1)
+    views = xp.maximum(views, xp.maximum(floor, 1e-300)[:, None, None])
+    return xp.log(views) - xp.log(views.sum(axis=2, keepdims=True))
+
+
+def frame_log_likelihood(counts, logv, xp=np):
+    """log sum_r L (n, M): the multinomial log-likelihood of each frame's counts (n, P) (sparse
+    on the array module) under every model's views ``logv`` (M, R, P), summed over the angles."""
+    num_models, num_rot, num_pix = logv.shape
+    ll = kernels.product(counts, logv.reshape(num_models * num_rot, num_pix).T, xp)
+    ll = ll.reshape(-1, num_models, num_rot)
+    top = ll.max(axis=2)
+    return top + xp.log(xp.exp(ll - top[:, :, None]).sum(axis=2))
+
+
+def frame_log_likelihood_reference(counts: np.ndarray, logv: np.ndarray) -> np.ndarray:
+    """NumPy reference of :func:`frame_log_likelihood` on dense counts, one frame at a time."""
+    from scipy.special import logsumexp
+
+    out = np.empty((counts.shape[0], logv.shape[0]))
+    for i, row in enumerate(np.asarray(counts, dtype=np.float64)):
+        out[i] = logsumexp((logv * row[None, None, :]).sum(axis=2), axis=1)
+    return out
+
+
+def candidates(occupancies: np.ndarray, trained: np.ndarray,
+               share: float = CANDIDATE_SHARE) -> np.ndarray:
+    """(n, M) bool: trained classes holding at least ``share`` of each frame's largest occupancy
+    among the trained ones (none for a frame with no occupancy on them)."""
+    occ = np.where(np.asarray(trained, dtype=bool)[None, :], occupancies, 0.0)
+    top = occ.max(axis=1, keepdims=True)
+    return (occ >= share * top) & (top > 0)
+
+
+def class_models(model, vols: torch.Tensor, quaternion: np.ndarray, log_scale: float,
+                 size_step: float) -> np.ndarray:
+    """The decoder's slices (K, S^2) at one class's orientation and size times exp(size_step):
+    the volumes ``vols`` (K, ...) are the decoder's symmetric output at the latent grid."""
+    from spiscape.vae.model import quaternion_to_matrix, slice_volumes
+
+    rot = quaternion_to_matrix(torch.as_tensor(np.asarray(quaternion)[None],
+                                               dtype=torch.float32))[0]
+    rot = rot * float(np.exp(log_scale + size_step))
+    with torch.no_grad():
+        out = slice_volumes(vols, model.q.float(), rot.expand(vols.shape[0], 3, 3).to(vols.device),
+                            folded=model.octant)
+    return out.cpu().numpy().astype(np.float64)
+
+
+def used_pixels(det, model_pixels: np.ndarray, q_min: float, q_max: float) -> np.ndarray:
+    """The merged pixels the likelihood uses: mask 0 and q_min <= |q| <= q_max (pixels)."""
+    from spiscape.simulate.detector import q_magnitude
+
+    qnorm = q_magnitude(det)[model_pixels]
+    keep = (np.asarray(det.mask)[model_pixels] == 0) & (qnorm >= q_min) & (qnorm <= q_max)
+    if not keep.any():
+        raise InputError(None, f"no used detector pixel between |q| {q_min:.1f} and {q_max:.1f} "
+                               "pixels for the per-frame latents")
+    return np.asarray(model_pixels)[keep]
+
+
+def posterior_latents(model, det, replicates, photons, classes: Classes, z: np.ndarray,
+                      num_frames: int, q_min: float = 0.0, q_step: float = 1.0,
+                      sizes=SIZES, xp=np, block: int = 32768, device="cpu") -> dict:
+    """Each frame's posterior mean latent ``latent`` (N, zdim) and standard deviation ``sd``
+    (N, zdim) over the grid ``z`` (K, zdim), averaged over the replicates (paths) that drew it;
+    NaN for frames with no candidate class. ``photons``: the dataset's photon files; ``q_min``,
+    ``q_step`` in detector pixels (the VAE's loss cut and voxel size); ``model`` a trained
+    :class:`spiscape.vae.model.SPIVAE`."""
+    from spiscape.io.photons import PhotonDataset
+    from spiscape.io.replicate import read_replicate
+
+    z = np.asarray(z, dtype=np.float64)
+    sizes = np.asarray(sizes, dtype=np.float64)
+    with torch.no_grad():
+        vols = model.symmetric(torch.as_tensor(z, dtype=torch.float32, device=device))
+    cx, cy = geometry.pixel_coords_2d(det)
+    # the volume's grid holds |q| <= (V // 2 - 1) voxels; the largest slice scale decides
+    largest = float(np.exp(np.max(classes.log_scale, initial=0.0) + sizes.max()))
+    q_max = (model.volume_size // 2 - 1) * q_step / largest
+    total = np.zeros((num_frames, z.shape[1]))
+    spread = np.zeros_like(total)
+    drawn = np.zeros(num_frames, dtype=np.int64)
+    with PhotonDataset(photons, num_pix=det.num_pix) as dataset:
+        for path in replicates:
+            start = time.perf_counter()
+            rep = read_replicate(path, details=True)
+            mine = np.flatnonzero(classes.replicate == rep.number)
+            if not mine.size:
+                continue
+            if rep.frames.size and rep.frames.max() >= num_frames:
+                raise InputError(path, f"frame index {rep.frames.max()} is outside the dataset "
+                                       f"of {num_frames} frames")
+            pix = used_pixels(det, rep.model_pixels, q_min, q_max)
+            size = rep.intens.shape[-1]
+            table = geometry.rotation_table(cx[pix], cy[pix], np.asarray(rep.angles), size)
+            operator = kernels.view_operator(table.index, table.weight, size, xp)
+            trained = np.zeros(rep.occupancies.shape[1], dtype=bool)
+            trained[classes.klass[mine]] = True
+            scored = 0
+            for a in range(0, rep.frames.size, block):
+                frames = rep.frames[a:a + block]
+                cand = candidates(rep.occupancies[a:a + block], trained)
+                acc = np.full((frames.size, z.shape[0]), -np.inf)
+                csr = dataset.read(frames).to_csr()[:, pix].astype(np.float64).tocsr()
+                counts = kernels.view_operator_on(csr, xp)
+                for c in mine:
+                    rows = np.flatnonzero(cand[:, classes.klass[c]])
+                    if not rows.size:
+                        continue
+                    part = counts[rows] if xp is np else counts[xp.asarray(rows)]
+                    for step in sizes:
+                        models = xp.asarray(class_models(model, vols, classes.quaternion[c],
+                                                         classes.log_scale[c], step))
+                        lk = to_numpy(frame_log_likelihood(
+                            part, log_views(models, operator, table.num_rot, xp), xp))
+                        acc[rows] = np.logaddexp(acc[rows], lk)
+                seen = np.isfinite(acc).any(axis=1)
+                post = np.exp(acc[seen] - acc[seen].max(axis=1, keepdims=True))
+                post /= post.sum(axis=1, keepdims=True)
+                mean = post @ z
+                var = np.maximum(post @ z**2 - mean**2, 0.0)
+                total[frames[seen]] += mean
+                spread[frames[seen]] += np.sqrt(var)
+                drawn[frames[seen]] += 1
+                scored += int(seen.sum())
+            log.info("per-frame latents, replicate %d: %d of %d frames scored against %d "
+                     "classes x %d latent points x %d sizes x %d angles on %d pixels (%.1f s)",
+                     rep.number, scored, rep.frames.size, mine.size, z.shape[0], sizes.size,
+                     table.num_rot, pix.size, time.perf_counter() - start)
+    latent = np.full_like(total, np.nan)
+    sd = np.full_like(total, np.nan)
+    ok = drawn > 0
+    latent[ok] = total[ok] / drawn[ok, None]
+    sd[ok] = spread[ok] / drawn[ok, None]
+    return {"latent": latent, "sd": sd, "replicates": drawn}

@@ -1,0 +1,189 @@
+"""Per-frame latents from each frame's photons under the decoder (spiscape.vae.frame_posterior):
+the likelihood kernel against its reference, the candidate classes, and the science: frames of a
+cube -> sphere series simulated by 3D slicing at their own rotation are ranked by their shape,
+where the class route gives every frame of a class one latent."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import scipy.sparse
+import torch
+from scipy.stats import spearmanr
+
+from spiscape.io.photon_writer import write_photons
+from spiscape.io.replicate import write_replicate
+from spiscape.io.sparse import SparsePhotons
+from spiscape.simulate.frames import random_quaternions
+from spiscape.vae import frame_posterior as fp
+from spiscape.vae import model as vm
+from spiscape.vae.analysis import frame_latents
+
+from .test_vae import analytic_volumes
+
+S, V, DETD, EWALD = 25, 27, 120.0, 120.0
+
+
+def test_frame_log_likelihood_matches_its_reference():
+    rng = np.random.default_rng(0)
+    logv = np.log(rng.uniform(0.1, 1.0, size=(3, 5, 40)))
+    logv -= np.log(np.exp(logv).sum(axis=2, keepdims=True))
+    counts = rng.poisson(0.5, size=(7, 40)).astype(float)
+    got = fp.frame_log_likelihood(scipy.sparse.csr_matrix(counts), logv)
+    assert np.allclose(got, fp.frame_log_likelihood_reference(counts, logv), rtol=1e-12)
+
+
+def disc():
+    """Pixel coordinates of the S x S grid within S // 2 - 1 of its centre (inside at any
+    in-plane rotation)."""
+    ax = np.arange(S) - (S - 1) / 2
+    cx, cy = (a.ravel() for a in np.meshgrid(ax, ax, indexing="ij"))
+    inside = np.hypot(cx, cy) <= S // 2 - 1
+    return cx[inside], cy[inside]
+
+
+def test_log_views_are_normalised_and_floored():
+    from spiscape.emc import geometry, kernels
+
+    cx, cy = disc()
+    table = geometry.rotation_table(cx, cy, geometry.rotation_angles(8, False), S)
+    op = kernels.view_operator(table.index, table.weight, S)
+    models = np.ones((2, S * S))
+    models[1, : S * S // 2] = 0.0  # half the grid dark: floored, not log(0)
+    logv = fp.log_views(models, op, table.num_rot)
+    assert logv.shape == (2, 8, cx.size) and np.all(np.isfinite(logv))
+    assert np.allclose(np.exp(logv).sum(axis=2), 1.0)
+
+
+def test_candidates_are_the_trained_classes_near_the_frames_best():
+    occ = np.array([[0.7, 0.3, 0.0], [0.0, 0.0, 1.0], [1e-5, 0.5, 0.5], [0.0, 0.0, 0.0]])
+    trained = np.array([True, True, False])
+    cand = fp.candidates(occ, trained)
+    assert cand.tolist() == [[True, True, False], [False, False, False],
+                             [False, True, False], [False, False, False]]
+
+
+class SeriesDecoder(torch.nn.Module):
+    """A stand-in for a trained VAE: z in [0, 1] decodes the geometric interpolation of a cube's
+    and a sphere's intensity (an m-3m series), on the averages' Ewald grid."""
+
+    def __init__(self):
+        super().__init__()
+        self.volume_size, self.octant = V, False
+        self.q = torch.as_tensor(vm.ewald_grid(S, DETD, EWALD).reshape(3, -1), dtype=torch.float32)
+        self.logs = torch.as_tensor(np.log(analytic_volumes(V)), dtype=torch.float32)
+
+    def symmetric(self, z):
+        t = z[:, :1, None, None]
+        return torch.exp((1.0 - t) * self.logs[0] + t * self.logs[1])
+
+
+def rotation_z(theta: float) -> np.ndarray:
+    c, s = np.cos(theta), np.sin(theta)
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory):
+    """Two classes (orientations) of one replicate; 240 frames of shapes t ~ U(0, 1), each
+    sliced in 3D at its class's rotation turned about the beam, ~1000 photons, Poisson. A 25 px
+    grid: on 13 px the bilinear in-plane rotation of the class grid, as the 2D EMC does it, is
+    too coarse for fringes 3 px apart."""
+    from spiscape.io import read_detector
+
+    out = tmp_path_factory.mktemp("frame_posterior")
+    rng = np.random.default_rng(11)
+    q = vm.ewald_grid(S, DETD, EWALD).reshape(3, -1)
+    radius = np.linalg.norm(q, axis=0)
+    with h5py.File(out / "detector.h5", "w") as f:
+        for k, name in enumerate(("qx", "qy", "qz")):
+            f[name] = q[k]
+        f["corr"] = np.ones(S * S)
+        f["mask"] = np.where(radius < 1.0, 2, 0).astype(np.uint8)
+        f["detd"] = DETD
+        f["ewald_rad"] = EWALD
+    det = read_detector(out / "detector.h5")
+    merged = np.flatnonzero(np.hypot(*det.coords_2d()) <= S // 2 - 1)  # inside the grid
+    model = SeriesDecoder()
+    quats = random_quaternions(2, rng)
+    n = 240
+    t = rng.uniform(0.0, 1.0, n)
+    klass = rng.integers(0, 2, n)
+    angles = np.arange(24) * (2 * np.pi / 24)
+    rot = np.stack([vm.quaternion_to_matrix(torch.as_tensor(quats[c][None]))[0].numpy()
+                    @ rotation_z(angles[rng.integers(24)]) for c in klass])
+    with torch.no_grad():
+        vols = model.symmetric(torch.as_tensor(t[:, None], dtype=torch.float32))
+        signal = vm.slice_volumes(vols, torch.as_tensor(q, dtype=torch.float32),
+                                  torch.as_tensor(rot, dtype=torch.float32)).numpy()
+    signal = np.where(det.mask == 0, signal, 0.0)[:, merged]
+    counts = np.zeros((n, S * S), dtype=np.int64)
+    counts[:, merged] = rng.poisson(1000.0 * signal / signal.sum(axis=1, keepdims=True))
+    write_photons(SparsePhotons.from_dense(counts), out / "photons.h5")
+    occ = np.zeros((n, 2), dtype=np.float32)
+    occ[np.arange(n), klass] = 1.0
+    occ[::4] = 0.5  # a quarter of the frames undecided between the classes
+    occ[-1] = 0.0  # one frame in no class
+    write_replicate(out / "rep0.h5", {
+        "intens": np.ones((2, S, S)), "frames": np.arange(n), "occupancies": occ,
+        "best_rotation": np.zeros(n, dtype=np.int32), "best_class": klass.astype(np.int32),
+        "scale": np.ones(n), "log": np.zeros((1, 6)), "angles": angles,
+        "model_pixels": merged, "support": np.ones((S, S), bool),
+        "empty_frames": np.zeros(0, dtype=np.int64)}, {"params": '{"replicate": 0}'})
+    classes = fp.Classes(replicate=np.zeros(2, int), klass=np.arange(2), quaternion=quats,
+                         log_scale=np.zeros(2))
+    return out, det, model, classes, t
+
+
+def test_each_frame_is_ranked_by_its_own_shape(series):
+    out, det, model, classes, t = series
+    z = np.linspace(0.0, 1.0, 11)[:, None]
+    res = fp.posterior_latents(model, det, [out / "rep0.h5"], [out / "photons.h5"], classes, z,
+                               t.size, q_min=1.0, sizes=(0.0,))
+    lat, sd = res["latent"][:, 0], res["sd"][:, 0]
+    assert np.isnan(lat[-1]) and np.isfinite(lat[:-1]).all() and res["replicates"][-1] == 0
+    assert spearmanr(lat[:-1], t[:-1]).statistic > 0.9
+    assert np.median(np.abs(lat[:-1] - t[:-1])) < 0.15
+    assert np.all(sd[:-1] >= 0) and np.median(sd[:-1]) < 0.2
+    # the undecided frames (both classes scored) are ranked as well as the others
+    undecided = np.zeros(t.size, bool)
+    undecided[:-1:4] = True
+    assert spearmanr(lat[undecided], t[undecided]).statistic > 0.85
+    # the class route hands every frame of a class its average's latent: no order within it
+    mu = np.array([[0.5], [0.5]])
+    classes_route = frame_latents([out / "rep0.h5"], np.zeros(2, int), np.arange(2), mu, t.size)
+    assert np.ptp(classes_route[:-1, 0]) == 0
+
+
+def test_size_steps_keep_the_ranking_of_frames_at_their_class_size(series):
+    out, det, model, classes, t = series
+    z = np.linspace(0.0, 1.0, 11)[:, None]
+    res = fp.posterior_latents(model, det, [out / "rep0.h5"], [out / "photons.h5"], classes, z,
+                               t.size, q_min=1.0, block=100)
+    assert spearmanr(res["latent"][:-1, 0], t[:-1]).statistic > 0.9
+
+
+def test_latent_grid_spans_the_averages_with_a_margin():
+    z = fp.latent_grid(np.array([[0.0], [1.0], [0.4]]), 5)
+    assert z.shape == (5, 1) and z[0, 0] == pytest.approx(-0.05) and z[-1, 0] == pytest.approx(1.05)
+
+
+@pytest.mark.gpu
+def test_frame_log_likelihood_on_cupy_matches_numpy():
+    cupy = pytest.importorskip("cupy")
+    from spiscape.backend import get_array_module
+    from spiscape.emc import geometry, kernels
+
+    xp = get_array_module("gpu")
+    rng = np.random.default_rng(2)
+    cx, cy = disc()
+    table = geometry.rotation_table(cx, cy, geometry.rotation_angles(12, False), S)
+    models = rng.uniform(0.0, 2.0, size=(4, S * S))
+    counts = scipy.sparse.csr_matrix(rng.poisson(0.3, size=(20, cx.size)).astype(float))
+    ref = fp.frame_log_likelihood(counts, fp.log_views(
+        models, kernels.view_operator(table.index, table.weight, S), table.num_rot))
+    op = kernels.view_operator(table.index, table.weight, S, xp)
+    got = fp.frame_log_likelihood(kernels.view_operator_on(counts, xp), fp.log_views(
+        cupy.asarray(models), op, table.num_rot, xp), xp)
+    assert np.allclose(cupy.asnumpy(got), ref, rtol=1e-9, atol=1e-6)
