@@ -49,7 +49,7 @@ RULE_FLAGS = {
     "embed": {"commonlines", "averages", "replicates", "truth", "out", "model", "figure_dir"},
     "orient": {"averages", "detector", "truth", "q_per_pixel", "out", "figure"},
     "vae": {"averages", "orientation", "detector", "embedding", "commonlines", "replicates",
-            "truth", "q_per_pixel", "out_dir", "figure_dir", "resume"},
+            "photons", "truth", "q_per_pixel", "out_dir", "figure_dir", "resume"},
     "phase": {"volumes", "out", "curve", "figure_dir", "mrc_dir"},
     "place": {"reference", "photons", "detector", "out", "figure"},
     "emc3d": {"photons", "detector", "out", "maps", "figure", "convergence", "volumes",
