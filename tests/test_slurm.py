@@ -58,7 +58,7 @@ def test_tiny_workflow_on_a_real_slurm(slurm, tmp_path, env_with_venv_path):
     profile = ["--profile", str(REPO / "profiles/slurm"), "--configfile", str(config),
                *OVERRIDES]
     done = completed_jobs()
-    snakemake(tmp_path, *profile, env=env)
+    snakemake(tmp_path, *profile, env=env, real_slurm=True)
     with h5py.File(tmp_path / "results/sim/classify2d/rep0.h5") as f:
         assert f.attrs["ranks"] == 2  # the MPI job inside its allocation
     assert (tmp_path / "results/sim/volume_curve.csv").exists()
@@ -66,11 +66,12 @@ def test_tiny_workflow_on_a_real_slurm(slurm, tmp_path, env_with_venv_path):
     # inspect, 2 x classify2d, 2 tiles, embed, landscape, orient, vae, phase
     assert completed_jobs() - done >= 11
     # a partial rerun resubmits the stage and what follows, nothing upstream
-    plan = planned_jobs(snakemake(tmp_path, *profile, "--forcerun", "embed", "-n", env=env))
+    plan = planned_jobs(snakemake(tmp_path, *profile, "--forcerun", "embed", "-n", env=env,
+                                        real_slurm=True))
     assert plan == {"embed": 1, "vae": 1, "phase": 1, "landscape": 1, "summary": 1, "all": 1,
                     "total": 6}
     done = completed_jobs()
-    snakemake(tmp_path, *profile, "--forcerun", "embed", env=env)
+    snakemake(tmp_path, *profile, "--forcerun", "embed", env=env, real_slurm=True)
     assert completed_jobs() - done == 4  # embed, vae, phase, landscape (summary runs locally)
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import tempfile
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -13,8 +16,28 @@ from spiscape.io.emc3d import read_emc3d
 from tests.conftest import REPO, venv_executable
 
 
-def snakemake(workdir, *args, env=None, check=True):
+def no_slurm_controller() -> str:
+    """A folder holding an ``scontrol`` that fails at once. The SLURM executor plugin (a dev
+    dependency) runs ``scontrol show config`` when Snakemake starts; where SLURM's client is
+    installed but no controller answers (a machine that ran ``make test-slurm`` once), that
+    call waits 9 s, at every Snakemake start of every test. Tests that do not use SLURM put
+    this folder first on their PATH; the SLURM tests pass ``real_slurm=True``."""
+    folder = Path(tempfile.gettempdir()) / f"spiscape-no-slurm-{os.getuid()}"
+    stub = folder / "scontrol"
+    if not stub.exists():
+        folder.mkdir(exist_ok=True)
+        partial = folder / f"scontrol.{os.getpid()}"
+        partial.write_text("#!/bin/sh\nexit 1\n")
+        partial.chmod(0o755)
+        partial.replace(stub)  # atomic: parallel workers never see half a script
+    return str(folder)
+
+
+def snakemake(workdir, *args, env=None, check=True, real_slurm=False):
     cmd = [venv_executable("snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(workdir)]
+    env = dict(os.environ if env is None else env)
+    if not real_slurm:
+        env["PATH"] = f"{no_slurm_controller()}{os.pathsep}{env.get('PATH', '')}"
     proc = subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
@@ -53,7 +76,8 @@ def planned_jobs(proc) -> dict[str, int]:
 def test_lint_is_clean(env_with_venv_path):
     proc = subprocess.run(
         [venv_executable("snakemake"), "--lint"], cwd=REPO, capture_output=True, text=True,
-        env=env_with_venv_path, timeout=300,
+        env={**env_with_venv_path, "PATH": f"{no_slurm_controller()}{os.pathsep}"
+                                          f"{env_with_venv_path['PATH']}"}, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "good condition" in proc.stdout + proc.stderr
