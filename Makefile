@@ -23,7 +23,7 @@ run: $(BIN)/.installed
 	@echo
 	@echo "Done. Report: $(abspath results/report.html)"
 
-# on every core (pytest-xdist): 4-7 min on 2 cores (machines differ), 8.5 min in one process
+# on every core (pytest-xdist): 4.5 min on 2 cores (README, Development), 8.5 min in one process
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -m "not slurm" -n auto
 
