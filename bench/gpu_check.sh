@@ -2,7 +2,7 @@
 # The one prepared GPU check, run in one call of the device tool (budget: under 8 minutes on one
 # H100/H200). Figures land under $OUT (or bench/results/gpu):
 #   1. every CuPy-vs-NumPy test (pytest -m gpu: the EMC engine's dense and CSR kernels, merge,
-#      sharpening, a GPU run against a CPU run; common lines; ...)
+#      sharpening, a GPU run against a CPU run; common lines; the per-frame latent posterior; ...)
 #   2. EMC 2D: s/iteration for 10^5 frames x 200 classes x 90 rotations at 128^2 (2000 photons),
 #      the executed FLOP rate as a share of a measured SGEMM, and 2 MPI ranks sharing the GPU
 #   3. EMC 2D on the demo (s/iteration, purity) on the GPU

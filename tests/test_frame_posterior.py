@@ -187,3 +187,17 @@ def test_frame_log_likelihood_on_cupy_matches_numpy():
     got = fp.frame_log_likelihood(kernels.view_operator_on(counts, xp), fp.log_views(
         cupy.asarray(models), op, table.num_rot, xp), xp)
     assert np.allclose(cupy.asnumpy(got), ref, rtol=1e-9, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_posterior_latents_on_cupy_match_numpy(series):
+    pytest.importorskip("cupy")
+    from spiscape.backend import get_array_module
+
+    out, det, model, classes, t = series
+    z = np.linspace(0.0, 1.0, 11)[:, None]
+    args = (model, det, [out / "rep0.h5"], [out / "photons.h5"], classes, z, t.size)
+    ref = fp.posterior_latents(*args, q_min=1.0, block=100)
+    got = fp.posterior_latents(*args, q_min=1.0, block=100, xp=get_array_module("gpu"))
+    assert np.allclose(got["latent"], ref["latent"], atol=1e-6, equal_nan=True)
+    assert np.allclose(got["sd"], ref["sd"], atol=1e-6, equal_nan=True)
