@@ -408,7 +408,8 @@ def posterior_frame_latents(args, model, det, inputs, mu, poses, num_frames, cfg
     z = frame_posterior.latent_grid(mu[sel], args.frame_latent_points)
     r = args.frame_size_range
     sizes = np.log(1.0 + np.linspace(-r, r, 5)) if r > 0 else np.zeros(1)
-    xp = get_array_module("gpu" if str(device).startswith("cuda") else "cpu")
+    # CuPy where the VAE ran on a GPU and CuPy is there (the gpu extra); NumPy otherwise
+    xp = get_array_module("auto" if str(device).startswith("cuda") else "cpu")
     start = time.perf_counter()
     post = frame_posterior.posterior_latents(model, det, args.replicates, args.photons, classes,
                                              z, num_frames, q_min=cfg.q_min, q_step=cfg.q_step,
