@@ -201,3 +201,31 @@ def test_posterior_latents_on_cupy_match_numpy(series):
     got = fp.posterior_latents(*args, q_min=1.0, block=100, xp=get_array_module("gpu"))
     assert np.allclose(got["latent"], ref["latent"], atol=1e-6, equal_nan=True)
     assert np.allclose(got["sd"], ref["sd"], atol=1e-6, equal_nan=True)
+
+
+def test_averages_the_decoder_cannot_explain_are_the_outliers_of_its_misfit():
+    """Averages sliced from the decoder's own series at their orientations fit it; averages of
+    a rod (an elongated, not cubic, particle) at the same orientations do not, and are the
+    robust-z outliers of the misfit (spiscape.vae.misfit)."""
+    from spiscape.vae.misfit import average_misfit, misfit_outliers, robust_z
+
+    rng = np.random.default_rng(4)
+    model = SeriesDecoder()
+    n, rods = 30, 3
+    quats = random_quaternions(n, rng)
+    z = np.r_[rng.uniform(0.0, 1.0, n - rods), np.full(rods, 0.5)][:, None]
+    ax = (np.arange(V) - V // 2) / V
+    qx, qy, qz = np.meshgrid(ax, ax, ax, indexing="ij")
+    rod = np.exp(-(qx / 0.05) ** 2 - (qy / 0.05) ** 2 - (qz / 0.3) ** 2) * 1e3 + 1e-3
+    with torch.no_grad():
+        vols = model.symmetric(torch.as_tensor(z, dtype=torch.float32))
+        vols[n - rods:] = torch.as_tensor(rod, dtype=torch.float32)
+        rot = vm.quaternion_to_matrix(torch.as_tensor(quats, dtype=torch.float32))
+        slices = vm.slice_volumes(vols, model.q, rot).numpy()
+    intens = rng.poisson(2000.0 * slices / slices.sum(1, keepdims=True)).astype(float)
+    radius = np.linalg.norm(model.q.numpy(), axis=0)
+    weight = (radius >= 1.0) & (radius <= V // 2 - 1)
+    misfit = average_misfit(model, intens.reshape(n, S, S), weight, z, quats, np.zeros(n),
+                            np.arange(n))
+    assert misfit_outliers(misfit, 3.0).tolist() == [False] * (n - rods) + [True] * rods
+    assert robust_z(np.ones(5)).tolist() == [0.0] * 5

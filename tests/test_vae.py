@@ -727,3 +727,25 @@ def test_a_population_with_a_size_spread_decodes_at_one_size_with_the_correction
     assert np.ptp(decoded[False]) > 0.1, decoded
     assert np.ptp(decoded[True]) < 0.02, decoded
     assert np.all(np.abs(decoded[True] - 1.0) < 0.04), decoded
+
+
+def test_cli_drops_the_averages_the_decoder_cannot_explain_and_trains_again(tiny, tmp_path):
+    """--drop-misfits: a first training in first_pass/, the averages whose misfit under it is a
+    robust outlier left out (spiscape.vae.misfit), the training repeated without them."""
+    import json
+
+    from spiscape.cli import main
+
+    out, sim = tiny
+    rc = main(["vae", "--averages", str(out / "averages.h5"), "--orientation",
+               str(out / "orientation.h5"), "--detector", str(out / "detector.h5"),
+               "--epochs", "2", "--volume-size", str(V), "--batch-size", "8",
+               "--dec-channels", "8", "--enc-channels", "4", "--num-volumes", "3",
+               "--device", "cpu", "--no-figures", "--drop-misfits", "1.0",
+               "--out-dir", str(tmp_path / "vae")])
+    assert rc == 0
+    scores = json.loads((tmp_path / "vae/training.json").read_text())["scores"]
+    assert (tmp_path / "vae/first_pass/checkpoint.pt").exists()
+    with h5py.File(tmp_path / "vae/latent.h5") as f:
+        kept = int(f["selected"][()].sum())
+    assert scores["misfits_dropped"] >= 1 and kept == 24 - scores["misfits_dropped"]

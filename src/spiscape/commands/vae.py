@@ -36,6 +36,12 @@ the averages of its landscape cluster, read from the common lines' size search (
 ``scales``); a population's size spread is then not carried by the latent and it decodes at its
 frame-weighted mean size (docs/methods.md, "Size correction").
 
+Misfits (--drop-misfits Z): the first training goes to out-dir/first_pass/; the averages
+trained on whose misfit under its decoder (relative squared residual at their own latent,
+orientation and size) lies more than Z robust standard deviations above the others' are left
+out (spiscape.vae.misfit: a species beside the series that the clusters let in), and the VAE is
+trained again without them in out-dir; training.json's scores say how many ("misfits_dropped").
+
 Selection and weighting: --clusters auto trains on the embedding's clusters that lie on the
 landscape's main axis (its ends the two clusters holding the most frames, the end states of a
 structural series such as cube ... sphere; on it, the clusters whose centroids detour from the
@@ -207,6 +213,13 @@ def add_args(parser):
                    help="continue from out-dir/checkpoint.pt if it was made with the same "
                         "settings and data (else it is moved to checkpoint.stale.pt and "
                         "training starts afresh); more --epochs extend it")
+    m.add_argument("--drop-misfits", type=number_in(0, low_open=True), default=None,
+                   metavar="Z",
+                   help="after training, leave out the averages trained on whose misfit under "
+                        "the decoder (relative squared residual at their own latent, "
+                        "orientation and size) lies more than Z robust standard deviations "
+                        "above the others', and train again without them: a species the "
+                        "clusters let in (spiscape.vae.misfit); off by default")
     m.add_argument("--num-volumes", type=at_least(1), default=11,
                    help="volumes written along the latent (zdim 2: a grid of about this many)")
     m.add_argument("--no-figures", action="store_true", help="skip the figures")
@@ -312,10 +325,26 @@ def main(args):
         "training on %d of %d averages (%d x %d, %d pixels in the loss), V = %d, zdim %d, %s, "
         "device %s, world %d", int(sel.sum()), sel.size, size, size, int(weight.sum()),
         cfg.volume_size, cfg.zdim, cfg.point_group, ctx.device, ctx.world)
+    dropped = 0
     try:
         pix = data.pixel_weights(weight, qnorm, profile, cfg.radial_weighting)
-        model, result = train.train(cfg, tens, weight, q, profile, out, resume=args.resume,
+        first = out / "first_pass" if args.drop_misfits else out
+        first.mkdir(parents=True, exist_ok=True)
+        model, result = train.train(cfg, tens, weight, q, profile, first, resume=args.resume,
                                     ctx=ctx, pixel_weight=pix, merge=merge)
+        if args.drop_misfits:
+            drop = misfit_averages(model, result, inputs, tens, weight, cfg, ctx,
+                                   args.drop_misfits)
+            dropped = int(drop.sum())
+            if dropped:
+                inputs.selected = inputs.selected & ~drop
+                if cfg.size_correction == "commonlines":
+                    inputs.log_scale = data.size_offsets(scales, inputs.labels, inputs.selected,
+                                                         inputs.frames)
+                tens = data.tensors(inputs, q, profile, weighting=cfg.frame_weighting)
+                model, result = train.train(cfg, tens, weight, q, profile, out,
+                                            resume=args.resume, ctx=ctx, pixel_weight=pix,
+                                            merge=merge)
     finally:
         if ctx.world > 1:
             import torch.distributed as dist
@@ -324,7 +353,8 @@ def main(args):
     if not ctx.main:
         return 0
     model.eval()
-    scores = {}
+    scores = {} if not args.drop_misfits else {"misfits_dropped": dropped}
+    sel = inputs.selected
     train.save_model(out / "model.pt", model, profile, q, {"train_config": vars(cfg)})
     every = data.tensors(inputs, q, profile, index=np.arange(sel.size))
     wt = torch.as_tensor(weight, dtype=torch.float32)
@@ -390,6 +420,39 @@ def main(args):
     log.info("wrote %s (model.pt, latent.h5, volumes.h5, %d MRC)%s", out, len(vols),
              "; scores " + json.dumps(scores) if scores else "")
     return 0
+
+
+def misfit_averages(model, result, inputs, tens, weight, cfg, ctx, z_max) -> np.ndarray:
+    """(A,) bool: the averages trained on whose misfit under the first training's decoder is
+    an outlier (:mod:`spiscape.vae.misfit`); every rank computes the same."""
+    import torch
+
+    from spiscape.vae import misfit as misfit_mod
+    from spiscape.vae import train
+
+    sel = np.flatnonzero(inputs.selected)
+    wt = torch.as_tensor(weight, dtype=torch.float32)
+    model.eval()
+    mu = np.zeros((inputs.selected.size, cfg.zdim))
+    mu[sel] = train.encode(model, tens, wt, ctx.device)[0]
+    quaternion = inputs.quaternion
+    if "pose_delta" in result:
+        quaternion = scoring.refined_poses(inputs.quaternion, inputs.selected,
+                                           result["pose_delta"], cfg.point_group)[
+                                               "quaternion_refined"]
+    log_scale = np.zeros(inputs.selected.size) if inputs.log_scale is None else inputs.log_scale
+    values = misfit_mod.average_misfit(model, inputs.intens, weight.ravel(), mu, quaternion,
+                                       log_scale, sel)
+    out = misfit_mod.misfit_outliers(values, z_max)
+    z = misfit_mod.robust_z(np.log(np.maximum(values, 1e-300)))
+    drop = np.zeros(inputs.selected.size, dtype=bool)
+    drop[sel[out]] = True
+    (log.info if ctx.main else log.debug)(
+        "misfit under the decoder: %d of %d averages trained on lie above z %.1f (%s)%s",
+        int(out.sum()), sel.size, z_max,
+        ", ".join(f"{z_:.1f}" for z_ in np.sort(z[out])[::-1]) or "none",
+        ": trained again without them" if out.any() else "")
+    return drop
 
 
 def posterior_frame_latents(args, model, det, inputs, mu, poses, num_frames, cfg, device):
