@@ -28,6 +28,9 @@ with the pipeline's own scorers (``spiscape.metrics``):
   sphere populations and within each melting level, and a latent that spreads tied frames is
   penalised for it, so no continuous latent exceeds this; 0.90-0.98 on the matrix (``df80contam``,
   35 % cubes and 30 % spheres: 0.90, the 0.9 target only a perfect latent meets);
+* ``somers_latent``: |Somers' D| of the latent given t over the same frames: (concordant -
+  discordant) / the pairs of frames whose t differ, so ties in t cost nothing and a latent in
+  perfect order scores 1; reported beside the issue's ρ, without a target of its own;
 * ``cube_shell_min``: decoded cube's smallest shell CC to 0.7 q_max against the truth averaged
   over the cube frames' sizes (target 0.9);
 * ``ratio_error``: phased sphere / cube Porod volume against the truth's (target +-5 %, goal
@@ -177,6 +180,22 @@ def rho_ties(latent, truth) -> float:
     return melting_spearman(perfect[:, None], truth.label, truth.t)["best_abs_rho"]
 
 
+def somers_latent(latent, truth) -> float:
+    """|Somers' D(latent | t)| over the frames ``rho_latent`` scores (the first latent)."""
+    from scipy.stats import somersd
+
+    from spiscape.metrics.landscape import MELTING, populations
+
+    t = np.asarray(truth.t, dtype=np.float64)
+    z = np.asarray(latent, dtype=np.float64)[:, 0]
+    pop = populations(truth.label)
+    use = ((pop == 0) | (pop == 1) | (np.asarray(truth.label) == MELTING)) & np.isfinite(t) \
+        & np.isfinite(z)
+    if use.sum() < 3:
+        return float("nan")
+    return abs(float(somersd(t[use], z[use]).statistic))
+
+
 def rho_ceiling(res: Path, truth) -> float | None:
     """Per-frame |rho| with t of the averages' true mean t handed to their frames (see the
     module docstring), or None without the files it needs."""
@@ -227,6 +246,7 @@ def score(name: str, data: Path, results: Path) -> dict:
         if latent is not None and np.isfinite(latent).any():
             out["rho_latent"] = melting_spearman(latent, truth.label, truth.t)["best_abs_rho"]
             out["rho_ties"] = rho_ties(latent, truth)
+            out["somers_latent"] = somers_latent(latent, truth)
     emb = res / "embedding.h5"
     ceiling = rho_ceiling(res, truth)
     if ceiling is not None:
