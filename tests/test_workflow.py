@@ -33,11 +33,17 @@ def no_slurm_controller() -> str:
     return str(folder)
 
 
+def without_slurm_controller(env) -> dict:
+    """``env`` (default this process's) with :func:`no_slurm_controller` first on its PATH."""
+    env = dict(os.environ if env is None else env)
+    env["PATH"] = f"{no_slurm_controller()}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
 def snakemake(workdir, *args, env=None, check=True, real_slurm=False):
     cmd = [venv_executable("snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(workdir)]
-    env = dict(os.environ if env is None else env)
-    if not real_slurm:
-        env["PATH"] = f"{no_slurm_controller()}{os.pathsep}{env.get('PATH', '')}"
+    env = dict(os.environ if env is None else env) if real_slurm else \
+        without_slurm_controller(env)
     proc = subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
@@ -76,8 +82,7 @@ def planned_jobs(proc) -> dict[str, int]:
 def test_lint_is_clean(env_with_venv_path):
     proc = subprocess.run(
         [venv_executable("snakemake"), "--lint"], cwd=REPO, capture_output=True, text=True,
-        env={**env_with_venv_path, "PATH": f"{no_slurm_controller()}{os.pathsep}"
-                                          f"{env_with_venv_path['PATH']}"}, timeout=300,
+        env=without_slurm_controller(env_with_venv_path), timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "good condition" in proc.stdout + proc.stderr

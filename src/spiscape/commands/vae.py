@@ -422,6 +422,15 @@ def main(args):
     return 0
 
 
+def slicing_poses(inputs, poses) -> tuple[np.ndarray, np.ndarray]:
+    """The orientations (A, 4) and log sizes (A,) the decoder slices each average at: the
+    refined quaternions when ``poses`` (:func:`scoring.refined_poses`) has them, the size
+    offsets (0 without size correction)."""
+    quaternion = inputs.quaternion if poses is None else poses["quaternion_refined"]
+    log_scale = np.zeros(inputs.selected.size) if inputs.log_scale is None else inputs.log_scale
+    return quaternion, log_scale
+
+
 def misfit_averages(model, result, inputs, tens, weight, cfg, ctx, z_max) -> np.ndarray:
     """(A,) bool: the averages trained on whose misfit under the first training's decoder is
     an outlier (:mod:`spiscape.vae.misfit`); every rank computes the same."""
@@ -435,16 +444,15 @@ def misfit_averages(model, result, inputs, tens, weight, cfg, ctx, z_max) -> np.
     model.eval()
     mu = np.zeros((inputs.selected.size, cfg.zdim))
     mu[sel] = train.encode(model, tens, wt, ctx.device)[0]
-    quaternion = inputs.quaternion
+    poses = None
     if "pose_delta" in result:
-        quaternion = scoring.refined_poses(inputs.quaternion, inputs.selected,
-                                           result["pose_delta"], cfg.point_group)[
-                                               "quaternion_refined"]
-    log_scale = np.zeros(inputs.selected.size) if inputs.log_scale is None else inputs.log_scale
+        poses = scoring.refined_poses(inputs.quaternion, inputs.selected, result["pose_delta"],
+                                      cfg.point_group)
+    quaternion, log_scale = slicing_poses(inputs, poses)
     values = misfit_mod.average_misfit(model, inputs.intens, weight.ravel(), mu, quaternion,
                                        log_scale, sel)
-    out = misfit_mod.misfit_outliers(values, z_max)
-    z = misfit_mod.robust_z(np.log(np.maximum(values, 1e-300)))
+    z = misfit_mod.misfit_z(values)
+    out = z > z_max
     drop = np.zeros(inputs.selected.size, dtype=bool)
     drop[sel[out]] = True
     (log.info if ctx.main else log.debug)(
@@ -464,13 +472,11 @@ def posterior_frame_latents(args, model, det, inputs, mu, poses, num_frames, cfg
     from spiscape.vae import frame_posterior
 
     sel = inputs.selected
-    quaternion = inputs.quaternion if poses is None else poses["quaternion_refined"]
-    log_scale = np.zeros(sel.size) if inputs.log_scale is None else inputs.log_scale
+    quaternion, log_scale = slicing_poses(inputs, poses)
     classes = frame_posterior.Classes(replicate=inputs.replicate[sel], klass=inputs.klass[sel],
                                       quaternion=quaternion[sel], log_scale=log_scale[sel])
     z = frame_posterior.latent_grid(mu[sel], args.frame_latent_points)
-    r = args.frame_size_range
-    sizes = np.log(1.0 + np.linspace(-r, r, 5)) if r > 0 else np.zeros(1)
+    sizes = frame_posterior.size_steps(args.frame_size_range)
     # CuPy where the VAE ran on a GPU and CuPy is there (the gpu extra); NumPy otherwise
     xp = get_array_module("auto" if str(device).startswith("cuda") else "cpu")
     start = time.perf_counter()

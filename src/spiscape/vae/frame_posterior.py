@@ -46,8 +46,15 @@ from spiscape.errors import InputError
 
 log = logging.getLogger(__name__)
 
+def size_steps(size_range: float, steps: int = 5) -> np.ndarray:
+    """Log size steps from 1 - r to 1 + r times a class's size (just 0 for r = 0)."""
+    if size_range <= 0:
+        return np.zeros(1)
+    return np.log(1.0 + np.linspace(-size_range, size_range, steps))
+
+
 #: default log size steps around each class's size (see the module docstring)
-SIZES = tuple(np.log(1.0 + np.linspace(-0.08, 0.08, 5)))
+SIZES = tuple(size_steps(0.08))
 #: a trained class is a candidate of a frame holding at least this share of its largest
 #: occupancy among the trained classes
 CANDIDATE_SHARE = 1e-3

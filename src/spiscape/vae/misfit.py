@@ -56,6 +56,11 @@ def robust_z(values: np.ndarray) -> np.ndarray:
     return (values - centre) / spread
 
 
+def misfit_z(misfit: np.ndarray) -> np.ndarray:
+    """Robust z-score of each log misfit among them."""
+    return robust_z(np.log(np.maximum(np.asarray(misfit, dtype=np.float64), 1e-300)))
+
+
 def misfit_outliers(misfit: np.ndarray, z_max: float) -> np.ndarray:
     """Which misfits (bool) lie above ``z_max`` robust standard deviations of log misfit."""
-    return robust_z(np.log(np.maximum(np.asarray(misfit, dtype=np.float64), 1e-300))) > z_max
+    return misfit_z(misfit) > z_max
