@@ -6,6 +6,8 @@ centred rows (the CLPCA space of Zhuang, Ayyer et al., IUCrJ 2022; by default af
 correction of spiscape.embed.embedding, --noise-neighbours), or Isomap, spectral, t-SNE or
 UMAP, places the averages in a few dimensions, where k-means, a Gaussian mixture or DBSCAN/HDBSCAN
 groups them (the number of groups from --num-clusters, or chosen by silhouette/BIC). With
+--replicates, a cluster whose parts share (almost) no frames is split (--split-shared-frames,
+spiscape.embed.sharing): the EMC's frames tell apart objects whose common lines do not. With
 --model, an MLP is trained from rotation-invariant features of the averages to their coordinates
 (the absolute-embedding regressor used by embed-new). With --replicates, every bootstrap replicate
 is embedded on its own and the landscapes compared over their shared frames (Procrustes
@@ -39,6 +41,7 @@ from spiscape.embed.embedding import (
     embed,
 )
 from spiscape.embed.landscape import average_truth, replicate_stability
+from spiscape.embed.sharing import SPLIT_SHARED_FRAMES, membership_similarity, split_clusters
 from spiscape.errors import ConfigError, InputError
 from spiscape.io.averages import read_averages
 from spiscape.io.commonlines import read_commonlines
@@ -98,6 +101,12 @@ def add_args(parser):
     parser.add_argument("--num-clusters", type=auto_or_number(minimum=1, kind=int), default="auto",
                         help="number of clusters, or 'auto' (silhouette for kmeans, BIC for gmm; "
                              "dbscan/hdbscan find it themselves)")
+    parser.add_argument("--split-shared-frames", default=SPLIT_SHARED_FRAMES,
+                        type=number_in(0, 1, high_open=True),
+                        help="with --replicates: split a cluster whose parts share less than "
+                             "this share of their frames' class memberships (different objects "
+                             "that the common lines could not tell apart; "
+                             "spiscape.embed.sharing); 0: off")
     parser.add_argument("--max-clusters", type=at_least(1), default=8,
                         help="largest number of clusters tried with --num-clusters auto")
     parser.add_argument("--eps", type=float, default=None,
@@ -145,17 +154,19 @@ def main(args):
                                 args.max_clusters, args.eps, args.min_samples)
     log.info("%s: %d clusters, sizes %s", args.cluster, groups.num_clusters,
              np.bincount(groups.labels[groups.labels >= 0]).tolist())
+    reps = read_replicates(args.replicates) if args.replicates else []
+    num_frames = max((int(r.frames.max()) + 1 for r in reps if r.frames.size), default=0)
+    splits = split_by_shared_frames(args, groups, reps, averages, num_frames)
     metrics = {
         "explained_variance_ratio": result.explained_variance_ratio.tolist(),
         "clusters": {"method": groups.method, "num_clusters": groups.num_clusters,
                      "sizes": np.bincount(groups.labels[groups.labels >= 0]).tolist(),
                      "outliers": int(np.sum(groups.labels < 0)),
-                     "scores": {str(k): v for k, v in groups.scores.items()}},
+                     "scores": {str(k): v for k, v in groups.scores.items()},
+                     "shared_frame_splits": splits},
     }
     truth_avg = None
-    reps = read_replicates(args.replicates) if args.replicates else []
     if reps:
-        num_frames = max(int(r.frames.max()) for r in reps) + 1
         truth = None
         if args.truth:
             from spiscape.io.truth import read_truth
@@ -207,6 +218,29 @@ def main(args):
                  model=str(args.model or ""), metrics=json.dumps(metrics))
     write_embedding(args.out, datasets, attrs)
     log.info("wrote %s", args.out)
+
+
+def split_by_shared_frames(args, groups, reps, averages, num_frames: int) -> list[dict]:
+    """Split the clusters whose parts share (almost) no frames (spiscape.embed.sharing), in
+    place in ``groups``; returns the splits made."""
+    if args.split_shared_frames <= 0:
+        return []
+    if not reps:
+        log.info("no --replicates: the clusters are not checked for frames they share")
+        return []
+    similarity = membership_similarity(averages.count, reps, averages.replicate,
+                                       averages.klass, num_frames)
+    labels, splits = split_clusters(similarity, groups.labels, args.split_shared_frames)
+    for s in splits:
+        log.info("shared frames: cluster %d split %d | %d averages, which share %.2g of their "
+                 "frames (below %g): different objects", s["cluster"], *s["sizes"], s["share"],
+                 args.split_shared_frames)
+    if splits:
+        groups.labels = clustering.relabel_by_size(labels)
+        groups.num_clusters = int(groups.labels.max()) + 1
+        log.info("%d clusters after the shared-frame check, sizes %s", groups.num_clusters,
+                 np.bincount(groups.labels[groups.labels >= 0]).tolist())
+    return splits
 
 
 def draw(folder: Path, result, groups, averages, model, truth_avg) -> None:
