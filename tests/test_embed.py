@@ -339,3 +339,42 @@ def test_noise_correction_keeps_a_small_set_of_two_species_apart():
     assert between.max() < 0.8
     coords = embedding.embed(cc, "pca", 2, noise_neighbours=5).coords
     assert np.ptp(coords[:, 0]) > 0
+
+
+def test_embed_cli_splits_a_cluster_whose_averages_share_no_frames(tmp_path, capsys):
+    """One k-means cluster (--num-clusters 1) holds two objects whose classes never share a
+    frame: `spiscape embed --replicates` splits it (logged, in the metrics); 0 turns it off."""
+    import json
+
+    from spiscape.io.replicate import write_replicate
+
+    rng = np.random.default_rng(2)
+    intens = np.stack([speckle_image(21, 3.0, 1.0, rng.uniform(0, np.pi)) for _ in range(8)])
+    write_inputs(tmp_path, intens)
+    # 8 classes of replicate 0 over 80 frames: frames 0-49 spread over classes 0-4 (one object
+    # at neighbouring orientations), frames 50-79 over classes 5-7 (another)
+    occ = np.zeros((80, 8), np.float32)
+    occ[:50, :5] = rng.dirichlet(np.ones(5), 50)
+    occ[50:, 5:] = rng.dirichlet(np.ones(3), 30)
+    write_replicate(tmp_path / "rep0.h5", {
+        "intens": intens, "frames": np.arange(80), "occupancies": occ,
+        "best_rotation": np.zeros(80, np.int32), "best_class": occ.argmax(1).astype(np.int32),
+        "scale": np.ones(80), "log": np.zeros(2), "angles": np.zeros(3),
+        "model_pixels": np.arange(7), "support": np.ones((21, 21), bool),
+        "empty_frames": np.zeros(0, np.int64)}, {"params": '{"replicate": 0}'})
+
+    def run(*extra):
+        out = tmp_path / "embedding.h5"
+        args = ["embed", "--commonlines", str(tmp_path / "commonlines.h5"), "--averages",
+                str(tmp_path / "averages.h5"), "--out", str(out), "--num-clusters", "1",
+                "--replicates", str(tmp_path / "rep0.h5"), *extra]
+        assert cli.main(args) == 0
+        with h5py.File(out) as f:
+            return f["labels"][()], json.loads(f.attrs["metrics"])["clusters"]
+
+    labels, clusters = run()
+    assert labels.tolist() == [0] * 5 + [1] * 3 and clusters["num_clusters"] == 2
+    assert [s["sizes"] for s in clusters["shared_frame_splits"]] == [[5, 3]]
+    assert "cluster 0 split 5 | 3 averages" in capsys.readouterr().err
+    labels, clusters = run("--split-shared-frames", "0")
+    assert labels.tolist() == [0] * 8 and clusters["shared_frame_splits"] == []
