@@ -370,11 +370,18 @@ def test_embed_cli_splits_a_cluster_whose_averages_share_no_frames(tmp_path, cap
                 "--replicates", str(tmp_path / "rep0.h5"), *extra]
         assert cli.main(args) == 0
         with h5py.File(out) as f:
+            if "shared_frames" in f:  # the two objects share nothing, each with itself 1
+                assert f["shared_frames"][()].tolist() == [[1.0, 0.0], [0.0, 1.0]]
+                assert f.attrs["split_shared_frames"] == 5e-4
             return f["labels"][()], json.loads(f.attrs["metrics"])["clusters"]
 
     labels, clusters = run()
     assert labels.tolist() == [0] * 5 + [1] * 3 and clusters["num_clusters"] == 2
+    with h5py.File(tmp_path / "embedding.h5") as f:
+        assert "shared_frames" in f
     assert [s["sizes"] for s in clusters["shared_frame_splits"]] == [[5, 3]]
     assert "cluster 0 split 5 | 3 averages" in capsys.readouterr().err
     labels, clusters = run("--split-shared-frames", "0")
     assert labels.tolist() == [0] * 8 and clusters["shared_frame_splits"] == []
+    with h5py.File(tmp_path / "embedding.h5") as f:
+        assert "shared_frames" not in f

@@ -7,7 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from spiscape.embed.sharing import membership_similarity, split_clusters, weakest_cut
+from spiscape.embed.sharing import (
+    cluster_shares,
+    membership_similarity,
+    split_clusters,
+    weakest_cut,
+)
 from spiscape.io.replicate import Replicate
 
 
@@ -103,3 +108,13 @@ def test_averages_sharing_no_frame_with_their_cluster_stay_in_it():
     # outliers (-1) are never a cluster
     labels, splits = split_clusters(sim, np.array([-1, -1, 0]))
     assert splits == [] and labels.tolist() == [-1, -1, 0]
+
+
+def test_cluster_shares_by_hand():
+    sim = np.array([[1.0, 0.4, 0.1, 0.0],
+                    [0.4, 1.0, 0.0, 0.0],
+                    [0.1, 0.0, 1.0, 0.2],
+                    [0.0, 0.0, 0.2, 1.0]])
+    shares = cluster_shares(sim, np.array([0, 0, 1, -1]))
+    # volumes (similarity to all others): cluster 0: 0.5 + 0.4, cluster 1: 0.3
+    np.testing.assert_allclose(shares, [[1.0, 0.1 / 0.3], [0.1 / 0.3, 1.0]])

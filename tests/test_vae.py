@@ -381,6 +381,28 @@ def test_auto_clusters_known_limit_a_species_heavier_than_an_end():
     assert 4 in auto_clusters(labels, frames, 0.01, coords)
 
 
+def test_auto_clusters_leave_out_a_species_on_the_axis_that_shares_no_frames_with_the_series():
+    """A species whose common lines place it on the series' axis (``df64``'s spheroids) is kept
+    by the detour rule; the frames its classes share with the series' clusters tell it apart.
+    When the series' ends themselves share no frames, the frames say nothing."""
+    from spiscape.vae.data import auto_clusters
+
+    coords, labels, frames = series_landscape(beside=(3.0, 0.14, 0.0))  # on the curve
+    assert auto_clusters(labels, frames, 0.01, coords) == [0, 1, 2, 3, 4]
+    shares = np.eye(5)
+    for a, b in ((0, 1), (1, 2), (2, 3)):  # neighbours along the series share frames
+        shares[a, b] = shares[b, a] = 0.05
+    shares[4, 1] = shares[1, 4] = 1e-5  # the species: almost none
+    assert auto_clusters(labels, frames, 0.01, coords, shares=shares,
+                         min_share=5e-4) == [0, 1, 2, 3]
+    assert auto_clusters(labels, frames, 0.01, coords, shares=shares,
+                         min_share=0.0) == [0, 1, 2, 3, 4]  # off
+    cut = shares.copy()
+    cut[1, 2] = cut[2, 1] = 0.0  # the ends not linked: every cluster on the axis stays
+    assert auto_clusters(labels, frames, 0.01, coords, shares=cut,
+                         min_share=5e-4) == [0, 1, 2, 3, 4]
+
+
 def test_frame_weights_and_loss_q_min():
     from spiscape.vae.data import frame_weights, loss_weight
 

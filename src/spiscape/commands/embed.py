@@ -41,7 +41,12 @@ from spiscape.embed.embedding import (
     embed,
 )
 from spiscape.embed.landscape import average_truth, replicate_stability
-from spiscape.embed.sharing import SPLIT_SHARED_FRAMES, membership_similarity, split_clusters
+from spiscape.embed.sharing import (
+    SPLIT_SHARED_FRAMES,
+    cluster_shares,
+    membership_similarity,
+    split_clusters,
+)
 from spiscape.errors import ConfigError, InputError
 from spiscape.io.averages import read_averages
 from spiscape.io.commonlines import read_commonlines
@@ -156,7 +161,7 @@ def main(args):
              np.bincount(groups.labels[groups.labels >= 0]).tolist())
     reps = read_replicates(args.replicates) if args.replicates else []
     num_frames = max((int(r.frames.max()) + 1 for r in reps if r.frames.size), default=0)
-    splits = split_by_shared_frames(args, groups, reps, averages, num_frames)
+    splits, shares = split_by_shared_frames(args, groups, reps, averages, num_frames)
     metrics = {
         "explained_variance_ratio": result.explained_variance_ratio.tolist(),
         "clusters": {"method": groups.method, "num_clusters": groups.num_clusters,
@@ -208,6 +213,9 @@ def main(args):
     if reliability is not None:
         datasets["reliability"] = reliability
     attrs = {}
+    if shares is not None:
+        datasets["shared_frames"] = shares
+        attrs["split_shared_frames"] = args.split_shared_frames
     if truth_avg is not None:
         datasets.update(truth_label=truth_avg["majority"], truth_t=truth_avg["mean_t"])
         attrs["label_names"] = json.dumps(truth_avg["names"])
@@ -220,14 +228,15 @@ def main(args):
     log.info("wrote %s", args.out)
 
 
-def split_by_shared_frames(args, groups, reps, averages, num_frames: int) -> list[dict]:
+def split_by_shared_frames(args, groups, reps, averages, num_frames: int):
     """Split the clusters whose parts share (almost) no frames (spiscape.embed.sharing), in
-    place in ``groups``; returns the splits made."""
+    place in ``groups``; returns the splits made and the final clusters' shares (None when
+    not measured)."""
     if args.split_shared_frames <= 0:
-        return []
+        return [], None
     if not reps:
         log.info("no --replicates: the clusters are not checked for frames they share")
-        return []
+        return [], None
     similarity = membership_similarity(averages.count, reps, averages.replicate,
                                        averages.klass, num_frames)
     labels, splits = split_clusters(similarity, groups.labels, args.split_shared_frames)
@@ -240,7 +249,7 @@ def split_by_shared_frames(args, groups, reps, averages, num_frames: int) -> lis
         groups.num_clusters = int(groups.labels.max()) + 1
         log.info("%d clusters after the shared-frame check, sizes %s", groups.num_clusters,
                  np.bincount(groups.labels[groups.labels >= 0]).tolist())
-    return splits
+    return splits, cluster_shares(similarity, groups.labels)
 
 
 def draw(folder: Path, result, groups, averages, model, truth_avg) -> None:

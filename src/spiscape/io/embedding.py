@@ -9,6 +9,11 @@ Layout (HDF5), one row per average of ``averages.h5`` in its order:
 - ``replicate (A,)``, ``class (A,)``: as in ``averages.h5``;
 - ``reliability (A,)`` float64 (optional): each average's reliability from the noise correction
   (``spiscape.embed.embedding.disattenuate``), when it was on;
+- ``shared_frames (C, C)`` float64 (optional, since 2026-12-07): for each pair of clusters the
+  share of the smaller one's frame memberships that lies with the other
+  (``spiscape.embed.sharing.cluster_shares``), with attribute ``split_shared_frames`` (the
+  threshold below which two clusters are different objects); written by ``spiscape embed`` with
+  ``--replicates`` and the split on, read by vae ``--clusters auto``;
 - with a truth: ``truth_label (A,)``, ``truth_t (A,)`` and attribute ``label_names`` (JSON);
 - attributes: ``method``, ``method_params`` (JSON), ``cc_transform``, ``components``,
   ``cluster_method``, ``num_clusters``, ``seed``, ``commonlines``, ``averages``, ``model``,
@@ -37,6 +42,7 @@ class EmbeddingFile:
     method: str = "pca"
     explained_variance_ratio: np.ndarray | None = None  # (k,), None for embed-new's files
     attrs: dict = field(default_factory=dict)
+    shared_frames: np.ndarray | None = None  # (C, C), None where embed did not measure it
     path: str = ""
 
 
@@ -47,6 +53,7 @@ def read_embedding(path, count: int | None = None) -> EmbeddingFile:
         coords = np.asarray(f["coords"][()], dtype=np.float64)
         labels = f["labels"][()]
         ratio = f["explained_variance_ratio"][()] if "explained_variance_ratio" in f else None
+        shared = f["shared_frames"][()] if "shared_frames" in f else None
         attrs = {k: plain_attr(v) for k, v in f.attrs.items()}
     if coords.ndim != 2 or labels.shape != (coords.shape[0],):
         raise InputError(path, f"coords {coords.shape} and labels {labels.shape} do not match")
@@ -54,8 +61,14 @@ def read_embedding(path, count: int | None = None) -> EmbeddingFile:
         raise InputError(path, f"{coords.shape[0]} averages embedded, {count} expected")
     if not np.all(np.isfinite(coords)):
         raise InputError(path, "coords hold NaN or infinite values")
+    clusters = int(labels.max()) + 1 if labels.size else 0
+    if shared is not None and (shared.shape != (clusters, clusters)
+                               or not np.all(np.isfinite(shared))):
+        raise InputError(path, f"shared_frames {shared.shape} does not match the {clusters} "
+                               f"clusters of labels, or holds NaN")
     return EmbeddingFile(coords=coords, labels=labels, method=str(attrs.get("method", "pca")),
-                         explained_variance_ratio=ratio, attrs=attrs, path=str(path))
+                         explained_variance_ratio=ratio, attrs=attrs, path=str(path),
+                         shared_frames=shared)
 
 
 def write_embedding(path, datasets: dict, attrs: dict) -> None:

@@ -8,6 +8,7 @@ few central pixels. The decoder starts from the same profile (see model.Decoder)
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,8 @@ from spiscape.errors import ConfigError, InputError
 from spiscape.io.averages import read_averages
 from spiscape.io.embedding import read_embedding
 from spiscape.io.orientation import read_orientation
+
+log = logging.getLogger(__name__)
 
 LOG_FLOOR = 0.1
 
@@ -58,7 +61,8 @@ def read_inputs(averages, orientation, embedding=None, clusters="all",
         auto = clusters in ("auto", ["auto"])
         if auto:
             wanted = auto_clusters(labels, frames, min_cluster_fraction, emb.coords,
-                                   max_detour)
+                                   max_detour, emb.shared_frames,
+                                   float(emb.attrs.get("split_shared_frames", 0.0)))
         else:
             wanted = parse_clusters(clusters)
         selected = np.isin(labels, wanted)
@@ -104,11 +108,13 @@ def main_axis(coords, labels, weights, max_detour: float) -> list[int]:
 
 
 def auto_clusters(labels: np.ndarray, frames: np.ndarray, min_fraction: float,
-                  coords: np.ndarray | None = None, max_detour: float = 1.25) -> list[int]:
+                  coords: np.ndarray | None = None, max_detour: float = 1.25,
+                  shares: np.ndarray | None = None, min_share: float = 0.0) -> list[int]:
     """The clusters that make up the sample's main series: those on the landscape's main axis
     (:func:`main_axis`, detour <= ``max_detour``, when ``coords`` are given) that hold at least
     ``min_fraction`` of the frames (the frame counts of their averages; a floor against
-    near-empty noise clusters).
+    near-empty noise clusters) and, with ``shares`` (embedding.h5's ``shared_frames``), are
+    linked to the series' ends by shared frames (:func:`linked_to_ends`).
 
     Why not "the big clusters": a population with a size spread could split into several
     clusters, each small, and a melting series is cut into pieces; a size rule left the VAE with
@@ -120,10 +126,42 @@ def auto_clusters(labels: np.ndarray, frames: np.ndarray, min_fraction: float,
     weights = frames if frames.sum() > 0 else np.ones(labels.size)
     linked = (main_axis(coords, labels, weights, max_detour) if coords is not None
               else [int(c) for c in np.unique(labels) if c >= 0])
+    if shares is not None and min_share > 0:
+        linked = linked_to_ends(linked, labels, weights, shares, min_share)
     keep = [c for c in linked if weights[labels == c].sum() / total >= min_fraction]
     if not keep:
         raise ConfigError(f"--clusters auto: no cluster of the landscape's main axis holds "
                           f"{min_fraction:.0%} of the frames")
+    return keep
+
+
+def linked_to_ends(clusters: list[int], labels: np.ndarray, weights: np.ndarray,
+                   shares: np.ndarray, min_share: float) -> list[int]:
+    """The ``clusters`` (on the main axis) that shared frames link to its ends, the two of them
+    holding the most frames: a path between clusters that share at least ``min_share`` of the
+    smaller one's frame memberships (``spiscape.embed.sharing``). A structural series is one
+    object changing shape and its clusters share frames with their neighbours along it (0.008
+    to 0.21 on the validation matrix); a cluster on the axis that shares none is another object
+    that the common lines place there (``df64``'s spheroids). When the ends themselves are not
+    linked (two states without intermediates) the frames say nothing, and every cluster stays."""
+    from scipy.sparse.csgraph import connected_components
+
+    if len(clusters) <= 2:
+        return list(clusters)
+    ids = np.asarray(clusters)
+    mass = np.array([weights[labels == c].sum() for c in ids])
+    ends = np.argsort(-mass, kind="stable")[:2]
+    _, part = connected_components(np.asarray(shares)[np.ix_(ids, ids)] >= min_share,
+                                   directed=False)
+    if part[ends[0]] != part[ends[1]]:
+        log.info("--clusters auto: the series' ends (clusters %d, %d) share no frames; every "
+                 "cluster on the axis is kept", ids[ends[0]], ids[ends[1]])
+        return list(clusters)
+    keep = [int(c) for c, p in zip(ids, part, strict=True) if p == part[ends[0]]]
+    left = [int(c) for c in ids if c not in keep]
+    if left:
+        log.info("--clusters auto: cluster(s) %s on the main axis share less than %g of their "
+                 "frames with the series: another object, left out", left, min_share)
     return keep
 
 
