@@ -50,13 +50,19 @@ from spiscape.embed.landscape import kept_classes
 SPLIT_SHARED_FRAMES = 5e-4
 
 
+#: frames x averages held at once by :func:`membership_similarity` (64 MB of float64)
+BLOCK_ELEMENTS = 8_000_000
+
+
 def membership_similarity(num_averages: int, reps, replicate_of, class_of, num_frames: int,
-                          block: int = 65536) -> np.ndarray:
+                          block: int | None = None) -> np.ndarray:
     """(A, A) cosine similarity of the averages' frame memberships (module docstring).
 
     ``replicate_of`` and ``class_of`` are averages.h5's ``replicate`` and ``class``; ``reps``
-    the replicates (:class:`spiscape.io.replicate.Replicate`) that made them.
+    the replicates (:class:`spiscape.io.replicate.Replicate`) that made them; ``block`` frames
+    at a time (default: ``BLOCK_ELEMENTS`` / A).
     """
+    block = block or max(1024, BLOCK_ELEMENTS // max(num_averages, 1))
     prepared = []
     for rep in reps:
         rows, classes = kept_classes(rep, replicate_of, class_of)
@@ -109,13 +115,19 @@ def weakest_cut(weights: np.ndarray) -> tuple[float, np.ndarray]:
     return float(max(share[best], 0.0)), side
 
 
+def graph_weights(similarity: np.ndarray) -> np.ndarray:
+    """The similarity as a graph's edge weights: symmetric, >= 0, no self-loops."""
+    w = np.clip(np.asarray(similarity, dtype=np.float64), 0.0, None)
+    w = (w + w.T) / 2.0
+    np.fill_diagonal(w, 0.0)
+    return w
+
+
 def cluster_shares(similarity: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """(C, C) for the clusters 0..C-1 of ``labels``: entry (i, j) the similarity between the two
     clusters' averages over the smaller cluster's volume (its averages' similarity to all
     others); 0 where either has none, 1 on the diagonal."""
-    w = np.clip(np.asarray(similarity, dtype=np.float64), 0.0, None)
-    w = (w + w.T) / 2.0
-    np.fill_diagonal(w, 0.0)
+    w = graph_weights(similarity)
     labels = np.asarray(labels)
     count = int(labels.max()) + 1 if labels.size and labels.max() >= 0 else 0
     onehot = np.zeros((labels.size, count))
@@ -135,9 +147,7 @@ def split_clusters(similarity: np.ndarray, labels: np.ndarray,
     (module docstring); returns the new labels (old numbers kept, new parts numbered after
     them; -1 stays -1) and one record per split: ``cluster`` (the number it came from),
     ``sizes`` (averages on each side) and ``share``."""
-    w = np.clip(np.asarray(similarity, dtype=np.float64), 0.0, None)
-    w = (w + w.T) / 2.0
-    np.fill_diagonal(w, 0.0)
+    w = graph_weights(similarity)
     out = np.asarray(labels).copy()
     splits: list[dict] = []
     if threshold <= 0:
