@@ -189,13 +189,11 @@ def somers_latent(latent, truth) -> float:
     """|Somers' D(latent | t)| over the frames ``rho_latent`` scores (the first latent)."""
     from scipy.stats import somersd
 
-    from spiscape.metrics.landscape import MELTING, populations
+    from spiscape.metrics.landscape import series_frames
 
     t = np.asarray(truth.t, dtype=np.float64)
     z = np.asarray(latent, dtype=np.float64)[:, 0]
-    pop = populations(truth.label)
-    use = ((pop == 0) | (pop == 1) | (np.asarray(truth.label) == MELTING)) & np.isfinite(t) \
-        & np.isfinite(z)
+    use = series_frames(truth.label, t) & np.isfinite(z)
     if use.sum() < 3:
         return float("nan")
     return abs(float(somersd(t[use], z[use]).statistic))

@@ -59,6 +59,13 @@ def population_ari(cluster_label, truth_label, placed=None, by_species: bool = F
     return {"ari": ari, "frames": int(use.sum()), "contingency": table}
 
 
+def series_frames(truth_label, t) -> np.ndarray:
+    """(N,) bool: the frames whose order by t is scored, cube, melting and sphere with a t."""
+    pop = populations(truth_label)
+    return ((pop == 0) | (pop == 1) | (np.asarray(truth_label) == MELTING)) \
+        & np.isfinite(np.asarray(t, dtype=np.float64))
+
+
 def melting_spearman(coords, truth_label, t) -> dict:
     """Spearman rho of each embedding component with t over placed non-contaminant frames."""
     from scipy.stats import spearmanr
@@ -66,11 +73,8 @@ def melting_spearman(coords, truth_label, t) -> dict:
     coords = np.asarray(coords, dtype=np.float64)
     if coords.ndim == 1:
         coords = coords[:, None]
-    pop = populations(truth_label)
-    label = np.asarray(truth_label)
     t = np.asarray(t, dtype=np.float64)
-    use = ((pop == 0) | (pop == 1) | (label == MELTING)) & np.isfinite(t) \
-        & np.all(np.isfinite(coords), axis=1)
+    use = series_frames(truth_label, t) & np.all(np.isfinite(coords), axis=1)
     rhos = []
     for j in range(coords.shape[1]):
         if use.sum() > 2 and np.ptp(coords[use, j]) > 0 and np.ptp(t[use]) > 0:
