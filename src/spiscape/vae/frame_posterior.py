@@ -46,6 +46,7 @@ from spiscape.errors import InputError
 
 log = logging.getLogger(__name__)
 
+
 def size_steps(size_range: float, steps: int = 5) -> np.ndarray:
     """Log size steps from 1 - r to 1 + r times a class's size (just 0 for r = 0)."""
     if size_range <= 0:

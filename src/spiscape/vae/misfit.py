@@ -60,7 +60,3 @@ def misfit_z(misfit: np.ndarray) -> np.ndarray:
     """Robust z-score of each log misfit among them."""
     return robust_z(np.log(np.maximum(np.asarray(misfit, dtype=np.float64), 1e-300)))
 
-
-def misfit_outliers(misfit: np.ndarray, z_max: float) -> np.ndarray:
-    """Which misfits (bool) lie above ``z_max`` robust standard deviations of log misfit."""
-    return misfit_z(misfit) > z_max
