@@ -12,6 +12,7 @@ import scipy.sparse
 import torch
 from scipy.stats import spearmanr
 
+from spiscape.errors import InputError
 from spiscape.io.photon_writer import write_photons
 from spiscape.io.replicate import write_replicate
 from spiscape.io.sparse import SparsePhotons
@@ -84,15 +85,23 @@ def rotation_z(theta: float) -> np.ndarray:
     return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
 
 
-@pytest.fixture(scope="module")
-def series(tmp_path_factory):
+def tilted(rng, n: int, angle_deg: float) -> np.ndarray:
+    """(n, 3, 3) rotations by ``angle_deg`` about random axes in the detector plane."""
+    from scipy.spatial.transform import Rotation
+
+    phi = rng.uniform(0.0, 2.0 * np.pi, n)
+    axes = np.stack([np.cos(phi), np.sin(phi), np.zeros(n)], axis=1)
+    return Rotation.from_rotvec(np.deg2rad(angle_deg) * axes).as_matrix()
+
+
+def make_series(out, tilt_deg: float = 0.0):
     """Two classes (orientations) of one replicate; 240 frames of shapes t ~ U(0, 1), each
-    sliced in 3D at its class's rotation turned about the beam, ~1000 photons, Poisson. A 25 px
-    grid: on 13 px the bilinear in-plane rotation of the class grid, as the 2D EMC does it, is
-    too coarse for fringes 3 px apart."""
+    sliced in 3D at its class's rotation turned about the beam (and tilted out of the detector
+    plane by ``tilt_deg`` about a random axis), ~1000 photons, Poisson. A 25 px grid: on 13 px
+    the bilinear in-plane rotation of the class grid, as the 2D EMC does it, is too coarse for
+    fringes 3 px apart."""
     from spiscape.io import read_detector
 
-    out = tmp_path_factory.mktemp("frame_posterior")
     rng = np.random.default_rng(11)
     q = vm.ewald_grid(S, DETD, EWALD).reshape(3, -1)
     radius = np.linalg.norm(q, axis=0)
@@ -113,6 +122,8 @@ def series(tmp_path_factory):
     angles = np.arange(24) * (2 * np.pi / 24)
     rot = np.stack([vm.quaternion_to_matrix(torch.as_tensor(quats[c][None]))[0].numpy()
                     @ rotation_z(angles[rng.integers(24)]) for c in klass])
+    if tilt_deg > 0:
+        rot = rot @ tilted(np.random.default_rng(5), n, tilt_deg)
     with torch.no_grad():
         vols = model.symmetric(torch.as_tensor(t[:, None], dtype=torch.float32))
         signal = vm.slice_volumes(vols, torch.as_tensor(q, dtype=torch.float32),
@@ -134,6 +145,17 @@ def series(tmp_path_factory):
     classes = fp.Classes(replicate=np.zeros(2, int), klass=np.arange(2), quaternion=quats,
                          log_scale=np.zeros(2))
     return out, det, model, classes, t
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory):
+    return make_series(tmp_path_factory.mktemp("frame_posterior"))
+
+
+@pytest.fixture(scope="module")
+def tilted_series(tmp_path_factory):
+    """The series with every frame 9 degrees out of its class's plane."""
+    return make_series(tmp_path_factory.mktemp("frame_posterior_tilted"), tilt_deg=9.0)
 
 
 def test_each_frame_is_ranked_by_its_own_shape(series):
@@ -162,6 +184,84 @@ def test_size_steps_keep_the_ranking_of_frames_at_their_class_size(series):
     res = fp.posterior_latents(model, det, [out / "rep0.h5"], [out / "photons.h5"], classes, z,
                                t.size, q_min=1.0, block=100)
     assert spearmanr(res["latent"][:-1, 0], t[:-1]).statistic > 0.9
+
+
+def test_tilt_rotations_ring_the_identity_in_the_detector_plane():
+    rot = fp.tilt_rotations(6.0, 8)
+    assert rot.shape == (9, 3, 3) and np.allclose(rot[0], np.eye(3))
+    beam = rot[1:] @ np.array([0.0, 0.0, 1.0])  # the beam axis, tilted by 6 degrees
+    assert np.allclose(np.degrees(np.arccos(beam[:, 2])), 6.0)
+    assert np.allclose(rot[1:, 2, 2], np.cos(np.radians(6.0)))
+    assert np.allclose(np.einsum("nij,nkj->nik", rot, rot), np.eye(3))
+    assert fp.tilt_rotations(0.0).shape == (1, 3, 3)
+
+
+def test_tilts_fit_frames_from_out_of_the_class_plane(tilted_series):
+    """Frames 9 degrees out of their class's plane: the evidence chooses a tilt, and summing over
+    the tilts ranks the frames by shape better than the class's orientation alone (which reads
+    a tilted cube as rounder)."""
+    out, det, model, classes, t = tilted_series
+    z = np.linspace(0.0, 1.0, 11)[:, None]
+
+    def run(angle, subset=None):
+        return fp.posterior_latents(model, det, [out / "rep0.h5"], [out / "photons.h5"],
+                                    classes, z, t.size, q_min=1.0, sizes=(0.0,),
+                                    tilts=fp.tilt_rotations(angle), subset=subset)
+
+    drawn = np.ones(t.size, bool)
+    drawn[-1] = False
+    angle, table = fp.choose_tilt(lambda a, sub: run(a, sub)["evidence"], drawn,
+                                  angles=(0.0, 4.0, 8.0, 16.0), sample=120)
+    assert set(table) == {0.0, 4.0, 8.0, 16.0} and angle in (4.0, 8.0, 16.0)
+    assert table[8.0] > table[0.0]
+    flat, ringed = run(0.0)["latent"][:-1, 0], run(angle)["latent"][:-1, 0]
+    cubes = t[:-1] < 0.3
+    assert np.median(np.abs(ringed - t[:-1])[cubes]) < np.median(np.abs(flat - t[:-1])[cubes])
+    assert spearmanr(ringed, t[:-1]).statistic >= spearmanr(flat, t[:-1]).statistic
+
+
+def test_frames_in_their_class_plane_choose_no_tilt(series):
+    out, det, model, classes, t = series
+    z = np.linspace(0.0, 1.0, 11)[:, None]
+    drawn = np.ones(t.size, bool)
+    drawn[-1] = False
+    angle, table = fp.choose_tilt(
+        lambda a, sub: fp.posterior_latents(
+            model, det, [out / "rep0.h5"], [out / "photons.h5"], classes, z, t.size,
+            q_min=1.0, sizes=(0.0,), tilts=fp.tilt_rotations(a), subset=sub)["evidence"],
+        drawn, angles=(0.0, 8.0), sample=120)
+    assert angle == 0.0 and table[0.0] > table[8.0]
+
+
+def test_choose_tilt_scores_ascending_until_the_evidence_falls():
+    calls, sizes = [], []
+    values = {0.0: -5.0, 3.0: -4.0, 6.0: -4.5, 12.0: -3.0}
+
+    def score(angle, subset):
+        calls.append(angle)
+        sizes.append(int(subset.sum()))
+        return values[angle]
+
+    angle, table = fp.choose_tilt(score, np.ones(10, bool), angles=(12, 0, 3, 6), sample=4)
+    assert angle == 3.0 and calls == [0.0, 3.0, 6.0] and table == {0.0: -5.0, 3.0: -4.0,
+                                                                   6.0: -4.5}
+    assert sizes == [4, 4, 4]
+    with pytest.raises(InputError):
+        fp.choose_tilt(score, np.zeros(10, bool))
+
+
+def test_subset_scores_only_those_frames(series):
+    out, det, model, classes, t = series
+    z = np.linspace(0.0, 1.0, 11)[:, None]
+    subset = np.zeros(t.size, bool)
+    subset[:50] = True
+    res = fp.posterior_latents(model, det, [out / "rep0.h5"], [out / "photons.h5"], classes, z,
+                               t.size, q_min=1.0, sizes=(0.0,), subset=subset)
+    assert np.isfinite(res["latent"][:50, 0]).all() and np.isnan(res["latent"][50:, 0]).all()
+    assert np.isfinite(res["evidence"])
+    full = fp.posterior_latents(model, det, [out / "rep0.h5"], [out / "photons.h5"], classes, z,
+                                t.size, q_min=1.0, sizes=(0.0,))
+    assert np.allclose(res["latent"][:50], full["latent"][:50])
 
 
 def test_latent_grid_spans_the_averages_with_a_margin():
@@ -197,10 +297,13 @@ def test_posterior_latents_on_cupy_match_numpy(series):
     out, det, model, classes, t = series
     z = np.linspace(0.0, 1.0, 11)[:, None]
     args = (model, det, [out / "rep0.h5"], [out / "photons.h5"], classes, z, t.size)
-    ref = fp.posterior_latents(*args, q_min=1.0, block=100)
-    got = fp.posterior_latents(*args, q_min=1.0, block=100, xp=get_array_module("gpu"))
+    tilts = fp.tilt_rotations(6.0)
+    ref = fp.posterior_latents(*args, q_min=1.0, block=100, tilts=tilts)
+    got = fp.posterior_latents(*args, q_min=1.0, block=100, tilts=tilts,
+                               xp=get_array_module("gpu"))
     assert np.allclose(got["latent"], ref["latent"], atol=1e-6, equal_nan=True)
     assert np.allclose(got["sd"], ref["sd"], atol=1e-6, equal_nan=True)
+    assert got["evidence"] == pytest.approx(ref["evidence"], rel=1e-9)
 
 
 def test_averages_the_decoder_cannot_explain_are_the_outliers_of_its_misfit():
