@@ -208,10 +208,10 @@ def test_tilts_fit_frames_from_out_of_the_class_plane(tilted_series):
                                     classes, z, t.size, q_min=1.0, sizes=(0.0,),
                                     tilts=fp.tilt_rotations(angle), subset=subset)
 
-    drawn = np.ones(t.size, bool)
-    drawn[-1] = False
-    angle, table = fp.choose_tilt(lambda a, sub: run(a, sub)["evidence"], drawn,
-                                  angles=(0.0, 4.0, 8.0, 16.0), sample=120)
+    sample, frames = fp.tilt_sample(classes, [out / "rep0.h5"], t.size, count=1)
+    assert sample.klass.size == 1 and 60 < frames.sum() < 180 and not frames[-1]
+    angle, table = fp.choose_tilt(lambda a: run(a, frames)["evidence"],
+                                  angles=(0.0, 4.0, 8.0, 16.0))
     assert set(table) == {0.0, 4.0, 8.0, 16.0} and angle in (4.0, 8.0, 16.0)
     assert table[8.0] > table[0.0]
     flat, ringed = run(0.0)["latent"][:-1, 0], run(angle)["latent"][:-1, 0]
@@ -223,31 +223,28 @@ def test_tilts_fit_frames_from_out_of_the_class_plane(tilted_series):
 def test_frames_in_their_class_plane_choose_no_tilt(series):
     out, det, model, classes, t = series
     z = np.linspace(0.0, 1.0, 11)[:, None]
-    drawn = np.ones(t.size, bool)
-    drawn[-1] = False
     angle, table = fp.choose_tilt(
-        lambda a, sub: fp.posterior_latents(
+        lambda a: fp.posterior_latents(
             model, det, [out / "rep0.h5"], [out / "photons.h5"], classes, z, t.size,
-            q_min=1.0, sizes=(0.0,), tilts=fp.tilt_rotations(a), subset=sub)["evidence"],
-        drawn, angles=(0.0, 8.0), sample=120)
+            q_min=1.0, sizes=(0.0,), tilts=fp.tilt_rotations(a))["evidence"],
+        angles=(0.0, 8.0))
     assert angle == 0.0 and table[0.0] > table[8.0]
 
 
 def test_choose_tilt_scores_ascending_until_the_evidence_falls():
-    calls, sizes = [], []
+    calls = []
     values = {0.0: -5.0, 3.0: -4.0, 6.0: -4.5, 12.0: -3.0}
 
-    def score(angle, subset):
+    def score(angle):
         calls.append(angle)
-        sizes.append(int(subset.sum()))
         return values[angle]
 
-    angle, table = fp.choose_tilt(score, np.ones(10, bool), angles=(12, 0, 3, 6), sample=4)
+    angle, table = fp.choose_tilt(score, angles=(12, 0, 3, 6))
     assert angle == 3.0 and calls == [0.0, 3.0, 6.0] and table == {0.0: -5.0, 3.0: -4.0,
                                                                    6.0: -4.5}
-    assert sizes == [4, 4, 4]
+    assert fp.choose_tilt(lambda a: -a, angles=(0, 4))[0] == 0.0
     with pytest.raises(InputError):
-        fp.choose_tilt(score, np.zeros(10, bool))
+        fp.choose_tilt(lambda a: float("nan"), angles=(0, 4))
 
 
 def test_subset_scores_only_those_frames(series):

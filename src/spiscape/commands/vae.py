@@ -135,8 +135,8 @@ def add_args(parser):
                    help="the per-frame posterior also sums over tilts of the frame's "
                         "orientation out of the detector plane: a ring of 8 at this angle "
                         "(degrees) about the class's (0: the class's orientation only); auto: "
-                        "of 0, 4, 8, 12 and 16 the one under which a sample of 2000 frames is "
-                        "most probable")
+                        "of 0, 4, 8, 12 and 16 the one under which the frames of 8 trained "
+                        "classes drawn at random are most probable")
     g.add_argument("--num-frames", type=at_least(1), default=None,
                    help="frames in the dataset (default: the largest frame index + 1)")
     g.add_argument("--truth", default=None,
@@ -397,7 +397,7 @@ def main(args):
         extra = {}
         if args.photons and args.frame_latent != "classes":
             post = posterior_frame_latents(args, model, det, inputs, mu, poses, num_frames,
-                                           cfg, ctx.device, latent)
+                                           cfg, ctx.device)
             extra = {"latent_sd": post["sd"], "latent_classes": latent}
             latent = post["latent"]
             attrs.update(method="posterior", points=args.frame_latent_points,
@@ -472,12 +472,10 @@ def misfit_averages(model, result, inputs, tens, weight, cfg, ctx, z_max) -> np.
     return drop
 
 
-def posterior_frame_latents(args, model, det, inputs, mu, poses, num_frames, cfg, device,
-                            drawn_latent):
+def posterior_frame_latents(args, model, det, inputs, mu, poses, num_frames, cfg, device):
     """Each frame's posterior latent (:mod:`spiscape.vae.frame_posterior`) at the trained
     averages' refined orientations and size offsets, over out-of-plane tilts of --frame-tilt
-    degrees (auto: chosen on a sample of the frames in a trained class, ``drawn_latent`` (N,
-    zdim) finite)."""
+    degrees (auto: chosen on the frames of a sample of the trained classes)."""
     import time
 
     from spiscape.backend import get_array_module
@@ -493,21 +491,22 @@ def posterior_frame_latents(args, model, det, inputs, mu, poses, num_frames, cfg
     xp = get_array_module("auto" if str(device).startswith("cuda") else "cpu")
     start = time.perf_counter()
 
-    def run(angle: float, subset=None) -> dict:
+    def run(which, angle: float, subset=None) -> dict:
         return frame_posterior.posterior_latents(
-            model, det, args.replicates, args.photons, classes, z, num_frames, q_min=cfg.q_min,
+            model, det, args.replicates, args.photons, which, z, num_frames, q_min=cfg.q_min,
             q_step=cfg.q_step, sizes=sizes, tilts=frame_posterior.tilt_rotations(angle),
             subset=subset, xp=xp, device=device)
 
     evidence = {}
     tilt = args.frame_tilt
     if tilt == "auto":
-        tilt, evidence = frame_posterior.choose_tilt(lambda a, sub: run(a, sub)["evidence"],
-                                                     np.isfinite(drawn_latent[:, 0]))
+        sample, frames = frame_posterior.tilt_sample(classes, args.replicates, num_frames)
+        tilt, evidence = frame_posterior.choose_tilt(
+            lambda a: run(sample, a, frames)["evidence"])
         log.info("per-frame tilt: mean log evidence per frame %s; %g degrees chosen",
                  ", ".join(f"{a:g} deg {v - evidence[0.0]:+.2f}" if 0.0 in evidence
                            else f"{a:g} deg {v:.2f}" for a, v in evidence.items()), tilt)
-    post = run(float(tilt))
+    post = run(classes, float(tilt))
     post.update(tilt_deg=float(tilt), tilt_evidence=evidence)
     sd = post["sd"][:, 0]
     log.info("per-frame latents: the posterior of %d frames under the decoder, tilts %g degrees "

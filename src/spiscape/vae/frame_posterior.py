@@ -33,7 +33,7 @@ melting (on three sets of the matrix the cube frames' latent followed how close 
 to a fourfold axis, Spearman 0.25-0.35). The tilts are the identity and a ring of
 :data:`TILT_POINTS` rotations by an angle theta about axes in the detector plane. theta is the
 data's choice (:func:`choose_tilt`): the angle among :data:`TILT_ANGLES` under which the frames'
-photons are most probable, the mean over a sample of frames of
+photons are most probable, the mean over the frames of 8 trained classes drawn at random of
 
     log p(d | theta) = log mean_{k, s, u} sum_c sum_r L_d(c, s, u, k, r)
 
@@ -80,8 +80,8 @@ CANDIDATE_SHARE = 1e-3
 TILT_POINTS = 8
 #: the tilt angles (degrees) :func:`choose_tilt` chooses from
 TILT_ANGLES = (0.0, 4.0, 8.0, 12.0, 16.0)
-#: frames :func:`choose_tilt` scores each angle on
-TILT_SAMPLE = 2000
+#: trained classes whose frames :func:`choose_tilt` scores each angle on (:func:`tilt_sample`)
+TILT_CLASSES = 8
 
 
 def tilt_rotations(angle_deg: float, num: int = TILT_POINTS) -> np.ndarray:
@@ -283,24 +283,41 @@ def posterior_latents(model, det, replicates, photons, classes: Classes, z: np.n
             "evidence": evidence / pairs if pairs else float("nan")}
 
 
-def choose_tilt(score, frames_drawn: np.ndarray, angles=TILT_ANGLES, sample: int = TILT_SAMPLE,
-                seed: int = 0) -> tuple[float, dict]:
-    """The tilt angle (degrees) among ``angles`` under which a sample of up to ``sample`` of the
-    frames drawn (``frames_drawn`` (N,) bool) is most probable, and the mean log evidence of
-    the angles scored. ``score(angle, subset)`` returns :func:`posterior_latents`'s
-    ``evidence`` for the frames ``subset`` (N,) bool; every angle is scored on the same frames,
-    in increasing order until the evidence falls (it has one maximum over the angle: a patch's
-    width), so a dataset that wants no tilt pays for two angles."""
-    drawn = np.flatnonzero(np.asarray(frames_drawn, dtype=bool))
-    if not drawn.size:
-        raise InputError(None, "no frame in a trained class to choose the per-frame tilt on")
+def tilt_sample(classes: Classes, replicates, num_frames: int, count: int = TILT_CLASSES,
+                seed: int = 0) -> tuple[Classes, np.ndarray]:
+    """What :func:`choose_tilt` scores: ``count`` of the trained classes at random and the frames
+    (N,) bool whose largest occupancy among their replicate's trained classes falls on one of
+    them. The slices and views of every (class, size, tilt), not the frames, are most of the
+    cost, so a sample of classes (with all their frames) is what makes the choice cheap."""
+    from spiscape.io.replicate import read_replicate
+
     rng = np.random.default_rng(seed)
-    pick = rng.choice(drawn, size=min(sample, drawn.size), replace=False)
-    subset = np.zeros(np.asarray(frames_drawn).size, dtype=bool)
-    subset[pick] = True
+    pick = np.sort(rng.choice(classes.replicate.size, size=min(count, classes.replicate.size),
+                              replace=False))
+    sample = Classes(replicate=classes.replicate[pick], klass=classes.klass[pick],
+                     quaternion=classes.quaternion[pick], log_scale=classes.log_scale[pick])
+    frames = np.zeros(num_frames, dtype=bool)
+    for path in replicates:
+        rep = read_replicate(path, models=False)
+        columns = classes.klass[classes.replicate == rep.number]
+        if not columns.size:
+            continue
+        occ = rep.occupancies[:, columns]
+        best = columns[occ.argmax(axis=1)]
+        hit = (occ.max(axis=1) > 0) & np.isin(best, sample.klass[sample.replicate == rep.number])
+        frames[rep.frames[hit]] = True
+    return sample, frames
+
+
+def choose_tilt(score, angles=TILT_ANGLES) -> tuple[float, dict]:
+    """The tilt angle (degrees) among ``angles`` under which the frames are most probable, and
+    the mean log evidence of the angles scored. ``score(angle)`` returns
+    :func:`posterior_latents`'s ``evidence`` on one sample (:func:`tilt_sample`). The angles are
+    scored in increasing order until the evidence falls (it has one maximum over the angle: a
+    patch's width), so a dataset that wants no tilt pays for two angles."""
     table: dict[float, float] = {}
     for angle in sorted(float(a) for a in angles):
-        table[angle] = float(score(angle, subset))
+        table[angle] = float(score(angle))
         finite = [v for v in table.values() if np.isfinite(v)]
         if len(finite) > 1 and np.isfinite(table[angle]) and table[angle] < max(finite[:-1]):
             break
