@@ -133,7 +133,7 @@ def add_args(parser):
                         "times its class's in 5 steps (0: its class's size only)")
     g.add_argument("--frame-tilt", type=auto_or_number(0), default="auto",
                    help="the per-frame posterior also sums over tilts of the frame's "
-                        "orientation out of the detector plane: a ring of 8 at this angle "
+                        "orientation out of the detector plane: a ring of 4 at this angle "
                         "(degrees) about the class's (0: the class's orientation only); auto: "
                         "of 0, 4, 8, 12 and 16 the one under which the frames of 8 trained "
                         "classes drawn at random are most probable")
