@@ -135,7 +135,7 @@ def add_args(parser):
                    help="the per-frame posterior also sums over tilts of the frame's "
                         "orientation out of the detector plane: a ring of 4 at this angle "
                         "(degrees) about the class's (0: the class's orientation only); auto: "
-                        "of 0, 4, 8, 12 and 16 the one under which the frames of 8 trained "
+                        "of 0, 4, ..., 24 the one under which the frames of 8 trained "
                         "classes drawn at random are most probable")
     g.add_argument("--num-frames", type=at_least(1), default=None,
                    help="frames in the dataset (default: the largest frame index + 1)")

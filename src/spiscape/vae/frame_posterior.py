@@ -80,7 +80,7 @@ CANDIDATE_SHARE = 1e-3
 #: 5 and 9 times the cost of no tilt
 TILT_POINTS = 4
 #: the tilt angles (degrees) :func:`choose_tilt` chooses from
-TILT_ANGLES = (0.0, 4.0, 8.0, 12.0, 16.0)
+TILT_ANGLES = (0.0, 4.0, 8.0, 12.0, 16.0, 20.0, 24.0)
 #: trained classes whose frames :func:`choose_tilt` scores each angle on (:func:`tilt_sample`)
 TILT_CLASSES = 8
 
