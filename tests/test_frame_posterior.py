@@ -247,6 +247,33 @@ def test_choose_tilt_scores_ascending_until_the_evidence_falls():
         fp.choose_tilt(lambda a: float("nan"), angles=(0, 4))
 
 
+def test_tilt_sample_draws_classes_that_are_some_frames_best(tmp_path):
+    """Only classes that are a frame's best trained class are drawn, and their frames go with
+    them; a class no frame prefers, or none at all, gives no frames."""
+    S2 = 5
+    occ = np.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.6, 0.3, 0.1], [0.0, 0.0, 0.0]],
+                   dtype=np.float32)
+    write_replicate(tmp_path / "rep0.h5", {
+        "intens": np.ones((3, S2, S2)), "frames": np.array([0, 2, 3, 5]), "occupancies": occ,
+        "best_rotation": np.zeros(4, dtype=np.int32), "best_class": occ.argmax(1).astype(np.int32),
+        "scale": np.ones(4), "log": np.zeros((1, 6)), "angles": np.zeros(1),
+        "model_pixels": np.arange(S2 * S2), "support": np.ones((S2, S2), bool),
+        "empty_frames": np.zeros(0, dtype=np.int64)}, {"params": '{"replicate": 0}'})
+    classes = fp.Classes(replicate=np.zeros(3, int), klass=np.arange(3),
+                         quaternion=np.tile([1.0, 0, 0, 0], (3, 1)), log_scale=np.zeros(3))
+    for seed in range(5):
+        sample, frames = fp.tilt_sample(classes, [tmp_path / "rep0.h5"], 6, count=1, seed=seed)
+        assert sample.klass.tolist() in ([0], [1])
+        assert frames.tolist() == ([True, False, False, True, False, False] if sample.klass[0] == 0
+                                   else [False, False, True, False, False, False])
+    sample, frames = fp.tilt_sample(classes, [tmp_path / "rep0.h5"], 6)
+    assert sample.klass.tolist() == [0, 1] and frames.sum() == 3
+    untrained = fp.Classes(replicate=np.ones(1, int), klass=np.zeros(1, int),
+                           quaternion=np.array([[1.0, 0, 0, 0]]), log_scale=np.zeros(1))
+    sample, frames = fp.tilt_sample(untrained, [tmp_path / "rep0.h5"], 6)
+    assert sample.klass.size == 0 and not frames.any()
+
+
 def test_subset_scores_only_those_frames(series):
     out, det, model, classes, t = series
     z = np.linspace(0.0, 1.0, 11)[:, None]

@@ -501,11 +501,15 @@ def posterior_frame_latents(args, model, det, inputs, mu, poses, num_frames, cfg
     tilt = args.frame_tilt
     if tilt == "auto":
         sample, frames = frame_posterior.tilt_sample(classes, args.replicates, num_frames)
-        tilt, evidence = frame_posterior.choose_tilt(
-            lambda a: run(sample, a, frames)["evidence"])
-        log.info("per-frame tilt: mean log evidence per frame %s; %g degrees chosen",
-                 ", ".join(f"{a:g} deg {v - evidence[0.0]:+.2f}" if 0.0 in evidence
-                           else f"{a:g} deg {v:.2f}" for a, v in evidence.items()), tilt)
+        if not frames.any():
+            log.info("per-frame tilt: no frame has a trained class to choose it on; 0 degrees")
+            tilt = 0.0
+        else:
+            tilt, evidence = frame_posterior.choose_tilt(
+                lambda a: run(sample, a, frames)["evidence"])
+            log.info("per-frame tilt: mean log evidence per frame %s; %g degrees chosen",
+                     ", ".join(f"{a:g} deg {v - evidence[0.0]:+.2f}" if 0.0 in evidence
+                               else f"{a:g} deg {v:.2f}" for a, v in evidence.items()), tilt)
     post = run(classes, float(tilt))
     post.update(tilt_deg=float(tilt), tilt_evidence=evidence)
     sd = post["sd"][:, 0]

@@ -286,27 +286,32 @@ def posterior_latents(model, det, replicates, photons, classes: Classes, z: np.n
 
 def tilt_sample(classes: Classes, replicates, num_frames: int, count: int = TILT_CLASSES,
                 seed: int = 0) -> tuple[Classes, np.ndarray]:
-    """What :func:`choose_tilt` scores: ``count`` of the trained classes at random and the frames
-    (N,) bool whose largest occupancy among their replicate's trained classes falls on one of
-    them. The slices and views of every (class, size, tilt), not the frames, are most of the
-    cost, so a sample of classes (with all their frames) is what makes the choice cheap."""
+    """What :func:`choose_tilt` scores: ``count`` of the trained classes at random, among those
+    that are some frame's best, and the frames (N,) bool whose largest occupancy among their
+    replicate's trained classes falls on one of them (none when no frame has a trained class).
+    The slices and views of every (class, size, tilt), not the frames, are most of the cost, so
+    a sample of classes (with all their frames) is what makes the choice cheap."""
     from spiscape.io.replicate import read_replicate
 
-    rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(classes.replicate.size, size=min(count, classes.replicate.size),
-                              replace=False))
-    sample = Classes(replicate=classes.replicate[pick], klass=classes.klass[pick],
-                     quaternion=classes.quaternion[pick], log_scale=classes.log_scale[pick])
-    frames = np.zeros(num_frames, dtype=bool)
+    best_of = {}  # replicate -> (frames, their best trained class)
     for path in replicates:
         rep = read_replicate(path, models=False)
         columns = classes.klass[classes.replicate == rep.number]
         if not columns.size:
             continue
         occ = rep.occupancies[:, columns]
-        best = columns[occ.argmax(axis=1)]
-        hit = (occ.max(axis=1) > 0) & np.isin(best, sample.klass[sample.replicate == rep.number])
-        frames[rep.frames[hit]] = True
+        has = occ.max(axis=1) > 0
+        best_of[rep.number] = (rep.frames[has], columns[occ.argmax(axis=1)[has]])
+    eligible = np.array([i for i, (r, k) in enumerate(zip(classes.replicate, classes.klass,
+                                                             strict=True))
+                         if r in best_of and np.any(best_of[r][1] == k)], dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(eligible, size=min(count, eligible.size), replace=False))
+    sample = Classes(replicate=classes.replicate[pick], klass=classes.klass[pick],
+                     quaternion=classes.quaternion[pick], log_scale=classes.log_scale[pick])
+    frames = np.zeros(num_frames, dtype=bool)
+    for number, (drawn, best) in best_of.items():
+        frames[drawn[np.isin(best, sample.klass[sample.replicate == number])]] = True
     return sample, frames
 
 
