@@ -322,11 +322,13 @@ def choose_tilt(score, angles=TILT_ANGLES) -> tuple[float, dict]:
     scored in increasing order until the evidence falls (it has one maximum over the angle: a
     patch's width), so a dataset that wants no tilt pays for two angles."""
     table: dict[float, float] = {}
+    best = -np.inf  # the largest finite evidence so far
     for angle in sorted(float(a) for a in angles):
-        table[angle] = float(score(angle))
-        finite = [v for v in table.values() if np.isfinite(v)]
-        if len(finite) > 1 and np.isfinite(table[angle]) and table[angle] < max(finite[:-1]):
-            break
+        table[angle] = value = float(score(angle))
+        if np.isfinite(value):
+            if value < best:
+                break
+            best = value
     finite = {a: v for a, v in table.items() if np.isfinite(v)}
     if not finite:
         raise InputError(None, "no frame of the sample could be scored to choose the tilt")
