@@ -79,6 +79,9 @@ class SeriesDecoder(torch.nn.Module):
         t = z[:, :1, None, None]
         return torch.exp((1.0 - t) * self.logs[0] + t * self.logs[1])
 
+    def tilts(self):  # its averages are single slices (SPIVAE.tilts)
+        return None
+
 
 def rotation_z(theta: float) -> np.ndarray:
     c, s = np.cos(theta), np.sin(theta)

@@ -80,6 +80,9 @@ from spiscape.vae import scoring
 
 log = logging.getLogger(__name__)
 
+#: starting angle (degrees) of --average-tilt auto
+AVERAGE_TILT_START = 8.0
+
 #: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
 OUTPUTS = {"out_dir": "folder", "figure_dir": "folder"}
 
@@ -199,6 +202,12 @@ def add_args(parser):
                         "lines' size search (needs --commonlines and --embedding), so that a "
                         "population's size spread is not carried by the latent; none: one "
                         "size per latent point")
+    m.add_argument("--average-tilt", type=auto_or_number(0), default=0,
+                   help="predict each average as the mean of its slice and a ring of 4 slices "
+                        "tilted by this angle (degrees) out of its plane: the patch of "
+                        "orientations a 2D class merges (0: one slice); auto: the angle is fitted "
+                        "with the decoder from --pose-start on, starting at "
+                        f"{AVERAGE_TILT_START:g} degrees")
     m.add_argument("--emc-merge", action=argparse.BooleanOptionalAction, default=False,
                    help="predict each average as the 2D EMC merged it (bilinear back-projection "
                         "at its in-plane angles, from the --replicates' geometry) instead of as "
@@ -248,7 +257,10 @@ def config_from_args(args):
                        radial_weighting=args.radial_weighting, lr_schedule=args.lr_schedule,
                        lr_final=args.lr_final, refine_poses=args.refine_poses,
                        pose_lr=args.pose_lr, pose_start=args.pose_start,
-                       size_correction=args.size_correction)
+                       size_correction=args.size_correction,
+                       average_tilt=(AVERAGE_TILT_START if args.average_tilt == "auto"
+                                     else float(args.average_tilt)),
+                       learn_tilt=args.average_tilt == "auto")
 
 
 def main(args):
@@ -360,6 +372,10 @@ def main(args):
         return 0
     model.eval()
     scores = {} if not args.drop_misfits else {"misfits_dropped": dropped}
+    if model.tilt is not None:
+        scores["average_tilt_deg"] = model.tilt_deg()
+        log.info("averages predicted over a ring of tilts by %.2f deg out of their plane%s",
+                 model.tilt_deg(), " (fitted)" if cfg.learn_tilt else "")
     sel = inputs.selected
     train.save_model(out / "model.pt", model, profile, q, {"train_config": vars(cfg)})
     every = data.tensors(inputs, q, profile, index=np.arange(sel.size))

@@ -87,15 +87,13 @@ TILT_CLASSES = 8
 
 def tilt_rotations(angle_deg: float, num: int = TILT_POINTS) -> np.ndarray:
     """(T, 3, 3): the identity and ``num`` rotations by ``angle_deg`` about axes in the detector
-    plane (first two grid axes) evenly spaced in direction; the identity alone for 0."""
-    from scipy.spatial.transform import Rotation
+    plane (first two grid axes) evenly spaced in direction (:func:`spiscape.vae.model.tilt_ring`);
+    the identity alone for 0."""
+    from spiscape.vae.model import tilt_ring
 
-    out = [np.eye(3)]
-    if angle_deg > 0:
-        phi = 2.0 * np.pi * np.arange(num) / num
-        axes = np.stack([np.cos(phi), np.sin(phi), np.zeros(num)], axis=1)
-        out += list(Rotation.from_rotvec(np.deg2rad(angle_deg) * axes).as_matrix())
-    return np.stack(out)
+    if angle_deg <= 0:
+        return np.eye(3)[None]
+    return tilt_ring(torch.tensor(np.deg2rad(angle_deg), dtype=torch.float64), num).numpy()
 
 
 @dataclass

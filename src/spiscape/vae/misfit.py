@@ -13,7 +13,8 @@ The misfit of average a is the relative squared residual over the pixels in the 
 
     m_a = sum_t (x_at - s_a p_at)^2 / sum_t x_at^2,   s_a = sum_t x_at / sum_t p_at,
 
-with p_a the decoder's slice at (mu_a, R_a, its size offset); an outlier has a robust z-score of
+with p_a the decoder's slice at (mu_a, R_a, its size offset), averaged over the model's ring of
+tilts when it predicts averages that way (``SPIVAE.tilts``); an outlier has a robust z-score of
 log m_a (median and 1.4826 MAD over the averages trained on) above a limit.
 """
 
@@ -36,8 +37,11 @@ def average_misfit(model, intens: np.ndarray, weight: np.ndarray, mu: np.ndarray
     with torch.no_grad():
         vols = model.symmetric(torch.as_tensor(np.asarray(mu)[index], dtype=torch.float32,
                                                device=model.q.device))
+        ring = model.tilts()
+    ring = [None] if ring is None else list(ring.cpu().numpy())
     for i, a in enumerate(index):
-        pred = class_models(model, vols[i:i + 1], quaternion[a], float(log_scale[a]), 0.0)[0]
+        pred = np.mean([class_models(model, vols[i:i + 1], quaternion[a], float(log_scale[a]),
+                                     0.0, tilt)[0] for tilt in ring], axis=0)
         pred = pred[weight]
         obs = np.asarray(intens[a], dtype=np.float64).ravel()[weight]
         scale = obs.sum() / max(pred.sum(), 1e-300)

@@ -71,6 +71,17 @@ def slice_volumes(volumes: torch.Tensor, q: torch.Tensor, rotations: torch.Tenso
     return out.reshape(rotations.shape[:-2] + (q.shape[-1],))
 
 
+def tilt_ring(angle: torch.Tensor, num: int = 4) -> torch.Tensor:
+    """(1 + num, 3, 3): the identity and ``num`` rotations by ``angle`` (radians, a 0-d tensor;
+    differentiable) about axes in the detector plane (first two grid axes) evenly spaced in
+    direction: the patch of orientations a 2D class average merges (as
+    :func:`spiscape.vae.frame_posterior.tilt_rotations`, in torch)."""
+    kw = {"dtype": angle.dtype, "device": angle.device}
+    phi = 2.0 * math.pi * torch.arange(num, **kw) / num
+    axes = torch.stack([torch.cos(phi), torch.sin(phi), torch.zeros_like(phi)], dim=1)
+    return torch.cat([torch.eye(3, **kw)[None], small_rotations(axes * angle.abs())])
+
+
 def unfold_octant(octant: torch.Tensor, volume_size: int) -> torch.Tensor:
     """The full V^3 volume (centre V // 2) of a flip-symmetric volume given by its octant."""
     idx = (torch.arange(volume_size, device=octant.device) - volume_size // 2).abs()
@@ -233,15 +244,23 @@ class SPIVAE(nn.Module):
     and slicing reads the octant at |R q| (exactly the trilinear value of the full volume). The
     function space is that of the full decoder followed by the 48-fold average, at 1/8 of the
     cost. Other groups ("1", "-1") decode the full V^3 and average with :func:`symmetrise`.
+
+    ``average_tilt`` (degrees, > 0): each average is predicted as the mean of the slices at its
+    orientation and at a ring of 4 tilts by this angle out of its plane (:func:`tilt_ring`): a 2D
+    class merges frames from a patch of orientations about its own, and a single slice makes the
+    decoder round what the patch blurred. ``learn_tilt``: the angle is a parameter (``tilt``,
+    radians) fitted with the decoder, ``average_tilt`` its starting value.
     """
 
     def __init__(self, zdim: int, volume_size: int, image_size: int, q: np.ndarray,
                  radial_log_profile: np.ndarray, point_group: str = "m-3m",
-                 enc_channels: int = 16, dec_channels: int = 32, hidden: int = 256):
+                 enc_channels: int = 16, dec_channels: int = 32, hidden: int = 256,
+                 average_tilt: float = 0.0, learn_tilt: bool = False):
         super().__init__()
         self.config = dict(zdim=zdim, volume_size=volume_size, image_size=image_size,
                            point_group=check_point_group(point_group),
-                           enc_channels=enc_channels, dec_channels=dec_channels, hidden=hidden)
+                           enc_channels=enc_channels, dec_channels=dec_channels, hidden=hidden,
+                           average_tilt=float(average_tilt), learn_tilt=bool(learn_tilt))
         self.zdim = zdim
         self.volume_size = volume_size
         self.point_group = point_group
@@ -250,6 +269,22 @@ class SPIVAE(nn.Module):
         self.decoder = Decoder(zdim, volume_size, radial_log_profile, dec_channels, hidden,
                                octant=self.octant)
         self.register_buffer("q", torch.as_tensor(np.asarray(q, dtype=np.float32)).reshape(3, -1))
+        self.tilt = None
+        if average_tilt < 0:
+            raise ValueError(f"average_tilt must be >= 0 degrees, got {average_tilt}")
+        if average_tilt > 0 or learn_tilt:
+            self.tilt = nn.Parameter(torch.tensor(math.radians(average_tilt)),
+                                     requires_grad=learn_tilt)
+
+    def tilt_deg(self) -> float:
+        """The averages' tilt (degrees; 0 when they are predicted as single slices)."""
+        return 0.0 if self.tilt is None else math.degrees(abs(float(self.tilt.detach())))
+
+    def tilts(self) -> torch.Tensor | None:
+        """The rotations (T, 3, 3) each average's slice is averaged over, or None (one slice)."""
+        if self.tilt is None:
+            return None
+        return tilt_ring(self.tilt)
 
     def symmetric(self, z: torch.Tensor) -> torch.Tensor:
         """The decoder's output after the point-group average: the octant for m-3m."""
@@ -299,12 +334,19 @@ class SPIVAE(nn.Module):
             rot = rot @ small_rotations(pose_delta.float())
         if log_scale is not None:
             rot = rot * torch.exp(log_scale.float())[:, None, None]
+        ring = self.tilts()
+        if ring is not None:  # (B, T, 3, 3): the patch's slices, averaged below
+            rot = rot[:, None] @ ring.to(rot.dtype)[None]
         if getattr(self, "merge_points", None) is not None:
             with torch.autocast(vols.device.type, enabled=False):
                 pts = slice_volumes(vols.float(), self.merge_points, rot, folded=self.octant)
+                if ring is not None:
+                    pts = pts.mean(1)
                 pred = torch.sparse.mm(self.merge_matrix, pts.T).T
             return pred.reshape(image.shape), mu, logvar
         pred = slice_volumes(vols.float(), self.q.float(), rot, folded=self.octant)
+        if ring is not None:
+            pred = pred.mean(1)
         return pred.reshape(image.shape), mu, logvar
 
 

@@ -54,6 +54,8 @@ class TrainConfig:
     pose_lr: float = 1e-3
     pose_start: int = 10
     size_correction: str = "none"  # "commonlines": each average sliced at its own size
+    average_tilt: float = 0.0  # degrees: each average predicted over a ring of tilts (model.py)
+    learn_tilt: bool = False  # ... the angle fitted with the decoder from epoch pose_start
     extra: dict = field(default_factory=dict)
 
 
@@ -262,7 +264,8 @@ def make_scheduler(optimiser, cfg: TrainConfig):
 
 def build_model(cfg: TrainConfig, image_size: int, q: np.ndarray, profile: np.ndarray) -> SPIVAE:
     return SPIVAE(cfg.zdim, cfg.volume_size, image_size, q, np.log(profile), cfg.point_group,
-                  cfg.enc_channels, cfg.dec_channels, cfg.hidden)
+                  cfg.enc_channels, cfg.dec_channels, cfg.hidden, cfg.average_tilt,
+                  cfg.learn_tilt)
 
 
 def train(cfg: TrainConfig, tensors: dict, weight: np.ndarray, q: np.ndarray,
@@ -392,6 +395,8 @@ def train(cfg: TrainConfig, tensors: dict, weight: np.ndarray, q: np.ndarray,
             if pose_opt is not None:
                 pose_opt.zero_grad(set_to_none=True)
             loss.backward()
+            if model.tilt is not None and epoch < cfg.pose_start:
+                model.tilt.grad = None  # the angle waits for a first volume, as the poses do
             optimiser.step()
             if pose_opt is not None and epoch >= cfg.pose_start:
                 if ctx.world > 1:  # each rank holds the gradients of its own averages only
@@ -409,6 +414,9 @@ def train(cfg: TrainConfig, tensors: dict, weight: np.ndarray, q: np.ndarray,
             history[key].append(float(value))
         line = (f"epoch {epoch + 1}/{cfg.epochs} loss {total:.5g} recon {rec:.5g} "
                 f"kl {kl_mean:.4g} ({seconds:.1f} s, {sums[3] / seconds:.1f} averages/s)")
+        if model.tilt is not None:
+            line += f", tilt {model.tilt_deg():.2f} deg"
+            history.setdefault("tilt_deg", []).append(model.tilt_deg())
         if cfg.check_every and ((epoch + 1) % cfg.check_every == 0 or epoch + 1 == cfg.epochs):
             check = convergence_check(model, tensors, support, device, previous)
             previous = {"volumes": check["volumes"], "mu": check["mu"]}
@@ -429,7 +437,7 @@ def train(cfg: TrainConfig, tensors: dict, weight: np.ndarray, q: np.ndarray,
         done += 1
         if stop_after is not None and done >= stop_after:
             break
-    result = {"history": history, "convergence": convergence}
+    result = {"history": history, "convergence": convergence, "average_tilt_deg": model.tilt_deg()}
     if pose_opt is not None:
         result["pose_delta"] = pose_delta.detach().cpu().numpy().astype(np.float64)
     return model, result

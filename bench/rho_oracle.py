@@ -1,0 +1,222 @@
+"""How well could any method order the frames by shape? The per-frame |Spearman| with t of an
+oracle that knows everything but the shape.
+
+    .venv/bin/python bench/rho_oracle.py                      # the matrix and the demo
+    .venv/bin/python bench/rho_oracle.py --only df128low --json bench/results/rho_oracle.json
+
+For every cube, melting and sphere frame the oracle knows the truth's volumes of the series
+(cube, each melting level, sphere), the frame's orientation and particle size, and scores the
+frame's photons under each volume with the multinomial likelihood (the photons' distribution
+over the recorded pixels, as the pipeline scores them: without the fluence, which the data do
+not give). Its latent is the posterior mean of t under the population's true mixing proportions
+(the Bayes estimate). Spearman's ρ of that latent with t over the series frames is what a
+perfect decoder with perfect orientations could reach from these photons, not a strict bound
+(another estimate of the same posterior could rank a little differently), and no method that
+must also find the orientation and the volumes does better in practice. Beside it: the same
+oracle's Somers' D, and ``rho_ties`` (a perfect continuous latent, bench/validation.py).
+
+Writes a JSON (one row per set) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "bench"))
+
+MATRIX = ("demo", "df64", "df128b2", "df96low", "df80contam", "df128low", "sim72lowphot",
+          "sim64spread")
+CHUNK = 256
+
+
+def oracle_log_likelihood(truth, det, photons, states, frames, q_max=None) -> np.ndarray:
+    """(len(frames), len(states)): log of each frame's multinomial likelihood under each state's
+    volume at the frame's true orientation and size (constant terms dropped), over the recorded
+    pixels (those within ``q_max`` pixels of the centre, when given)."""
+    from spiscape.simulate import frames as fr
+    from spiscape.simulate.detector import q_magnitude
+
+    keep = det.mask < 2
+    if q_max is not None:
+        keep &= q_magnitude(det) <= q_max
+    recorded = np.flatnonzero(keep)
+    q = np.stack([det.qx, det.qy, det.qz])[:, recorded]
+    corr = det.corr[recorded] / det.corr[recorded].mean()
+    counts = photons.select(frames).to_csr(np.float64)[:, recorded]
+    rot = fr.quaternion_to_matrix(truth.quaternion[frames])
+    size = np.asarray(truth.size, dtype=np.float64)[frames]
+    out = np.empty((frames.size, len(states)))
+    for j, k in enumerate(states):
+        vol = truth.volumes[k]
+        for first in range(0, frames.size, CHUNK):
+            sl = slice(first, min(first + CHUNK, frames.size))
+            lam = fr.expected_photons(vol, q, corr, rot[sl], size[sl], np.ones(sl.stop - first))
+            lam = np.maximum(lam, 1e-12 * lam.max(axis=1, keepdims=True) + 1e-300)
+            logp = np.log(lam) - np.log(lam.sum(axis=1, keepdims=True))
+            out[sl, j] = np.asarray(counts[sl].multiply(logp).sum(axis=1)).ravel()
+    return out
+
+
+def oracle(name: str, data: Path, results: Path, q_max=None) -> dict:
+    from scipy.stats import somersd
+
+    from spiscape.io import read_detector, read_photons
+    from spiscape.io.truth import read_truth
+    from spiscape.metrics.landscape import melting_spearman, series_frames
+    from validation import DEMO, rho_ties, truth_path
+
+    folder = (results / name / "data") if name == DEMO else data / name
+    t0 = time.perf_counter()
+    truth = read_truth(truth_path(name, data, results))
+    det = read_detector(folder / "detector.h5")
+    photons = read_photons(folder / "photons.h5", num_pix=det.num_pix)
+    t = np.asarray(truth.t, dtype=np.float64)
+    use = series_frames(truth.label, t)
+    frames = np.flatnonzero(use)
+    shape = np.asarray(truth.shape_index)
+    states = np.unique(shape[frames])  # the series' volumes the frames were made from
+    state_t = np.asarray(truth.volume_info["t"], dtype=np.float64)[states]
+    prior = np.array([(shape[frames] == k).mean() for k in states])
+    loglik = oracle_log_likelihood(truth, det, photons, states, frames, q_max)
+    logpost = loglik + np.log(prior)[None]
+    post = np.exp(logpost - logpost.max(axis=1, keepdims=True))
+    post /= post.sum(axis=1, keepdims=True)
+    latent = np.full((t.size, 1), np.nan)
+    latent[frames, 0] = post @ state_t
+    best = state_t[np.argmax(post, axis=1)]
+    return {
+        "dataset": name,
+        "frames": int(frames.size),
+        "states": int(states.size),
+        "mean_photons": float(photons.photons_per_frame()[frames].mean()),
+        "rho_oracle": melting_spearman(latent, truth.label, t)["best_abs_rho"],
+        "somers_oracle": abs(float(somersd(t[frames], latent[frames, 0]).statistic)),
+        "rho_ties": rho_ties(latent, truth),
+        "map_correct": float(np.mean(best == t[frames])),
+        "q_max": q_max,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+class TruthSeries(torch.nn.Module):
+    """The truth's series volumes in the place of the VAE's decoder (the interface
+    :func:`spiscape.vae.frame_posterior.posterior_latents` reads): latent z = a state's t."""
+
+    def __init__(self, model, truth, states, step: float):
+        from spiscape.metrics.volumes import on_grid
+
+        super().__init__()
+        self.q, self.volume_size, self.octant = model.q, model.volume_size, False
+        self.t = np.asarray(truth.volume_info["t"], dtype=np.float64)[states]
+        self.vols = torch.stack([torch.as_tensor(on_grid(truth.volumes[k], model.volume_size,
+                                                         step), dtype=torch.float32)
+                                 for k in states])
+
+    def symmetric(self, z):
+        idx = np.abs(z[:, :1].cpu().numpy() - self.t[None]).argmin(axis=1)
+        return self.vols[torch.as_tensor(idx)]
+
+    def tilts(self):
+        return None
+
+
+def truth_decoder(name: str, data: Path, results: Path, tilt=None) -> dict:
+    """ρ of the pipeline's own per-frame posterior (the run's classes, refined orientations, size
+    offsets and frame tilt) with the truth's volumes in the place of the decoder: what the
+    decoder costs, against what the classes' orientations cost."""
+    import h5py
+
+    from spiscape.io import read_detector
+    from spiscape.io.commonlines import read_pair_scales
+    from spiscape.io.truth import read_truth
+    from spiscape.io.volumes import read_latent
+    from spiscape.io.weights import load_plain
+    from spiscape.metrics.landscape import melting_spearman, series_frames
+    from spiscape.vae import data as vdata
+    from spiscape.vae import frame_posterior as fp
+    from spiscape.vae.train import load_model
+    from validation import DEMO, truth_path
+
+    res = results / name
+    folder = (res / "data") if name == DEMO else data / name
+    t0 = time.perf_counter()
+    truth = read_truth(truth_path(name, data, results))
+    det = read_detector(folder / "detector.h5")
+    model = load_model(res / "vae/model.pt")
+    cfg = load_plain(res / "vae/model.pt", "model")["train_config"]
+    latent = read_latent(res / "vae/latent.h5")
+    inputs = vdata.read_inputs(res / "averages.h5", res / "orientation.h5",
+                               res / "embedding.h5", "auto")
+    sel = latent["selected"]
+    log_scale = np.zeros(sel.size)
+    if cfg["size_correction"] == "commonlines":
+        scales = read_pair_scales(res / "commonlines.h5", inputs.replicate, inputs.klass)
+        log_scale = vdata.size_offsets(scales, inputs.labels, sel, inputs.frames)
+    quaternion = latent.get("quaternion_refined", inputs.quaternion)
+    classes = fp.Classes(replicate=inputs.replicate[sel], klass=inputs.klass[sel],
+                         quaternion=quaternion[sel], log_scale=log_scale[sel])
+    if tilt is None:  # the run's own
+        with h5py.File(res / "vae/frame_latent.h5", "r") as f:
+            tilt = float(f.attrs.get("tilt_deg", 0.0))
+    t = np.asarray(truth.t, dtype=np.float64)
+    frames = np.flatnonzero(series_frames(truth.label, t))
+    states = np.unique(np.asarray(truth.shape_index)[frames])
+    series = TruthSeries(model, truth, states, float(cfg["q_step"]))
+    reps = sorted(str(p) for p in (res / "classify2d").glob("rep*.h5"))
+    post = fp.posterior_latents(series, det, reps, [str(folder / "photons.h5")], classes,
+                                series.t[:, None], truth.num_frames, q_min=float(cfg["q_min"]),
+                                q_step=float(cfg["q_step"]), tilts=fp.tilt_rotations(tilt))
+    return {"rho_truth_decoder": melting_spearman(post["latent"], truth.label, t)["best_abs_rho"],
+            "truth_decoder_tilt_deg": tilt, "truth_decoder_seconds": time.perf_counter() - t0}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=REPO / "bench/data/validation",
+                        help="the matrix's data (bench/foreign_data.py)")
+    parser.add_argument("--results", type=Path, default=REPO / "bench/results/validation",
+                        help="the matrix's results (the demo's simulated data is in there)")
+    parser.add_argument("--only", nargs="+", default=None, choices=MATRIX)
+    parser.add_argument("--q-max", type=float, default=None,
+                        help="use only the pixels within this |q| (detector pixels): e.g. 29, "
+                             "what the VAE's 61^3 grid at q step 1 reaches")
+    parser.add_argument("--truth-decoder", action="store_true",
+                        help="also run the pipeline's per-frame posterior of the --results run "
+                             "with the truth's volumes in the place of its decoder")
+    parser.add_argument("--tilt", type=float, default=None,
+                        help="with --truth-decoder: the frames' tilt (degrees; default the run's)")
+    parser.add_argument("--json", type=Path, default=REPO / "bench/results/rho_oracle.json")
+    args = parser.parse_args(argv)
+    rows = []
+    for name in args.only or MATRIX:
+        row = oracle(name, args.data, args.results, args.q_max)
+        if args.truth_decoder:
+            row.update(truth_decoder(name, args.data, args.results, args.tilt))
+        print(f"{name}: oracle rho {row['rho_oracle']:.3f} ({row['seconds']:.0f} s)", flush=True)
+        rows.append(row)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"rows": rows}, indent=1))
+    decoded = "rho_truth_decoder" in rows[0]
+    print("\n| set | photons | rho_oracle | somers_oracle | rho_ties | MAP state correct |"
+          + (" rho_truth_decoder (tilt) |" if decoded else ""))
+    print("|---|---|---|---|---|---|" + ("---|" if decoded else ""))
+    for r in rows:
+        print(f"| `{r['dataset']}` | {r['mean_photons']:.0f} | {r['rho_oracle']:.3f} | "
+              f"{r['somers_oracle']:.3f} | {r['rho_ties']:.3f} | {r['map_correct']:.2f} |"
+              + (f" {r['rho_truth_decoder']:.3f} ({r['truth_decoder_tilt_deg']:g}°) |"
+                 if decoded else ""))
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
