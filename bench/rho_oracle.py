@@ -66,13 +66,52 @@ def oracle_log_likelihood(truth, det, photons, states, frames, q_max=None) -> np
     return out
 
 
-def oracle(name: str, data: Path, results: Path, q_max=None) -> dict:
+def unknown_pose_log_likelihood(truth, det, photons, states, frames, step: float,
+                                size_bins: int = 5, block: int = 1024) -> np.ndarray:
+    """As :func:`oracle_log_likelihood` but with the orientation unknown: the likelihood averaged
+    over a near-uniform grid of ``step`` degrees in the asymmetric unit of 432 (the series'
+    volumes are m-3m), the size still known (binned into ``size_bins`` quantile bins)."""
+    from scipy.special import logsumexp
+
+    from spiscape.orient import rotations
+    from spiscape.simulate import frames as fr
+
+    recorded = np.flatnonzero(det.mask < 2)
+    q = np.stack([det.qx, det.qy, det.qz])[:, recorded]
+    corr = det.corr[recorded] / det.corr[recorded].mean()
+    counts = photons.select(frames).to_csr(np.float64)[:, recorded].tocsr()
+    grid = rotations.asymmetric_unit(rotations.so3_grid(step), rotations.point_group("432"))
+    rot = fr.quaternion_to_matrix(grid)
+    size = np.asarray(truth.size, dtype=np.float64)[frames]
+    edges = np.quantile(size, np.linspace(0, 1, size_bins + 1))
+    which = np.clip(np.searchsorted(edges, size, side="right") - 1, 0, size_bins - 1)
+    out = np.empty((frames.size, len(states)))
+    for j, k in enumerate(states):
+        vol = truth.volumes[k]
+        for b in range(size_bins):
+            rows = np.flatnonzero(which == b)
+            if not rows.size:
+                continue
+            centre = float(np.median(size[rows]))
+            parts = []
+            for first in range(0, len(rot), block):
+                r = rot[first:first + block]
+                lam = fr.expected_photons(vol, q, corr, r, np.full(len(r), centre),
+                                          np.ones(len(r)))
+                lam = np.maximum(lam, 1e-12 * lam.max(axis=1, keepdims=True) + 1e-300)
+                logp = np.log(lam) - np.log(lam.sum(axis=1, keepdims=True))
+                parts.append(np.asarray(counts[rows] @ logp.T))
+            out[rows, j] = logsumexp(np.concatenate(parts, axis=1), axis=1) - np.log(len(rot))
+    return out
+
+
+def oracle(name: str, data: Path, results: Path, q_max=None, pose_step=None) -> dict:
     from scipy.stats import somersd
+    from validation import DEMO, rho_ties, truth_path
 
     from spiscape.io import read_detector, read_photons
     from spiscape.io.truth import read_truth
     from spiscape.metrics.landscape import melting_spearman, series_frames
-    from validation import DEMO, rho_ties, truth_path
 
     folder = (results / name / "data") if name == DEMO else data / name
     t0 = time.perf_counter()
@@ -86,14 +125,23 @@ def oracle(name: str, data: Path, results: Path, q_max=None) -> dict:
     states = np.unique(shape[frames])  # the series' volumes the frames were made from
     state_t = np.asarray(truth.volume_info["t"], dtype=np.float64)[states]
     prior = np.array([(shape[frames] == k).mean() for k in states])
-    loglik = oracle_log_likelihood(truth, det, photons, states, frames, q_max)
-    logpost = loglik + np.log(prior)[None]
-    post = np.exp(logpost - logpost.max(axis=1, keepdims=True))
-    post /= post.sum(axis=1, keepdims=True)
+    def posterior(loglik):
+        logpost = loglik + np.log(prior)[None]
+        post = np.exp(logpost - logpost.max(axis=1, keepdims=True))
+        return post / post.sum(axis=1, keepdims=True)
+
+    post = posterior(oracle_log_likelihood(truth, det, photons, states, frames, q_max))
     latent = np.full((t.size, 1), np.nan)
     latent[frames, 0] = post @ state_t
     best = state_t[np.argmax(post, axis=1)]
-    return {
+    extra = {}
+    if pose_step:
+        blind = np.full((t.size, 1), np.nan)
+        blind[frames, 0] = posterior(unknown_pose_log_likelihood(
+            truth, det, photons, states, frames, pose_step)) @ state_t
+        extra = {"rho_oracle_unknown_pose": melting_spearman(blind, truth.label, t)[
+            "best_abs_rho"], "pose_step_deg": pose_step}
+    return {**extra,
         "dataset": name,
         "frames": int(frames.size),
         "states": int(states.size),
@@ -134,6 +182,7 @@ def truth_decoder(name: str, data: Path, results: Path, tilt=None) -> dict:
     offsets and frame tilt) with the truth's volumes in the place of the decoder: what the
     decoder costs, against what the classes' orientations cost."""
     import h5py
+    from validation import DEMO, truth_path
 
     from spiscape.io import read_detector
     from spiscape.io.commonlines import read_pair_scales
@@ -144,7 +193,6 @@ def truth_decoder(name: str, data: Path, results: Path, tilt=None) -> dict:
     from spiscape.vae import data as vdata
     from spiscape.vae import frame_posterior as fp
     from spiscape.vae.train import load_model
-    from validation import DEMO, truth_path
 
     res = results / name
     folder = (res / "data") if name == DEMO else data / name
@@ -189,6 +237,9 @@ def main(argv=None) -> int:
     parser.add_argument("--q-max", type=float, default=None,
                         help="use only the pixels within this |q| (detector pixels): e.g. 29, "
                              "what the VAE's 61^3 grid at q step 1 reaches")
+    parser.add_argument("--pose-step", type=float, default=None,
+                        help="also the oracle with the orientation unknown: its likelihood "
+                             "averaged over a grid of this many degrees (e.g. 5)")
     parser.add_argument("--truth-decoder", action="store_true",
                         help="also run the pipeline's per-frame posterior of the --results run "
                              "with the truth's volumes in the place of its decoder")
@@ -198,7 +249,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     rows = []
     for name in args.only or MATRIX:
-        row = oracle(name, args.data, args.results, args.q_max)
+        row = oracle(name, args.data, args.results, args.q_max, args.pose_step)
         if args.truth_decoder:
             row.update(truth_decoder(name, args.data, args.results, args.tilt))
         print(f"{name}: oracle rho {row['rho_oracle']:.3f} ({row['seconds']:.0f} s)", flush=True)

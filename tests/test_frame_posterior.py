@@ -71,7 +71,7 @@ class SeriesDecoder(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.volume_size, self.octant = V, False
+        self.volume_size, self.octant, self.point_group = V, False, "m-3m"
         self.q = torch.as_tensor(vm.ewald_grid(S, DETD, EWALD).reshape(3, -1), dtype=torch.float32)
         self.logs = torch.as_tensor(np.log(analytic_volumes(V)), dtype=torch.float32)
 
@@ -223,6 +223,39 @@ def test_tilts_fit_frames_from_out_of_the_class_plane(tilted_series):
     assert spearmanr(ringed, t[:-1]).statistic >= spearmanr(flat, t[:-1]).statistic
 
 
+def test_a_global_orientation_search_needs_no_class_orientation(tilted_series):
+    """Frames 9 degrees out of their class's plane, scored over all orientations (the asymmetric
+    unit of m-3m on an 8 degree grid) without the classes' orientations: they rank by shape
+    (rho > 0.9), a frame with no trained class keeps no latent, and where the classes'
+    orientations are 12 degrees off (an average's orientation is an estimate) the classes'
+    posterior ranks them worse than the global one. With the toy's exact class orientations the
+    classes' posterior ranks them better (0.94 against 0.93): the search over all orientations
+    pays for not knowing them."""
+    from scipy.spatial.transform import Rotation
+
+    out, det, model, classes, t = tilted_series
+    z = np.linspace(0.0, 1.0, 11)[:, None]
+    scored = fp.scored_frames([out / "rep0.h5"], classes, t.size)
+    assert scored[:-1].all() and not scored[-1]
+    assert not fp.scored_frames([out / "rep0.h5"], fp.Classes(
+        replicate=np.ones(2, int), klass=np.arange(2), quaternion=classes.quaternion,
+        log_scale=np.zeros(2)), t.size).any()  # no trained class in this replicate
+    res = fp.global_latents(model, det, [out / "photons.h5"], z, scored, q_min=1.0,
+                            sizes=(0.0,), block=100)
+    glob = res["latent"][:, 0]
+    assert np.isnan(glob[-1]) and np.isfinite(glob[:-1]).all() and np.isfinite(res["evidence"])
+    assert len(fp.global_orientations("m-3m")) == 1211
+    rho_global = spearmanr(glob[:-1], t[:-1]).statistic
+    assert rho_global > 0.9
+    turned = Rotation.from_quat(classes.quaternion[:, [1, 2, 3, 0]]) * Rotation.from_rotvec(
+        np.radians(12.0) * np.array([1.0, 0.0, 0.0]))
+    off = fp.Classes(replicate=classes.replicate, klass=classes.klass,
+                     quaternion=turned.as_quat()[:, [3, 0, 1, 2]], log_scale=classes.log_scale)
+    by_classes = fp.posterior_latents(model, det, [out / "rep0.h5"], [out / "photons.h5"], off,
+                                      z, t.size, q_min=1.0, sizes=(0.0,))["latent"][:-1, 0]
+    assert spearmanr(by_classes, t[:-1]).statistic < rho_global - 0.02
+
+
 def test_frames_in_their_class_plane_choose_no_tilt(series):
     out, det, model, classes, t = series
     z = np.linspace(0.0, 1.0, 11)[:, None]
@@ -330,6 +363,21 @@ def test_posterior_latents_on_cupy_match_numpy(series):
                                xp=get_array_module("gpu"))
     assert np.allclose(got["latent"], ref["latent"], atol=1e-6, equal_nan=True)
     assert np.allclose(got["sd"], ref["sd"], atol=1e-6, equal_nan=True)
+    assert got["evidence"] == pytest.approx(ref["evidence"], rel=1e-9)
+
+
+@pytest.mark.gpu
+def test_global_latents_on_cupy_match_numpy(series):
+    pytest.importorskip("cupy")
+    from spiscape.backend import get_array_module
+
+    out, det, model, classes, t = series
+    z = np.linspace(0.0, 1.0, 11)[:, None]
+    scored = fp.scored_frames([out / "rep0.h5"], classes, t.size)
+    ref = fp.global_latents(model, det, [out / "photons.h5"], z, scored, q_min=1.0, block=100)
+    got = fp.global_latents(model, det, [out / "photons.h5"], z, scored, q_min=1.0, block=100,
+                            xp=get_array_module("gpu"))
+    assert np.allclose(got["latent"], ref["latent"], atol=1e-6, equal_nan=True)
     assert got["evidence"] == pytest.approx(ref["evidence"], rel=1e-9)
 
 

@@ -134,6 +134,13 @@ def add_args(parser):
     g.add_argument("--frame-size-range", type=number_in(0, 0.5), default=0.08,
                    help="the per-frame posterior sums over the frame's size from 1 - r to 1 + r "
                         "times its class's in 5 steps (0: its class's size only)")
+    g.add_argument("--frame-poses", default="global", choices=["global", "classes"],
+                   help="per-frame posterior: the frame's orientation searched over a grid of "
+                        "all orientations (global; --frame-pose-step) or over its candidate "
+                        "classes' orientations, at the EMC's in-plane angles and --frame-tilt")
+    g.add_argument("--frame-pose-step", type=number_in(1, 30), default=8.0,
+                   help="spacing (degrees) of the global orientation grid (its asymmetric unit "
+                        "under --point-group: 1211 orientations for m-3m at 8)")
     g.add_argument("--frame-tilt", type=auto_or_number(0), default="auto",
                    help="the per-frame posterior also sums over tilts of the frame's "
                         "orientation out of the detector plane: a ring of 4 at this angle "
@@ -417,10 +424,15 @@ def main(args):
             extra = {"latent_sd": post["sd"], "latent_classes": latent}
             latent = post["latent"]
             attrs.update(method="posterior", points=args.frame_latent_points,
-                         size_range=args.frame_size_range, tilt_deg=post["tilt_deg"])
-            scores["frame_tilt_deg"] = post["tilt_deg"]
-            if post["tilt_evidence"]:
-                scores["frame_tilt_evidence"] = post["tilt_evidence"]
+                         size_range=args.frame_size_range, poses=args.frame_poses)
+            scores["frame_evidence"] = post["evidence"]
+            if args.frame_poses == "global":
+                attrs["pose_step_deg"] = args.frame_pose_step
+            else:
+                attrs["tilt_deg"] = post["tilt_deg"]
+                scores["frame_tilt_deg"] = post["tilt_deg"]
+                if post["tilt_evidence"]:
+                    scores["frame_tilt_evidence"] = post["tilt_evidence"]
         volumes_io.write_frame_latent(out / "frame_latent.h5", latent, attrs, extra)
         scores["frames_assigned"] = int(np.isfinite(latent[:, 0]).sum())
     figure_dir = Path(args.figure_dir or out)
@@ -506,6 +518,18 @@ def posterior_frame_latents(args, model, det, inputs, mu, poses, num_frames, cfg
     # CuPy where the VAE ran on a GPU and CuPy is there (the gpu extra); NumPy otherwise
     xp = get_array_module("auto" if str(device).startswith("cuda") else "cpu")
     start = time.perf_counter()
+    if args.frame_poses == "global":
+        scored = frame_posterior.scored_frames(args.replicates, classes, num_frames)
+        post = frame_posterior.global_latents(
+            model, det, args.photons, z, scored, q_min=cfg.q_min, q_step=cfg.q_step,
+            sizes=sizes, step_deg=args.frame_pose_step, xp=xp, device=device)
+        sd = post["sd"][:, 0]
+        log.info("per-frame latents: the posterior of %d frames under the decoder over a %g "
+                 "degree orientation grid (median sd %.3f of a latent span %.3f; mean log "
+                 "evidence %.2f; %.0f s)", int(np.isfinite(sd).sum()), args.frame_pose_step,
+                 float(np.nanmedian(sd)) if np.isfinite(sd).any() else float("nan"),
+                 float(np.ptp(mu[sel][:, 0])), post["evidence"], time.perf_counter() - start)
+        return post
 
     def run(which, angle: float, subset=None) -> dict:
         return frame_posterior.posterior_latents(

@@ -79,6 +79,8 @@ CANDIDATE_SHARE = 1e-3
 #: ``sim72lowphot`` at 8 degrees a ring of 4 gained rho 0.900 -> 0.910 and one of 8 0.912, at
 #: 5 and 9 times the cost of no tilt
 TILT_POINTS = 4
+#: spacing (degrees) of the orientation grid of :func:`global_latents`
+GLOBAL_STEP = 8.0
 #: the tilt angles (degrees) :func:`choose_tilt` chooses from
 TILT_ANGLES = (0.0, 4.0, 8.0, 12.0, 16.0, 20.0, 24.0)
 #: trained classes whose frames :func:`choose_tilt` scores each angle on (:func:`tilt_sample`)
@@ -280,6 +282,112 @@ def posterior_latents(model, det, replicates, photons, classes: Classes, z: np.n
     sd[ok] = spread[ok] / drawn[ok, None]
     return {"latent": latent, "sd": sd, "replicates": drawn,
             "evidence": evidence / pairs if pairs else float("nan")}
+
+
+def global_orientations(point_group: str, step_deg: float = GLOBAL_STEP) -> np.ndarray:
+    """(O, 4) a near-uniform grid of ``step_deg`` over the orientations a volume of the point
+    group can show apart: its asymmetric unit (:mod:`spiscape.orient.rotations`)."""
+    from spiscape.orient import rotations
+
+    group = rotations.point_group(point_group)
+    return rotations.asymmetric_unit(rotations.so3_grid(step_deg), group)
+
+
+def scored_frames(replicates, classes: Classes, num_frames: int) -> np.ndarray:
+    """(N,) bool: the frames with a candidate class among the trained ones in some replicate
+    (the frames :func:`posterior_latents` scores; the others, e.g. a contaminant cluster's,
+    keep no latent)."""
+    from spiscape.io.replicate import read_replicate
+
+    out = np.zeros(num_frames, dtype=bool)
+    for path in replicates:
+        rep = read_replicate(path, models=False)
+        mine = classes.klass[classes.replicate == rep.number]
+        if not mine.size or not rep.frames.size:
+            continue
+        if rep.frames.max() >= num_frames:
+            raise InputError(path, f"frame index {rep.frames.max()} is outside the dataset of "
+                                   f"{num_frames} frames")
+        trained = np.zeros(rep.occupancies.shape[1], dtype=bool)
+        trained[mine] = True
+        out[rep.frames[candidates(rep.occupancies, trained).any(axis=1)]] = True
+    return out
+
+
+def global_latents(model, det, photons, z: np.ndarray, scored: np.ndarray, q_min: float = 0.0,
+                   q_step: float = 1.0, sizes=SIZES, step_deg: float = GLOBAL_STEP, xp=np,
+                   block: int = 1024, device="cpu") -> dict:
+    """Each scored frame's posterior mean latent ``latent`` (N, zdim) and ``sd`` with its
+    orientation searched over all of the asymmetric unit (:func:`global_orientations`, flat
+    prior) instead of its classes' patches: the decoder's volume at every latent point z_k and
+    size step s is sliced at every grid orientation onto the frame's own pixels (its detector's
+    Ewald q), and
+
+        p(z_k | d) ∝ sum_s sum_o L_d(s, o, k),
+
+    L the multinomial likelihood of the module docstring. ``evidence``: the mean over the
+    scored frames of log mean_{k, s, o} L. NaN for frames not ``scored``."""
+    from spiscape.io.photons import PhotonDataset
+    from spiscape.simulate.detector import q_magnitude
+    from spiscape.vae.model import quaternion_to_matrix, slice_volumes
+
+    z = np.asarray(z, dtype=np.float64)
+    sizes = np.asarray(sizes, dtype=np.float64)
+    scored = np.asarray(scored, dtype=bool)
+    quats = global_orientations(model.point_group, step_deg)
+    rot = quaternion_to_matrix(torch.as_tensor(quats, dtype=torch.float32)).to(device)
+    largest = float(np.exp(sizes.max()))
+    q_max = (model.volume_size // 2 - 1) * q_step / largest
+    qnorm = q_magnitude(det)
+    pix = np.flatnonzero((np.asarray(det.mask) == 0) & (qnorm >= q_min) & (qnorm <= q_max))
+    if not pix.size:
+        raise InputError(None, f"no used detector pixel between |q| {q_min:.1f} and "
+                               f"{q_max:.1f} pixels for the per-frame latents")
+    q = torch.as_tensor(np.stack([det.qx, det.qy, det.qz])[:, pix] / q_step,
+                        dtype=torch.float32, device=device)
+    with torch.no_grad():
+        vols = model.symmetric(torch.as_tensor(z, dtype=torch.float32, device=device))
+    num_z, num_o = z.shape[0], len(quats)
+    logv = []  # per size step: log views (K O, P) normalised over the pixels
+    for step in sizes:
+        with torch.no_grad():
+            views = slice_volumes(vols, q, (rot * float(np.exp(step)))[None].expand(
+                num_z, -1, -1, -1), folded=model.octant)
+        views = xp.asarray(views.reshape(num_z * num_o, -1).cpu().numpy().astype(np.float64))
+        floor = 1e-6 * views.max(axis=1, keepdims=True)
+        views = xp.maximum(views, xp.maximum(floor, 1e-300))
+        logv.append(xp.log(views) - xp.log(views.sum(axis=1, keepdims=True)))
+    frames = np.flatnonzero(scored)
+    latent = np.full((scored.size, z.shape[1]), np.nan)
+    sd = np.full_like(latent, np.nan)
+    evidence = 0.0
+    log_cells = float(np.log(num_z * num_o * sizes.size))
+    start = time.perf_counter()
+    with PhotonDataset(photons, num_pix=det.num_pix) as dataset:
+        for a in range(0, frames.size, block):
+            here = frames[a:a + block]
+            csr = dataset.read(here).to_csr()[:, pix].astype(np.float64).tocsr()
+            counts = kernels.view_operator_on(csr, xp)
+            acc = None
+            for lv in logv:
+                ll = (counts @ lv.T).reshape(here.size, num_z, num_o)
+                top = ll.max(axis=2)
+                part = top + xp.log(xp.exp(ll - top[:, :, None]).sum(axis=2))
+                acc = part if acc is None else xp.logaddexp(acc, part)
+            acc = to_numpy(acc)
+            top = acc.max(axis=1, keepdims=True)
+            post = np.exp(acc - top)
+            total = post.sum(axis=1, keepdims=True)
+            evidence += float((top + np.log(total)).sum()) - log_cells * here.size
+            post /= total
+            mean = post @ z
+            latent[here] = mean
+            sd[here] = np.sqrt(np.maximum(post @ z**2 - mean**2, 0.0))
+    log.info("per-frame latents: %d frames scored against %d latent points x %d sizes x %d "
+             "orientations (a %g degree grid) on %d pixels (%.1f s)", frames.size, num_z,
+             sizes.size, num_o, step_deg, pix.size, time.perf_counter() - start)
+    return {"latent": latent, "sd": sd,
+            "evidence": evidence / frames.size if frames.size else float("nan")}
 
 
 def tilt_sample(classes: Classes, replicates, num_frames: int, count: int = TILT_CLASSES,

@@ -169,8 +169,11 @@ def fingerprint_changes(old: dict | None, new: dict) -> list[str]:
     if old is None:
         return ["a checkpoint without a fingerprint"]
     out = []
+    defaults = asdict(TrainConfig())
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
+        if key not in old and key in defaults and b == defaults[key]:
+            continue  # a setting added since, at its default: what the old training did
         if a != b:
             out.append(key if key in ("data", "emc_merge", "extra") else f"{key} {a} -> {b}")
     return out
