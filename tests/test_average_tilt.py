@@ -112,14 +112,16 @@ def test_a_zero_ring_is_the_single_slice(tiny):  # noqa: F811
 
 def test_cli_average_tilt_auto_fits_the_angle_from_its_start():
     from spiscape.cli import build_parser
-    from spiscape.commands.vae import AVERAGE_TILT_START, config_from_args
+    from spiscape.vae.train import AVERAGE_TILT_START, tilt_settings
 
     base = ["vae", "--averages", "a.h5", "--orientation", "o.h5", "--detector", "d.h5",
             "--out-dir", "out"]
-    cfg = config_from_args(build_parser("vae").parse_args(base + ["--average-tilt", "auto"]))
-    assert cfg.learn_tilt and cfg.average_tilt == AVERAGE_TILT_START
-    cfg = config_from_args(build_parser("vae").parse_args(base + ["--average-tilt", "5"]))
-    assert not cfg.learn_tilt and cfg.average_tilt == 5.0
-    assert config_from_args(build_parser("vae").parse_args(base)).average_tilt == 0.0
+
+    def settings(*extra):
+        return tilt_settings(build_parser("vae").parse_args(base + list(extra)).average_tilt)
+
+    assert settings("--average-tilt", "auto") == (AVERAGE_TILT_START, True)
+    assert settings("--average-tilt", "5") == (5.0, False)
+    assert settings() == (0.0, False)
     with pytest.raises(SystemExit):
         build_parser("vae").parse_args(base + ["--average-tilt", "-2"])

@@ -80,9 +80,6 @@ from spiscape.vae import scoring
 
 log = logging.getLogger(__name__)
 
-#: starting angle (degrees) of --average-tilt auto
-AVERAGE_TILT_START = 8.0
-
 #: outputs checked by the CLI before any work (argument -> 'file' or 'folder')
 OUTPUTS = {"out_dir": "folder", "figure_dir": "folder"}
 
@@ -214,7 +211,7 @@ def add_args(parser):
                         "tilted by this angle (degrees) out of its plane: the patch of "
                         "orientations a 2D class merges (0: one slice); auto: the angle is fitted "
                         "with the decoder from --pose-start on, starting at "
-                        f"{AVERAGE_TILT_START:g} degrees")
+                        "8 degrees")
     m.add_argument("--emc-merge", action=argparse.BooleanOptionalAction, default=False,
                    help="predict each average as the 2D EMC merged it (bilinear back-projection "
                         "at its in-plane angles, from the --replicates' geometry) instead of as "
@@ -250,10 +247,11 @@ def add_args(parser):
 
 
 def config_from_args(args):
-    from spiscape.vae.train import TrainConfig
+    from spiscape.vae.train import TrainConfig, tilt_settings
 
     if args.volume_size < 9 or args.volume_size % 2 == 0:
         raise ConfigError(f"--volume-size must be odd and >= 9, got {args.volume_size}")
+    tilt = tilt_settings(args.average_tilt)
     return TrainConfig(zdim=args.zdim, volume_size=args.volume_size, point_group=args.point_group,
                        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                        kl_weight=args.kl_weight, seed=args.seed, device=args.device,
@@ -265,9 +263,7 @@ def config_from_args(args):
                        lr_final=args.lr_final, refine_poses=args.refine_poses,
                        pose_lr=args.pose_lr, pose_start=args.pose_start,
                        size_correction=args.size_correction,
-                       average_tilt=(AVERAGE_TILT_START if args.average_tilt == "auto"
-                                     else float(args.average_tilt)),
-                       learn_tilt=args.average_tilt == "auto")
+                       average_tilt=tilt[0], learn_tilt=tilt[1])
 
 
 def main(args):

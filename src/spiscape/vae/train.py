@@ -59,6 +59,18 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
 
+#: starting angle (degrees) of --average-tilt auto
+AVERAGE_TILT_START = 8.0
+
+
+def tilt_settings(value) -> tuple[float, bool]:
+    """(average_tilt, learn_tilt) of the --average-tilt value: 'auto' (fitted from
+    :data:`AVERAGE_TILT_START`) or an angle in degrees (fixed; 0 one slice)."""
+    if value == "auto":
+        return AVERAGE_TILT_START, True
+    return float(value), False
+
+
 # --------------------------------------------------------------------------- distributed
 @dataclass
 class Dist:
