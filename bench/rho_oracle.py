@@ -2,7 +2,8 @@
 oracle that knows everything but the shape.
 
     .venv/bin/python bench/rho_oracle.py                      # the matrix and the demo
-    .venv/bin/python bench/rho_oracle.py --only df128low --json bench/results/rho_oracle.json
+    .venv/bin/python bench/rho_oracle.py --only df128low --pose-step 5   # + orientation unknown
+    .venv/bin/python bench/rho_oracle.py --truth-decoder --tilt 0        # + the run's posterior
 
 For every cube, melting and sphere frame the oracle knows the truth's volumes of the series
 (cube, each melting level, sphere), the frame's orientation and particle size, and scores the
@@ -14,6 +15,14 @@ perfect decoder with perfect orientations could reach from these photons, not a 
 (another estimate of the same posterior could rank a little differently), and no method that
 must also find the orientation and the volumes does better in practice. Beside it: the same
 oracle's Somers' D, and ``rho_ties`` (a perfect continuous latent, bench/validation.py).
+
+``--pose-step D``: also the oracle with the orientation unknown, its likelihood averaged over a
+D-degree grid of the asymmetric unit of 432 (size still known): what a search over all
+orientations costs with perfect volumes (df128low: 13 min on 2 cores at 5 degrees).
+``--truth-decoder``: the pipeline's own per-frame posterior (:mod:`spiscape.vae.frame_posterior`
+with the classes of the --results run: their refined orientations, size offsets and the frames'
+tilt) with the truth's volumes in the place of the decoder: what the decoder costs against what
+the classes' orientations cost (README, "How far from what the photons allow").
 
 Writes a JSON (one row per set) and prints a table.
 """
