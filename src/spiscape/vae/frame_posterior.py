@@ -366,8 +366,9 @@ def global_latents(model, det, photons, z: np.ndarray, scored: np.ndarray, q_min
     with PhotonDataset(photons, num_pix=det.num_pix) as dataset:
         for a in range(0, frames.size, block):
             here = frames[a:a + block]
-            csr = dataset.read(here).to_csr()[:, pix].astype(np.float64).tocsr()
-            counts = kernels.view_operator_on(csr, xp)
+            # dense counts: a BLAS product against the (K O, P) log-views is 4-20 times faster
+            # than the sparse one at 300-3500 photons a frame (2 CPU cores), for 8 bytes a pixel
+            counts = xp.asarray(dataset.read(here).to_csr()[:, pix].toarray().astype(np.float64))
             acc = None
             for lv in logv:
                 ll = (counts @ lv.T).reshape(here.size, num_z, num_o)
