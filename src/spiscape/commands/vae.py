@@ -130,14 +130,17 @@ def add_args(parser):
                         "about this many)")
     g.add_argument("--frame-size-range", type=number_in(0, 0.5), default=0.08,
                    help="the per-frame posterior sums over the frame's size from 1 - r to 1 + r "
-                        "times its class's in 5 steps (0: its class's size only)")
+                        "times its class's (--frame-poses classes) or the decoded volume's "
+                        "(global) in 5 steps (0: that size only)")
     g.add_argument("--frame-poses", default="global", choices=["global", "classes"],
                    help="per-frame posterior: the frame's orientation searched over a grid of "
                         "all orientations (global; --frame-pose-step) or over its candidate "
                         "classes' orientations, at the EMC's in-plane angles and --frame-tilt")
-    g.add_argument("--frame-pose-step", type=number_in(1, 30), default=8.0,
+    g.add_argument("--frame-pose-step", type=number_in(4, 30), default=8.0,
                    help="spacing (degrees) of the global orientation grid (its asymmetric unit "
-                        "under --point-group: 1211 orientations for m-3m at 8)")
+                        "under --point-group: 1211 orientations for m-3m at 8, 4957 at 5; the "
+                        "memory is 8 bytes x latent points x orientations x pixels, 0.4 GB at 8 "
+                        "for 2000 pixels; 5 gave the same latents as 8 on the matrix)")
     g.add_argument("--frame-tilt", type=auto_or_number(0), default="auto",
                    help="the per-frame posterior also sums over tilts of the frame's "
                         "orientation out of the detector plane: a ring of 4 at this angle "
