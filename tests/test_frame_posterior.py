@@ -223,7 +223,7 @@ def test_tilts_fit_frames_from_out_of_the_class_plane(tilted_series):
     assert spearmanr(ringed, t[:-1]).statistic >= spearmanr(flat, t[:-1]).statistic
 
 
-def test_a_global_orientation_search_needs_no_class_orientation(tilted_series):
+def test_a_global_orientation_search_needs_no_class_orientation(tilted_series, monkeypatch):
     """Frames 9 degrees out of their class's plane, scored over all orientations (the asymmetric
     unit of m-3m on an 8 degree grid) without the classes' orientations: they rank by shape
     (rho > 0.9), a frame with no trained class keeps no latent, and where the classes'
@@ -247,6 +247,12 @@ def test_a_global_orientation_search_needs_no_class_orientation(tilted_series):
     assert len(fp.global_orientations("m-3m")) == 1211
     rho_global = spearmanr(glob[:-1], t[:-1]).statistic
     assert rho_global > 0.9
+    # orientations taken in chunks when the views would not fit (several here): the same
+    monkeypatch.setattr(fp, "VIEW_BYTES", 8 * 11 * 200 * 400)
+    chunked = fp.global_latents(model, det, [out / "photons.h5"], z, scored, q_min=1.0,
+                                sizes=(0.0,), block=100)
+    assert np.allclose(chunked["latent"], res["latent"], atol=1e-10, equal_nan=True)
+    assert chunked["evidence"] == pytest.approx(res["evidence"], rel=1e-12)
     turned = Rotation.from_quat(classes.quaternion[:, [1, 2, 3, 0]]) * Rotation.from_rotvec(
         np.radians(12.0) * np.array([1.0, 0.0, 0.0]))
     off = fp.Classes(replicate=classes.replicate, klass=classes.klass,

@@ -81,6 +81,8 @@ CANDIDATE_SHARE = 1e-3
 TILT_POINTS = 4
 #: spacing (degrees) of the orientation grid of :func:`global_latents`
 GLOBAL_STEP = 8.0
+#: bytes of log views :func:`global_latents` holds at a time (orientations are taken in chunks)
+VIEW_BYTES = 512 * 2**20
 #: the tilt angles (degrees) :func:`choose_tilt` chooses from
 TILT_ANGLES = (0.0, 4.0, 8.0, 12.0, 16.0, 20.0, 24.0)
 #: trained classes whose frames :func:`choose_tilt` scores each angle on (:func:`tilt_sample`)
@@ -353,25 +355,29 @@ def global_latents(model, det, photons, z: np.ndarray, scored: np.ndarray, q_min
         csr = dataset.read(frames).to_csr()[:, pix].tocsr()
     acc = np.full((frames.size, num_z), -np.inf)
     start = time.perf_counter()
-    # one size step's log views (K O, P) at a time (at 8 degrees 21 x 1211 x ~2000 pixels,
-    # 0.4 GB), against every frame block: memory is one step's views and one block's table
+    # the log views (K O', P) of one size step and a chunk of O' orientations at a time (m-3m at
+    # 8 degrees: all 1211 in one chunk, 0.4 GB for 2000 pixels), against every frame block
+    chunk = max(1, int(VIEW_BYTES // (8 * num_z * max(pix.size, 1))))
     for step in sizes:
-        with torch.no_grad():
-            views = slice_volumes(vols, q, (rot * float(np.exp(step)))[None].expand(
-                num_z, -1, -1, -1), folded=model.octant)
-        views = xp.asarray(views.reshape(num_z * num_o, -1).cpu().numpy().astype(np.float64))
-        floor = 1e-6 * views.max(axis=1, keepdims=True)
-        views = xp.maximum(views, xp.maximum(floor, 1e-300))
-        logv = xp.log(views) - xp.log(views.sum(axis=1, keepdims=True))
-        del views
-        for a in range(0, frames.size, block):
-            # dense counts: a BLAS product against the log views is 4-20 times faster than the
-            # sparse one at 300-3500 photons a frame (2 CPU cores), for 8 bytes a pixel
-            counts = xp.asarray(csr[a:a + block].toarray().astype(np.float64))
-            ll = (counts @ logv.T).reshape(counts.shape[0], num_z, num_o)
-            top = ll.max(axis=2)
-            part = to_numpy(top + xp.log(xp.exp(ll - top[:, :, None]).sum(axis=2)))
-            acc[a:a + block] = np.logaddexp(acc[a:a + block], part)
+        for first in range(0, num_o, chunk):
+            part_rot = rot[first:first + chunk] * float(np.exp(step))
+            n_o = part_rot.shape[0]
+            with torch.no_grad():
+                views = slice_volumes(vols, q, part_rot[None].expand(num_z, -1, -1, -1),
+                                      folded=model.octant)
+            views = xp.asarray(views.reshape(num_z * n_o, -1).cpu().numpy().astype(np.float64))
+            floor = 1e-6 * views.max(axis=1, keepdims=True)
+            views = xp.maximum(views, xp.maximum(floor, 1e-300))
+            logv = xp.log(views) - xp.log(views.sum(axis=1, keepdims=True))
+            del views
+            for a in range(0, frames.size, block):
+                # dense counts: a BLAS product against the log views is 4-20 times faster than
+                # the sparse one at 300-3500 photons a frame (2 CPU cores), 8 bytes a pixel
+                counts = xp.asarray(csr[a:a + block].toarray().astype(np.float64))
+                ll = (counts @ logv.T).reshape(counts.shape[0], num_z, n_o)
+                top = ll.max(axis=2)
+                part = to_numpy(top + xp.log(xp.exp(ll - top[:, :, None]).sum(axis=2)))
+                acc[a:a + block] = np.logaddexp(acc[a:a + block], part)
     latent = np.full((scored.size, z.shape[1]), np.nan)
     sd = np.full_like(latent, np.nan)
     log_cells = float(np.log(num_z * num_o * sizes.size))
