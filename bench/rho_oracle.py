@@ -47,20 +47,33 @@ MATRIX = ("demo", "df64", "df128b2", "df96low", "df80contam", "df128low", "sim72
 CHUNK = 256
 
 
-def oracle_log_likelihood(truth, det, photons, states, frames, q_max=None) -> np.ndarray:
-    """(len(frames), len(states)): log of each frame's multinomial likelihood under each state's
-    volume at the frame's true orientation and size (constant terms dropped), over the recorded
-    pixels (those within ``q_max`` pixels of the centre, when given)."""
-    from spiscape.simulate import frames as fr
+def recorded(det, photons, frames, q_max=None):
+    """q (3, P), relative efficiency (P,) and the frames' counts (CSR, frames x P) of the
+    recorded pixels (those within ``q_max`` pixels of the centre, when given)."""
     from spiscape.simulate.detector import q_magnitude
 
     keep = det.mask < 2
     if q_max is not None:
         keep &= q_magnitude(det) <= q_max
-    recorded = np.flatnonzero(keep)
-    q = np.stack([det.qx, det.qy, det.qz])[:, recorded]
-    corr = det.corr[recorded] / det.corr[recorded].mean()
-    counts = photons.select(frames).to_csr(np.float64)[:, recorded]
+    pix = np.flatnonzero(keep)
+    corr = det.corr[pix] / det.corr[pix].mean()
+    counts = photons.select(frames).to_csr(np.float64)[:, pix].tocsr()
+    return np.stack([det.qx, det.qy, det.qz])[:, pix], corr, counts
+
+
+def log_probabilities(lam: np.ndarray) -> np.ndarray:
+    """log(lambda / sum lambda) over the pixels of each row, floored at 1e-12 of its largest."""
+    lam = np.maximum(lam, 1e-12 * lam.max(axis=1, keepdims=True) + 1e-300)
+    return np.log(lam) - np.log(lam.sum(axis=1, keepdims=True))
+
+
+def oracle_log_likelihood(truth, det, photons, states, frames, q_max=None) -> np.ndarray:
+    """(len(frames), len(states)): log of each frame's multinomial likelihood under each state's
+    volume at the frame's true orientation and size (constant terms dropped), over the recorded
+    pixels (those within ``q_max`` pixels of the centre, when given)."""
+    from spiscape.simulate import frames as fr
+
+    q, corr, counts = recorded(det, photons, frames, q_max)
     rot = fr.quaternion_to_matrix(truth.quaternion[frames])
     size = np.asarray(truth.size, dtype=np.float64)[frames]
     out = np.empty((frames.size, len(states)))
@@ -68,9 +81,8 @@ def oracle_log_likelihood(truth, det, photons, states, frames, q_max=None) -> np
         vol = truth.volumes[k]
         for first in range(0, frames.size, CHUNK):
             sl = slice(first, min(first + CHUNK, frames.size))
-            lam = fr.expected_photons(vol, q, corr, rot[sl], size[sl], np.ones(sl.stop - first))
-            lam = np.maximum(lam, 1e-12 * lam.max(axis=1, keepdims=True) + 1e-300)
-            logp = np.log(lam) - np.log(lam.sum(axis=1, keepdims=True))
+            logp = log_probabilities(fr.expected_photons(vol, q, corr, rot[sl], size[sl],
+                                                         np.ones(sl.stop - first)))
             out[sl, j] = np.asarray(counts[sl].multiply(logp).sum(axis=1)).ravel()
     return out
 
@@ -82,15 +94,11 @@ def unknown_pose_log_likelihood(truth, det, photons, states, frames, step: float
     volumes are m-3m), the size still known (binned into ``size_bins`` quantile bins)."""
     from scipy.special import logsumexp
 
-    from spiscape.orient import rotations
     from spiscape.simulate import frames as fr
+    from spiscape.vae.frame_posterior import global_orientations
 
-    recorded = np.flatnonzero(det.mask < 2)
-    q = np.stack([det.qx, det.qy, det.qz])[:, recorded]
-    corr = det.corr[recorded] / det.corr[recorded].mean()
-    counts = photons.select(frames).to_csr(np.float64)[:, recorded].tocsr()
-    grid = rotations.asymmetric_unit(rotations.so3_grid(step), rotations.point_group("432"))
-    rot = fr.quaternion_to_matrix(grid)
+    q, corr, counts = recorded(det, photons, frames)
+    rot = fr.quaternion_to_matrix(global_orientations("m-3m", step))
     size = np.asarray(truth.size, dtype=np.float64)[frames]
     edges = np.quantile(size, np.linspace(0, 1, size_bins + 1))
     which = np.clip(np.searchsorted(edges, size, side="right") - 1, 0, size_bins - 1)
@@ -105,10 +113,8 @@ def unknown_pose_log_likelihood(truth, det, photons, states, frames, step: float
             parts = []
             for first in range(0, len(rot), block):
                 r = rot[first:first + block]
-                lam = fr.expected_photons(vol, q, corr, r, np.full(len(r), centre),
-                                          np.ones(len(r)))
-                lam = np.maximum(lam, 1e-12 * lam.max(axis=1, keepdims=True) + 1e-300)
-                logp = np.log(lam) - np.log(lam.sum(axis=1, keepdims=True))
+                logp = log_probabilities(fr.expected_photons(
+                    vol, q, corr, r, np.full(len(r), centre), np.ones(len(r))))
                 parts.append(np.asarray(counts[rows] @ logp.T))
             out[rows, j] = logsumexp(np.concatenate(parts, axis=1), axis=1) - np.log(len(rot))
     return out

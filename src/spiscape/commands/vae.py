@@ -500,9 +500,9 @@ def misfit_averages(model, result, inputs, tens, weight, cfg, ctx, z_max) -> np.
 
 
 def posterior_frame_latents(args, model, det, inputs, mu, poses, num_frames, cfg, device):
-    """Each frame's posterior latent (:mod:`spiscape.vae.frame_posterior`) at the trained
-    averages' refined orientations and size offsets, over out-of-plane tilts of --frame-tilt
-    degrees (auto: chosen on the frames of a sample of the trained classes)."""
+    """Each frame's posterior latent (:mod:`spiscape.vae.frame_posterior`) of the frames with a
+    trained class: its orientation searched over all orientations (--frame-poses global) or at
+    its classes' refined orientations and size offsets (:func:`classes_frame_latents`)."""
     import time
 
     from spiscape.backend import get_array_module
@@ -522,13 +522,24 @@ def posterior_frame_latents(args, model, det, inputs, mu, poses, num_frames, cfg
         post = frame_posterior.global_latents(
             model, det, args.photons, z, scored, q_min=cfg.q_min, q_step=cfg.q_step,
             sizes=sizes, step_deg=args.frame_pose_step, xp=xp, device=device)
-        sd = post["sd"][:, 0]
-        log.info("per-frame latents: the posterior of %d frames under the decoder over a %g "
-                 "degree orientation grid (median sd %.3f of a latent span %.3f; mean log "
-                 "evidence %.2f; %.0f s)", int(np.isfinite(sd).sum()), args.frame_pose_step,
-                 float(np.nanmedian(sd)) if np.isfinite(sd).any() else float("nan"),
-                 float(np.ptp(mu[sel][:, 0])), post["evidence"], time.perf_counter() - start)
-        return post
+        how = f"over a {args.frame_pose_step:g} degree orientation grid"
+    else:
+        post = classes_frame_latents(args, model, det, classes, z, sizes, num_frames, cfg, xp,
+                                     device)
+        how = f"at its classes' orientations, tilts {post['tilt_deg']:g} degrees"
+    sd = post["sd"][:, 0]
+    log.info("per-frame latents: the posterior of %d frames under the decoder %s (median sd "
+             "%.3f of a latent span %.3f; mean log evidence %.2f; %.0f s)",
+             int(np.isfinite(sd).sum()), how,
+             float(np.nanmedian(sd)) if np.isfinite(sd).any() else float("nan"),
+             float(np.ptp(mu[sel][:, 0])), post["evidence"], time.perf_counter() - start)
+    return post
+
+
+def classes_frame_latents(args, model, det, classes, z, sizes, num_frames, cfg, xp, device):
+    """--frame-poses classes: each frame scored at its candidate classes' orientations, over
+    tilts of --frame-tilt degrees (auto: chosen on the frames of a sample of the classes)."""
+    from spiscape.vae import frame_posterior
 
     def run(which, angle: float, subset=None) -> dict:
         return frame_posterior.posterior_latents(
@@ -551,11 +562,6 @@ def posterior_frame_latents(args, model, det, inputs, mu, poses, num_frames, cfg
                                else f"{a:g} deg {v:.2f}" for a, v in evidence.items()), tilt)
     post = run(classes, float(tilt))
     post.update(tilt_deg=float(tilt), tilt_evidence=evidence)
-    sd = post["sd"][:, 0]
-    log.info("per-frame latents: the posterior of %d frames under the decoder, tilts %g degrees "
-             "(median sd %.3f of a latent span %.3f; %.0f s)", int(np.isfinite(sd).sum()),
-             float(tilt), float(np.nanmedian(sd)) if np.isfinite(sd).any() else float("nan"),
-             float(np.ptp(mu[sel][:, 0])), time.perf_counter() - start)
     return post
 
 

@@ -127,8 +127,14 @@ def log_views(models, operator, num_rot: int, xp=np):
     reads 0 where the volume is 0; a photon there would otherwise be impossible)."""
     views = kernels.expand(models, operator, num_rot)
     floor = 1e-6 * views.reshape(views.shape[0], -1).max(axis=1)
-    views = xp.maximum(views, xp.maximum(floor, 1e-300)[:, None, None])
-    return xp.log(views) - xp.log(views.sum(axis=2, keepdims=True))
+    return log_normalised(views, floor[:, None, None], xp)
+
+
+def log_normalised(views, floor, xp=np):
+    """log(w / sum_t w) over the last (pixel) axis of ``views``, each floored at ``floor``
+    (broadcast against them; at least 1e-300)."""
+    views = xp.maximum(views, xp.maximum(floor, 1e-300))
+    return xp.log(views) - xp.log(views.sum(axis=-1, keepdims=True))
 
 
 def frame_log_likelihood(counts, logv, xp=np):
@@ -224,18 +230,14 @@ def posterior_latents(model, det, replicates, photons, classes: Classes, z: np.n
         for path in replicates:
             start = time.perf_counter()
             rep = read_replicate(path, details=True)
-            mine = np.flatnonzero(classes.replicate == rep.number)
-            if not mine.size:
+            trained = trained_classes(rep, path, classes, num_frames)
+            if trained is None:
                 continue
-            if rep.frames.size and rep.frames.max() >= num_frames:
-                raise InputError(path, f"frame index {rep.frames.max()} is outside the dataset "
-                                       f"of {num_frames} frames")
+            mine = np.flatnonzero(classes.replicate == rep.number)
             pix = used_pixels(det, rep.model_pixels, q_min, q_max)
             size = rep.intens.shape[-1]
             table = geometry.rotation_table(cx[pix], cy[pix], np.asarray(rep.angles), size)
             operator = kernels.view_operator(table.index, table.weight, size, xp)
-            trained = np.zeros(rep.occupancies.shape[1], dtype=bool)
-            trained[classes.klass[mine]] = True
             scored = 0
             rows_of = np.arange(rep.frames.size)
             if subset is not None:
@@ -295,6 +297,20 @@ def global_orientations(point_group: str, step_deg: float = GLOBAL_STEP) -> np.n
     return rotations.asymmetric_unit(rotations.so3_grid(step_deg), group)
 
 
+def trained_classes(rep, path, classes: Classes, num_frames: int) -> np.ndarray | None:
+    """(M,) bool: the replicate's classes the VAE trained on (None when none of them), after
+    checking that its frame indices lie inside the dataset of ``num_frames``."""
+    mine = classes.klass[classes.replicate == rep.number]
+    if not mine.size:
+        return None
+    if rep.frames.size and rep.frames.max() >= num_frames:
+        raise InputError(path, f"frame index {rep.frames.max()} is outside the dataset of "
+                               f"{num_frames} frames")
+    trained = np.zeros(rep.occupancies.shape[1], dtype=bool)
+    trained[mine] = True
+    return trained
+
+
 def scored_frames(replicates, classes: Classes, num_frames: int) -> np.ndarray:
     """(N,) bool: the frames with a candidate class among the trained ones in some replicate
     (the frames :func:`posterior_latents` scores; the others, e.g. a contaminant cluster's,
@@ -304,15 +320,9 @@ def scored_frames(replicates, classes: Classes, num_frames: int) -> np.ndarray:
     out = np.zeros(num_frames, dtype=bool)
     for path in replicates:
         rep = read_replicate(path, models=False)
-        mine = classes.klass[classes.replicate == rep.number]
-        if not mine.size or not rep.frames.size:
-            continue
-        if rep.frames.max() >= num_frames:
-            raise InputError(path, f"frame index {rep.frames.max()} is outside the dataset of "
-                                   f"{num_frames} frames")
-        trained = np.zeros(rep.occupancies.shape[1], dtype=bool)
-        trained[mine] = True
-        out[rep.frames[candidates(rep.occupancies, trained).any(axis=1)]] = True
+        trained = trained_classes(rep, path, classes, num_frames)
+        if trained is not None:
+            out[rep.frames[candidates(rep.occupancies, trained).any(axis=1)]] = True
     return out
 
 
@@ -330,7 +340,6 @@ def global_latents(model, det, photons, z: np.ndarray, scored: np.ndarray, q_min
     L the multinomial likelihood of the module docstring. ``evidence``: the mean over the
     scored frames of log mean_{k, s, o} L. NaN for frames not ``scored``."""
     from spiscape.io.photons import PhotonDataset
-    from spiscape.simulate.detector import q_magnitude
     from spiscape.vae.model import quaternion_to_matrix, slice_volumes
 
     z = np.asarray(z, dtype=np.float64)
@@ -340,11 +349,7 @@ def global_latents(model, det, photons, z: np.ndarray, scored: np.ndarray, q_min
     rot = quaternion_to_matrix(torch.as_tensor(quats, dtype=torch.float32)).to(device)
     largest = float(np.exp(sizes.max()))
     q_max = (model.volume_size // 2 - 1) * q_step / largest
-    qnorm = q_magnitude(det)
-    pix = np.flatnonzero((np.asarray(det.mask) == 0) & (qnorm >= q_min) & (qnorm <= q_max))
-    if not pix.size:
-        raise InputError(None, f"no used detector pixel between |q| {q_min:.1f} and "
-                               f"{q_max:.1f} pixels for the per-frame latents")
+    pix = used_pixels(det, np.arange(det.num_pix), q_min, q_max)
     q = torch.as_tensor(np.stack([det.qx, det.qy, det.qz])[:, pix] / q_step,
                         dtype=torch.float32, device=device)
     with torch.no_grad():
@@ -361,22 +366,17 @@ def global_latents(model, det, photons, z: np.ndarray, scored: np.ndarray, q_min
     for step in sizes:
         for first in range(0, num_o, chunk):
             part_rot = rot[first:first + chunk] * float(np.exp(step))
-            n_o = part_rot.shape[0]
             with torch.no_grad():
                 views = slice_volumes(vols, q, part_rot[None].expand(num_z, -1, -1, -1),
                                       folded=model.octant)
-            views = xp.asarray(views.reshape(num_z * n_o, -1).cpu().numpy().astype(np.float64))
-            floor = 1e-6 * views.max(axis=1, keepdims=True)
-            views = xp.maximum(views, xp.maximum(floor, 1e-300))
-            logv = xp.log(views) - xp.log(views.sum(axis=1, keepdims=True))
+            views = xp.asarray(views.cpu().numpy().astype(np.float64))  # (K, O', P)
+            logv = log_normalised(views, 1e-6 * views.max(axis=-1, keepdims=True), xp)
             del views
             for a in range(0, frames.size, block):
                 # dense counts: a BLAS product against the log views is 4-20 times faster than
                 # the sparse one at 300-3500 photons a frame (2 CPU cores), 8 bytes a pixel
                 counts = xp.asarray(csr[a:a + block].toarray().astype(np.float64))
-                ll = (counts @ logv.T).reshape(counts.shape[0], num_z, n_o)
-                top = ll.max(axis=2)
-                part = to_numpy(top + xp.log(xp.exp(ll - top[:, :, None]).sum(axis=2)))
+                part = to_numpy(frame_log_likelihood(counts, logv, xp))
                 acc[a:a + block] = np.logaddexp(acc[a:a + block], part)
     latent = np.full((scored.size, z.shape[1]), np.nan)
     sd = np.full_like(latent, np.nan)

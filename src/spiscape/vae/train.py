@@ -452,7 +452,7 @@ def train(cfg: TrainConfig, tensors: dict, weight: np.ndarray, q: np.ndarray,
         done += 1
         if stop_after is not None and done >= stop_after:
             break
-    result = {"history": history, "convergence": convergence, "average_tilt_deg": model.tilt_deg()}
+    result = {"history": history, "convergence": convergence}
     if pose_opt is not None:
         result["pose_delta"] = pose_delta.detach().cpu().numpy().astype(np.float64)
     return model, result
