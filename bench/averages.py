@@ -6,10 +6,11 @@ truth's frame labels), each average is compared with the truth's intensity of th
 average's orientation (``orientation.h5``). Both are scaled to the same sum over 3-8 px, and the
 ratio of their means in 1-px rings is the ring level (1: the average has the truth's radial
 shape). The EMC's bilinear merge blurs a steep fall-off: merged cube averages read low and then
-high across the cube's central speckle; ``classify2d --sharpen-iterations`` removes that (README,
-"Sharp averages"). Also reported: the fraction of measured pixels that are exactly 0 (what a
-deblurring that is not held back where few photons land produces) and the median log-intensity
-correlation with the slice per ring. Writes ``bench/results/averages.json`` and a table.
+high across the cube's central speckle; ``classify2d --sharpen-iterations`` removes that
+(docs/methods.md, "Sharp averages"). Also reported: the fraction of measured pixels that are
+exactly 0 (what a deblurring that is not held back where few photons land produces) and the
+median log-intensity correlation with the slice per ring. Writes ``bench/results/averages.json``
+and a table.
 
     python bench/averages.py [--results results/demo]
 

@@ -22,7 +22,7 @@ orientations costs with perfect volumes (df128low: 13 min on 2 cores at 5 degree
 ``--truth-decoder``: the pipeline's own per-frame posterior (:mod:`spiscape.vae.frame_posterior`
 with the classes of the --results run: their refined orientations, size offsets and the frames'
 tilt) with the truth's volumes in the place of the decoder: what the decoder costs against what
-the classes' orientations cost (README, "How far from what the photons allow").
+the classes' orientations cost (docs/validation.md, "How far from what the photons allow").
 
 Writes a JSON (one row per set) and prints a table.
 """

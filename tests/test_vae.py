@@ -372,7 +372,8 @@ def test_auto_clusters_keep_the_series_and_leave_out_a_species_beside_it():
 
 def test_auto_clusters_known_limit_a_species_heavier_than_an_end():
     """The ends are the two clusters holding the most frames: a species that outweighs the
-    series' sphere end becomes an end itself (README, "VAE selection")."""
+    series' sphere end becomes an end itself (docs/validation.md, "Size spread, noise level and
+    the VAE's clusters")."""
     from spiscape.vae.data import auto_clusters
 
     coords, labels, frames = series_landscape(beside=(1.0, 3.0, 0.0))

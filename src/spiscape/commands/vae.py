@@ -28,7 +28,7 @@ input orientation, so that new averages encode without refinement.
 EMC merge (--emc-merge, needs --replicates): each predicted average is the volume sliced at
 every merged detector pixel rotated to every in-plane angle of the 2D EMC and back-projected as
 its M-step does (spiscape.vae.merge), not a plain slice: the merge blurs steep fall-offs by
-about half a pixel (what it changes on the demo: README).
+about half a pixel (what it changes on the demo: docs/benchmarks.md).
 
 Size correction (--size-correction commonlines, needs --commonlines and --embedding): each
 average trained on is sliced at exp(d) R q, d its log size against the frame-weighted mean of
@@ -163,7 +163,7 @@ def add_args(parser):
                    help="symmetry imposed on the volumes (1: none)")
     m.add_argument("--epochs", type=at_least(1), default=300,
                    help="passes over the averages (more extend a --resume'd run); at 100 the "
-                        "decoder still lagged the averages' fringes (README, the epochs check)")
+                        "decoder still lagged the averages' fringes (docs/validation.md)")
     m.add_argument("--batch-size", type=at_least(1), default=8,
                    help="averages per optimiser step (per process under torchrun)")
     m.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")

@@ -9,7 +9,8 @@ class.
 
 That is what the common-line landscape misses at a few hundred photons per frame: there a dimer's
 or a rod's averages correlate with the cubes' as well as the cubes' among themselves, and k-means
-in the CLPCA space puts them in the cube cluster (README, "Landscape clusters and shared frames").
+in the CLPCA space puts them in the cube cluster (docs/validation.md, "Landscape clusters and
+shared frames").
 
 **Similarity.** Average a's membership vector m_a holds, for every frame, its occupancy of a's
 class (0 for frames its replicate did not draw; a frame drawn twice counts twice). The similarity

@@ -3,7 +3,7 @@
 Read from the stage outputs of one dataset (``results/{ds}/``), no ground truth needed. Each
 check is a row ``check, value, threshold, status, meaning``; ``status`` is ``ok``, ``warn``
 or ``n/a`` (the stage has not run). The thresholds are not tuned to a dataset: each marks a
-state in which a later stage is known to go wrong (the validation matrix, README).
+state in which a later stage is known to go wrong (the validation matrix, docs/validation.md).
 
 ================  =====================================================  ==========
 check             value                                                  warn when

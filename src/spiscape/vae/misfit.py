@@ -7,7 +7,7 @@ worse than the series' own averages. On the validation matrix such averages, a f
 decided where the latent's sphere end went: with VAE seed 2 they sat at or beyond it and the
 decoded sphere end was anisotropic and would not phase (`df64` +47.5 %, `df96low` +113.7 % sphere
 / cube volume error); with the contaminant averages left out the same seed read +5.6 % and
-+4.9 % (README, "Contaminant averages in the VAE").
++4.9 % (docs/validation.md, "Contaminant averages in the VAE").
 
 The misfit of average a is the relative squared residual over the pixels in the loss,
 
