@@ -97,7 +97,7 @@ def tilted(rng, n: int, angle_deg: float) -> np.ndarray:
     return Rotation.from_rotvec(np.deg2rad(angle_deg) * axes).as_matrix()
 
 
-def make_series(out, tilt_deg: float = 0.0):
+def make_series(out, tilt_deg: float = 0.0, n: int = 240):
     """Two classes (orientations) of one replicate; 240 frames of shapes t ~ U(0, 1), each
     sliced in 3D at its class's rotation turned about the beam (and tilted out of the detector
     plane by ``tilt_deg`` about a random axis), ~1000 photons, Poisson. A 25 px grid: on 13 px
@@ -119,7 +119,6 @@ def make_series(out, tilt_deg: float = 0.0):
     merged = np.flatnonzero(np.hypot(*det.coords_2d()) <= S // 2 - 1)  # inside the grid
     model = SeriesDecoder()
     quats = random_quaternions(2, rng)
-    n = 240
     t = rng.uniform(0.0, 1.0, n)
     klass = rng.integers(0, 2, n)
     angles = np.arange(24) * (2 * np.pi / 24)
@@ -262,6 +261,70 @@ def test_a_global_orientation_search_needs_no_class_orientation(tilted_series, m
     assert spearmanr(by_classes, t[:-1]).statistic < rho_global - 0.02
 
 
+class BlendDecoder(SeriesDecoder):
+    """A decoder taught by class averages that mix shapes: its volumes along z are blends of the
+    cube's and the sphere's intensities, not the shapes between them."""
+
+    def symmetric(self, z):
+        t = z[:, :1, None, None]
+        return (1.0 - t) * torch.exp(self.logs[0]) + t * torch.exp(self.logs[1])
+
+
+def test_volumes_refined_from_the_frames_mend_a_decoder_that_blends_shapes(tilted_series):
+    """Under the blending decoder the frames rank at rho 0.82; one EM iteration of its volumes
+    from the frames (each frame's photons, weighted by its posterior over latent point,
+    orientation and size, re-estimate the volumes) lifts that to 0.88 (0.90 after two) and
+    raises their evidence. Under the true series the refinement costs little."""
+    out, det, model, classes, t = tilted_series
+    z = np.linspace(0.0, 1.0, 11)[:, None]
+    scored = fp.scored_frames([out / "rep0.h5"], classes, t.size)
+
+    def rho(decoder, refine):
+        res = fp.global_latents(decoder, det, [out / "photons.h5"], z, scored, q_min=1.0,
+                                sizes=(0.0,), block=100, refine=refine)
+        assert len(res["evidence_steps"]) == refine and np.isfinite(res["evidence"])
+        if refine:
+            assert res["evidence"] > res["evidence_steps"][0]
+        return spearmanr(res["latent"][:-1, 0], t[:-1]).statistic
+
+    blend = BlendDecoder()
+    before, after = rho(blend, 0), rho(blend, 1)
+    assert before < 0.85 and after > before + 0.04 and after > 0.86, (before, after)
+    assert rho(model, 1) > rho(model, 0) - 0.01
+
+
+def test_refine_volumes_keeps_a_volume_that_predicts_its_photons_and_raises_the_likelihood():
+    """The M-step on tomograms at known orientations (responsibility 1, fluence 1): the volume
+    that made them noiselessly is a fixed point (no blur, unlike the EMC's merge), and from
+    another volume one step raises their Poisson likelihood; voxels no slice reaches keep
+    their value."""
+    rng = np.random.default_rng(2)
+    model = SeriesDecoder()
+    truth = model.symmetric(torch.tensor([[0.4]])).double()
+    rot = vm.quaternion_to_matrix(torch.as_tensor(random_quaternions(300, rng)))[None]
+    q = model.q.double()
+    counts = vm.slice_volumes(truth, q, rot)
+
+    def step(vols):
+        views = vm.slice_volumes(vols, q, rot).clamp_min(1e-300)
+        ratio = fp.back_project(vols.shape, q, rot, counts / views, folded=False)
+        exposure = fp.back_project(vols.shape, q, rot, torch.ones_like(views), folded=False)
+        return fp.refine_volumes(vols, ratio, exposure, "m-3m", octant=False), exposure
+
+    same, exposure = step(truth)
+    seen = vm.symmetrise(exposure, "m-3m") > 0  # the M-step averages over the point group
+    assert torch.allclose(same[seen], truth[seen], rtol=1e-4)
+
+    def log_likelihood(vols):
+        views = vm.slice_volumes(vols, q, rot).clamp_min(1e-300)
+        return float((counts * views.log() - views).sum())
+
+    start = model.symmetric(torch.tensor([[0.9]])).double()
+    new, _ = step(start)
+    assert log_likelihood(new) > log_likelihood(start) + 1.0
+    assert torch.equal(new[~seen], start[~seen])
+
+
 def test_frames_in_their_class_plane_choose_no_tilt(series):
     out, det, model, classes, t = series
     z = np.linspace(0.0, 1.0, 11)[:, None]
@@ -380,11 +443,14 @@ def test_global_latents_on_cupy_match_numpy(series):
     out, det, model, classes, t = series
     z = np.linspace(0.0, 1.0, 11)[:, None]
     scored = fp.scored_frames([out / "rep0.h5"], classes, t.size)
-    ref = fp.global_latents(model, det, [out / "photons.h5"], z, scored, q_min=1.0, block=100)
+    # with one EM iteration of the volumes from the frames (the M-step's products on the GPU)
+    ref = fp.global_latents(model, det, [out / "photons.h5"], z, scored, q_min=1.0, block=100,
+                            refine=1)
     got = fp.global_latents(model, det, [out / "photons.h5"], z, scored, q_min=1.0, block=100,
-                            xp=get_array_module("gpu"))
+                            refine=1, xp=get_array_module("gpu"))
     assert np.allclose(got["latent"], ref["latent"], atol=1e-6, equal_nan=True)
     assert got["evidence"] == pytest.approx(ref["evidence"], rel=1e-9)
+    assert got["evidence_steps"] == pytest.approx(ref["evidence_steps"], rel=1e-9)
 
 
 def test_averages_the_decoder_cannot_explain_are_the_outliers_of_its_misfit():

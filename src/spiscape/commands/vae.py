@@ -141,6 +141,14 @@ def add_args(parser):
                         "under --point-group: 1211 orientations for m-3m at 8, 4957 at 5; the "
                         "memory is 8 bytes x latent points x orientations x pixels, 0.4 GB at 8 "
                         "for 2000 pixels; 5 gave the same latents as 8 on the matrix)")
+    g.add_argument("--frame-refine", type=at_least(0), default=1,
+                   help="(--frame-poses global) EM iterations of the volumes at the latent "
+                        "points from the frames themselves before the final posterior: each "
+                        "volume merged anew from the frames' photons, weighted by their "
+                        "posterior over latent point, orientation and size (the EMC's M-step); "
+                        "the decoder learnt them from class averages, which mix neighbouring "
+                        "shapes. Each iteration costs about two posteriors; 0: the decoder's "
+                        "volumes")
     g.add_argument("--frame-tilt", type=auto_or_number(0), default="auto",
                    help="the per-frame posterior also sums over tilts of the frame's "
                         "orientation out of the detector plane: a ring of 4 at this angle "
@@ -426,7 +434,8 @@ def main(args):
                          size_range=args.frame_size_range, poses=args.frame_poses)
             scores["frame_evidence"] = post["evidence"]
             if args.frame_poses == "global":
-                attrs["pose_step_deg"] = args.frame_pose_step
+                attrs.update(pose_step_deg=args.frame_pose_step, refine=args.frame_refine)
+                scores["frame_evidence_steps"] = post["evidence_steps"]
             else:
                 attrs["tilt_deg"] = post["tilt_deg"]
                 scores["frame_tilt_deg"] = post["tilt_deg"]
@@ -521,8 +530,10 @@ def posterior_frame_latents(args, model, det, inputs, mu, poses, num_frames, cfg
         scored = frame_posterior.scored_frames(args.replicates, classes, num_frames)
         post = frame_posterior.global_latents(
             model, det, args.photons, z, scored, q_min=cfg.q_min, q_step=cfg.q_step,
-            sizes=sizes, step_deg=args.frame_pose_step, xp=xp, device=device)
-        how = f"over a {args.frame_pose_step:g} degree orientation grid"
+            sizes=sizes, step_deg=args.frame_pose_step, refine=args.frame_refine, xp=xp,
+            device=device)
+        how = (f"over a {args.frame_pose_step:g} degree orientation grid, the volumes refined "
+               f"from the frames {args.frame_refine} time(s)")
     else:
         post = classes_frame_latents(args, model, det, classes, z, sizes, num_frames, cfg, xp,
                                      device)
