@@ -405,8 +405,8 @@ class _GlobalSearch:
         self.num_o = len(quats)
 
     def views(self, vols):
-        """(size step, first orientation, rotations, views (K, O', P) on the array module) for
-        one size step and a chunk of O' orientations at a time (m-3m at 8 degrees: all 1211 in
+        """(rotations (O', 3, 3) scaled by the size step, views (K, O', P) on the array module)
+        for one size step and a chunk of O' orientations at a time (m-3m at 8 degrees: all 1211 in
         one chunk, 0.4 GB for 2000 pixels)."""
         from spiscape.vae.model import slice_volumes
 
