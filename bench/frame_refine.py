@@ -7,9 +7,10 @@ without retraining anything.
     .venv/bin/python bench/frame_refine.py --only df128low --refine 2
 
 For every set: the run's model (``vae/model.pt``), the latent grid the rule builds from the
-trained averages' latents (``vae/latent.h5``), the frames it scores (a candidate trained class in
-some replicate), its ``q_min`` and ``q_step`` (``vae/training.json``); each frame's orientation
-over the 8 degree grid of all orientations, 5 size steps (the defaults). Scored against the
+trained averages' latents (``vae/latent.h5``) with the run's number of points and size range
+(``vae/frame_latent.h5``), the frames it scores (a candidate trained class in some replicate),
+its ``q_min`` and ``q_step`` (``vae/training.json``); each frame's orientation over the 8 degree
+grid of all orientations (the default). Scored against the
 truth: per-frame |Spearman| of the latent with t (``rho``, as ``rho_latent`` of
 bench/validation.py) and |Somers' D| (``somers``); the frames' mean log evidence before each
 iteration and after the last (no truth). Writes a JSON (one row per set and refine) and prints a
@@ -41,6 +42,7 @@ def run_set(name: str, data: Path, results: Path, refines: list[int]) -> list[di
     from spiscape.io import read_detector
     from spiscape.io.averages import read_averages
     from spiscape.io.truth import read_truth
+    from spiscape.io.volumes import read_latent
     from spiscape.metrics.landscape import melting_spearman
     from spiscape.vae import frame_posterior as fp
     from spiscape.vae.train import load_model
@@ -50,21 +52,25 @@ def run_set(name: str, data: Path, results: Path, refines: list[int]) -> list[di
     truth = read_truth(truth_path(name, data, results), volumes=False)
     cfg = json.loads((res / "vae/training.json").read_text())["config"]
     model = load_model(res / "vae/model.pt")
-    with h5py.File(res / "vae/latent.h5", "r") as f:
-        mu, selected = f["mu"][()], f["selected"][()].astype(bool)
+    latent = read_latent(res / "vae/latent.h5")
+    mu, selected = latent["mu"], latent["selected"]
+    with h5py.File(res / "vae/frame_latent.h5", "r") as f:  # the rule's own grid and sizes
+        points = int(f.attrs.get("points", 21))
+        size_range = float(f.attrs.get("size_range", 0.08))
     averages = read_averages(res / "averages.h5", with_intens=False)
     classes = fp.Classes(replicate=averages.replicate[selected], klass=averages.klass[selected],
                          quaternion=np.zeros((int(selected.sum()), 4)),
                          log_scale=np.zeros(int(selected.sum())))
     replicates = sorted((res / "classify2d").glob("rep*.h5"))
     scored = fp.scored_frames(replicates, classes, truth.num_frames)
-    z = fp.latent_grid(mu[selected], 21)
+    z = fp.latent_grid(mu[selected], points)
     det = read_detector(folder / "detector.h5")
     rows = []
     for refine in refines:
         start = time.perf_counter()
         post = fp.global_latents(model, det, [folder / "photons.h5"], z, scored,
-                                 q_min=cfg["q_min"], q_step=cfg["q_step"], refine=refine)
+                                 q_min=cfg["q_min"], q_step=cfg["q_step"],
+                                 sizes=fp.size_steps(size_range), refine=refine)
         rows.append({"dataset": name, "refine": refine,
                      "rho": melting_spearman(post["latent"][:, :1], truth.label,
                                              truth.t)["best_abs_rho"],

@@ -144,11 +144,11 @@ def add_args(parser):
     g.add_argument("--frame-refine", type=at_least(0), default=1,
                    help="(--frame-poses global) EM iterations of the volumes at the latent "
                         "points from the frames themselves before the final posterior: each "
-                        "volume merged anew from the frames' photons, weighted by their "
-                        "posterior over latent point, orientation and size (the EMC's M-step); "
-                        "the decoder learnt them from class averages, which mix neighbouring "
-                        "shapes. Each iteration costs about two posteriors; 0: the decoder's "
-                        "volumes")
+                        "volume re-estimated from the frames' photons, weighted by their "
+                        "posterior over latent point, orientation and size (the multiplicative "
+                        "maximum-likelihood update through the slices); the decoder learnt them "
+                        "from class averages, which mix neighbouring shapes. Each iteration "
+                        "costs about three posteriors; 0: the decoder's volumes")
     g.add_argument("--frame-tilt", type=auto_or_number(0), default="auto",
                    help="the per-frame posterior also sums over tilts of the frame's "
                         "orientation out of the detector plane: a ring of 4 at this angle "

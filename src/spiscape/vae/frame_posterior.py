@@ -345,6 +345,8 @@ def global_latents(model, det, photons, z: np.ndarray, scored: np.ndarray, q_min
     which mix neighbouring shapes; the frames' own photons, weighted by their posterior over
     (k, s, o), re-estimate each volume. The latent points z_k stay where the decoder put them.
     ``evidence_steps``: the evidence before each iteration (the decoder's first)."""
+    from scipy.special import logsumexp
+
     from spiscape.io.photons import PhotonDataset
 
     z = np.asarray(z, dtype=np.float64)
@@ -365,13 +367,13 @@ def global_latents(model, det, photons, z: np.ndarray, scored: np.ndarray, q_min
     steps = []
     for _ in range(refine):
         acc = search.log_likelihood(vols)
-        log_z = _logsumexp_rows(acc)
+        log_z = logsumexp(acc, axis=1)
         steps.append(float(log_z.mean()) - log_cells if frames.size else float("nan"))
         vols = search.refine(vols, log_z)
     acc = search.log_likelihood(vols)
     latent = np.full((scored.size, z.shape[1]), np.nan)
     sd = np.full_like(latent, np.nan)
-    log_z = _logsumexp_rows(acc)
+    log_z = logsumexp(acc, axis=1)
     post = np.exp(acc - log_z[:, None])
     mean = post @ z
     latent[frames] = mean
@@ -383,11 +385,6 @@ def global_latents(model, det, photons, z: np.ndarray, scored: np.ndarray, q_min
              sizes.size, len(quats), step_deg, pix.size, refine,
              "".join(f"{e:.2f} -> " for e in steps), evidence, time.perf_counter() - start)
     return {"latent": latent, "sd": sd, "evidence": evidence, "evidence_steps": steps}
-
-
-def _logsumexp_rows(acc: np.ndarray) -> np.ndarray:
-    top = acc.max(axis=1, keepdims=True)
-    return (top + np.log(np.exp(acc - top).sum(axis=1, keepdims=True)))[:, 0]
 
 
 class _GlobalSearch:
