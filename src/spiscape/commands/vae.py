@@ -66,6 +66,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -405,14 +406,10 @@ def main(args):
                  np.percentile(change, 90), change.max())
         scores["pose_change_deg_median"] = float(np.median(change))
     volumes_io.write_latent(out / "latent.h5", mu, logvar, sel, poses)
-    z, has_data = analysis.latent_points(mu[sel], args.num_volumes)
-    vols = analysis.decode_volumes(model, z, ctx.device)
-    volumes_io.write_volumes(out / "volumes.h5", z, vols, has_data, q_per_voxel, cfg.point_group,
-                           {"q_min_measured": float(qnorm[weight].min()),
-                            "q_max_measured": float(qnorm[weight].max()),
-                            "q_step_pixels": cfg.q_step})
-    write_maps(out / "volumes", vols, z, kind="intensity", voxel=q_per_voxel,
-               source=str(args.averages))
+    # the volumes along the latent: the decoder's, or those refined from the frames themselves
+    # (--frame-refine) where the per-frame posterior refined them
+    volume_at = partial(analysis.decode_volumes, model, device=ctx.device)
+    source = "the decoder's"
     if args.replicates:
         from spiscape.io.replicate import read_replicates
 
@@ -436,6 +433,12 @@ def main(args):
             if args.frame_poses == "global":
                 attrs.update(pose_step_deg=args.frame_pose_step, refine=args.frame_refine)
                 scores["frame_evidence_steps"] = post["evidence_steps"]
+                if post["volumes"] is not None:
+                    from spiscape.vae.frame_posterior import volumes_along
+
+                    volume_at = partial(volumes_along, post["grid"], post["volumes"])
+                    source = (f"the decoder's refined from the frames ({args.frame_refine} EM "
+                              "iteration(s))")
             else:
                 attrs["tilt_deg"] = post["tilt_deg"]
                 scores["frame_tilt_deg"] = post["tilt_deg"]
@@ -443,6 +446,15 @@ def main(args):
                     scores["frame_tilt_evidence"] = post["tilt_evidence"]
         volumes_io.write_frame_latent(out / "frame_latent.h5", latent, attrs, extra)
         scores["frames_assigned"] = int(np.isfinite(latent[:, 0]).sum())
+    z, has_data = analysis.latent_points(mu[sel], args.num_volumes)
+    vols = volume_at(z)
+    log.info("volumes along the latent: %d, %s", len(vols), source)
+    volumes_io.write_volumes(out / "volumes.h5", z, vols, has_data, q_per_voxel, cfg.point_group,
+                           {"q_min_measured": float(qnorm[weight].min()),
+                            "q_max_measured": float(qnorm[weight].max()),
+                            "q_step_pixels": cfg.q_step, "source": source})
+    write_maps(out / "volumes", vols, z, kind="intensity", voxel=q_per_voxel,
+               source=str(args.averages))
     figure_dir = Path(args.figure_dir or out)
     if not args.no_figures:
         figure_dir.mkdir(parents=True, exist_ok=True)
@@ -451,7 +463,7 @@ def main(args):
         scores.update(scoring.score_against_truth(args.averages, args.replicates, inputs, truth,
                                                   mu, model, weight, qnorm, ctx, figure_dir,
                                                   figures=not args.no_figures,
-                                                  step=cfg.q_step))
+                                                  step=cfg.q_step, volume_at=volume_at))
         colour = scores.pop("_average_t", None)
     with atomic_path(out / "training.json") as tmp:
         tmp.write_text(json.dumps({"config": vars(cfg), **result, "scores": scores},
@@ -532,6 +544,7 @@ def posterior_frame_latents(args, model, det, inputs, mu, poses, num_frames, cfg
             model, det, args.photons, z, scored, q_min=cfg.q_min, q_step=cfg.q_step,
             sizes=sizes, step_deg=args.frame_pose_step, refine=args.frame_refine, xp=xp,
             device=device)
+        post["grid"] = z
         how = (f"over a {args.frame_pose_step:g} degree orientation grid, the volumes refined "
                f"from the frames {args.frame_refine} time(s)")
     else:

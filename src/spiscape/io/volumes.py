@@ -3,7 +3,10 @@ and the health checks), ``vae/latent.h5`` (health) and ``vae/frame_latent.h5`` (
 landscape`` copies it into ``frames.h5``).
 
 ``volumes.h5``: ``z (K, zdim)`` float32, the latent points; ``intens (K, V, V, V)`` float32
-(gzip, one chunk per volume), the decoded 3D intensities, the beam at voxel V // 2; ``has_data
+(gzip, one chunk per volume), the 3D intensities along the latent (the decoder's, or, with
+``spiscape vae --frame-refine``, the decoder's refined from the frames themselves and
+interpolated between the refinement's latent points; attribute ``source`` says which), the beam
+at voxel V // 2; ``has_data
 (K,)`` bool, whether an average's latent lies within a grid step of the point (else the decoder's
 extrapolation); attributes ``point_group``, ``centre_voxel``, ``q_per_voxel_inv_nm`` (when
 known), ``q_min_measured``, ``q_max_measured`` (voxels: outside, the decoder extrapolates),

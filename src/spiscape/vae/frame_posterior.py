@@ -121,6 +121,35 @@ def latent_grid(mu: np.ndarray, num: int, margin: float = 0.1) -> np.ndarray:
     return centre + (1.0 + margin) * (z - centre)
 
 
+def volumes_along(z_grid: np.ndarray, vols: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """Volumes (len(z), ...) at latent points ``z``, linear between those ``vols`` (K, ...) at the
+    points of :func:`latent_grid` ``z_grid`` (K, zdim): along its line (zdim 1, and zdim >= 3,
+    whose grid is a line along the latents' first principal axis) or bilinear on its n x n grid
+    (zdim 2). Points beyond the grid take its edge."""
+    from scipy.interpolate import RegularGridInterpolator
+
+    z_grid = np.asarray(z_grid, dtype=np.float64)
+    z = np.atleast_2d(np.asarray(z, dtype=np.float64))
+    vols = np.asarray(vols)
+    k = z_grid.shape[0]
+    if z_grid.shape[1] == 2:
+        n = int(round(np.sqrt(k)))
+        if n * n != k:
+            raise ValueError(f"a zdim-2 latent grid has n x n points, not {k}")
+        square = z_grid.reshape(n, n, 2)
+        axes = (square[:, 0, 0], square[0, :, 1])
+        values = vols.reshape(n, n, -1)
+        coords = z
+    else:
+        span = z_grid[-1] - z_grid[0]
+        axes = (np.arange(k, dtype=np.float64),)
+        values = vols.reshape(k, -1)
+        coords = ((z - z_grid[0]) @ span / max(float(span @ span), 1e-300) * (k - 1))[:, None]
+    coords = np.stack([np.clip(coords[:, i], a.min(), a.max()) for i, a in enumerate(axes)], 1)
+    out = RegularGridInterpolator(axes, values)(coords)
+    return out.reshape(z.shape[0], *vols.shape[1:]).astype(vols.dtype)
+
+
 def log_views(models, operator, num_rot: int, xp=np):
     """log(w / sum_t w) (M, R, P) of the models (M, S^2) at every in-plane angle: each view
     normalised over the pixels, floored at 1e-6 of its model's brightest view pixel (a slice
@@ -344,7 +373,9 @@ def global_latents(model, det, photons, z: np.ndarray, scored: np.ndarray, q_min
     posterior (:func:`refine_volumes`): the decoder's volumes are learnt from 2D class averages,
     which mix neighbouring shapes; the frames' own photons, weighted by their posterior over
     (k, s, o), re-estimate each volume. The latent points z_k stay where the decoder put them.
-    ``evidence_steps``: the evidence before each iteration (the decoder's first)."""
+    ``evidence_steps``: the evidence before each iteration (the decoder's first); ``volumes``:
+    the refined volumes (K, V, V, V) at ``z`` (None without ``refine``), the frames' own 3D
+    intensities along the latent (:func:`volumes_along`)."""
     from scipy.special import logsumexp
 
     from spiscape.io.photons import PhotonDataset
@@ -384,7 +415,15 @@ def global_latents(model, det, photons, z: np.ndarray, scored: np.ndarray, q_min
              "from the frames (mean log evidence %s%.2f; %.1f s)", frames.size, z.shape[0],
              sizes.size, len(quats), step_deg, pix.size, refine,
              "".join(f"{e:.2f} -> " for e in steps), evidence, time.perf_counter() - start)
-    return {"latent": latent, "sd": sd, "evidence": evidence, "evidence_steps": steps}
+    refined = None
+    if refine:
+        from spiscape.vae.model import unfold_octant
+
+        with torch.no_grad():
+            full = unfold_octant(vols, model.volume_size) if model.octant else vols
+        refined = full.float().cpu().numpy()
+    return {"latent": latent, "sd": sd, "evidence": evidence, "evidence_steps": steps,
+            "volumes": refined}
 
 
 class _GlobalSearch:

@@ -77,22 +77,21 @@ def truth_reference(truth, label: int, from_frames: bool, size: int, step: float
     return k, sizes, on_grid(size_averaged(truth.volumes[k], sizes), size, step)
 
 
-def size_scales(model, truth, ctx, cube_volume, cube_reference, sphere, mu, from_frames,
+def size_scales(volume_at, truth, cube_volume, cube_reference, sphere, mu, from_frames,
                 qmin, qmax, step: float = 1.0) -> dict:
     """Sizes of the decoded cube and sphere read from their fringes (no phasing): the scale s
     of the truth (averaged over the data's sizes) that the decoded volume matches best, and the
     sphere / cube volume ratio they imply relative to the truth's, (s_sphere / s_cube)^3 - 1.
     A check on the phased volume curve: a decoder can get the Porod volume right with fringes
-    of the wrong size, or the reverse."""
+    of the wrong size, or the reverse. ``volume_at(z)``: the run's volumes at latent points z."""
     from spiscape.metrics.volumes import best_size_scale
-    from spiscape.vae import analysis
 
     out = {}
     cube = best_size_scale(cube_volume, cube_reference, qmin=qmin, qmax=qmax)
     out["cube_size_scale"] = cube["scale"]
     if not sphere.any() or not (np.asarray(truth.volume_info.get("label", [])) == 2).any():
         return out
-    vol = analysis.decode_volumes(model, mu[sphere].mean(0, keepdims=True), ctx.device)[0]
+    vol = volume_at(mu[sphere].mean(0, keepdims=True))[0]
     _, _, ref = truth_reference(truth, 2, from_frames, vol.shape[0], step)
     sph = best_size_scale(vol, ref, qmin=qmin, qmax=qmax)
     ratio = (sph["scale"] / cube["scale"]) ** 3 - 1.0
@@ -108,10 +107,18 @@ def size_scales(model, truth, ctx, cube_volume, cube_reference, sphere, mu, from
 
 
 def score_against_truth(averages_path, replicate_paths, inputs, truth, mu, model, weight, qnorm,
-                        ctx, out, figures: bool = True, step: float = 1.0) -> dict:
+                        ctx, out, figures: bool = True, step: float = 1.0,
+                        volume_at=None) -> dict:
     """The VAE against the simulator's truth: Spearman of the first latent with the melt
-    parameter t over the averages, the decoded cube's shell correlation with the truth (nominal
-    and averaged over the data's sizes), sizes read from the fringes; figures into ``out``."""
+    parameter t over the averages, the cube's shell correlation with the truth (nominal and
+    averaged over the data's sizes), sizes read from the fringes; figures into ``out``.
+
+    ``volume_at(z)``: the run's volumes (K, V, V, V) at latent points z (K, zdim), the ones it
+    writes to volumes.h5 (the decoder's by default; those refined from the frames, spiscape vae
+    --frame-refine). Where they are not the decoder's, the decoder's own cube shell correlation is
+    ``decoder_cube_shell_cc_min``."""
+    from functools import partial
+
     from spiscape.metrics.volumes import best_rotation_shell_correlation, on_grid
     from spiscape.vae import analysis
 
@@ -135,7 +142,8 @@ def score_against_truth(averages_path, replicate_paths, inputs, truth, mu, model
     has_cube = (np.asarray(truth.volume_info.get("label", [])) == 0).any()
     if cube.any() and truth.volumes is not None and has_cube:
         zc = mu[cube].mean(0, keepdims=True)
-        vol = analysis.decode_volumes(model, zc, ctx.device)[0]
+        decoder = partial(analysis.decode_volumes, model, device=ctx.device)
+        vol = (volume_at or decoder)(zc)[0]
         # the data's cubes have a size spread (truth `size` of the cube frames): their mean
         # intensity has blurred fringe minima, which is what a perfect reconstruction gives
         k, sizes, spread_ref = truth_reference(truth, 0, from_frames, vol.shape[0], step)
@@ -161,8 +169,11 @@ def score_against_truth(averages_path, replicate_paths, inputs, truth, mu, model
                       cube_shell_q=[float(v) for v in res["q"][inner]],
                       cube_shell_cc=[None if not np.isfinite(c) else float(c)
                                      for c in res["cc"][inner]])
-        scores.update(size_scales(model, truth, ctx, vol, spread_ref, sphere, mu, from_frames,
-                                  qmin, qmax, step))
+        if volume_at is not None:
+            scores["decoder_cube_shell_cc_min"] = best_rotation_shell_correlation(
+                decoder(zc)[0], spread_ref, fraction=0.7, qmax=qmax, qmin=qmin)["min"]
+        scores.update(size_scales(volume_at or decoder, truth, vol, spread_ref, sphere, mu,
+                                  from_frames, qmin, qmax, step))
         if figures:
             from spiscape.vae import figures as vae_figures
 
