@@ -12,6 +12,21 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    """Under pytest-xdist each worker gets its share of the cores for torch, BLAS and OpenMP
+    (``make test`` runs ``-n auto``: one worker per core). Left alone, every worker would start a
+    thread per core and the workers would oversubscribe the machine."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not workers:
+        return
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    share = max(1, (os.cpu_count() or 1) // int(workers))
+    torch.set_num_threads(share)
+    threadpool_limits(share)
+
+
 def venv_executable(name: str) -> str:
     """An executable installed beside the running Python (the project's virtual environment)."""
     candidate = Path(sys.executable).parent / name

@@ -114,8 +114,8 @@ def test_rotation_6d_gives_rotations():
 
 
 def test_poses_are_recovered_on_a_single_cube(cubes, tmp_path):
-    """The decoder holding the cube (frozen), the encoder trained 8 epochs on 1500 frames at 5000
-    photons (encoder alone ~13°, refined ~0.5° when written):
+    """The decoder holding the cube (frozen), the encoder trained 6 epochs on 1500 frames at 5000
+    photons (encoder alone 15.4°, refined 0.5° when written; 8 epochs gave ~13°, 4 gave 20.4°):
     after the local refinement the median orientation error modulo m-3m is at most 5°."""
     from spiscape.amortise.scoring import orientation_errors
     from spiscape.io import read_detector
@@ -124,7 +124,7 @@ def test_poses_are_recovered_on_a_single_cube(cubes, tmp_path):
 
     det = read_detector(cubes / "detector.h5")
     truth = _truth(cubes)
-    cfg = run.AmortiseConfig(epochs=8, decoder_lr=0.0, lr=1e-3, volume_size=47,
+    cfg = run.AmortiseConfig(epochs=6, decoder_lr=0.0, lr=1e-3, volume_size=47,
                              device="cpu", block_frames=500)
     with PhotonDataset(cubes / "photons.h5") as data:
         model, pixels, _ = run.build(cfg, det, data,

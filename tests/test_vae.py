@@ -271,6 +271,11 @@ def test_cli_runs_and_rejects_mismatched_orientation(tiny, tmp_path, capsys):
     assert main(args + ["--orientation", str(out / "orientation.h5"), "--out-dir",
                         str(tmp_path / "f"), "--frame-latent", "posterior"]) == 2  # --photons
     capsys.readouterr()
+    assert main(args + ["--orientation", str(out / "orientation.h5"), "--out-dir",
+                        str(tmp_path / "v"), "--volumes-from", "frames"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--volumes-from frames needs" in err[0]
+    assert not (tmp_path / "v/volumes.h5").exists()
     for extra in ([], ["--commonlines", str(out / "averages.h5")]):  # each needs the other
         assert main(args + ["--orientation", str(out / "orientation.h5"), "--out-dir",
                             str(tmp_path / "s"), "--size-correction", "commonlines",

@@ -55,8 +55,10 @@ TINY_EMC = {"replicates": 2, "options": {"num_classes": 6, "num_rot": 8, "iterat
             "min_frames": 1}
 
 
-#: and a VAE and phasing that only prove the wiring
-TINY_3D = {"vae": {"options": {"epochs": 2, "volume_size": 15, "num_volumes": 2}},
+#: and a VAE and phasing that only prove the wiring (the volumes phased: those refined from the
+#: frames, the path off by default)
+TINY_3D = {"vae": {"options": {"epochs": 2, "volume_size": 15, "num_volumes": 2,
+                               "volumes_from": "frames"}},
            "phase": {"options": {"recipe": "10 ER", "starts": 1}}}
 
 

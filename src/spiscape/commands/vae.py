@@ -150,6 +150,14 @@ def add_args(parser):
                         "maximum-likelihood update through the slices); the decoder learnt them "
                         "from class averages, which mix neighbouring shapes. Each iteration "
                         "costs about three posteriors; 0: the decoder's volumes")
+    g.add_argument("--volumes-from", default="decoder", choices=["decoder", "frames"],
+                   help="the volumes along the latent that volumes.h5 (and so the phasing, "
+                        "the maps and the volume curve) holds: the decoder's, or those refined "
+                        "from the frames (needs --frame-refine >= 1, --frame-poses global, "
+                        "--photons), read between the refinement's latent points. The refined "
+                        "ones resolve part of a population's size spread (sharper fringe "
+                        "minima, nearer one particle's intensity); against the size-averaged "
+                        "truth the matrix scores them lower on 5 of 8 sets (docs/validation.md)")
     g.add_argument("--frame-tilt", type=auto_or_number(0), default="auto",
                    help="the per-frame posterior also sums over tilts of the frame's "
                         "orientation out of the detector plane: a ring of 4 at this angle "
@@ -342,6 +350,11 @@ def main(args):
                           "pixel grid)")
     if args.frame_latent == "posterior" and not (args.photons and args.replicates):
         raise ConfigError("--frame-latent posterior needs --photons and --replicates")
+    if args.volumes_from == "frames" and not (
+            args.photons and args.replicates and args.frame_latent != "classes"
+            and args.frame_poses == "global" and args.frame_refine >= 1):
+        raise ConfigError("--volumes-from frames needs the volumes refined from the frames: "
+                          "--photons, --replicates, --frame-poses global, --frame-refine >= 1")
     if args.emc_merge and not args.replicates:
         raise ConfigError("--emc-merge needs --replicates (the EMC's angles and pixels)")
     if args.emc_merge:
@@ -406,8 +419,8 @@ def main(args):
                  np.percentile(change, 90), change.max())
         scores["pose_change_deg_median"] = float(np.median(change))
     volumes_io.write_latent(out / "latent.h5", mu, logvar, sel, poses)
-    # the volumes along the latent: the decoder's, or those refined from the frames themselves
-    # (--frame-refine) where the per-frame posterior refined them
+    # the volumes along the latent: the decoder's, or (--volumes-from frames) those refined
+    # from the frames themselves by the per-frame posterior (--frame-refine)
     volume_at = partial(analysis.decode_volumes, model, device=ctx.device)
     source = "the decoder's"
     if args.replicates:
@@ -433,7 +446,7 @@ def main(args):
             if args.frame_poses == "global":
                 attrs.update(pose_step_deg=args.frame_pose_step, refine=args.frame_refine)
                 scores["frame_evidence_steps"] = post["evidence_steps"]
-                if post["volumes"] is not None:
+                if args.volumes_from == "frames":
                     from spiscape.vae.frame_posterior import volumes_along
 
                     volume_at = partial(volumes_along, post["grid"], post["volumes"])
