@@ -422,7 +422,7 @@ def main(args):
     # the volumes along the latent: the decoder's, or (--volumes-from frames) those refined
     # from the frames themselves by the per-frame posterior (--frame-refine)
     volume_at = partial(analysis.decode_volumes, model, device=ctx.device)
-    source = "the decoder's"
+    refined = False
     if args.replicates:
         from spiscape.io.replicate import read_replicates
 
@@ -450,8 +450,7 @@ def main(args):
                     from spiscape.vae.frame_posterior import volumes_along
 
                     volume_at = partial(volumes_along, post["grid"], post["volumes"])
-                    source = (f"the decoder's refined from the frames ({args.frame_refine} EM "
-                              "iteration(s))")
+                    refined = True
             else:
                 attrs["tilt_deg"] = post["tilt_deg"]
                 scores["frame_tilt_deg"] = post["tilt_deg"]
@@ -461,6 +460,8 @@ def main(args):
         scores["frames_assigned"] = int(np.isfinite(latent[:, 0]).sum())
     z, has_data = analysis.latent_points(mu[sel], args.num_volumes)
     vols = volume_at(z)
+    source = (f"the decoder's refined from the frames ({args.frame_refine} EM iteration(s))"
+              if refined else "the decoder's")
     log.info("volumes along the latent: %d, %s", len(vols), source)
     volumes_io.write_volumes(out / "volumes.h5", z, vols, has_data, q_per_voxel, cfg.point_group,
                            {"q_min_measured": float(qnorm[weight].min()),
@@ -476,7 +477,8 @@ def main(args):
         scores.update(scoring.score_against_truth(args.averages, args.replicates, inputs, truth,
                                                   mu, model, weight, qnorm, ctx, figure_dir,
                                                   figures=not args.no_figures,
-                                                  step=cfg.q_step, volume_at=volume_at))
+                                                  step=cfg.q_step,
+                                                  volume_at=volume_at if refined else None))
         colour = scores.pop("_average_t", None)
     with atomic_path(out / "training.json") as tmp:
         tmp.write_text(json.dumps({"config": vars(cfg), **result, "scores": scores},
