@@ -7,15 +7,13 @@ without retraining anything.
     .venv/bin/python bench/frame_refine.py --only df128low --refine 2
 
 For every set: the run's model (``vae/model.pt``), the latent grid the rule builds from the
-trained averages' latents (``vae/latent.h5``) with the run's number of points and size range
-(``vae/frame_latent.h5``), the frames it scores (a candidate trained class in some replicate),
-its ``q_min`` and ``q_step`` (``vae/training.json``); each frame's orientation over the 8 degree
-grid of all orientations (the default). Scored against the
-truth: per-frame |Spearman| of the latent with t (``rho``, as ``rho_latent`` of
-bench/validation.py) and |Somers' D| (``somers``); the frames' mean log evidence before each
-iteration and after the last (no truth). Writes a JSON (one row per set and refine) and prints a
-table.
-"""
+trained averages' latents (``vae/latent.h5``) with the run's number of points, size range and
+size steps (``vae/frame_latent.h5``), the frames it scores (a candidate trained class in some
+replicate), its ``q_min`` and ``q_step`` (``vae/training.json``); each frame's orientation over
+the 8 degree grid of all orientations (the default). Scored against the truth: per-frame
+|Spearman| of the latent with t (``rho``, as ``rho_latent`` of bench/validation.py) and |Somers'
+D| (``somers``); the frames' mean log evidence before each iteration and after the last (no
+truth). Writes a JSON (one row per set and refine) and prints a table. """
 
 from __future__ import annotations
 
@@ -57,6 +55,7 @@ def run_set(name: str, data: Path, results: Path, refines: list[int]) -> list[di
     with h5py.File(res / "vae/frame_latent.h5", "r") as f:  # the rule's own grid and sizes
         points = int(f.attrs.get("points", 21))
         size_range = float(f.attrs.get("size_range", 0.08))
+        steps = int(f.attrs.get("size_steps", 5))
     averages = read_averages(res / "averages.h5", with_intens=False)
     classes = fp.Classes(replicate=averages.replicate[selected], klass=averages.klass[selected],
                          quaternion=np.zeros((int(selected.sum()), 4)),
@@ -70,7 +69,7 @@ def run_set(name: str, data: Path, results: Path, refines: list[int]) -> list[di
         start = time.perf_counter()
         post = fp.global_latents(model, det, [folder / "photons.h5"], z, scored,
                                  q_min=cfg["q_min"], q_step=cfg["q_step"],
-                                 sizes=fp.size_steps(size_range), refine=refine)
+                                 sizes=fp.size_steps(size_range, steps), refine=refine)
         rows.append({"dataset": name, "refine": refine,
                      "rho": melting_spearman(post["latent"][:, :1], truth.label,
                                              truth.t)["best_abs_rho"],

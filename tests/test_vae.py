@@ -276,6 +276,10 @@ def test_cli_runs_and_rejects_mismatched_orientation(tiny, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--volumes-from frames needs" in err[0]
     assert not (tmp_path / "v/volumes.h5").exists()
+    with pytest.raises(SystemExit):  # one size step is no range: refused while parsing
+        main(args + ["--orientation", str(out / "orientation.h5"), "--out-dir",
+                     str(tmp_path / "z"), "--frame-size-steps", "1"])
+    assert "--frame-size-steps" in capsys.readouterr().err
     for extra in ([], ["--commonlines", str(out / "averages.h5")]):  # each needs the other
         assert main(args + ["--orientation", str(out / "orientation.h5"), "--out-dir",
                             str(tmp_path / "s"), "--size-correction", "commonlines",

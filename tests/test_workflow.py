@@ -159,6 +159,7 @@ def test_three_datasets_end_to_end_and_partial_reruns(tmp_path, env_with_venv_pa
         assert np.isfinite(f["latent"][:, 0]).any()  # the VAE's per-frame latents
     with h5py.File(tmp_path / "results/sim/vae/frame_latent.h5") as f:  # each frame's own
         assert f.attrs["method"] == "posterior" and f["latent_sd"].shape == f["latent"].shape
+        assert f.attrs["size_steps"] == 5 and f.attrs["size_range"] == 0.08
     with h5py.File(tmp_path / "results/sim/vae/volumes.h5") as f:  # what phasing reads
         assert "refined from the frames" in f.attrs["source"]
     with h5py.File(tmp_path / "results/sim2/frames.h5") as f:
