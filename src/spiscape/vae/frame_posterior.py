@@ -486,8 +486,8 @@ class _GlobalSearch:
         exposure = torch.zeros_like(vols, dtype=torch.float64)
         for part_rot, views in self.views(vols):
             cells = views.shape[0] * views.shape[1]
-            logv = log_normalised(views, 1e-6 * views.max(axis=-1, keepdims=True), xp)
-            logv = logv.reshape(cells, -1)
+            floor = 1e-6 * views.max(axis=-1, keepdims=True)  # the likelihood's floor, (K, O', 1)
+            logv = log_normalised(views, floor, xp).reshape(cells, -1)
             view_sum = xp.maximum(views.sum(axis=-1).reshape(cells), 1e-300)
             tomograms = xp.zeros_like(logv)  # sum_d p_d(cell) K_dt
             weight = xp.zeros(cells)  # sum_d p_d(cell) phi_d(cell)
@@ -499,8 +499,7 @@ class _GlobalSearch:
                 weight += resp.T @ photons[a:a + b]
             del logv
             weight /= view_sum  # the frame's fluence at the cell: its photons over the view's sum
-            views = views.reshape(cells, -1)
-            tomograms /= xp.maximum(views, 1e-6 * views.max(axis=-1, keepdims=True))
+            tomograms /= xp.maximum(views, floor).reshape(cells, -1)
             del views
             rot = part_rot[None].expand(num_z, -1, -1, -1)
             ratio += back_project(vols.shape, self.q, rot, tomograms.reshape(num_z, -1,
