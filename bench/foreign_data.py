@@ -102,6 +102,15 @@ DATASETS = {
         spread={"cube": 0.02, "melting": 0.02, "sphere": 0.05},
         fractions={"cube": 0.3, "melting": 0.3, "sphere": 0.2, "dimer": 0.1, "rod": 0.1},
     ),
+    # the upper end of frames per dataset (20 000), mid photons
+    "df72many": dict(
+        source="dragonfly", seed=108, num_frames=20000, mean_photons=800,
+        detd=640.0, wavelength=2.2, detsize=72, pixsize=0.6, stoprad=3,
+        cube_edge=44.0, p_max=12.0, volume_growth=0.10, melting_levels=11,
+        spread={"cube": 0.03, "melting": 0.03, "sphere": 0.05},
+        fractions={"cube": 0.3, "melting": 0.3, "sphere": 0.25, "trimer": 0.08,
+                   "spheroid": 0.07},
+    ),
     "sim72lowphot": dict(
         source="spiscape", num_frames=6000, seed=105, mean_photons=300,
         distance_mm=500.0, energy_kev=7.0, pixel_um=150.0, binning=4, max_angle_deg=2.3,
