@@ -36,6 +36,9 @@ with the pipeline's own scorers (``spiscape.metrics``):
 * ``somers_latent``: |Somers' D| of the latent given t over the same frames: (concordant -
   discordant) / the pairs of frames whose t differ, so ties in t cost nothing and a latent in
   perfect order scores 1; reported beside the issue's ρ, without a target of its own;
+* ``rho_size_cube``, ``rho_size_melting``, ``rho_size_sphere`` (JSON only): Spearman of each
+  frame's size factor read by the VAE's per-frame posterior (``frame_latent.h5``'s ``size``)
+  with the true one, within each population (``spiscape.metrics.landscape.size_spearman``);
 * ``cube_shell_min``: decoded cube's smallest shell CC to 0.7 q_max against the truth averaged
   over the cube frames' sizes (target 0.9);
 * ``ratio_error``: phased sphere / cube Porod volume against the truth's (target +-5 %, goal
@@ -274,6 +277,15 @@ def score(name: str, data: Path, results: Path) -> dict:
             out["rho_latent"] = melting_spearman(latent, truth.label, truth.t)["best_abs_rho"]
             out["rho_ties"] = rho_ties(latent, truth)
             out["somers_latent"] = somers_latent(latent, truth)
+    frame_latent = res / "vae/frame_latent.h5"
+    if frame_latent.exists() and "size" in truth.frames:
+        with h5py.File(frame_latent, "r") as f:
+            size = f["size"][()] if "size" in f else None
+        if size is not None:
+            from spiscape.metrics.landscape import size_spearman
+
+            sized = size_spearman(size, truth.label, truth.size)
+            out.update({f"rho_size_{k}": sized[k] for k in ("cube", "melting", "sphere")})
     classes_ari = ari_classes(res, truth)
     if classes_ari is not None:
         out["ari_classes"] = classes_ari

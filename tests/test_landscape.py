@@ -13,7 +13,12 @@ from spiscape.embed.landscape import average_truth, frame_coordinates, replicate
 from spiscape.io import SparsePhotons, read_photons, write_photons
 from spiscape.io.frames import read_landscape, write_landscape
 from spiscape.io.replicate import Replicate
-from spiscape.metrics.landscape import melting_spearman, population_ari, populations
+from spiscape.metrics.landscape import (
+    melting_spearman,
+    population_ari,
+    populations,
+    size_spearman,
+)
 
 # averages.h5 rows: (replicate, class) = (0, 0), (0, 1), (1, 0); replicate 0's class 2 and
 # replicate 1's class 1 were left out of averages.h5 (too few frames)
@@ -91,6 +96,18 @@ def test_scores_against_truth():
     rho = melting_spearman(coords, truth, t)
     assert rho["frames"] == 6 and rho["best_component"] == 1
     assert rho["best_abs_rho"] > 0.95 and rho["rho"][0] < 0  # ties in t keep it below 1
+
+
+def test_size_spearman_scores_each_population_apart():
+    """Sizes relative to each shape's own: cubes estimated in order, spheres in reverse, the
+    melting frames one without an estimate and two left (too few); contaminants are not
+    scored."""
+    label = np.array([0, 0, 0, 0, 2, 2, 2, 1, 1, 1, 3, 3])
+    truth = np.array([0.95, 1.0, 1.02, 1.05, 0.9, 1.0, 1.1, 0.97, 1.0, 1.03, 1.0, 1.0])
+    size = np.array([0.96, 0.99, 1.03, 1.04, 1.05, 1.0, 0.95, np.nan, 1.0, 1.01, 0.9, 1.1])
+    scored = size_spearman(size, label, truth)
+    assert scored["cube"] == 1.0 and scored["sphere"] == -1.0 and scored["melting"] is None
+    assert scored["frames"] == 9
 
 
 def test_bootstrap_stability_of_identical_replicates():

@@ -450,6 +450,7 @@ def main(args):
             scores["frame_evidence"] = post["evidence"]
             if args.frame_poses == "global":
                 attrs.update(pose_step_deg=args.frame_pose_step, refine=args.frame_refine)
+                extra.update(size=post["size"][:, None], size_sd=post["size_sd"][:, None])
                 scores["frame_evidence_steps"] = post["evidence_steps"]
                 if args.volumes_from == "frames":
                     from spiscape.vae.frame_posterior import volumes_along

@@ -21,7 +21,10 @@ fundamental zone) and ``pose_change_deg (A,)``.
 trained average. Attribute ``method``: ``posterior`` (the posterior mean over z of the frame's
 photons under the decoder at its candidate classes' orientations,
 :mod:`spiscape.vae.frame_posterior`; then also ``latent_sd (N, zdim)``, the posterior's standard
-deviation, and ``latent_classes (N, zdim)``, the class route below) or ``classes`` (the
+deviation, and ``latent_classes (N, zdim)``, the class route below; with the orientation
+searched over all orientations, attribute ``poses`` ``global``, also ``size (N, 1)`` and
+``size_sd (N, 1)``, the posterior mean and deviation of each frame's size factor relative to the
+decoder's volume at its latent, within ``1 +- size_range``) or ``classes`` (the
 occupancy-weighted mean of its classes' averages' latents). Files written before the attribute
 existed are ``classes``. Readers take ``latent``.
 """

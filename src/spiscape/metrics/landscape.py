@@ -7,6 +7,8 @@ Two scores against ``truth.h5``:
   with every contaminant species a population of its own (``species_ari``). Melting frames are
   a continuum between cube and sphere with no right answer, so they are left out, as are frames
   never placed in the landscape.
+* **sizes**: the per-frame size factor the VAE's posterior reads (:func:`size_spearman`)
+  against the true one, by rank correlation within each of cube, melting and sphere.
 * **melting order**: among non-contaminant frames (cube, melting, sphere) placed in the landscape,
   the Spearman rank correlation of each embedding component with the melting parameter ``t``; the
   best ``|rho|`` says whether some direction of the landscape orders the frames by structure.
@@ -86,6 +88,25 @@ def melting_spearman(coords, truth_label, t) -> dict:
     return {"best_abs_rho": max(finite) if finite else float("nan"),
             "best_component": best + 1 if best >= 0 else None,
             "rho": rhos, "frames": int(use.sum())}
+
+
+def size_spearman(size, truth_label, truth_size) -> dict:
+    """Spearman rho of each frame's estimated size factor (``frame_latent.h5``'s ``size``) with
+    its true one (``truth.h5``'s ``size``) within the cube, the melting and the sphere frames
+    that have an estimate (``None`` where fewer than 3 or no spread): the factors are relative to
+    each shape's own size, so populations are scored apart; ``frames`` counts them."""
+    from scipy.stats import spearmanr
+
+    size = np.asarray(size, dtype=np.float64).reshape(-1)
+    truth_size = np.asarray(truth_size, dtype=np.float64)
+    label = np.asarray(truth_label)
+    out: dict = {"frames": 0}
+    for name, code in (("cube", CUBE), ("melting", MELTING), ("sphere", SPHERE)):
+        use = (label == code) & np.isfinite(size) & np.isfinite(truth_size)
+        out["frames"] += int(use.sum())
+        ok = use.sum() > 2 and np.ptp(size[use]) > 0 and np.ptp(truth_size[use]) > 0
+        out[name] = float(spearmanr(size[use], truth_size[use]).statistic) if ok else None
+    return out
 
 
 def score_landscape(coords, cluster_label, truth_label, t) -> dict:

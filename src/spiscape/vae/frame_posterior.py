@@ -367,7 +367,9 @@ def global_latents(model, det, photons, z: np.ndarray, scored: np.ndarray, q_min
         p(z_k | d) ∝ sum_s sum_o L_d(s, o, k),
 
     L the multinomial likelihood of the module docstring. ``evidence``: the mean over the
-    scored frames of log mean_{k, s, o} L. NaN for frames not ``scored``.
+    scored frames of log mean_{k, s, o} L. ``size`` and ``size_sd``: the posterior mean and
+    standard deviation of the frame's size factor exp(s) relative to the decoder's volume at
+    its latent (each frame's particle size; the steps bound it). NaN for frames not ``scored``.
 
     ``refine``: EM iterations of the K volumes from the frames themselves before the final
     posterior (:func:`refine_volumes`): the decoder's volumes are learnt from 2D class averages,
@@ -398,17 +400,14 @@ def global_latents(model, det, photons, z: np.ndarray, scored: np.ndarray, q_min
     steps = []
     for _ in range(refine):
         acc = search.log_likelihood(vols)
-        log_z = logsumexp(acc, axis=1)
+        log_z = logsumexp(acc, axis=(1, 2))
         steps.append(float(log_z.mean()) - log_cells if frames.size else float("nan"))
         vols = search.refine(vols, log_z)
-    acc = search.log_likelihood(vols)
-    latent = np.full((scored.size, z.shape[1]), np.nan)
-    sd = np.full_like(latent, np.nan)
-    log_z = logsumexp(acc, axis=1)
-    post = np.exp(acc - log_z[:, None])
-    mean = post @ z
-    latent[frames] = mean
-    sd[frames] = np.sqrt(np.maximum(post @ z**2 - mean**2, 0.0))
+    acc = search.log_likelihood(vols)  # (N, S, K)
+    log_z = logsumexp(acc, axis=(1, 2))
+    post = np.exp(acc - log_z[:, None, None])
+    latent, sd = _moments(post.sum(axis=1), z, frames, scored.size)
+    size, size_sd = _moments(post.sum(axis=2), np.exp(sizes)[:, None], frames, scored.size)
     evidence = float(log_z.mean()) - log_cells if frames.size else float("nan")
     log.info("per-frame latents: %d frames scored against %d latent points x %d sizes x %d "
              "orientations (a %g degree grid) on %d pixels, %d EM iteration(s) of the volumes "
@@ -423,7 +422,18 @@ def global_latents(model, det, photons, z: np.ndarray, scored: np.ndarray, q_min
             full = unfold_octant(vols, model.volume_size) if model.octant else vols
         refined = full.float().cpu().numpy()
     return {"latent": latent, "sd": sd, "evidence": evidence, "evidence_steps": steps,
-            "volumes": refined}
+            "volumes": refined, "size": size[:, 0], "size_sd": size_sd[:, 0]}
+
+
+def _moments(post: np.ndarray, values: np.ndarray, frames: np.ndarray, num: int):
+    """Posterior mean and standard deviation (num, D) of ``values`` (C, D) under ``post``
+    (len(frames), C), NaN for the frames not in ``frames``."""
+    mean = np.full((num, values.shape[1]), np.nan)
+    sd = np.full_like(mean, np.nan)
+    m = post @ values
+    mean[frames] = m
+    sd[frames] = np.sqrt(np.maximum(post @ values**2 - m**2, 0.0))
+    return mean, sd
 
 
 class _GlobalSearch:
@@ -448,14 +458,14 @@ class _GlobalSearch:
 
         num_z, num_pix = vols.shape[0], self.q.shape[1]
         chunk = max(1, int(VIEW_BYTES // (8 * num_z * max(num_pix, 1))))
-        for step in self.sizes:
+        for s, step in enumerate(self.sizes):
             for first in range(0, self.num_o, chunk):
                 part_rot = self.rot[first:first + chunk] * float(np.exp(step))
                 with torch.no_grad():
                     views = slice_volumes(vols, self.q,
                                           part_rot[None].expand(num_z, -1, -1, -1),
                                           folded=self.model.octant)
-                yield part_rot, self.xp.asarray(views.cpu().numpy().astype(np.float64))
+                yield s, part_rot, self.xp.asarray(views.cpu().numpy().astype(np.float64))
 
     def counts(self):
         """(first frame, dense counts (b, P) on the array module) ``block`` frames at a time:
@@ -465,14 +475,16 @@ class _GlobalSearch:
             yield a, self.xp.asarray(self.csr[a:a + self.block].toarray().astype(np.float64))
 
     def log_likelihood(self, vols) -> np.ndarray:
-        """(N, K): log sum_{s, o} L_d(s, o, k) of every frame under the volumes (K, ...)."""
-        acc = np.full((self.csr.shape[0], vols.shape[0]), -np.inf)
-        for _, views in self.views(vols):
+        """(N, S, K): log sum_o L_d(s, o, k) of every frame under the volumes (K, ...) at every
+        size step s."""
+        acc = np.full((self.csr.shape[0], len(self.sizes), vols.shape[0]), -np.inf)
+        for s, _, views in self.views(vols):
             logv = log_normalised(views, 1e-6 * views.max(axis=-1, keepdims=True), self.xp)
             del views
             for a, counts in self.counts():
                 part = to_numpy(frame_log_likelihood(counts, logv, self.xp))
-                acc[a:a + part.shape[0]] = np.logaddexp(acc[a:a + part.shape[0]], part)
+                here = acc[a:a + part.shape[0], s]
+                acc[a:a + part.shape[0], s] = np.logaddexp(here, part)
         return acc
 
     def refine(self, vols, log_z: np.ndarray):
@@ -484,7 +496,7 @@ class _GlobalSearch:
         log_z = xp.asarray(log_z)
         ratio = torch.zeros_like(vols, dtype=torch.float64)
         exposure = torch.zeros_like(vols, dtype=torch.float64)
-        for part_rot, views in self.views(vols):
+        for _, part_rot, views in self.views(vols):
             cells = views.shape[0] * views.shape[1]
             floor = 1e-6 * views.max(axis=-1, keepdims=True)  # the likelihood's floor, (K, O', 1)
             logv = log_normalised(views, floor, xp).reshape(cells, -1)
