@@ -14,7 +14,7 @@ Outputs in --out-dir: model.pt, checkpoint.pt (every epoch; --resume continues f
 latent.h5 (mu, logvar of every average), volumes.h5 (z, intens at --num-volumes points spanning
 the latent range, has_data), volumes/intensity_*.mrc (reciprocal space) with z_values.txt,
 training.json (loss and convergence history, scores), figures (volumes.png, latent_hist.png,
-loss.png, convergence.png), and with --replicates
+loss.png, convergence.png; frame_sizes.png with --frame-poses global), and with --replicates
 frame_latent.h5 (per-frame latents, NaN where a frame is in no trained average: with --photons each
 frame's posterior mean under the decoder, spiscape.vae.frame_posterior; else the mean latent of
 its classes' averages).
@@ -427,6 +427,7 @@ def main(args):
     # from the frames themselves by the per-frame posterior (--frame-refine)
     volume_at = partial(analysis.decode_volumes, model, device=ctx.device)
     refined = False
+    frame_size = (None, None)
     if args.replicates:
         from spiscape.io.replicate import read_replicates
 
@@ -451,6 +452,7 @@ def main(args):
             if args.frame_poses == "global":
                 attrs.update(pose_step_deg=args.frame_pose_step, refine=args.frame_refine)
                 extra.update(size=post["size"][:, None], size_sd=post["size_sd"][:, None])
+                frame_size = (latent, post["size"])
                 scores["frame_evidence_steps"] = post["evidence_steps"]
                 if args.volumes_from == "frames":
                     from spiscape.vae.frame_posterior import volumes_along
@@ -494,7 +496,8 @@ def main(args):
 
         figures.all_figures(figure_dir, intens=vols, z=z, has_data=has_data, mu=mu, selected=sel,
                             colour=colour, history=result["history"],
-                            convergence=result["convergence"])
+                            convergence=result["convergence"], frame_latent=frame_size[0],
+                            frame_size=frame_size[1])
     log.info("wrote %s (model.pt, latent.h5, volumes.h5, %d MRC)%s", out, len(vols),
              "; scores " + json.dumps(scores) if scores else "")
     return 0

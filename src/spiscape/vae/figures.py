@@ -1,5 +1,6 @@
 """Figures of the VAE stage: central sections of the volumes along <100>, <110>, <111> on a log
-scale for several latent points, latent histograms, loss curves and convergence curves."""
+scale for several latent points, latent histograms, loss curves, convergence curves and each
+frame's size against its latent."""
 
 from __future__ import annotations
 
@@ -122,8 +123,31 @@ def shell_cc(path, q, cc, qmax, fraction):
     save(fig, path)
 
 
+def frame_sizes(path, latent: np.ndarray, size: np.ndarray):
+    """Each frame's size factor against its latent (a 2D histogram of frame counts) and the
+    size factors' histogram: a population's size spread, and whether it changes along the
+    latent."""
+    from matplotlib.colors import LogNorm
+
+    use = np.isfinite(size) & np.isfinite(latent[:, 0])
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.4), gridspec_kw={"wspace": 0.45})
+    if use.any():
+        _, _, _, img = axes[0].hist2d(latent[use, 0], size[use], bins=(40, 30), cmap="viridis",
+                                      norm=LogNorm(), cmin=1)
+        fig.colorbar(img, ax=axes[0], label="frames per bin")
+        axes[1].hist(size[use], bins=40, color="C0")
+    axes[0].set_xlabel("frame latent z[0] (posterior mean)")
+    axes[0].set_ylabel("size factor (posterior mean)")
+    axes[1].set_xlabel("size factor, relative to the decoded volume at the frame's latent")
+    axes[1].set_ylabel("frames")
+    fig.suptitle(f"each frame's size from its photons ({int(use.sum())} frames)", fontsize=9)
+    save(fig, path)
+
+
 def all_figures(folder, **kw):
     folder = Path(folder)
+    if kw.get("frame_size") is not None:
+        frame_sizes(folder / "frame_sizes.png", kw["frame_latent"], kw["frame_size"])
     volume_sections(folder / "volumes.png", kw["intens"], kw["z"], kw.get("has_data"))
     latent_histograms(folder / "latent_hist.png", kw["mu"], kw.get("selected"), kw.get("colour"))
     loss_curves(folder / "loss.png", kw["history"])
