@@ -159,7 +159,7 @@ def test_three_datasets_end_to_end_and_partial_reruns(tmp_path, env_with_venv_pa
         assert np.isfinite(f["latent"][:, 0]).any()  # the VAE's per-frame latents
     with h5py.File(tmp_path / "results/sim/vae/frame_latent.h5") as f:  # each frame's own
         assert f.attrs["method"] == "posterior" and f["latent_sd"].shape == f["latent"].shape
-        assert f.attrs["size_steps"] == 5 and f.attrs["size_range"] == 0.08
+        assert f.attrs["size_steps"] == 9 and f.attrs["size_range"] == 0.08
         size, latent = f["size"][:, 0], f["latent"][:, 0]  # each frame's size factor
         assert np.array_equal(np.isfinite(size), np.isfinite(latent))
         assert np.all((size[np.isfinite(size)] > 0.91) & (size[np.isfinite(size)] < 1.09))

@@ -133,10 +133,10 @@ def add_args(parser):
                    help="the per-frame posterior sums over the frame's size from 1 - r to 1 + r "
                         "times its class's (--frame-poses classes) or the decoded volume's "
                         "(global) in --frame-size-steps steps (0: that size only)")
-    g.add_argument("--frame-size-steps", type=at_least(2), default=5,
-                   help="size steps over that range (5: 4 %% apart at r = 0.08; 9 raised the "
-                        "frames' evidence and rho on the 4 sets of the matrix tried, at 1.7 "
-                        "times the time, docs/validation.md)")
+    g.add_argument("--frame-size-steps", type=at_least(2), default=9,
+                   help="size steps over that range (9: 2 %% apart at r = 0.08; against 5, "
+                        "rho and Somers' D rose on every set of the matrix, at about twice "
+                        "the per-frame time, docs/validation.md)")
     g.add_argument("--frame-poses", default="global", choices=["global", "classes"],
                    help="per-frame posterior: the frame's orientation searched over a grid of "
                         "all orientations (global; --frame-pose-step) or over its candidate "

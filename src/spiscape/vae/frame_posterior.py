@@ -23,7 +23,7 @@ and the frame's latent is its mean (with its standard deviation), averaged over 
 that drew the frame. Candidate classes are the trained classes holding at least 1e-3 of the
 frame's largest occupancy among them, so the EMC's orientation choice is kept but not forced:
 a frame between two classes is scored against both. The size steps, ``sizes`` (log scale, default
--8 % ... +8 % in 5 steps), let a frame's own size differ from its class's: the matrix's size
+-8 % ... +8 % in 9 steps of 2 %), let a frame's own size differ from its class's: the matrix's size
 spreads are 1-8 % per population, and a sphere's fringes at the wrong size read as another shape.
 
 The tilts let a frame's orientation differ from its class's out of the detector plane. A 2D class
@@ -63,7 +63,7 @@ from spiscape.errors import InputError
 log = logging.getLogger(__name__)
 
 
-def size_steps(size_range: float, steps: int = 5) -> np.ndarray:
+def size_steps(size_range: float, steps: int = 9) -> np.ndarray:
     """Log size steps from 1 - r to 1 + r times a class's size (just 0 for r = 0)."""
     if size_range <= 0:
         return np.zeros(1)
