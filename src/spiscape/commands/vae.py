@@ -427,7 +427,7 @@ def main(args):
     # from the frames themselves by the per-frame posterior (--frame-refine)
     volume_at = partial(analysis.decode_volumes, model, device=ctx.device)
     refined = False
-    frame_size = (None, None)
+    frame_size = (None, None, None)
     if args.replicates:
         from spiscape.io.replicate import read_replicates
 
@@ -452,7 +452,7 @@ def main(args):
             if args.frame_poses == "global":
                 attrs.update(pose_step_deg=args.frame_pose_step, refine=args.frame_refine)
                 extra.update(size=post["size"][:, None], size_sd=post["size_sd"][:, None])
-                frame_size = (latent, post["size"])
+                frame_size = (latent, post["size"], post["size_factors"])
                 scores["frame_evidence_steps"] = post["evidence_steps"]
                 if args.volumes_from == "frames":
                     from spiscape.vae.frame_posterior import volumes_along
@@ -497,7 +497,7 @@ def main(args):
         figures.all_figures(figure_dir, intens=vols, z=z, has_data=has_data, mu=mu, selected=sel,
                             colour=colour, history=result["history"],
                             convergence=result["convergence"], frame_latent=frame_size[0],
-                            frame_size=frame_size[1])
+                            frame_size=frame_size[1], frame_size_steps=frame_size[2])
     log.info("wrote %s (model.pt, latent.h5, volumes.h5, %d MRC)%s", out, len(vols),
              "; scores " + json.dumps(scores) if scores else "")
     return 0
@@ -568,7 +568,7 @@ def posterior_frame_latents(args, model, det, inputs, mu, poses, num_frames, cfg
             model, det, args.photons, z, scored, q_min=cfg.q_min, q_step=cfg.q_step,
             sizes=sizes, step_deg=args.frame_pose_step, refine=args.frame_refine, xp=xp,
             device=device)
-        post["grid"] = z
+        post["grid"], post["size_factors"] = z, np.exp(sizes)
         how = (f"over a {args.frame_pose_step:g} degree orientation grid, the volumes refined "
                f"from the frames {args.frame_refine} time(s)")
     else:

@@ -123,19 +123,26 @@ def shell_cc(path, q, cc, qmax, fraction):
     save(fig, path)
 
 
-def frame_sizes(path, latent: np.ndarray, size: np.ndarray):
+def frame_sizes(path, latent: np.ndarray, size: np.ndarray, steps=None):
     """Each frame's size factor against its latent (a 2D histogram of frame counts) and the
     size factors' histogram: a population's size spread, and whether it changes along the
-    latent."""
+    latent. ``steps``: the posterior's size factors; the size bins are centred on them (a
+    frame's posterior is often narrower than a step, so its mean sits near one, and bins not
+    aligned with the steps would show them as peaks)."""
     from matplotlib.colors import LogNorm
 
     use = np.isfinite(size) & np.isfinite(latent[:, 0])
     fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.4), gridspec_kw={"wspace": 0.45})
+    bins = 30
+    if steps is not None and len(steps) >= 2:
+        steps = np.sort(np.asarray(steps, dtype=np.float64))
+        mid = (steps[1:] + steps[:-1]) / 2
+        bins = np.concatenate([[2 * steps[0] - mid[0]], mid, [2 * steps[-1] - mid[-1]]])
     if use.any():
-        _, _, _, img = axes[0].hist2d(latent[use, 0], size[use], bins=(40, 30), cmap="viridis",
-                                      norm=LogNorm(), cmin=1)
+        _, _, _, img = axes[0].hist2d(latent[use, 0], size[use], bins=(40, bins),
+                                      cmap="viridis", norm=LogNorm(), cmin=1)
         fig.colorbar(img, ax=axes[0], label="frames per bin")
-        axes[1].hist(size[use], bins=40, color="C0")
+        axes[1].hist(size[use], bins=bins, color="C0")
     axes[0].set_xlabel("frame latent z[0] (posterior mean)")
     axes[0].set_ylabel("size factor (posterior mean)")
     axes[1].set_xlabel("size factor, relative to the decoded volume at the frame's latent")
@@ -147,7 +154,8 @@ def frame_sizes(path, latent: np.ndarray, size: np.ndarray):
 def all_figures(folder, **kw):
     folder = Path(folder)
     if kw.get("frame_size") is not None:
-        frame_sizes(folder / "frame_sizes.png", kw["frame_latent"], kw["frame_size"])
+        frame_sizes(folder / "frame_sizes.png", kw["frame_latent"], kw["frame_size"],
+                    kw.get("frame_size_steps"))
     volume_sections(folder / "volumes.png", kw["intens"], kw["z"], kw.get("has_data"))
     latent_histograms(folder / "latent_hist.png", kw["mu"], kw.get("selected"), kw.get("colour"))
     loss_curves(folder / "loss.png", kw["history"])
