@@ -297,10 +297,9 @@ def posterior_latents(model, det, replicates, photons, classes: Classes, z: np.n
                 evidence += float((top + np.log(total_lk)).sum()) - log_cells * int(seen.sum())
                 pairs += int(seen.sum())
                 post /= total_lk
-                mean = post @ z
-                var = np.maximum(post @ z**2 - mean**2, 0.0)
+                mean, sd = _moments(post, z)
                 total[frames[seen]] += mean
-                spread[frames[seen]] += np.sqrt(var)
+                spread[frames[seen]] += sd
                 drawn[frames[seen]] += 1
                 scored += int(seen.sum())
             log.info("per-frame latents, replicate %d: %d of %d frames scored against %d "
@@ -406,8 +405,13 @@ def global_latents(model, det, photons, z: np.ndarray, scored: np.ndarray, q_min
     acc = search.log_likelihood(vols)  # (N, S, K)
     log_z = logsumexp(acc, axis=(1, 2))
     post = np.exp(acc - log_z[:, None, None])
-    latent, sd = _moments(post.sum(axis=1), z, frames, scored.size)
-    size, size_sd = _moments(post.sum(axis=2), np.exp(sizes)[:, None], frames, scored.size)
+    latent = np.full((scored.size, z.shape[1]), np.nan)
+    sd = np.full_like(latent, np.nan)
+    latent[frames], sd[frames] = _moments(post.sum(axis=1), z)
+    size = np.full(scored.size, np.nan)
+    size_sd = np.full_like(size, np.nan)
+    size_mean, size_spread = _moments(post.sum(axis=2), np.exp(sizes)[:, None])
+    size[frames], size_sd[frames] = size_mean[:, 0], size_spread[:, 0]
     evidence = float(log_z.mean()) - log_cells if frames.size else float("nan")
     log.info("per-frame latents: %d frames scored against %d latent points x %d sizes x %d "
              "orientations (a %g degree grid) on %d pixels, %d EM iteration(s) of the volumes "
@@ -422,18 +426,14 @@ def global_latents(model, det, photons, z: np.ndarray, scored: np.ndarray, q_min
             full = unfold_octant(vols, model.volume_size) if model.octant else vols
         refined = full.float().cpu().numpy()
     return {"latent": latent, "sd": sd, "evidence": evidence, "evidence_steps": steps,
-            "volumes": refined, "size": size[:, 0], "size_sd": size_sd[:, 0]}
+            "volumes": refined, "size": size, "size_sd": size_sd}
 
 
-def _moments(post: np.ndarray, values: np.ndarray, frames: np.ndarray, num: int):
-    """Posterior mean and standard deviation (num, D) of ``values`` (C, D) under ``post``
-    (len(frames), C), NaN for the frames not in ``frames``."""
-    mean = np.full((num, values.shape[1]), np.nan)
-    sd = np.full_like(mean, np.nan)
-    m = post @ values
-    mean[frames] = m
-    sd[frames] = np.sqrt(np.maximum(post @ values**2 - m**2, 0.0))
-    return mean, sd
+def _moments(post: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Posterior mean and standard deviation (n, D) of ``values`` (C, D) under ``post`` (n, C),
+    each row normalised."""
+    mean = post @ values
+    return mean, np.sqrt(np.maximum(post @ values**2 - mean**2, 0.0))
 
 
 class _GlobalSearch:
