@@ -262,8 +262,9 @@ def test_a_global_orientation_search_needs_no_class_orientation(tilted_series, m
     monkeypatch.setattr(fp, "VIEW_BYTES", 8 * 11 * 200 * 400)
     chunked = fp.global_latents(model, det, [out / "photons.h5"], z, scored, q_min=1.0,
                                 sizes=(0.0,), block=100)
-    assert np.allclose(chunked["latent"], res["latent"], atol=1e-10, equal_nan=True)
-    assert chunked["evidence"] == pytest.approx(res["evidence"], rel=1e-12)
+    # (single-precision products, summed in another order: equal to ~1e-5)
+    assert np.allclose(chunked["latent"], res["latent"], atol=1e-4, equal_nan=True)
+    assert chunked["evidence"] == pytest.approx(res["evidence"], rel=1e-6)
     turned = Rotation.from_quat(classes.quaternion[:, [1, 2, 3, 0]]) * Rotation.from_rotvec(
         np.radians(12.0) * np.array([1.0, 0.0, 0.0]))
     off = fp.Classes(replicate=classes.replicate, klass=classes.klass,
@@ -479,9 +480,10 @@ def test_global_latents_on_cupy_match_numpy(series):
                             refine=1)
     got = fp.global_latents(model, det, [out / "photons.h5"], z, scored, q_min=1.0, block=100,
                             refine=1, xp=get_array_module("gpu"))
-    assert np.allclose(got["latent"], ref["latent"], atol=1e-6, equal_nan=True)
-    assert got["evidence"] == pytest.approx(ref["evidence"], rel=1e-9)
-    assert got["evidence_steps"] == pytest.approx(ref["evidence_steps"], rel=1e-9)
+    # single-precision products (cuBLAS and the CPU's BLAS sum in other orders)
+    assert np.allclose(got["latent"], ref["latent"], atol=1e-4, equal_nan=True)
+    assert got["evidence"] == pytest.approx(ref["evidence"], rel=1e-6)
+    assert got["evidence_steps"] == pytest.approx(ref["evidence_steps"], rel=1e-6)
 
 
 def test_averages_the_decoder_cannot_explain_are_the_outliers_of_its_misfit():
