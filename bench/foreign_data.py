@@ -16,6 +16,17 @@ scorers read them) and the Dragonfly files a facility would hand over (``photons
   on the demo: trilinear splatting of atoms onto a density voxel of half the detector's
   resolution, a Gaussian low-pass, an FFT box set by the detector, Dragonfly's polarisation and
   solid-angle factor, a circular detector in a square frame.
+
+  **The density box is padded** (two hydrogen atoms at opposite corners of a box a few density
+  voxels wider than the particle, :func:`write_pdb`'s ``pad_nm``). ``make_densities`` grids the
+  atoms in their own bounding box and low-passes that box by FFT, i.e. periodically: a cube
+  fills its box, so its periodic image has no faces to blur, and it kept a sharp surface while
+  every other shape (spheres, superballs, contaminants) was blurred by the low-pass. Until
+  2026-12-08 the matrix's Dragonfly sets were made that way; their cube and sphere were then not
+  one object's blur apart (the truth's own intensities, Porod-read with their true F(0), gave
+  the sphere / cube ratio +6 % on ``df72many``, +20 % after the sphere's own envelope
+  correction; padded, -3 % to -1 % for any envelope: docs/validation.md, "Dragonfly's unpadded
+  cube"). Two electrons against some 10^7 of the particle change no intensity measurably.
 * ``spiscape``: the demo's simulator at settings far from the demo's (geometry, photons, spreads,
   contaminant mix), a second family so that one simulator's quirks do not decide the defaults.
 
@@ -58,6 +69,9 @@ LABEL_NAMES = ["cube", "melting", "sphere", "dimer", "rod", "spheroid", "trimer"
 LABELS = {n: i for i, n in enumerate(LABEL_NAMES)}
 CONTAMINANTS = ("dimer", "rod", "spheroid", "trimer")
 SIZE_TRUNCATION = 3.0
+#: density voxels of empty space around each particle in Dragonfly's density box (its low-pass
+#: is periodic over the box; its Gaussian is about half a voxel wide, applied twice)
+PAD_VOXELS = 4
 
 #: The matrix. Geometry in Dragonfly's units (detd and pixsize in mm, lambda in Angstrom,
 #: detsize and stoprad in pixels); sizes in nm; spreads are relative standard deviations.
@@ -198,14 +212,21 @@ def shape_catalogue(spec: dict, spacing: float, rng) -> list[dict]:
     return out
 
 
-def write_pdb(points_nm: np.ndarray, path: Path) -> None:
-    """Pseudo-atoms of gold as PDB ATOM records (Angstrom coordinates, occupancy 1, element AU)."""
+def write_pdb(points_nm: np.ndarray, path: Path, pad_nm: float = 0.0) -> None:
+    """Pseudo-atoms of gold as PDB ATOM records (Angstrom coordinates, occupancy 1, element AU);
+    with ``pad_nm`` two hydrogen atoms at (-h, -h, -h) and (h, h, h), h the particle's largest
+    |coordinate| plus ``pad_nm``: Dragonfly's density box is the atoms' bounding box, which
+    these widen (module docstring)."""
     xyz = points_nm * 10.0
     # fixed columns: serial 7-11, name 13-16, residue 18-20, chain 22, x/y/z 31-54,
     # occupancy 55-60, element 77-78 (1-based)
     lines = [f"ATOM  {i % 100000:5d} AU    AU A{i % 10000:4d}    "
              f"{x:8.3f}{y:8.3f}{z:8.3f}  1.00  0.00          AU"
              for i, (x, y, z) in enumerate(xyz, start=1)]
+    if pad_nm > 0:
+        h = 10.0 * (float(np.abs(points_nm).max()) + pad_nm)
+        lines += [f"ATOM  {i:5d} H     H  B{i:4d}    {c:8.3f}{c:8.3f}{c:8.3f}  1.00  0.00"
+                  f"           H" for i, c in ((1, -h), (2, h))]
     path.write_text("\n".join(lines) + "\nEND\n")
 
 
@@ -276,7 +297,7 @@ def dragonfly_volumes(spec: dict, shapes: list[dict], work: Path) -> tuple[list,
         sub = work / f"shape{k:02d}"
         sub.mkdir(exist_ok=True)
         pdb = sub / "particle.pdb"
-        write_pdb(shape["points"], pdb)
+        write_pdb(shape["points"], pdb, pad_nm=PAD_VOXELS * q_params(spec)["half_p_res"] / 10)
         cfg_k = write_config(spec, sub, pdb, aux)
         run_dragonfly("make_densities", cfg_k)
         run_dragonfly("make_intensities", cfg_k)

@@ -41,8 +41,8 @@ sys.path.insert(0, str(REPO / "src"))
 
 from volume_curve import curve_ratio  # noqa: E402
 
-MATRIX = ("demo", "df64", "df128b2", "df96low", "df80contam", "df128low", "sim72lowphot",
-          "sim64spread")
+MATRIX = ("demo", "df64", "df128b2", "df96low", "df80contam", "df128low", "df72many",
+          "sim72lowphot", "sim64spread")
 
 
 def locate(name: str, root: Path | None = None) -> tuple[Path, Path]:
