@@ -200,7 +200,9 @@ def test_follow_places_frames_as_files_arrive_stops_on_sigterm_and_resumes(refer
                      str(tiny_dataset / "photons.h5"), "--detector",
                      str(tiny_dataset / "detector.h5"), "--out", str(batch)]) == 0
     np.testing.assert_array_equal(live["label"], read_placed(batch)["label"])
-    np.testing.assert_allclose(live["clpca"], read_placed(batch)["clpca"], rtol=1e-5, atol=1e-6)
+    # the same up to single precision: the likelihood's float32 products sum the frames of a
+    # file and of the whole set in other orders (2e-6 on a coordinate of 0.05 seen under load)
+    np.testing.assert_allclose(live["clpca"], read_placed(batch)["clpca"], rtol=1e-5, atol=1e-5)
 
 
 def test_place_refuses_a_detector_the_reference_was_not_made_with(reference, tiny_dataset,
