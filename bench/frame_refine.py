@@ -30,8 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
 
-MATRIX = ("demo", "df64", "df128b2", "df96low", "df80contam", "df128low", "df72many",
-          "sim72lowphot", "sim64spread")
+import foreign_data  # noqa: E402
+
+#: the validation matrix: the demo and bench/foreign_data.py's sets (as bench/validation.py)
+MATRIX = ("demo", *foreign_data.DATASETS)
 
 
 def run_set(name: str, data: Path, results: Path, refines: list[int],

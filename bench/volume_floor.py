@@ -39,10 +39,11 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "src"))
 
+import foreign_data  # noqa: E402
 from volume_curve import curve_ratio  # noqa: E402
 
-MATRIX = ("demo", "df64", "df128b2", "df96low", "df80contam", "df128low", "df72many",
-          "sim72lowphot", "sim64spread")
+#: the validation matrix: the demo and bench/foreign_data.py's sets (as bench/validation.py)
+MATRIX = ("demo", *foreign_data.DATASETS)
 
 
 def locate(name: str, root: Path | None = None) -> tuple[Path, Path]:
